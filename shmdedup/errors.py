@@ -1,0 +1,38 @@
+"""Exceptions of shmdedup.
+
+One base class; every subclass also inherits the builtin that fits, so callers
+can catch either (``except ValueError`` works for a bad argument, ``except
+shmdedup.Error`` for anything of ours).
+"""
+
+
+class Error(Exception):
+    """Base class of every exception shmdedup raises on purpose."""
+
+
+class ArgumentError(Error, ValueError):
+    """A bad argument: wrong size, offset, type or range."""
+
+
+class RegionClosedError(Error, ValueError):
+    """The region was closed (or belongs to the parent of a fork)."""
+
+
+class ProtocolError(Error, ValueError):
+    """A malformed, oversized, out-of-order or hostile protocol message."""
+
+
+class PeerRejectedError(Error, PermissionError):
+    """The peer's credentials (SO_PEERCRED) are not allowed in this domain."""
+
+
+class CoordinatorUnavailableError(Error, ConnectionError):
+    """No coordinator answers on the domain's socket."""
+
+
+class ControlError(Error, ValueError):
+    """An unknown control name or an out-of-range value."""
+
+
+class ShmError(Error, OSError):
+    """A shared-memory object could not be created, sized or opened."""
