@@ -1,0 +1,250 @@
+"""POSIX shared-memory objects as plain file descriptors.
+
+The only module of shmdedup that imports posix_ipc. Everything it hands out is
+an ``int`` fd that the caller owns; posix_ipc keeps nothing.
+
+Invariants kept here:
+
+* **No name survives creation.** ``create`` unlinks the object right after
+  ``shm_open``, before anything else can fail, so a crash at any later instant
+  leaves nothing in /dev/shm. Objects travel between processes as descriptors
+  (SCM_RIGHTS), never by name.
+* **Every fd is close-on-exec**, so a worker that spawns a program does not leak
+  its backing or the stable segments into it.
+* **No posix_ipc exception escapes.** They are not OSError and carry no errno;
+  ``translate_error`` turns each into a ``ShmError`` with the errno it stands for.
+* **Read-only means a new open file description** (``reopen_readonly``): a
+  worker holding it cannot map it for writing or mprotect it writable (EACCES),
+  which is what keeps stable slots immutable outside the coordinator.
+* **Holes are never read.** ``data_extents`` finds written pages with
+  SEEK_DATA/SEEK_HOLE so callers can skip the rest without allocating it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+from collections.abc import Callable
+from typing import TypeVar
+
+import posix_ipc
+
+from shmdedup.errors import ArgumentError, ShmError
+
+_native_punch_hole: Callable[[int, int, int], None] | None
+try:
+    from shmdedup._native import punch_hole as _native_punch_hole
+except ImportError:  # an older or missing C core: ctypes does the same system call
+    _native_punch_hole = None
+
+__all__ = [
+    "PAGE_SIZE",
+    "allocated_bytes",
+    "create",
+    "data_extents",
+    "punch_hole",
+    "reopen_readonly",
+    "resize",
+    "translate_error",
+]
+
+_E = TypeVar("_E", bound=OSError)
+
+PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
+
+# off_t is signed 64-bit: ftruncate and lseek cannot go past this.
+_MAX_OFFSET = 2**63 - 1
+# Leaves room for the "/shmdedup-", pid and token parts within NAME_MAX (255).
+_MAX_TAG = 64
+_TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_fallocate.restype = ctypes.c_int
+
+# posix_ipc sets its own message for the errnos it recognises and drops the
+# number; fragments of its messages (1.1 - 1.3) recover it. First match wins,
+# so "Shared memory ... already exists" is EEXIST before "memory" means ENOMEM.
+_MESSAGE_ERRNOS = (
+    ("already exists", errno.EEXIST),
+    ("no shared memory exists", errno.ENOENT),
+    ("does not exist", errno.ENOENT),
+    ("too long", errno.ENAMETOOLONG),
+    ("maximum number of files", errno.EMFILE),
+    ("system limit", errno.ENFILE),
+    ("too large", errno.EFBIG),
+    ("invalid", errno.EINVAL),
+    ("permission", errno.EACCES),
+    ("read-only", errno.EACCES),
+    ("no space", errno.ENOSPC),
+    ("memory", errno.ENOMEM),
+)
+
+
+def _check_int(name: str, value: object, minimum: int = 0, maximum: int = _MAX_OFFSET) -> int:
+    # bool is an int subclass; True as a size is always a caller bug.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ArgumentError(f"{name} must be an int, not {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise ArgumentError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def _os_error(cls: type[_E], err: int, call: str, filename: str | None = None) -> _E:
+    """An exception of ``cls`` carrying ``err`` and naming the failed call."""
+    message = f"{call}: {os.strerror(err)}"
+    return cls(err, message) if filename is None else cls(err, message, filename)
+
+
+def translate_error(exc: BaseException, call: str, name: str | None = None) -> ShmError:
+    """The ``ShmError`` that a posix_ipc (or OSError/ValueError) failure stands for.
+
+    The errno is exact when the exception has one, otherwise inferred from the
+    posix_ipc class and message; EIO when nothing fits. Callers chain the result
+    (``raise translate_error(exc, ...) from exc``) so the original stays visible.
+    """
+    err = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if not err:
+        message = str(exc).lower()
+        err = next((e for fragment, e in _MESSAGE_ERRNOS if fragment in message), None)
+    if not err:
+        if isinstance(exc, posix_ipc.ExistentialError):
+            err = errno.EEXIST
+        elif isinstance(exc, posix_ipc.PermissionsError):
+            err = errno.EACCES
+        elif isinstance(exc, posix_ipc.BusyError):
+            err = errno.EAGAIN
+        elif isinstance(exc, posix_ipc.SignalError):
+            err = errno.EINTR
+        elif isinstance(exc, ValueError):
+            err = errno.EINVAL
+        elif isinstance(exc, MemoryError):
+            err = errno.ENOMEM
+        else:
+            err = errno.EIO
+    return _os_error(ShmError, err, call, name)
+
+
+def _new_name(tag: str) -> str:
+    return f"/shmdedup-{tag}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _release(shm: posix_ipc.SharedMemory) -> None:
+    # Linux frees the descriptor even when close() reports an error, so there
+    # is nothing to retry and nothing the caller could do about it.
+    try:
+        shm.close_fd()
+    except (posix_ipc.Error, OSError, ValueError):
+        pass
+
+
+def create(size: int, tag: str = "obj") -> int:
+    """Create an anonymous shm object of ``size`` bytes; return an fd the caller owns.
+
+    The object is already unlinked when this returns. The fd is O_RDWR and
+    O_CLOEXEC; the object has mode 0600. Raises ``ArgumentError`` for a bad size
+    or tag and ``ShmError`` (with errno) when the system refuses.
+    """
+    _check_int("size", size)
+    if not isinstance(tag, str) or not 0 < len(tag) <= _MAX_TAG or not _TAG_CHARS.issuperset(tag):
+        raise ArgumentError(f"tag must be 1-{_MAX_TAG} characters of [A-Za-z0-9_.], got {tag!r}")
+    name = _new_name(tag)
+    try:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+    except (posix_ipc.Error, OSError, ValueError, MemoryError) as exc:
+        raise translate_error(exc, "shm_open", name) from exc
+    try:
+        try:
+            shm.unlink()
+        except (posix_ipc.Error, OSError, ValueError) as exc:
+            raise translate_error(exc, "shm_unlink", name) from exc
+        try:
+            fd = os.dup(shm.fd)  # os.dup returns a non-inheritable (O_CLOEXEC) fd
+        except OSError as exc:
+            raise translate_error(exc, "dup", name) from exc
+    finally:
+        _release(shm)
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise translate_error(exc, "ftruncate", name) from exc
+    return fd
+
+
+def resize(fd: int, size: int) -> None:
+    """Set the object's size to ``size`` bytes (ftruncate). Raises ``ShmError``."""
+    _check_int("size", size)
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        raise translate_error(exc, "ftruncate") from exc
+
+
+def reopen_readonly(fd: int) -> int:
+    """A new, read-only open file description of the object behind ``fd``.
+
+    A process holding only this fd cannot map the object writable or mprotect
+    such a mapping to PROT_WRITE (EACCES). The caller owns (and closes) the fd.
+    """
+    _check_int("fd", fd, maximum=2**31 - 1)
+    path = f"/proc/self/fd/{fd}"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise translate_error(exc, f"open({path}, O_RDONLY)") from exc
+
+
+def allocated_bytes(fd: int) -> int:
+    """Memory the object really uses: st_blocks * 512 (holes cost nothing)."""
+    return os.fstat(fd).st_blocks * 512
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the pages of [offset, offset+length) without changing the size.
+
+    Later reads of the range return zeros. Partial pages at the edges are
+    zeroed rather than freed (kernel semantics), so callers pass whole pages.
+    Raises ``OSError`` with errno on failure.
+    """
+    _check_int("offset", offset)
+    _check_int("length", length, minimum=1, maximum=_MAX_OFFSET - offset)
+    if _native_punch_hole is not None:
+        _native_punch_hole(fd, offset, length)
+        return
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _os_error(OSError, ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
+
+
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The (offset, length) extents of [start, end) that hold data, in order.
+
+    Uses lseek SEEK_DATA/SEEK_HOLE, so nothing is read and no hole gets
+    allocated. tmpfs reports data per page (per huge page for THP shmem).
+    Moves the file offset of ``fd``'s open file description, which every
+    user of these objects ignores (they use pread/pwrite/mmap).
+    """
+    _check_int("start", start)
+    _check_int("end", end, minimum=start)
+    extents: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after pos
+                break
+            raise
+        if data >= end:
+            break
+        # A hole always exists at EOF, so SEEK_HOLE after data cannot fail with ENXIO.
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        extents.append((data, hole - data))
+        pos = hole
+    return extents
