@@ -1,0 +1,68 @@
+/* sd_pages.c - page I/O for the scanner: pread (never a mapping, so holes stay
+ * holes), checksums, zero test, hole punching. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+#include "sd_hash.h"
+#include "sd_pages.h"
+
+static int pread_full(int fd, uint8_t *buf, size_t len, off_t off)
+{
+    while (len > 0) {
+        ssize_t r = pread(fd, buf, len, off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (r == 0) {           /* past EOF: the object shrank; zeros, like a hole */
+            memset(buf, 0, len);
+            return 0;
+        }
+        buf += r;
+        len -= (size_t)r;
+        off += r;
+    }
+    return 0;
+}
+
+int sd_read_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_t *out)
+{
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i + 1;
+        while (j < n && idx[j] == idx[j - 1] + 1)
+            j++;
+        if (idx[i] < 0) {
+            errno = EINVAL;
+            return -1;
+        }
+        if (pread_full(fd, out + i * page_size, (j - i) * page_size,
+                       (off_t)idx[i] * (off_t)page_size) < 0)
+            return -1;
+        i = j;
+    }
+    return 0;
+}
+
+void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = sd_page_checksum(buf + i * page_size, page_size);
+}
+
+int sd_page_is_zero(const uint8_t *page, size_t page_size)
+{
+    const uint64_t *w = (const uint64_t *)page;
+    uint64_t acc = 0;
+    for (size_t i = 0; i < page_size / 8; i++)
+        acc |= w[i];
+    return acc == 0;
+}
+
+int sd_punch(int fd, off_t offset, off_t length)
+{
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}

@@ -1,0 +1,22 @@
+/* sd_pages.h - reading, hashing, comparing and punching pages of shm objects.
+ * Plain C (no Python.h).  Every function returns -1 with errno set on failure. */
+#ifndef SD_PAGES_H
+#define SD_PAGES_H
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Read the pages idx[0..n) of fd into out (n * page_size bytes) with pread,
+ * one call per run of consecutive indexes.  Never maps the object, so reading a
+ * hole allocates nothing (DESIGN invariant 4).  Bytes past EOF read as zero. */
+int sd_read_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_t *out);
+
+/* out[i] = checksum of page i of buf. */
+void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out);
+
+/* 1 if the page is all zero bytes. */
+int sd_page_is_zero(const uint8_t *page, size_t page_size);
+
+/* fallocate(PUNCH_HOLE | KEEP_SIZE): give the pages' memory back, keep the size. */
+int sd_punch(int fd, off_t offset, off_t length);
+#endif

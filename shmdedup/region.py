@@ -1,0 +1,285 @@
+"""Regions: pages of POSIX shared memory that a worker can advise mergeable.
+
+A :class:`Region` is N pages backed by one anonymous shm object (the *backing*,
+mapped MAP_SHARED read-write) plus a small metadata object holding one state
+byte per page (shared with the coordinator, which reads it to see
+copy-on-write breaks without a message).  Both objects are unlinked the moment
+they are created (see ``_shm``): nothing is ever left in /dev/shm.
+
+The memory itself is the C core's ``Mapping``: it exports the buffer
+(``memoryview(region)``, ``region.ndarray(...)``), is registered with the
+SIGSEGV copy-on-write trap, and does the merge and break primitives.
+
+``advise()`` follows madvise(2)'s argument rules: a page-aligned offset, a
+length rounded up to whole pages, the range inside the region.  Advice is
+recorded here and registered with the domain's coordinator by the agent (now
+if one runs, or whenever one appears).
+
+I/O caveat: a system call that writes into a merged page (``read``,
+``recv_into``, ``readinto``) fails with EFAULT instead of faulting (the kernel
+does not raise SIGSEGV for it).  Call :meth:`Region.prepare_write` on the range
+first, or use the helpers :meth:`readinto` / :meth:`recv_into` that do it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from shmdedup import _native, _shm
+from shmdedup.errors import ArgumentError, RegionClosedError
+
+PAGE_SIZE: int = _native.PAGE_SIZE
+MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
+UNMERGEABLE = 13
+
+_ids = itertools.count(1)
+_hooks_lock = threading.Lock()
+# Set by the agent module: called with (region, event, *args) so regions do not
+# import the agent (and work without any coordinator at all).
+_listener: Any = None
+
+
+def _check_int(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def pages_for(nbytes: int) -> int:
+    """Pages needed to hold nbytes (rounded up)."""
+    return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+class Region(_native.Mapping):
+    """N pages of shared memory that can be advised mergeable.
+
+    ``Region(size)`` rounds size up to whole pages.  ``mergeable=True`` advises
+    the whole region at once; with process-wide merging switched on
+    (:func:`shmdedup.enable_process_merging`) that is the default.
+    """
+
+    def __init__(self, size: int, *, mergeable: bool | None = None) -> None:
+        size = _check_int("size", size, 1)
+        npages = pages_for(size)
+        backing = _shm.create(npages * PAGE_SIZE, "region")
+        try:
+            meta = _shm.create(pages_for(npages) * PAGE_SIZE, "meta")
+        except BaseException:
+            os.close(backing)
+            raise
+        try:
+            super().__init__(backing, meta, npages)
+        except BaseException:
+            os.close(backing)
+            os.close(meta)
+            raise
+        self.id: int = next(_ids)
+        self.backing_fd = backing
+        self.meta_fd = meta
+        self.pid = os.getpid()
+        # Advice per page, the truth the agent registers with a coordinator.
+        self._advice = np.zeros(npages, dtype=bool)
+        _native.trap_install()
+        if mergeable is None:
+            mergeable = _listener is not None and _listener.process_merging
+        if mergeable:
+            self.advise(MERGEABLE)
+
+    # -- basic properties ------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes in the region (a whole number of pages)."""
+        return self.npages * PAGE_SIZE
+
+    nbytes = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.npages} pages"
+        return f"<shmdedup.Region id={self.id} {state}>"
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            if self.pid != os.getpid():
+                raise RegionClosedError(
+                    f"region {self.id} belongs to process {self.pid}: regions are not inherited across fork")
+            raise RegionClosedError(f"region {self.id} is closed")
+
+    def _page_range(self, offset: object, length: object, *, round_out: bool = False) -> tuple[int, int]:
+        """(first page, page count) of a byte range, madvise style: offset must
+        be page-aligned (unless round_out), length is rounded up."""
+        self._check_open()
+        offset = _check_int("offset", offset)
+        if length is None:
+            length = self.size - offset if offset <= self.size else -1
+        length = _check_int("length", length)
+        if round_out:
+            end = offset + length
+            offset -= offset % PAGE_SIZE
+            length = end - offset
+        elif offset % PAGE_SIZE:
+            raise ArgumentError(f"offset {offset} is not a multiple of the page size {PAGE_SIZE}")
+        if offset + length > self.size:
+            raise ArgumentError(
+                f"length {length} at offset {offset} runs past the end of the region ({self.size} bytes)")
+        return offset // PAGE_SIZE, pages_for(length)
+
+    # -- views -----------------------------------------------------------
+
+    def ndarray(self, dtype: Any = np.uint8, shape: int | tuple[int, ...] | None = None,
+                offset: int = 0) -> np.ndarray:
+        """A numpy array over the region's memory (no copy).
+
+        shape None means as many items as fit after offset.  Writes to merged
+        pages are copy-on-write: they break the page, invisibly to the caller.
+        """
+        self._check_open()
+        try:
+            dt = np.dtype(dtype)
+        except TypeError as e:
+            raise ArgumentError(f"dtype: {e}") from e
+        if dt.itemsize == 0 or dt.hasobject:
+            raise ArgumentError(f"dtype {dt} cannot live in shared memory")
+        offset = _check_int("offset", offset)
+        if offset > self.size:
+            raise ArgumentError(f"offset {offset} is past the end of the region ({self.size} bytes)")
+        if offset % dt.alignment:
+            raise ArgumentError(f"offset {offset} is not aligned for dtype {dt} (alignment {dt.alignment})")
+        if shape is None:
+            shape = ((self.size - offset) // dt.itemsize,)
+        elif not isinstance(shape, tuple):
+            shape = (shape,)
+        dims = tuple(_check_int("shape", d) for d in shape)
+        count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        if offset + count * dt.itemsize > self.size:
+            raise ArgumentError(
+                f"an array of shape {dims} and dtype {dt} at offset {offset} needs "
+                f"{count * dt.itemsize} bytes; the region has {self.size - offset} after it")
+        return np.frombuffer(self, dtype=dt, count=count, offset=offset).reshape(dims)
+
+    # -- advice ----------------------------------------------------------
+
+    def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
+        """madvise(MADV_MERGEABLE / MADV_UNMERGEABLE) for a range.
+
+        UNMERGEABLE first breaks every merged page of the range back to a private
+        copy (raising OSError, with every page still merged or private and
+        correct, if memory runs out), then drops the advice.
+        """
+        if advice not in (MERGEABLE, UNMERGEABLE) or isinstance(advice, bool):
+            raise ArgumentError(f"advice must be MERGEABLE ({MERGEABLE}) or UNMERGEABLE ({UNMERGEABLE}), got {advice!r}")
+        first, n = self._page_range(offset, length)
+        if n == 0:
+            return
+        mergeable = advice == MERGEABLE
+        if not mergeable:
+            # Tell the coordinator first so it stops merging the range, then
+            # break what is merged.
+            self._advice[first:first + n] = False
+            if _listener is not None:
+                _listener.region_event(self, "advise", first, n, False)
+            self.break_range(first, n)
+            return
+        self._advice[first:first + n] = True
+        if _listener is not None:
+            _listener.region_event(self, "advise", first, n, True)
+
+    def advice_runs(self) -> list[tuple[int, int]]:
+        """The mergeable ranges as (first page, page count) runs."""
+        a = np.concatenate(([False], self._advice, [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(a))
+        return [(int(s), int(e - s)) for s, e in zip(edges[::2], edges[1::2])]
+
+    # -- copy-on-write and I/O ------------------------------------------
+
+    def prepare_write(self, offset: int = 0, length: int | None = None) -> int:
+        """Break merged pages overlapping [offset, offset+length) so that a
+        system call may write there (read/recv_into into a merged page get
+        EFAULT, not a fault).  Returns pages broken.  A page may merge again
+        later: call this right before the system call."""
+        first, n = self._page_range(offset, length, round_out=True)
+        return self.break_range(first, n)
+
+    def readinto(self, f: Any, offset: int = 0, length: int | None = None) -> int:
+        """Read from a binary file (or raw fd) into the region; returns bytes read."""
+        first, n = self._page_range(offset, length, round_out=True)
+        if length is None:
+            length = self.size - offset
+        view = memoryview(self)[offset:offset + length]
+        try:
+            self.break_range(first, n)
+            if isinstance(f, int):
+                return os.readv(f, [view])
+            return f.readinto(view)
+        finally:
+            view.release()
+
+    def recv_into(self, sock: Any, offset: int = 0, nbytes: int | None = None, flags: int = 0) -> int:
+        """socket.recv_into into the region, breaking merged pages first."""
+        if nbytes is None:
+            nbytes = self.size - offset
+        first, n = self._page_range(offset, nbytes, round_out=True)
+        view = memoryview(self)[offset:offset + nbytes]
+        try:
+            self.break_range(first, n)
+            return sock.recv_into(view, nbytes, flags)
+        finally:
+            view.release()
+
+    # -- state -----------------------------------------------------------
+
+    def merged_pages(self) -> int:
+        """Pages of this region currently merged (stable or zero page)."""
+        s = np.frombuffer(self.states(), dtype=np.uint8)
+        return int(np.count_nonzero((s == _native.MERGED) | (s == _native.ZERO)))
+
+    def allocated_bytes(self) -> int:
+        """Memory the backing object really holds (st_blocks), seen from outside."""
+        return _shm.allocated_bytes(self.backing_fd)
+
+    def close(self) -> None:
+        """Unmap the region.  Raises BufferError while memoryviews or arrays
+        over it are alive.  Idempotent."""
+        if self.closed:
+            if self.pid != os.getpid() and self.backing_fd >= 0:
+                super().close()  # forked child: only drops its descriptors
+                self._close_fds()
+            return
+        if self.exports:
+            super().close()  # raises BufferError with the count
+        if _listener is not None:
+            _listener.region_event(self, "close")
+        super().close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.backing_fd, self.meta_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.backing_fd = self.meta_fd = -1
+
+    def __del__(self) -> None:
+        try:
+            if not self.closed and not self.exports:
+                self.close()
+        except Exception:
+            pass
