@@ -55,7 +55,8 @@ class SlotAllocator:
     only the extents below the best candidate: O(log capacity) for the common
     shapes instead of a walk over every free extent. Inserting into and
     deleting from the sorted lists is a memmove, O(extents) with a tiny
-    constant (~80 us at 350,000 free extents, ~0.1 us at 1,000).
+    constant: measured ~1.5 us per alloc(1) at 1,000 free extents, ~60 us
+    at 350,000.
     """
 
     def __init__(self, capacity: int = 0) -> None:
