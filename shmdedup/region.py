@@ -38,7 +38,6 @@ MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
 UNMERGEABLE = 13
 
 _ids = itertools.count(1)
-_hooks_lock = threading.Lock()
 # Set by the agent module: called with (region, event, *args) so regions do not
 # import the agent (and work without any coordinator at all).
 _listener: Any = None
@@ -87,6 +86,9 @@ class Region(_native.Mapping):
         self.pid = os.getpid()
         # Advice per page, the truth the agent registers with a coordinator.
         self._advice = np.zeros(npages, dtype=bool)
+        # Held by the agent while it merges or breaks this region, and by
+        # close(), so a region is never unmapped under a running merge.
+        self._op_lock = threading.Lock()
         _native.trap_install()
         if mergeable is None:
             mergeable = _listener is not None and _listener.process_merging
@@ -266,7 +268,8 @@ class Region(_native.Mapping):
             super().close()  # raises BufferError with the count
         if _listener is not None:
             _listener.region_event(self, "close")
-        super().close()
+        with self._op_lock:
+            super().close()
         self._close_fds()
 
     def _close_fds(self) -> None:

@@ -1,0 +1,47 @@
+"""shmdedup: Kernel Samepage Merging for POSIX shared memory, without root.
+
+Workers allocate :class:`Region` objects and advise them mergeable; a
+:class:`Coordinator` (the ksmd of a domain) merges identical pages onto
+read-only stable copies; a write to a merged page gets a private copy back
+through a SIGSEGV copy-on-write trap.
+"""
+
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):
+    raise ImportError("shmdedup needs Linux (POSIX shared memory, fallocate and a SIGSEGV trap)")
+
+from shmdedup.errors import (  # noqa: E402
+    ArgumentError,
+    ControlError,
+    CoordinatorUnavailableError,
+    Error,
+    PeerRejectedError,
+    ProtocolError,
+    RegionClosedError,
+    ShmError,
+)
+from shmdedup.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region  # noqa: E402
+from shmdedup.control import Client, Coordinator  # noqa: E402
+from shmdedup.agent import enable_process_merging, set_socket  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError",
+    "Client",
+    "ControlError",
+    "Coordinator",
+    "CoordinatorUnavailableError",
+    "Error",
+    "MERGEABLE",
+    "PAGE_SIZE",
+    "PeerRejectedError",
+    "ProtocolError",
+    "Region",
+    "RegionClosedError",
+    "ShmError",
+    "UNMERGEABLE",
+    "enable_process_merging",
+    "set_socket",
+]

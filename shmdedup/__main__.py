@@ -1,0 +1,3 @@
+from shmdedup.cli import main
+
+raise SystemExit(main())

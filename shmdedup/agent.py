@@ -1,0 +1,250 @@
+"""The agent: a worker's background thread that executes coordinator commands.
+
+It owns no memory of its own.  It connects to the domain's coordinator (an
+explicit path, ``$SHMDEDUP_SOCKET`` or the per-user default; retried with
+backoff while none runs, so advice given before a coordinator exists is
+registered when one appears, like MADV_MERGEABLE while ksmd is stopped),
+registers every region that was advised mergeable, and then runs merge and
+unmerge batches with the C primitives (GIL released) and replies with what
+merged.  Each batch first re-checks that the COW trap is still the installed
+SIGSEGV handler (faulthandler or another library may have replaced it).
+
+If the coordinator dies, merged pages stay mapped and copy-on-write keeps
+working (the trap is local); the agent reconnects and registers again, and the
+new coordinator resumes merging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from shmdedup import _native, protocol, region as _region
+from shmdedup.control import resolve_socket_path
+from shmdedup.errors import ProtocolError
+
+log = logging.getLogger("shmdedup.agent")
+
+BACKOFF_MIN = 0.02
+BACKOFF_MAX = 1.0
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.regions: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.registered: set[int] = set()
+        self.conn: protocol.Connection | None = None
+        self.view: Any = None
+        self.socket_path: str | None = None
+        self.process_merging = False
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.connected = threading.Event()
+        self.batches = 0
+
+    # -- called by regions (any thread) -------------------------------------
+
+    def region_event(self, region: Any, event: str, *args: Any) -> None:
+        with self.lock:
+            if event == "advise":
+                first, n, mergeable = args
+                if not mergeable and region.id not in self.registered:
+                    return
+                self.regions[region.id] = region
+                self._ensure_thread()
+                if self.conn is None:
+                    return
+                if region.id not in self.registered:
+                    self._register(region)
+                else:
+                    self._send({"t": "advise", "rid": region.id, "start": first, "npages": n,
+                                "mergeable": mergeable})
+            elif event == "close":
+                self.regions.pop(region.id, None)
+                if self.conn is not None and region.id in self.registered:
+                    self.registered.discard(region.id)
+                    self._send({"t": "unregister", "rid": region.id})
+
+    def _send(self, msg: dict, fds: list[int] | None = None) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.send(msg, fds or [])
+        except (OSError, ProtocolError) as e:
+            log.debug("send to coordinator failed: %s", e)
+            conn.close()  # the agent thread notices and reconnects
+
+    def _register(self, region: Any) -> None:
+        self.registered.add(region.id)
+        self._send({"t": "register", "rid": region.id, "npages": region.npages},
+                   [region.backing_fd, region.meta_fd])
+        for first, n in region.advice_runs():
+            self._send({"t": "advise", "rid": region.id, "start": first, "npages": n,
+                        "mergeable": True})
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="shmdedup-agent", daemon=True)
+            self._thread.start()
+
+    # -- the thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            path = resolve_socket_path(self.socket_path)
+            try:
+                conn = protocol.connect(path, timeout=2.0)
+            except (OSError, ValueError) as e:
+                log.debug("no coordinator at %s (%s); retrying in %.2f s", path, e, backoff)
+                self._wake.wait(backoff)
+                self._wake.clear()
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            try:
+                self._session(conn)
+                backoff = BACKOFF_MIN
+            except (OSError, ProtocolError, TimeoutError, ValueError) as e:
+                log.info("coordinator connection ended: %s", e)
+            finally:
+                with self.lock:
+                    self.conn = None
+                    self.registered.clear()
+                    self.connected.clear()
+                conn.close()
+                if self.view is not None:
+                    self.view.close()
+                    self.view = None
+            self._wake.wait(backoff)
+            self._wake.clear()
+
+    def _session(self, conn: protocol.Connection) -> None:
+        conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
+        got = conn.recv(timeout=10)
+        if got is None:
+            return
+        msg, fds = got
+        if msg["t"] != "welcome" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("expected a welcome with the stable segment's descriptor")
+        try:
+            self.view = _native.StableView(fds[0])
+        finally:
+            os.close(fds[0])
+        with self.lock:
+            self.conn = conn
+            self.registered.clear()
+            for region in list(self.regions.values()):
+                if not region.closed:
+                    self._register(region)
+            self.connected.set()
+        while True:
+            got = conn.recv()
+            if got is None:
+                return
+            msg, fds = got
+            for fd in fds:
+                os.close(fd)
+            _native.trap_install()
+            if msg["t"] == "merge":
+                result = self._merge(msg["items"])
+                conn.send({"t": "merged", "req": msg["req"], "result": result})
+            elif msg["t"] == "unmerge":
+                err, text = self._unmerge(msg["items"])
+                conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
+            else:
+                raise ProtocolError(f"unexpected {msg['t']} from the coordinator")
+            self.batches += 1
+
+    def _groups(self, items: bytes) -> list[tuple[Any, np.ndarray]]:
+        rows = np.frombuffer(items, "<i8").reshape(-1, 4)
+        out = []
+        i = 0
+        while i < len(rows):
+            j = i
+            while j < len(rows) and rows[j, 0] == rows[i, 0]:
+                j += 1
+            out.append((self.regions.get(int(rows[i, 0])), rows[i:j, 1:]))
+            i = j
+        return out
+
+    def _merge(self, items: bytes) -> bytes:
+        parts = []
+        for region, rows in self._groups(items):
+            npages = int(rows[:, 1].sum())
+            if region is None:
+                parts.append(bytes(npages))
+                continue
+            with region._op_lock:
+                try:
+                    parts.append(region.merge(self.view, np.ascontiguousarray(rows).tobytes()))
+                except (ValueError, BufferError) as e:
+                    log.debug("merge refused: %s", e)
+                    parts.append(bytes(npages))
+        return b"".join(parts)
+
+    def _unmerge(self, items: bytes) -> tuple[int, str]:
+        for region, rows in self._groups(items):
+            if region is None:
+                continue
+            with region._op_lock:
+                for first, n, _ in rows:
+                    try:
+                        region.break_range(int(first), int(n))
+                    except ValueError:
+                        break  # closed meanwhile: nothing left to unmerge
+                    except OSError as e:
+                        return e.errno or 5, str(e)
+        return 0, ""
+
+
+_agent: Agent | None = None
+_agent_lock = threading.Lock()
+
+
+def get_agent() -> Agent:
+    global _agent
+    with _agent_lock:
+        if _agent is None or _agent.pid != os.getpid():
+            _agent = Agent()
+            _region._listener = _agent
+        return _agent
+
+
+def reconnect_soon() -> None:
+    """Make the agent try its coordinator now (after one was started)."""
+    get_agent()._wake.set()
+
+
+def set_socket(path: str | None) -> None:
+    """Use this coordinator socket for the regions of this process."""
+    a = get_agent()
+    a.socket_path = path
+    if a.conn is not None:
+        a.conn.close()
+    a._wake.set()
+
+
+def enable_process_merging(enabled: bool = True) -> None:
+    """Like prctl(PR_SET_MEMORY_MERGE): every region this process allocates
+    from now on is advised mergeable."""
+    get_agent().process_merging = enabled
+
+
+def _after_fork_in_child() -> None:
+    global _agent
+    _agent = None
+    _region._listener = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+get_agent()

@@ -1,0 +1,125 @@
+"""The ``shmdedup`` command: coordinator, stats, set, demo.
+
+``shmdedup stats`` prints one ``name:value`` per line, like
+``grep . /sys/kernel/mm/ksm/*``; ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from shmdedup.errors import Error
+
+
+def _parse_assignment(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: value must be an integer, got {value!r}") from None
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    lines = []
+    for k in sorted(stats):
+        if k != "workers":
+            lines.append(f"{k}:{stats[k]}")
+    for w in stats.get("workers", []):
+        for k in sorted(w):
+            if k != "pid":
+                lines.append(f"workers/{w['pid']}/{k}:{w[k]}")
+    return "\n".join(lines)
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from shmdedup.control import resolve_socket_path
+    from shmdedup.coordinator import CoordinatorServer
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="shmdedup coordinator[%(process)d]: %(message)s")
+    path = args.socket or resolve_socket_path(None, args.domain)
+    server = CoordinatorServer(path, dict(args.set or []))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: server.stop())
+    print(f"shmdedup coordinator listening on {path}", file=sys.stderr, flush=True)
+    server.serve()
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from shmdedup.control import Client
+    return Client(args.socket, domain=args.domain)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        stats = c.stats()
+    print(json.dumps(stats, sort_keys=True) if args.json else format_stats(stats))
+    return 0
+
+
+def _cmd_set(args: argparse.Namespace) -> int:
+    from shmdedup.coordinator import check_control
+    for name, value in args.assignments:
+        check_control(name, value)  # all checked before any is applied
+    with _client(args) as c:
+        for name, value in args.assignments:
+            c.set(name, value)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from shmdedup.demo import run_demo
+    return run_demo(workers=args.workers, mib=args.mib, as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="shmdedup", description="Kernel Samepage Merging for POSIX shared memory")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def target(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--socket", help="coordinator socket (default: $SHMDEDUP_SOCKET or the per-user path)")
+        sp.add_argument("--domain", help="domain name for the per-user socket path (default: default)")
+
+    c = sub.add_parser("coordinator", help="run a coordinator in the foreground")
+    target(c)
+    c.add_argument("--set", action="append", type=_parse_assignment, metavar="NAME=VALUE",
+                   help="initial control value (repeatable)")
+    c.add_argument("-v", "--verbose", action="store_true")
+    c.set_defaults(func=_cmd_coordinator)
+
+    s = sub.add_parser("stats", help="print statistics and controls")
+    target(s)
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=_cmd_stats)
+
+    st = sub.add_parser("set", help="set controls, e.g. shmdedup set run=1 pages_to_scan=1000")
+    target(st)
+    st.add_argument("assignments", nargs="+", type=_parse_assignment, metavar="NAME=VALUE")
+    st.set_defaults(func=_cmd_set)
+
+    d = sub.add_parser("demo", help="N workers with the same data; show the memory saved")
+    d.add_argument("--workers", type=int, default=4)
+    d.add_argument("--mib", type=int, default=64, help="MiB per worker")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except Error as e:
+        print(f"shmdedup: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

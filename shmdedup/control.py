@@ -1,0 +1,215 @@
+"""Talking to a coordinator: finding its socket, the client API, and the
+embedded ``Coordinator`` an application starts in-process.
+
+Socket resolution, first match wins: an explicit path, ``$SHMDEDUP_SOCKET``,
+then the per-user default for the domain (``protocol.default_socket_path``:
+a 0700 directory owned by the user).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from shmdedup import protocol
+from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
+
+ENV_SOCKET = "SHMDEDUP_SOCKET"
+log = logging.getLogger("shmdedup")
+
+
+def resolve_socket_path(socket_path: str | None = None, domain: str | None = None) -> str:
+    """The socket a worker or client should use (see module docstring)."""
+    if socket_path:
+        return socket_path
+    if domain is None and os.environ.get(ENV_SOCKET):
+        return os.environ[ENV_SOCKET]
+    return protocol.default_socket_path(domain or "default")
+
+
+class Client:
+    """A control connection: statistics, controls, waiting for scans."""
+
+    def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.socket_path = resolve_socket_path(socket_path, domain)
+        self.timeout = timeout
+        self._conn = protocol.connect(self.socket_path, timeout=timeout)
+        try:
+            self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "client",
+                             "pid": os.getpid()})
+            self._expect("welcome", timeout)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _expect(self, t: str, timeout: float | None) -> dict:
+        try:
+            got = self._conn.recv(timeout=timeout)
+        except TimeoutError as e:
+            raise CoordinatorUnavailableError(
+                f"coordinator at {self.socket_path} did not answer within {timeout} s") from e
+        if got is None:
+            raise CoordinatorUnavailableError(f"coordinator at {self.socket_path} closed the connection")
+        msg, fds = got
+        for fd in fds:
+            os.close(fd)
+        if msg["t"] != t:
+            raise ProtocolError(f"expected {t}, got {msg['t']}")
+        return msg
+
+    def _call(self, msg: dict, timeout: float | None = None) -> Any:
+        self._conn.send(msg)
+        r = self._expect("reply", self.timeout if timeout is None else timeout)
+        if not r["ok"]:
+            raise ControlError(r["error"])
+        return r["data"]
+
+    def stats(self) -> dict[str, Any]:
+        """Every control and statistic, plus per-worker ``ksm_stat`` lines."""
+        return self._call({"t": "stats"})
+
+    def set(self, name: str, value: int) -> None:
+        """Set a control (run=2 returns once everything is unmerged)."""
+        self._call({"t": "set", "name": name, "value": value}, timeout=max(self.timeout, 600))
+
+    def wait_full_scans(self, n: int = 1, timeout: float = 60.0) -> int:
+        """Wait until full_scans has advanced by n from now; returns it."""
+        target = self.stats()["full_scans"] + n
+        return self._call({"t": "wait", "full_scans": target, "timeout": timeout},
+                          timeout=timeout + 5)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Coordinator:
+    """A coordinator started by the application.
+
+    ``with shmdedup.Coordinator() as c:`` runs the coordinator in a thread of
+    this process (``process=True``: in a child process) on a fresh private
+    socket, exported to child processes through ``$SHMDEDUP_SOCKET``, and
+    points this process's own regions at it.  Controls are keyword arguments
+    (``pages_to_scan=10000, sleep_millisecs=0``).
+    """
+
+    def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
+                 process: bool = False, export_env: bool = True, **controls: int) -> None:
+        from shmdedup.coordinator import check_control
+        for k, v in controls.items():
+            check_control(k, v)
+        self.controls = controls
+        self.process = process
+        self.export_env = export_env
+        self._tmpdir: str | None = None
+        if socket_path is None and domain is not None:
+            socket_path = protocol.default_socket_path(domain)
+        self._path = socket_path
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+        self._old_env: str | None = None
+        self._client: Client | None = None
+
+    @property
+    def socket_path(self) -> str:
+        if self._path is None:
+            raise ControlError("coordinator not started")
+        return self._path
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc else os.getpid()
+
+    def start(self) -> Coordinator:
+        if self._path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="shmdedup-")
+            self._path = os.path.join(self._tmpdir, "coordinator.sock")
+        if self.process:
+            cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path]
+            for k, v in self.controls.items():
+                cmd += ["--set", f"{k}={v}"]
+            self._proc = subprocess.Popen(cmd)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    Client(self._path, timeout=2).close()
+                    break
+                except CoordinatorUnavailableError:
+                    if self._proc.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise CoordinatorUnavailableError(
+                            f"coordinator process did not start at {self._path}") from None
+                    time.sleep(0.02)
+        else:
+            from shmdedup.coordinator import CoordinatorServer
+            self._server = CoordinatorServer(self._path, self.controls)
+            self._thread = threading.Thread(target=self._server.serve, name="shmdedup-coordinator",
+                                            daemon=True)
+            self._thread.start()
+        if self.export_env:
+            self._old_env = os.environ.get(ENV_SOCKET)
+            os.environ[ENV_SOCKET] = self._path
+        from shmdedup import agent
+        agent.reconnect_soon()
+        return self
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.socket_path)
+        return self._client
+
+    def stats(self) -> dict[str, Any]:
+        return self.client().stats()
+
+    def set(self, name: str, value: int) -> None:
+        self.client().set(name, value)
+
+    def wait_full_scans(self, n: int = 1, timeout: float = 60.0) -> int:
+        return self.client().wait_full_scans(n, timeout)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._server is not None:
+            self._server.stop()
+            if self._thread is not None:
+                self._thread.join(30)
+            self._server = None
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self.export_env and os.environ.get(ENV_SOCKET) == self._path:
+            if self._old_env is None:
+                os.environ.pop(ENV_SOCKET, None)
+            else:
+                os.environ[ENV_SOCKET] = self._old_env
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            self._path = None
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,523 @@
+"""The coordinator: the ksmd of a domain.
+
+One process (or one thread of an application, the embedded default) listens
+on the domain's Unix socket.  Workers' agents connect, say hello, receive a
+read-only descriptor of the stable segment, and register their regions (the
+backing and state-byte objects travel as SCM_RIGHTS descriptors).  The
+coordinator then runs the scanner (``scan.py``) in batches of
+``pages_to_scan`` pages every ``sleep_millisecs``, sends merge batches to the
+agents and settles their replies.  Clients (the CLI, ``Client``) ask for
+statistics, set controls, and wait for ``full_scans`` to advance.
+
+Everything runs in one thread around a selector: no locks, and with nothing
+to scan (``run`` != 1 or nothing advised) it blocks in select without a
+timeout, using no CPU (seed patch 5, "keep quiet while list empty").
+
+Every message is untrusted: ``protocol.decode`` validates types and ranges,
+and this module checks the rest (message order, role, ownership of region ids
+and request ids, sizes against registered regions).  A bad message closes
+that connection with a logged reason; everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import selectors
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shmdedup import protocol
+from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
+from shmdedup.scan import Scanner, RegionState, _coalesce
+
+log = logging.getLogger("shmdedup.coordinator")
+
+# name: (default, minimum, maximum)
+CONTROLS: dict[str, tuple[int, int, int]] = {
+    "run": (1, 0, 2),
+    "pages_to_scan": (4096, 1, 10_000_000),
+    "sleep_millisecs": (20, 0, 3_600_000),
+    "max_page_sharing": (256, 2, 2**31 - 1),
+    "max_kernel_pages": (0, 0, 2**31 - 1),
+    "use_zero_pages": (0, 0, 1),
+}
+
+MAX_PEERS = 1024
+MAX_REGIONS_PER_WORKER = 4096
+MAX_PAGES_PER_REQUEST = 65536
+REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
+SEND_TIMEOUT = 5.0
+
+
+def check_control(name: object, value: object) -> int:
+    """Validate one control; returns the int value or raises ControlError."""
+    if not isinstance(name, str) or name not in CONTROLS:
+        raise ControlError(f"unknown control {name!r}; known: {', '.join(sorted(CONTROLS))}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ControlError(f"{name} must be an integer, got {value!r}")
+    _, lo, hi = CONTROLS[name]
+    if not lo <= value <= hi:
+        raise ControlError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+@dataclass(eq=False)
+class Peer:
+    conn: protocol.Connection
+    pid: int
+    uid: int
+    role: str | None = None
+    regions: dict[int, RegionState] = field(default_factory=dict)
+    requests: dict[int, tuple[str, list, float]] = field(default_factory=dict)
+    pages: int = 0
+
+
+class CoordinatorServer:
+    """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
+
+    def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
+                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None) -> None:
+        self.controls = {k: v[0] for k, v in CONTROLS.items()}
+        for k, v in (controls or {}).items():
+            self.controls[k] = check_control(k, v)
+        self.socket_path = socket_path
+        self.allow_uids, self.allow_gids = allow_uids, allow_gids
+        self.listener = protocol.listen(socket_path)
+        self.listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.scanner = Scanner(self._send_merge, self._send_unmerge)
+        self._apply_scanner_controls()
+        self.peers: dict[int, Peer] = {}
+        self._req = itertools.count(1)
+        self._waiters: list[tuple[Peer, int, float]] = []
+        self._run2: dict[str, Any] | None = None
+        self._drop: list[tuple[Peer, str]] = []
+        self._stopping = False
+        self._next_batch = 0.0
+        self.last_error = ""
+        self.batches = 0
+
+    # -- life cycle --------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask serve() to return (thread-safe)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def serve(self) -> None:
+        try:
+            while not self._stopping:
+                self._step()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for peer in list(self.peers.values()):
+            self._drop_peer(peer, "")
+        self.sel.close()
+        self.listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.scanner.close()
+
+    def _scanning(self) -> bool:
+        return self.controls["run"] == 1 and not self.scanner.idle()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        timeout: float | None = None
+        if self._scanning():
+            timeout = max(0.0, self._next_batch - now)
+        deadlines = [d for _, _, d in self._waiters]
+        deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
+        if deadlines:
+            t = max(0.0, min(deadlines) - now)
+            timeout = t if timeout is None else min(timeout, t)
+        for key, _ in self.sel.select(timeout):
+            if key.data == "wake":
+                try:
+                    os.read(self._wake_r, 4096)
+                except OSError:
+                    pass
+            elif key.data is None:
+                self._accept()
+            else:
+                self._readable(key.data)
+            self._flush_drops()
+        now = time.monotonic()
+        if self._scanning() and now >= self._next_batch:
+            before = self.scanner.full_scans
+            self.scanner.batch(self.controls["pages_to_scan"])
+            self.batches += 1
+            self._flush_drops()
+            self._next_batch = time.monotonic() + self.controls["sleep_millisecs"] / 1000
+            if self.scanner.full_scans != before:
+                self._wake_waiters()
+        self._expire(now)
+
+    # -- connections -------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("accept failed: %s", e)
+            return
+        sock.setblocking(True)
+        sock.settimeout(SEND_TIMEOUT)
+        conn = protocol.Connection(sock)
+        try:
+            pid, uid, _ = protocol.check_peer(conn, self.allow_uids, self.allow_gids)
+        except (PeerRejectedError, OSError) as e:
+            log.warning("rejected a connection: %s", e)
+            conn.close()
+            return
+        if len(self.peers) >= MAX_PEERS:
+            log.warning("rejected pid %d: %d connections already", pid, MAX_PEERS)
+            conn.close()
+            return
+        peer = Peer(conn, pid, uid)
+        self.peers[conn.fileno()] = peer
+        self.sel.register(conn.fileno(), selectors.EVENT_READ, peer)
+
+    def _readable(self, peer: Peer) -> None:
+        if peer.conn.closed:
+            return
+        try:
+            got = peer.conn.recv(timeout=0)
+        except TimeoutError:
+            return
+        except ProtocolError as e:
+            self._schedule_drop(peer, f"bad message: {e}")
+            return
+        except OSError as e:
+            self._schedule_drop(peer, f"receive failed: {e}")
+            return
+        if got is None:
+            self._schedule_drop(peer, "")
+            return
+        msg, fds = got
+        try:
+            self._dispatch(peer, msg, fds)
+        except (ProtocolError, ValueError, OSError) as e:
+            for fd in fds:
+                _close_quietly(fd)
+            self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
+
+    def _schedule_drop(self, peer: Peer, why: str) -> None:
+        if all(p is not peer for p, _ in self._drop):
+            self._drop.append((peer, why))
+
+    def _flush_drops(self) -> None:
+        while self._drop:
+            peer, why = self._drop.pop()
+            self._drop_peer(peer, why)
+
+    def _drop_peer(self, peer: Peer, why: str) -> None:
+        fd = peer.conn.fileno() if not peer.conn.closed else None
+        if fd is None or self.peers.get(fd) is not peer:
+            return
+        if why:
+            log.warning("closing connection of pid %d (%s): %s", peer.pid, peer.role or "no hello", why)
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        del self.peers[fd]
+        peer.conn.close()
+        for kind, items, _ in peer.requests.values():
+            if kind == "merge":
+                self.scanner.forget_request(items)
+        peer.requests.clear()
+        for reg in peer.regions.values():
+            self.scanner.remove_region(reg)
+        peer.regions.clear()
+        self._waiters = [w for w in self._waiters if w[0] is not peer]
+        if self._run2 is not None:
+            if self._run2.get("client") is peer:
+                self._run2["client"] = None
+            self._check_run2()
+
+    def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
+        try:
+            peer.conn.send(msg, fds or [])
+            return True
+        except (OSError, ProtocolError) as e:
+            self._schedule_drop(peer, f"send failed: {e}")
+            return False
+
+    def _reply(self, peer: Peer, ok: bool, data: Any = None, error: str = "") -> None:
+        self._send(peer, {"t": "reply", "ok": ok, "data": data, "error": error[:1000]})
+
+    # -- messages ----------------------------------------------------------
+
+    def _dispatch(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        t = msg["t"]
+        if peer.role is None:
+            if t != "hello":
+                raise ProtocolError(f"expected hello, got {t}")
+            peer.role = msg["role"]
+            if peer.role == "worker":
+                ro = self.scanner.stable.readonly_fd()
+                try:
+                    self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
+                                      "page_size": protocol_page_size()}, [ro])
+                finally:
+                    os.close(ro)
+            else:
+                self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
+                                  "page_size": protocol_page_size()})
+            return
+        handler = (_WORKER if peer.role == "worker" else _CLIENT).get(t)
+        if handler is None:
+            raise ProtocolError(f"a {peer.role} may not send {t}")
+        handler(self, peer, msg, fds)
+
+    def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        rid, npages = msg["rid"], msg["npages"]
+        if rid in peer.regions:
+            raise ProtocolError(f"region {rid} is already registered")
+        if len(peer.regions) >= MAX_REGIONS_PER_WORKER:
+            raise ProtocolError(f"more than {MAX_REGIONS_PER_WORKER} regions")
+        if peer.pages + npages > 2**31:
+            raise ProtocolError("more than 2**31 pages registered")
+        reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
+        peer.regions[rid] = reg
+        peer.pages += npages
+        self.scanner.add_region(reg)
+
+    def _region(self, peer: Peer, rid: int) -> RegionState:
+        reg = peer.regions.get(rid)
+        if reg is None:
+            raise ProtocolError(f"region {rid} is not registered by this worker")
+        return reg
+
+    def _on_advise(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        reg = self._region(peer, msg["rid"])
+        start, n = msg["start"], msg["npages"]
+        if start + n > reg.npages:
+            raise ProtocolError(f"advise [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
+        reg.advice[start:start + n] = msg["mergeable"]
+        self._next_batch = min(self._next_batch, time.monotonic())
+
+    def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        reg = self._region(peer, msg["rid"])
+        del peer.regions[reg.rid]
+        peer.pages -= reg.npages
+        self.scanner.remove_region(reg)
+
+    def _take_request(self, peer: Peer, req: int, kind: str) -> list:
+        r = peer.requests.get(req)
+        if r is None or r[0] != kind:
+            raise ProtocolError(f"no {kind} request {req} is outstanding for this worker")
+        del peer.requests[req]
+        return r[1]
+
+    def _on_merged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        items = self._take_request(peer, msg["req"], "merge")
+        result = msg["result"]
+        if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
+            self.scanner.forget_request(items)
+            for reg, first, n, _ in items:
+                reg.status[first:first + n] = 1  # VOLATILE: visit again
+            raise ProtocolError("merged: result does not match the request")
+        self.scanner.merge_done(items, result)
+        if self.controls["run"] == 2 and self._run2 is not None:
+            again = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
+            if again:
+                self._send_unmerge(peer, _coalesce(again), run2=True)
+        self._check_run2()
+
+    def _on_unmerged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        items = self._take_request(peer, msg["req"], "unmerge")
+        self.scanner.unmerge_done(items)
+        if msg["err"]:
+            text = f"unmerge in pid {peer.pid} failed: {os.strerror(msg['err'])} ({msg['msg']})"
+            log.warning("%s", text)
+            if self._run2 is not None and msg["req"] in self._run2["reqs"]:
+                self._run2["error"] = text
+        if self._run2 is not None:
+            self._run2["reqs"].discard(msg["req"])
+            self._check_run2()
+
+    def _on_stats(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        self._reply(peer, True, self.stats())
+
+    def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        try:
+            self.set_control(msg["name"], msg["value"], client=peer)
+        except ControlError as e:
+            self._reply(peer, False, None, str(e))
+            return
+        if not (msg["name"] == "run" and msg["value"] == 2 and self._run2 is not None):
+            self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
+
+    def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if self.scanner.full_scans >= msg["full_scans"]:
+            self._reply(peer, True, self.scanner.full_scans)
+        else:
+            self._waiters.append((peer, msg["full_scans"], time.monotonic() + msg["timeout"]))
+
+    def _wake_waiters(self) -> None:
+        keep = []
+        for peer, target, deadline in self._waiters:
+            if self.scanner.full_scans >= target:
+                self._reply(peer, True, self.scanner.full_scans)
+            else:
+                keep.append((peer, target, deadline))
+        self._waiters = keep
+
+    def _expire(self, now: float) -> None:
+        keep = []
+        for peer, target, deadline in self._waiters:
+            if now >= deadline:
+                self._reply(peer, False, self.scanner.full_scans,
+                            f"timed out waiting for full_scans {target} (now {self.scanner.full_scans})")
+            else:
+                keep.append((peer, target, deadline))
+        self._waiters = keep
+        for peer in list(self.peers.values()):
+            if any(now >= d for _, _, d in peer.requests.values()):
+                self._schedule_drop(peer, f"no reply within {REQUEST_TIMEOUT:.0f} s")
+        self._flush_drops()
+
+    # -- merge and unmerge requests ---------------------------------------
+
+    def _send_request(self, peer: Peer, kind: str, runs: list) -> list[int]:
+        reqs = []
+        i = 0
+        while i < len(runs) and not peer.conn.closed:
+            chunk, pages = [], 0
+            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i][2] <= MAX_PAGES_PER_REQUEST:
+                chunk.append(runs[i])
+                pages += runs[i][2]
+                i += 1
+            if not chunk:  # one run longer than a request: split it
+                reg, first, n, slot = runs[i]
+                m = MAX_PAGES_PER_REQUEST
+                runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
+                continue
+            req = next(self._req)
+            rows = np.array([(reg.rid, first, n, slot if kind == "merge" else 0)
+                             for reg, first, n, slot in chunk], dtype="<i8")
+            peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
+            if not self._send(peer, {"t": kind, "req": req, "items": rows.tobytes()}):
+                break
+            reqs.append(req)
+        return reqs
+
+    def _send_merge(self, peer: Peer, runs: list) -> None:
+        self._send_request(peer, "merge", runs)
+
+    def _send_unmerge(self, peer: Peer, runs: list, run2: bool = False) -> None:
+        reqs = self._send_request(peer, "unmerge", runs)
+        if run2 and self._run2 is not None:
+            self._run2["reqs"].update(reqs)
+
+    # -- controls ----------------------------------------------------------
+
+    def _apply_scanner_controls(self) -> None:
+        self.scanner.max_page_sharing = self.controls["max_page_sharing"]
+        self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
+        self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
+
+    def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
+        value = check_control(name, value)
+        if name == "run" and self._run2 is not None:
+            raise ControlError("run: an unmerge (run=2) is still in progress")
+        old = self.controls[name]
+        self.controls[name] = value
+        self._apply_scanner_controls()
+        if name == "run" and value == 2 and old != 2:
+            self._start_run2(client)
+        self._next_batch = time.monotonic()
+
+    def _start_run2(self, client: Peer | None) -> None:
+        """run=2: unmerge every merged page, keep the advice (seed semantics)."""
+        self._run2 = {"reqs": set(), "error": None, "client": client}
+        for peer in list(self.peers.values()):
+            items = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
+            if items:
+                self._send_unmerge(peer, _coalesce(items), run2=True)
+        self._check_run2()
+
+    def _check_run2(self) -> None:
+        r = self._run2
+        if r is None or r["reqs"]:
+            return
+        if any(k == "merge" for p in self.peers.values() for k, _, _ in p.requests.values()):
+            return  # merges still in flight will be unmerged when they land
+        self._run2 = None
+        ok = r["error"] is None
+        self.scanner.reset_after_unmerge(ok)
+        if not ok:
+            # Seed patch 7: a failed unmerge leaves run at 0 and reports why.
+            self.controls["run"] = 0
+            self.last_error = r["error"]
+        if r["client"] is not None:
+            if ok:
+                self._reply(r["client"], True, {"run": self.controls["run"]})
+            else:
+                self._reply(r["client"], False, None, r["error"])
+
+    # -- statistics --------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.controls)
+        out.update(self.scanner.stats())
+        out["last_error"] = self.last_error
+        out["coordinator_pid"] = os.getpid()
+        out["socket"] = self.socket_path
+        workers = []
+        for peer in self.peers.values():
+            if peer.role == "worker":
+                w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages}
+                w.update(self.scanner.worker_stats(peer))
+                workers.append(w)
+        out["workers"] = workers
+        return out
+
+
+_WORKER = {
+    "register": CoordinatorServer._on_register,
+    "advise": CoordinatorServer._on_advise,
+    "unregister": CoordinatorServer._on_unregister,
+    "merged": CoordinatorServer._on_merged,
+    "unmerged": CoordinatorServer._on_unmerged,
+}
+_CLIENT = {
+    "stats": CoordinatorServer._on_stats,
+    "set": CoordinatorServer._on_set,
+    "wait": CoordinatorServer._on_wait,
+}
+
+
+def protocol_page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+__all__ = ["CONTROLS", "CoordinatorServer", "check_control"]
