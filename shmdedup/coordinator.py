@@ -245,6 +245,8 @@ class CoordinatorServer:
         for kind, items, _ in peer.requests.values():
             if kind == "merge":
                 self.scanner.forget_request(items)
+        if self._run2 is not None:
+            self._run2["reqs"].difference_update(peer.requests)
         peer.requests.clear()
         for reg in peer.regions.values():
             self.scanner.remove_region(reg)
