@@ -319,8 +319,10 @@ class Scanner:
         chain = self.stable_index.get(h)
         if chain:
             for s in chain:
+                # pread, not StableSegment.read: the slot is known allocated
+                # (it is indexed) and this is the scan's hot path.
                 if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
-                        _native.pages_equal(content, self.stable.read(s)):
+                        _native.pages_equal(content, os.pread(self.stable.fd, PAGE_SIZE, s * PAGE_SIZE)):
                     self._queue(merges, reg, page, s)
                     return
         # Unstable index.
