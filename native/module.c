@@ -480,9 +480,25 @@ static PyObject *
 py_murmur3_128(PyObject *Py_UNUSED(m), PyObject *args)
 {
     Py_buffer b;
-    unsigned int seed = 0;
-    if (!PyArg_ParseTuple(args, "y*|I", &b, &seed))
+    PyObject *seed_obj = NULL;
+    /* Not "I": that format masks, so -1 or 2**32 would silently hash with
+     * another seed.  mmh3 (the oracle) raises ValueError; so do we. */
+    if (!PyArg_ParseTuple(args, "y*|O", &b, &seed_obj))
         return NULL;
+    uint32_t seed = 0;
+    if (seed_obj) {
+        PyObject *num = PyNumber_Index(seed_obj);   /* ints and numpy ints; TypeError otherwise */
+        int overflow = 0;
+        long long v = num ? PyLong_AsLongLongAndOverflow(num, &overflow) : -1;
+        Py_XDECREF(num);
+        if (!num || overflow || v < 0 || v > UINT32_MAX) {
+            PyBuffer_Release(&b);
+            if (num)
+                PyErr_SetString(PyExc_ValueError, "seed is out of range (0 <= seed < 2**32)");
+            return NULL;
+        }
+        seed = (uint32_t)v;
+    }
     uint64_t h[2];
     Py_BEGIN_ALLOW_THREADS
     sd_murmur3_x64_128(b.buf, (size_t)b.len, seed, h);
@@ -548,11 +564,17 @@ py_read_pages(PyObject *Py_UNUSED(m), PyObject *args)
         goto done;
     }
     const int64_t *ix = idx.buf;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         if (ix[i] < 0) {
             PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is negative", i, (long long)ix[i]);
             goto done;
         }
+        /* idx * page_size must fit off_t: a wrapped offset would read another page. */
+        if ((uint64_t)ix[i] > (uint64_t)INT64_MAX / sd_page_size) {
+            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is past the largest file offset", i, (long long)ix[i]);
+            goto done;
+        }
+    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = sd_read_pages(fd, ix, n, sd_page_size, out.buf);

@@ -1,0 +1,294 @@
+"""shmdedup._native, the plain functions: checksums (mmh3 is the oracle), page
+reads that never allocate holes (DESIGN invariant 4), compare, zero test, punch."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+import subprocess
+
+import mmh3
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shmdedup import _native, _shm
+from tests.helpers import allocated_bytes, child_env, no_shm_leftovers, reaper  # noqa: F401
+
+P = _native.PAGE_SIZE
+SEEDS = [0, 1, 42, 0x9747B28C, 2**31, 2**32 - 1]
+
+pytestmark = pytest.mark.usefixtures("no_shm_leftovers")
+
+
+def oracle(data: bytes, seed: int = 0) -> tuple[int, int]:
+    return mmh3.hash64(data, seed, signed=False)
+
+
+@pytest.fixture
+def shm():
+    """An 8-page shm object, closed after the test."""
+    fd = _shm.create(8 * P, "native")
+    yield fd
+    os.close(fd)
+
+
+def page(byte: int) -> bytes:
+    return bytes([byte]) * P
+
+
+# ---- constants --------------------------------------------------------------
+
+def test_constants() -> None:
+    assert P == os.sysconf("SC_PAGE_SIZE")
+    states = [_native.PRIVATE, _native.MERGING, _native.MERGED, _native.BREAKING, _native.ZERO]
+    assert _native.PRIVATE == 0  # a fresh (zero-filled) metadata object means all private
+    assert len(set(states)) == 5
+
+
+# ---- murmur3 ------------------------------------------------------------------
+
+def test_murmur3_known_answers() -> None:
+    # Fixed values guard against the oracle and us drifting together.
+    assert _native.murmur3_128(b"") == (0, 0)
+    assert _native.murmur3_128(b"abc") == (13012657714217449575, 4297124817637354834)
+    assert _native.murmur3_128(b"abc", 2**32 - 1) == (6497983451653082904, 6625092142591915913)
+    assert _native.murmur3_128(b"", 1) == oracle(b"", 1) != (0, 0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("length", list(range(0, 33)) + [47, 48, 49, 255, 256, 257])
+def test_murmur3_every_tail_length(length: int, seed: int) -> None:
+    # 0..31 covers every tail case (len % 16) twice, with and without a block.
+    data = bytes((i * 131 + 7) & 0xFF for i in range(length))
+    assert _native.murmur3_128(data, seed) == oracle(data, seed)
+
+
+def test_murmur3_seed_default_and_types() -> None:
+    assert _native.murmur3_128(b"x") == _native.murmur3_128(b"x", 0) == oracle(b"x")
+    assert _native.murmur3_128(b"x", np.uint32(2**32 - 1)) == oracle(b"x", 2**32 - 1)
+    with pytest.raises(TypeError):
+        _native.murmur3_128(b"x", 1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_murmur3_seed_out_of_range(seed: int) -> None:
+    # Like the oracle: a seed outside uint32 is an error, never silently wrapped.
+    with pytest.raises(ValueError):
+        oracle(b"x", seed)
+    with pytest.raises(ValueError):
+        _native.murmur3_128(b"x", seed)
+
+
+def test_murmur3_accepts_buffers() -> None:
+    data = bytes(range(100))
+    want = oracle(data)
+    assert _native.murmur3_128(bytearray(data)) == want
+    assert _native.murmur3_128(memoryview(data)) == want
+    assert _native.murmur3_128(np.frombuffer(data, dtype=np.uint8)) == want
+    with pytest.raises(TypeError):
+        _native.murmur3_128("a str")  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=600), seed=st.integers(0, 2**32 - 1))
+def test_murmur3_random_bytes(data: bytes, seed: int) -> None:
+    assert _native.murmur3_128(data, seed) == oracle(data, seed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rng_seed=st.integers(0, 2**63), flips=st.lists(st.integers(0, P - 1), max_size=4))
+def test_murmur3_random_pages(rng_seed: int, flips: list[int]) -> None:
+    buf = bytearray(np.random.default_rng(rng_seed).integers(0, 256, P, dtype=np.uint8).tobytes())
+    for i in flips:
+        buf[i] ^= 0x5A
+    assert _native.murmur3_128(bytes(buf)) == oracle(bytes(buf))
+
+
+# ---- hash_pages -----------------------------------------------------------------
+
+def checksums(raw: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(raw) // 8}Q", raw))
+
+
+def test_hash_pages_is_h1_of_each_page() -> None:
+    rng = np.random.default_rng(7)
+    buf = rng.integers(0, 256, 5 * P, dtype=np.uint8)
+    buf[2 * P:3 * P] = 0
+    raw = _native.hash_pages(buf)
+    assert isinstance(raw, bytes) and len(raw) == 5 * 8
+    want = [oracle(buf[i * P:(i + 1) * P].tobytes())[0] for i in range(5)]
+    assert checksums(raw) == want
+    assert np.array_equal(np.frombuffer(raw, dtype="<u8"), np.array(want, dtype=np.uint64))
+
+
+def test_hash_pages_empty_and_bad_sizes() -> None:
+    assert _native.hash_pages(b"") == b""
+    for n in (1, P - 1, P + 1, 3 * P - 8):
+        with pytest.raises(ValueError, match="multiple of the page size"):
+            _native.hash_pages(bytes(n))
+
+
+def test_hash_pages_equal_pages_equal_checksums() -> None:
+    raw = checksums(_native.hash_pages(page(3) + page(4) + page(3)))
+    assert raw[0] == raw[2] != raw[1]
+
+
+# ---- read_pages ------------------------------------------------------------------
+
+def idx(*pages: int) -> bytes:
+    return np.array(pages, dtype=np.int64).tobytes()
+
+
+def test_read_pages_reads_data_and_holes_without_allocating(shm: int) -> None:
+    for p in (1, 5, 6, 7):
+        os.pwrite(shm, page(p), p * P)
+    before = allocated_bytes(shm)
+    assert before == 4 * P
+    out = bytearray(8 * P)
+    hashes = bytearray(8 * 8)
+    _native.read_pages(shm, idx(*range(8)), out, hashes)
+    for p in range(8):
+        assert out[p * P:(p + 1) * P] == (page(p) if p in (1, 5, 6, 7) else bytes(P)), p
+    assert hashes == _native.hash_pages(bytes(out))
+    # Holes read through pread stay holes: a mapping would have allocated them.
+    assert allocated_bytes(shm) == before
+
+
+def test_read_pages_any_order_and_duplicates(shm: int) -> None:
+    for p in range(8):
+        os.pwrite(shm, page(0x10 + p), p * P)
+    order = [7, 0, 1, 2, 2, 6, 3, 4, 5, 4]
+    out = np.zeros(len(order) * P, dtype=np.uint8)
+    _native.read_pages(shm, idx(*order), out)
+    for i, p in enumerate(order):
+        assert out[i * P:(i + 1) * P].tobytes() == page(0x10 + p)
+
+
+def test_read_pages_out_may_be_larger_and_past_eof_reads_zero(shm: int) -> None:
+    os.pwrite(shm, page(9), 7 * P)
+    out = bytearray(b"\xff" * 4 * P)
+    _native.read_pages(shm, idx(7, 8, 9), out)  # 8 and 9 are past the end
+    assert out[:P] == page(9)
+    assert out[P:3 * P] == bytes(2 * P)
+    assert out[3 * P:] == b"\xff" * P  # untouched
+    _native.read_pages(shm, idx(), bytearray(0))
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_read_pages_one_pread_per_consecutive_run() -> None:
+    code = """
+        import os, numpy as np
+        from shmdedup import _native, _shm
+        P = _native.PAGE_SIZE
+        fd = _shm.create(64 * P, "strace")
+        pages = [0, 1, 2, 3, 10, 11, 20, 5, 6, 7, 8]   # runs: 0-3, 10-11, 20, 5-8
+        out = bytearray(len(pages) * P)
+        os.write(2, b"BEGIN\\n")
+        _native.read_pages(fd, np.array(pages, dtype=np.int64).tobytes(), out)
+        os.write(2, b"END\\n")
+    """
+    import textwrap
+    proc = subprocess.run(["strace", "-f", "-e", "trace=pread64,write", "-o", "/dev/stderr",
+                           "python", "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=60, env=child_env())
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip("ptrace not permitted here")
+    assert proc.returncode == 0, proc.stderr
+    between = proc.stderr.split("BEGIN", 1)[1].split("END", 1)[0]
+    preads = [line for line in between.splitlines() if "pread64(" in line]
+    sizes = sorted(int(line.rsplit("=", 1)[1]) // P for line in preads)
+    assert sizes == [1, 2, 4, 4], preads
+
+
+def test_read_pages_bad_arguments(shm: int) -> None:
+    out = bytearray(2 * P)
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        _native.read_pages(shm, idx(0), bytearray(P + 1))
+    with pytest.raises(ValueError, match="pages"):
+        _native.read_pages(shm, idx(0, 1, 2), out)  # out too small
+    with pytest.raises(ValueError, match="int64"):
+        _native.read_pages(shm, b"\0" * 12, out)
+    with pytest.raises(ValueError, match="negative"):
+        _native.read_pages(shm, idx(0, -1), out)
+    with pytest.raises(ValueError, match="hashes"):
+        _native.read_pages(shm, idx(0, 1), out, bytearray(8))
+    with pytest.raises(TypeError):
+        _native.read_pages(shm, idx(0), bytes(P))  # out must be writable
+    with pytest.raises(OSError) as e:
+        _native.read_pages(9999, idx(0), out)
+    assert e.value.errno == errno.EBADF
+    assert "pread" in str(e.value)
+
+
+def test_read_pages_rejects_index_past_off_t(shm: int) -> None:
+    # idx * PAGE_SIZE must not overflow off_t (a wrapped offset reads another page).
+    assert 2**62 * P % 2**64 == 0  # would wrap to offset 0: page 0 read back silently
+    os.pwrite(shm, page(1), 0)
+    for bad in (2**62, 2**63 // P):
+        with pytest.raises(ValueError, match="offset"):
+            _native.read_pages(shm, idx(bad), bytearray(P))
+    out = bytearray(b"\xff" * P)
+    _native.read_pages(shm, idx(2**40), out)  # far past EOF, no wrap: zeros
+    assert out == bytes(P)
+    with pytest.raises(OSError) as e:  # offset fits, offset + length does not: the kernel says so
+        _native.read_pages(shm, idx(2**63 // P - 1), bytearray(P))
+    assert e.value.errno == errno.EINVAL
+
+
+# ---- pages_equal, is_zero ----------------------------------------------------
+
+def test_pages_equal() -> None:
+    a = page(1) + page(2)
+    assert _native.pages_equal(a, bytearray(a))
+    b = bytearray(a)
+    b[-1] ^= 1
+    assert not _native.pages_equal(a, b)
+    assert not _native.pages_equal(a, a[:-1])  # lengths differ
+    assert _native.pages_equal(b"", b"")
+
+
+def test_is_zero() -> None:
+    assert _native.is_zero(bytes(3 * P))
+    assert _native.is_zero(b"")
+    for pos in (0, P - 1, 2 * P + 17):
+        buf = bytearray(3 * P)
+        buf[pos] = 1
+        assert not _native.is_zero(buf), pos
+    with pytest.raises(ValueError):
+        _native.is_zero(bytes(P + 8))
+
+
+# ---- punch_hole ----------------------------------------------------------------
+
+def test_punch_hole_frees_blocks(shm: int) -> None:
+    os.pwrite(shm, b"\x77" * 8 * P, 0)
+    assert allocated_bytes(shm) == 8 * P
+    _native.punch_hole(shm, 2 * P, 3 * P)
+    assert allocated_bytes(shm) == 5 * P
+    assert os.fstat(shm).st_size == 8 * P  # KEEP_SIZE
+    assert os.pread(shm, 8 * P, 0) == b"\x77" * 2 * P + bytes(3 * P) + b"\x77" * 3 * P
+    _native.punch_hole(shm, 6 * P, 100 * P)  # past EOF: fine, size unchanged
+    assert allocated_bytes(shm) == 3 * P
+    assert os.fstat(shm).st_size == 8 * P
+
+
+def test_punch_hole_errors(shm: int) -> None:
+    with pytest.raises(ValueError):
+        _native.punch_hole(shm, -P, P)
+    with pytest.raises(ValueError):
+        _native.punch_hole(shm, 0, -1)
+    with pytest.raises(OSError) as e:
+        _native.punch_hole(9999, 0, P)
+    assert e.value.errno == errno.EBADF
+    assert "fallocate" in str(e.value)
+    ro = _shm.reopen_readonly(shm)
+    try:
+        with pytest.raises(OSError) as e:
+            _native.punch_hole(ro, 0, P)
+        assert e.value.errno == errno.EBADF  # fallocate needs a writable fd
+    finally:
+        os.close(ro)
