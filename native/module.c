@@ -64,9 +64,17 @@ static int
 mapping_check_open(MappingObject *self)
 {
     if (self->idx < 0 || self->pid != getpid()) {
-        PyErr_SetString(PyExc_ValueError,
-                        self->idx < 0 ? "region is closed"
-                                      : "region belongs to the parent process (regions are not inherited across fork)");
+        /* The package's RegionClosedError (a ValueError), so that memoryview(),
+         * states() and merge() fail like Region's Python methods do. */
+        PyObject *exc = PyExc_ValueError, *errors = PyImport_ImportModule("shmdedup.errors");
+        PyObject *cls = errors ? PyObject_GetAttrString(errors, "RegionClosedError") : NULL;
+        Py_XDECREF(errors);
+        PyErr_Clear();
+        if (cls && PyType_Check(cls) && PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_ValueError))
+            exc = cls;
+        PyErr_SetString(exc, self->idx < 0 ? "region is closed"
+                                           : "region belongs to the parent process (regions are not inherited across fork)");
+        Py_XDECREF(cls);
         return -1;
     }
     return 0;

@@ -185,7 +185,8 @@ class Region(_native.Mapping):
         copy (raising OSError, with every page still merged or private and
         correct, if memory runs out), then drops the advice.
         """
-        if advice not in (MERGEABLE, UNMERGEABLE) or isinstance(advice, bool):
+        if (isinstance(advice, bool) or not isinstance(advice, (int, np.integer))
+                or advice not in (MERGEABLE, UNMERGEABLE)):
             raise ArgumentError(f"advice must be MERGEABLE ({MERGEABLE}) or UNMERGEABLE ({UNMERGEABLE}), got {advice!r}")
         first, n = self._page_range(offset, length)
         if n == 0:
@@ -249,11 +250,13 @@ class Region(_native.Mapping):
 
     def merged_pages(self) -> int:
         """Pages of this region currently merged (stable or zero page)."""
+        self._check_open()
         s = np.frombuffer(self.states(), dtype=np.uint8)
         return int(np.count_nonzero((s == _native.MERGED) | (s == _native.ZERO)))
 
     def allocated_bytes(self) -> int:
         """Memory the backing object really holds (st_blocks), seen from outside."""
+        self._check_open()  # closed: the fd is gone (its number may be reused)
         return _shm.allocated_bytes(self.backing_fd)
 
     def close(self) -> None:
