@@ -191,6 +191,10 @@ Mapping_dealloc(MappingObject *self)
 static PyObject *
 Mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
 {
+    /* In a forked child nothing is mapped any more (atfork_child) and the counts
+     * are the parent's, inherited: only the fd is left to drop. */
+    if (self->pid != getpid())
+        goto release;
     if (self->exports > 0) {
         PyErr_Format(PyExc_BufferError,
                      "cannot close a region with %zd exported buffer(s): release memoryviews and arrays first",
@@ -201,6 +205,7 @@ Mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_BufferError, "cannot close a region while another thread merges or breaks it");
         return NULL;
     }
+release:
     mapping_release(self);
     Py_RETURN_NONE;
 }
