@@ -54,23 +54,33 @@ class Agent:
     def region_event(self, region: Any, event: str, *args: Any) -> None:
         with self.lock:
             if event == "advise":
-                first, n, mergeable = args
-                if not mergeable and region.id not in self.registered:
-                    return
-                self.regions[region.id] = region
-                self._ensure_thread()
-                if self.conn is None:
-                    return
-                if region.id not in self.registered:
-                    self._register(region)
-                else:
-                    self._send({"t": "advise", "rid": region.id, "start": first, "npages": n,
-                                "mergeable": mergeable})
+                self._advise(region, *args)
             elif event == "close":
                 self.regions.pop(region.id, None)
                 if self.conn is not None and region.id in self.registered:
                     self.registered.discard(region.id)
                     self._send({"t": "unregister", "rid": region.id})
+        if event == "advise" and not args[2]:
+            # advise(UNMERGEABLE) has dropped the advice and told the
+            # coordinator; break the range now, under the op lock, so that a
+            # merge in flight finishes first and every later one sees the new
+            # advice (_merge_advised).  Region.advise's own sweep then finds
+            # nothing left to break.
+            with region._op_lock:
+                region.break_range(args[0], args[1])
+
+    def _advise(self, region: Any, first: int, n: int, mergeable: bool) -> None:
+        if not mergeable and region.id not in self.registered:
+            return
+        self.regions[region.id] = region
+        self._ensure_thread()
+        if self.conn is None:
+            return
+        if region.id not in self.registered:
+            self._register(region)
+        else:
+            self._send({"t": "advise", "rid": region.id, "start": first, "npages": n,
+                        "mergeable": mergeable})
 
     def _send(self, msg: dict, fds: list[int] | None = None) -> None:
         conn = self.conn
@@ -186,11 +196,40 @@ class Agent:
                 continue
             with region._op_lock:
                 try:
-                    parts.append(region.merge(self.view, np.ascontiguousarray(rows).tobytes()))
+                    parts.append(self._merge_advised(region, rows))
                 except (ValueError, BufferError) as e:
                     log.debug("merge refused: %s", e)
                     parts.append(bytes(npages))
         return b"".join(parts)
+
+    def _merge_advised(self, region: Any, rows: np.ndarray) -> bytes:
+        """Merge the (first, n, slot) runs, refusing pages no longer advised.
+
+        The coordinator may ask before it hears of an advise(UNMERGEABLE);
+        merging such a page would leave it merged against the advice for good
+        (the sweep of advise() may already be past it).  The caller holds the
+        region's op lock, which advise(UNMERGEABLE) takes for its sweep after
+        dropping the advice (see region_event), so the check cannot go stale.
+        """
+        if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
+            raise ValueError("merge request outside the region")
+        pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
+        advised = region._advice[pages]
+        if advised.all():
+            return region.merge(self.view, np.ascontiguousarray(rows).tobytes())
+        slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)
+                                for _, n, s in rows.tolist()])
+        keep = np.flatnonzero(advised)
+        res = np.zeros(len(pages), np.uint8)
+        if len(keep):
+            # Runs again, of the advised pages only: page and slot both advance by one.
+            p, s = pages[keep], slots[keep]
+            cut = np.flatnonzero((np.diff(p) != 1) | ((np.diff(s) != 1) & (s[1:] >= 0))
+                                 | ((s[1:] < 0) != (s[:-1] < 0))) + 1
+            sub = np.array([(q[0], len(q), t[0]) for q, t in zip(np.split(p, cut), np.split(s, cut))],
+                           dtype="<i8")
+            res[keep] = np.frombuffer(region.merge(self.view, sub.tobytes()), np.uint8)
+        return res.tobytes()
 
     def _unmerge(self, items: bytes) -> tuple[int, str]:
         for region, rows in self._groups(items):
