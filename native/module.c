@@ -627,6 +627,48 @@ py_pages_equal(PyObject *Py_UNUSED(m), PyObject *args)
     return PyBool_FromLong(eq);
 }
 
+/* compare_slots(buf, buf_idx, fd, slots) -> bytes: 1 where page buf_idx[i] of
+ * buf equals page slots[i] of fd (both int64 buffers of the same length). */
+static PyObject *
+py_compare_slots(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_buffer buf, bidx, slots;
+    int fd;
+    if (!PyArg_ParseTuple(args, "y*y*iy*", &buf, &bidx, &fd, &slots))
+        return NULL;
+    PyObject *out = NULL;
+    size_t npages, n = (size_t)bidx.len / 8;
+    if (check_pages(&buf, "buf", &npages) < 0)
+        goto done;
+    if (bidx.len % 8 || slots.len != bidx.len) {
+        PyErr_SetString(PyExc_ValueError, "buf_idx and slots must be int64 buffers of the same length");
+        goto done;
+    }
+    const int64_t *bi = bidx.buf, *sl = slots.buf;
+    for (size_t i = 0; i < n; i++)
+        if (bi[i] < 0 || (size_t)bi[i] >= npages || sl[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "entry %zu: page %lld / slot %lld out of range",
+                         i, (long long)bi[i], (long long)sl[i]);
+            goto done;
+        }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (!out)
+        goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sd_compare_slots(buf.buf, bi, fd, sl, n, sd_page_size, (uint8_t *)PyBytes_AS_STRING(out));
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        Py_CLEAR(out);
+        raise_errno("pread(stable)");
+    }
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&bidx);
+    PyBuffer_Release(&slots);
+    return out;
+}
+
 static PyObject *
 py_is_zero(PyObject *Py_UNUSED(m), PyObject *args)
 {
@@ -724,6 +766,8 @@ static PyMethodDef module_methods[] = {
     {"hash_pages", py_hash_pages, METH_VARARGS, "hash_pages(buf) -> bytes: uint64 checksum of each page."},
     {"read_pages", py_read_pages, METH_VARARGS, "read_pages(fd, idx, out[, hashes]): pread pages (and checksum them)."},
     {"pages_equal", py_pages_equal, METH_VARARGS, "pages_equal(a, b) -> bool (memcmp)."},
+    {"compare_slots", py_compare_slots, METH_VARARGS,
+     "compare_slots(buf, buf_idx, fd, slots) -> bytes: page-by-page equality with slots of fd."},
     {"is_zero", py_is_zero, METH_VARARGS, "is_zero(buf) -> bool: all pages are zero."},
     {"punch_hole", py_punch_hole, METH_VARARGS, "punch_hole(fd, offset, length): fallocate PUNCH_HOLE|KEEP_SIZE."},
     {"trap_install", py_trap_install, METH_NOARGS, "Install the COW trap in front; True if it (re)installed."},

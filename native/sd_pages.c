@@ -53,6 +53,22 @@ void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out
         out[i] = sd_page_checksum(buf + i * page_size, page_size);
 }
 
+int sd_compare_slots(const uint8_t *buf, const int64_t *buf_idx, int fd, const int64_t *slots,
+                     size_t n, size_t page_size, uint8_t *eq)
+{
+    uint8_t scratch[65536];
+    if (page_size > sizeof scratch) {
+        errno = EINVAL;
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (pread_full(fd, scratch, page_size, (off_t)slots[i] * (off_t)page_size) < 0)
+            return -1;
+        eq[i] = memcmp(buf + (size_t)buf_idx[i] * page_size, scratch, page_size) == 0;
+    }
+    return 0;
+}
+
 int sd_page_is_zero(const uint8_t *page, size_t page_size)
 {
     const uint64_t *w = (const uint64_t *)page;

@@ -283,10 +283,11 @@ class Scanner:
         merged = np.flatnonzero(st == MERGED) + p0
         if len(merged):
             slots = reg.slot[merged]
-            lonely = (self.sharers[slots] == 1) & (self.pending[slots] == 0)
-            for page in merged[lonely]:
-                reg.status[page] = UNMERGING
-                unmerges.setdefault(reg.worker, []).append((reg, int(page), int(reg.slot[page])))
+            lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)]
+            if len(lonely):
+                reg.status[lonely] = UNMERGING
+                unmerges.setdefault(reg.worker, []).append(
+                    (reg, lonely.astype(np.int64), reg.slot[lonely].astype(np.int64)))
 
     def _visit(self, reg: RegionState, pages: np.ndarray, merges: dict) -> None:
         n = len(pages)
@@ -298,24 +299,145 @@ class Scanner:
         steady = (st != NEW) & (old == hashes)
         reg.checksum[pages] = hashes
         reg.status[pages[~steady]] = VOLATILE
-        view = memoryview(buf)
-        for k in np.flatnonzero(steady):
-            page = int(pages[k])
-            content = view[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
-            self._cmp_and_merge(reg, page, int(hashes[k]), content, merges)
+        k = np.flatnonzero(steady)          # candidates, as indexes into buf
+        if len(k):
+            self._cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
 
-    def _queue(self, merges: dict, reg: RegionState, page: int, slot: int) -> None:
-        reg.status[page] = PENDING
-        if slot >= 0:
-            self.pending[slot] += 1
-        merges.setdefault(reg.worker, []).append((reg, page, slot))
-
-    def _cmp_and_merge(self, reg: RegionState, page: int, h: int, content: memoryview,
-                       merges: dict) -> None:
-        if self.use_zero_pages and h == ZERO_CHECKSUM and _native.is_zero(content):
-            self._queue(merges, reg, page, -1)
+    def _cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
+                       k: np.ndarray, buf: np.ndarray, merges: dict) -> None:
+        """Steps 3-5 for a batch of steady pages of one region, vectorised:
+        the per-page Python work is one dict lookup; compares and copies run
+        in C or numpy over whole arrays.  Pages whose checksum repeats inside
+        the batch take the sequential path (they may match each other)."""
+        todo = np.ones(len(pages), bool)
+        rows = buf.reshape(-1, PAGE_SIZE)
+        if self.use_zero_pages:
+            for i in np.flatnonzero(hashes == ZERO_CHECKSUM):
+                if _native.is_zero(rows[k[i]]):
+                    self._queue(merges, reg, pages[i:i + 1], np.array([-1]))
+                    todo[i] = False
+        hl = hashes.tolist()
+        # Stable index: the newest slot of each chain (the one with room, if any).
+        found = [(i, c[-1]) for i, c in enumerate(map(self.stable_index.get, hl)) if c and todo[i]]
+        if found:
+            ci = np.array([f[0] for f in found])
+            cs = np.array([f[1] for f in found], np.int64)
+            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.stable.fd, cs),
+                               np.uint8).astype(bool)
+            # Room left under max_page_sharing, counting earlier pages of this batch.
+            order = np.argsort(cs, kind="stable")
+            srt = cs[order]
+            first = np.searchsorted(srt, srt, side="left")
+            rank = np.empty(len(cs), np.int64)
+            rank[order] = np.arange(len(cs)) - first
+            room = self.sharers[cs] + self.pending[cs] + rank < self.max_page_sharing
+            ok = eq & room
+            self._queue(merges, reg, pages[ci[ok]], cs[ok])
+            todo[ci[ok]] = False
+            full = ci[eq & ~room]       # equal but the chain is full: a new slot
+            for i in full:
+                self._cmp_and_merge_one(reg, int(pages[i]), hl[i], memoryview(rows[k[i]]), merges)
+            todo[full] = False
+        rest = np.flatnonzero(todo)
+        if not len(rest):
             return
-        # Stable index: any slot of the chain with room and the same bytes.
+        # Checksums repeated inside the batch: sequential path, in page order.
+        _, inv, counts = np.unique(hashes[rest], return_inverse=True, return_counts=True)
+        dup = counts[inv] > 1
+        for i in rest[dup]:
+            self._cmp_and_merge_one(reg, int(pages[i]), hl[i], memoryview(rows[k[i]]), merges)
+        rest = rest[~dup]
+        # Unstable index.
+        mates = [self.unstable.get(hl[i]) for i in rest.tolist()]
+        pairs = [(int(i), m) for i, m in zip(rest.tolist(), mates) if m is not None]
+        matched = np.zeros(len(pages), bool)
+        if pairs:
+            self._merge_with_mates(reg, pages, hashes, k, rows, pairs, matched, merges)
+        lone = rest[~matched[rest]]
+        if len(lone):
+            self.unstable.update((hl[i], (reg, int(pages[i]))) for i in lone.tolist())
+            reg.status[pages[lone]] = UNSHARED
+
+    def _merge_with_mates(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
+                          k: np.ndarray, rows: np.ndarray, pairs: list, matched: np.ndarray,
+                          merges: dict) -> None:
+        """Confirm unstable matches, copy each run of them into consecutive new
+        stable slots (one pwrite, and one mapping per worker later)."""
+        by_reg: dict[int, tuple[RegionState, list[int], list[int]]] = {}
+        for i, (oreg, opage) in pairs:
+            e = by_reg.setdefault(id(oreg), (oreg, [], []))
+            e[1].append(i)
+            e[2].append(opage)
+        for oreg, il, ol in by_reg.values():
+            ii = np.array(il)
+            op = np.array(ol, np.int64)
+            if oreg.closed:
+                ok = np.zeros(len(ii), bool)
+            else:
+                ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
+                if oreg is reg:
+                    ok &= op != pages[ii]
+            for i in ii[~ok].tolist():
+                del self.unstable[int(hashes[i])]
+            ii, op = ii[ok], op[ok]
+            if not len(ii):
+                continue
+            other = np.empty(len(op) * PAGE_SIZE, np.uint8)
+            _native.read_pages(oreg.backing_fd, op, other)
+            same = np.all(rows[k[ii]].view(np.uint64) == other.view(np.uint64).reshape(len(op), -1), axis=1)
+            ii, op = ii[same], op[same]
+            if not len(ii):
+                continue
+            # Runs: my page and the mate's page both advance by one.
+            cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
+            for a, b in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(ii)])).tolist()):
+                self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
+
+    def _new_run(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
+                 rows: np.ndarray, ii: np.ndarray, oreg: RegionState, opage0: int,
+                 matched: np.ndarray, merges: dict) -> None:
+        n = len(ii)
+        i0 = int(ii[0])
+        if self.max_kernel_pages and self.stable.pages_in_use + n > self.max_kernel_pages:
+            return
+        hint = None
+        last = self._last_new
+        if last and last[0] is oreg and last[1] == opage0 - 1 and last[2] is reg \
+                and last[3] == pages[i0] - 1:
+            hint = last[4] + 1
+        s = self.stable.alloc(n, hint)
+        if s is None:
+            return
+        self._ensure_slot_arrays(s + n)
+        self.stable.write(s, np.ascontiguousarray(rows[k[ii]]))
+        slots = np.arange(s, s + n, dtype=np.int64)
+        self.slot_hash[slots] = hashes[ii]
+        for j, i in enumerate(ii.tolist()):
+            h = int(hashes[i])
+            self.stable_index.setdefault(h, []).append(s + j)
+            del self.unstable[h]
+        self._last_new = (oreg, opage0 + n - 1, reg, int(pages[ii[-1]]), s + n - 1)
+        self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots)
+        self._queue(merges, reg, pages[ii], slots)
+        matched[ii] = True
+
+    def _queue(self, merges: dict, reg: RegionState, pages: np.ndarray, slots: np.ndarray) -> None:
+        if not len(pages):
+            return
+        reg.status[pages] = PENDING
+        slots = np.asarray(slots, np.int64)
+        real = slots[slots >= 0]
+        if len(real):
+            np.add.at(self.pending, real, 1)
+        merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
+
+    def _cmp_and_merge_one(self, reg: RegionState, page: int, h: int, content: memoryview,
+                           merges: dict) -> None:
+        """Steps 3-5 for one page (the sequential path)."""
+        one = np.array([page])
+        if self.use_zero_pages and h == ZERO_CHECKSUM and _native.is_zero(content):
+            self._queue(merges, reg, one, np.array([-1]))
+            return
         chain = self.stable_index.get(h)
         if chain:
             for s in chain:
@@ -323,27 +445,20 @@ class Scanner:
                 # (it is indexed) and this is the scan's hot path.
                 if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
                         _native.pages_equal(content, os.pread(self.stable.fd, PAGE_SIZE, s * PAGE_SIZE)):
-                    self._queue(merges, reg, page, s)
+                    self._queue(merges, reg, one, np.array([s]))
                     return
-        # Unstable index.
         mate = self.unstable.get(h)
         if mate is not None:
             oreg, opage = mate
             if not oreg.closed and oreg.advice[opage] and oreg.status[opage] == UNSHARED \
-                    and oreg.states[opage] == _native.PRIVATE:
+                    and oreg.states[opage] == _native.PRIVATE and not (oreg is reg and opage == page):
                 other = os.pread(oreg.backing_fd, PAGE_SIZE, opage * PAGE_SIZE)
                 if _native.pages_equal(content, other):
-                    hint = None
-                    last = self._last_new
-                    if last and last[0] is oreg and last[1] == opage - 1 and last[2] is reg \
-                            and last[3] == page - 1:
-                        hint = last[4] + 1
-                    s = self._new_slot(content, h, hint)
+                    s = self._new_slot(content, h, None)
                     if s is not None:
                         del self.unstable[h]
-                        self._last_new = (oreg, opage, reg, page, s)
-                        self._queue(merges, oreg, opage, s)
-                        self._queue(merges, reg, page, s)
+                        self._queue(merges, oreg, np.array([opage]), np.array([s]))
+                        self._queue(merges, reg, one, np.array([s]))
                         return
             else:
                 del self.unstable[h]
@@ -401,10 +516,10 @@ class Scanner:
             self._free_unused(freed)
 
     def merged_items(self, reg: RegionState) -> list:
-        """(reg, page, slot) of every merged page of a region (for run=2)."""
+        """(reg, pages, slots) of every merged page of a region (for run=2)."""
         pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO))
         reg.status[pages] = UNMERGING
-        return [(reg, int(p), int(reg.slot[p])) for p in pages]
+        return [(reg, pages.astype(np.int64), reg.slot[pages].astype(np.int64))] if len(pages) else []
 
     def reset_after_unmerge(self, ok: bool) -> None:
         self.cursor = 0
@@ -464,16 +579,23 @@ class Scanner:
 
 
 def _coalesce(items: list) -> list:
-    """(reg, page, slot) triples -> (reg, first, n, slot) runs where both the
-    page and the slot advance by one (zero-page items: slot -1 throughout)."""
-    items.sort(key=lambda t: (id(t[0]), t[1]))
+    """(reg, pages, slots) array triples -> (reg, first, n, slot) runs where both
+    the page and the slot advance by one (zero-page items: slot -1 throughout)."""
+    by_reg: dict[int, tuple[Any, list, list]] = {}
+    for reg, pages, slots in items:
+        e = by_reg.setdefault(id(reg), (reg, [], []))
+        e[1].append(pages)
+        e[2].append(slots)
     runs: list = []
-    for reg, page, slot in items:
-        if runs:
-            r = runs[-1]
-            if r[0] is reg and r[1] + r[2] == page and (
-                    (slot < 0 and r[3] < 0) or (slot >= 0 and r[3] >= 0 and r[3] + r[2] == slot)):
-                r[2] += 1
-                continue
-        runs.append([reg, page, 1, slot])
-    return [tuple(r) for r in runs]
+    for reg, pl, sl in by_reg.values():
+        pages = np.concatenate(pl)
+        slots = np.concatenate(sl)
+        order = np.argsort(pages, kind="stable")
+        pages, slots = pages[order], slots[order]
+        zero = slots < 0
+        cut = np.flatnonzero((np.diff(pages) != 1) | (zero[1:] != zero[:-1])
+                             | (~zero[1:] & (np.diff(slots) != 1))) + 1
+        starts = np.concatenate(([0], cut))
+        ends = np.concatenate((cut, [len(pages)]))
+        runs.extend((reg, int(pages[a]), int(b - a), int(slots[a])) for a, b in zip(starts.tolist(), ends.tolist()))
+    return runs
