@@ -520,6 +520,21 @@ py_murmur3_128(PyObject *Py_UNUSED(m), PyObject *args)
     return Py_BuildValue("(KK)", (unsigned long long)h[0], (unsigned long long)h[1]);
 }
 
+static PyObject *
+py_xxh64(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    Py_buffer b;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTuple(args, "y*|K", &b, &seed))
+        return NULL;
+    uint64_t h;
+    Py_BEGIN_ALLOW_THREADS
+    h = sd_xxh64(b.buf, (size_t)b.len, seed);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
 static int
 check_pages(Py_buffer *b, const char *name, size_t *n)
 {
@@ -763,7 +778,8 @@ py_test_segfault(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef module_methods[] = {
     {"murmur3_128", py_murmur3_128, METH_VARARGS, "murmur3_128(data, seed=0) -> (h1, h2), as mmh3.hash64(signed=False)."},
-    {"hash_pages", py_hash_pages, METH_VARARGS, "hash_pages(buf) -> bytes: uint64 checksum of each page."},
+    {"xxh64", py_xxh64, METH_VARARGS, "xxh64(data, seed=0) -> int, as xxhash.xxh64_intdigest."},
+    {"hash_pages", py_hash_pages, METH_VARARGS, "hash_pages(buf) -> bytes: uint64 checksum (XXH64) of each page."},
     {"read_pages", py_read_pages, METH_VARARGS, "read_pages(fd, idx, out[, hashes]): pread pages (and checksum them)."},
     {"pages_equal", py_pages_equal, METH_VARARGS, "pages_equal(a, b) -> bool (memcmp)."},
     {"compare_slots", py_compare_slots, METH_VARARGS,

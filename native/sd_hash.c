@@ -1,8 +1,9 @@
 /* sd_hash.c - MurmurHash3 x64-128.
  *
- * The reference algorithm, written for little-endian x86-64 / aarch64 (unaligned
- * 64-bit loads done with memcpy, which compilers turn into plain loads).  The
- * mmh3 package is the oracle in tests: h1/h2 here equal mmh3.hash64(). */
+ * The reference algorithms, written for little-endian x86-64 / aarch64
+ * (unaligned loads done with memcpy, which compilers turn into plain loads).
+ * Oracles in tests: mmh3.hash64() for murmur3, xxhash.xxh64_intdigest() for
+ * XXH64. */
 #include <string.h>
 #include "sd_hash.h"
 
@@ -64,4 +65,76 @@ void sd_murmur3_x64_128(const void *key, size_t len, uint32_t seed, uint64_t out
     h1 += h2; h2 += h1;
     out[0] = h1;
     out[1] = h2;
+}
+
+/* ---- XXH64 ---------------------------------------------------------------- */
+
+static const uint64_t P1 = 0x9E3779B185EBCA87ULL, P2 = 0xC2B2AE3D27D4EB4FULL,
+                      P3 = 0x165667B19E3779F9ULL, P4 = 0x85EBCA77C2B2AE63ULL,
+                      P5 = 0x27D4EB2F165667C5ULL;
+
+static inline uint64_t xxh_round(uint64_t acc, uint64_t input)
+{
+    acc += input * P2;
+    acc = rotl64(acc, 31);
+    return acc * P1;
+}
+
+static inline uint64_t xxh_merge(uint64_t acc, uint64_t val)
+{
+    acc ^= xxh_round(0, val);
+    return acc * P1 + P4;
+}
+
+uint64_t sd_xxh64(const void *data, size_t len, uint64_t seed)
+{
+    const uint8_t *p = data, *end = p + len;
+    uint64_t h, k;
+    uint32_t w;
+    if (len >= 32) {
+        uint64_t v1 = seed + P1 + P2, v2 = seed + P2, v3 = seed, v4 = seed - P1;
+        const uint8_t *limit = end - 32;
+        do {
+            uint64_t a, b, c, d;
+            memcpy(&a, p, 8);
+            memcpy(&b, p + 8, 8);
+            memcpy(&c, p + 16, 8);
+            memcpy(&d, p + 24, 8);
+            v1 = xxh_round(v1, a);
+            v2 = xxh_round(v2, b);
+            v3 = xxh_round(v3, c);
+            v4 = xxh_round(v4, d);
+            p += 32;
+        } while (p <= limit);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xxh_merge(h, v1);
+        h = xxh_merge(h, v2);
+        h = xxh_merge(h, v3);
+        h = xxh_merge(h, v4);
+    } else {
+        h = seed + P5;
+    }
+    h += (uint64_t)len;
+    while (p + 8 <= end) {
+        memcpy(&k, p, 8);
+        h ^= xxh_round(0, k);
+        h = rotl64(h, 27) * P1 + P4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        memcpy(&w, p, 4);
+        h ^= (uint64_t)w * P1;
+        h = rotl64(h, 23) * P2 + P3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (*p++) * P5;
+        h = rotl64(h, 11) * P1;
+    }
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    return h;
 }

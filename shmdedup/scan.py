@@ -57,7 +57,7 @@ PENDING = 5     # a merge request is in flight
 UNMERGING = 6   # an unmerge request is in flight (still counted as a sharer)
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
-ZERO_CHECKSUM = _native.murmur3_128(_ZERO_PAGE)[0]
+ZERO_CHECKSUM = int(np.frombuffer(_native.hash_pages(_ZERO_PAGE), np.uint64)[0])
 
 
 @dataclass(eq=False)
