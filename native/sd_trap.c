@@ -34,6 +34,7 @@
 
 size_t sd_page_size;
 _Atomic long sd_merged_pages;
+_Atomic int sd_test_fail_mmaps;
 
 static struct sd_region regions[SD_MAX_REGIONS];
 static _Atomic int regions_used;            /* high-water mark of the table */
@@ -131,6 +132,10 @@ static int copy_back(struct sd_region *r, size_t first, size_t n, int zero)
      * zeros, so only the mapping has to change. */
     if (!zero && pwrite_full(r->fd, addr, len, off) < 0)
         return -1;
+    if (atomic_load(&sd_test_fail_mmaps) > 0 && atomic_fetch_sub(&sd_test_fail_mmaps, 1) > 0) {
+        errno = ENOMEM;
+        return -2;
+    }
     if (mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->fd, off) == MAP_FAILED)
         return -2;
     return 0;
@@ -184,8 +189,11 @@ static long break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
                 return (long)(hi - lo);
             }
             /* Give the neighbours back as MERGED: their mappings are unchanged
-             * (a ZERO neighbour reads zeros from its mapping either way). */
+             * (a ZERO neighbour reads zeros from its mapping either way).  The
+             * copy wrote the whole stretch into the backing, where nobody maps
+             * it: free it, or the failed break would cost memory for good. */
             int err = errno;
+            sd_punch(r->fd, (off_t)(lo * sd_page_size), (off_t)((hi - lo) * sd_page_size));
             publish(r, lo, first - lo, SD_MERGED);
             publish(r, first + n, hi - first - n, SD_MERGED);
             errno = err;

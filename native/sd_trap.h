@@ -29,6 +29,9 @@ struct sd_region {
 
 extern size_t sd_page_size;
 extern _Atomic long sd_merged_pages;   /* pages MERGED or ZERO in this process */
+/* Test hook: the next this-many copy-back mmaps of a break fail with ENOMEM,
+ * as they do past vm.max_map_count (signal safe: one atomic). */
+extern _Atomic int sd_test_fail_mmaps;
 
 /* Table.  add returns the slot index, or -1 (ENOSPC) when full. */
 int sd_region_add(void *base, size_t npages, int fd, uint8_t *state);
