@@ -147,6 +147,7 @@ class Scanner:
         self.max_page_sharing = 256
         self.max_kernel_pages = 0
         self.use_zero_pages = False
+        self.stable_write_error = ""   # why the last new stable page could not be written
         # Where the last new slot went, to continue runs across pages/batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
 
@@ -200,10 +201,27 @@ class Scanner:
         if s is None:
             return None
         self._ensure_slot_arrays(s + 1)
-        self.stable.write(s, content)
+        if not self._write_slots(s, content):
+            return None
         self.slot_hash[s] = h
         self.stable_index.setdefault(h, []).append(s)
         return s
+
+    def _write_slots(self, s: int, content: Any) -> bool:
+        """Fill new slots; False (and the slots freed) when the stable object
+        cannot hold them (ENOSPC: the shared-memory filesystem is full).  The
+        pages then simply stay unmerged: merging must never stop the scan."""
+        try:
+            self.stable.write(s, content)
+        except OSError as e:
+            self.stable.free(s, len(memoryview(content).cast("B")) // PAGE_SIZE)
+            if not self.stable_write_error:
+                log.warning("cannot write new stable pages (%s); merges that need one are "
+                            "skipped until there is room", e)
+            self.stable_write_error = str(e)
+            return False
+        self.stable_write_error = ""
+        return True
 
     def _free_unused(self, slots: np.ndarray) -> None:
         for s in np.unique(slots):
@@ -409,7 +427,8 @@ class Scanner:
         if s is None:
             return
         self._ensure_slot_arrays(s + n)
-        self.stable.write(s, np.ascontiguousarray(rows[k[ii]]))
+        if not self._write_slots(s, np.ascontiguousarray(rows[k[ii]])):
+            return
         slots = np.arange(s, s + n, dtype=np.int64)
         self.slot_hash[slots] = hashes[ii]
         for j, i in enumerate(ii.tolist()):
