@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from shmdedup import protocol
+from shmdedup.budget import default_max_mappings
 from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
 from shmdedup.scan import Scanner, RegionState, _coalesce
 
@@ -45,6 +46,9 @@ CONTROLS: dict[str, tuple[int, int, int]] = {
     "max_page_sharing": (256, 2, 2**31 - 1),
     "max_kernel_pages": (0, 0, 2**31 - 1),
     "use_zero_pages": (0, 0, 1),
+    # Mappings (VMAs) a worker may reach through merges, estimated (budget.py);
+    # the default leaves a quarter of vm.max_map_count as headroom.
+    "max_mappings": (default_max_mappings(), 1, 2**31 - 1),
 }
 
 MAX_PEERS = 1024
@@ -439,6 +443,7 @@ class CoordinatorServer:
         self.scanner.max_page_sharing = self.controls["max_page_sharing"]
         self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
         self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
+        self.scanner.budget.max_mappings = self.controls["max_mappings"]
 
     def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
         value = check_control(name, value)
@@ -490,7 +495,8 @@ class CoordinatorServer:
         workers = []
         for peer in self.peers.values():
             if peer.role == "worker":
-                w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages}
+                w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages,
+                     "requests": len(peer.requests)}   # merges and unmerges in flight
                 w.update(self.scanner.worker_stats(peer))
                 workers.append(w)
         out["workers"] = workers

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from shmdedup import _native, _shm
+from shmdedup.budget import MappingBudget, default_max_mappings
 from shmdedup.stable import StableSegment
 
 log = logging.getLogger("shmdedup.coordinator")
@@ -148,6 +149,8 @@ class Scanner:
         self.max_kernel_pages = 0
         self.use_zero_pages = False
         self.stable_write_error = ""   # why the last new stable page could not be written
+        # Each worker's mappings, estimated; merges past max_mappings are skipped.
+        self.budget = MappingBudget(default_max_mappings())
         # Where the last new slot went, to continue runs across pages/batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
 
@@ -155,6 +158,7 @@ class Scanner:
 
     def add_region(self, reg: RegionState) -> None:
         self.regions.append(reg)
+        self.budget.add(reg)
 
     def remove_region(self, reg: RegionState) -> None:
         """Drop a region (closed or its worker died): its merged pages stop
@@ -169,11 +173,13 @@ class Scanner:
             self.cursor_page = 0
         self.unstable = {h: v for h, v in self.unstable.items() if v[0] is not reg}
         self._free_unused(np.unique(merged))
+        self.budget.drop(reg)
         reg.close()
 
     def forget_request(self, items: list) -> None:
         """A request that will never be answered (worker gone): release its slots."""
         for reg, first, n, slot in items:
+            self.budget.settled(reg.worker, 1)
             if slot >= 0:
                 self.pending[slot:slot + n] -= 1
                 self._free_unused(np.arange(slot, slot + n))
@@ -262,6 +268,11 @@ class Scanner:
             cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
             st = reg.status[p0:p1]
             cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
+            if cand.any() and self.budget.full(reg.worker):
+                # No mapping to spare for a merge: not even read (they
+                # are visited again once the worker has room).
+                self.budget.pages_skipped += int(np.count_nonzero(cand))
+                cand[:] = False
             if cand.any():
                 cand &= reg.present(p0, p1)
             idx = np.flatnonzero(cand)
@@ -273,8 +284,10 @@ class Scanner:
                 visited += len(idx)
                 self._visit(reg, idx + p0, merges)
         self.pages_scanned += visited
-        for worker, items in merges.items():
-            self.send_merge(worker, _coalesce(items))
+        runs = {worker: _coalesce(items) for worker, items in merges.items()}
+        self.budget.end_batch({worker: len(r) for worker, r in runs.items()})
+        for worker, r in runs.items():
+            self.send_merge(worker, r)
         for worker, items in unmerges.items():
             self.send_unmerge(worker, _coalesce(items))
         return visited
@@ -287,6 +300,7 @@ class Scanner:
         self._last_new = None
 
     def _reconcile(self, reg: RegionState, p0: int, p1: int, unmerges: dict) -> None:
+        self.budget.touch(reg, p0, p1 - p0)   # breaks show in the state bytes: recount
         st = reg.status[p0:p1]
         states = reg.states[p0:p1]
         broken = ((st == MERGED) | (st == ZERO)) & (states == _native.PRIVATE)
@@ -330,10 +344,10 @@ class Scanner:
         todo = np.ones(len(pages), bool)
         rows = buf.reshape(-1, PAGE_SIZE)
         if self.use_zero_pages:
-            for i in np.flatnonzero(hashes == ZERO_CHECKSUM):
-                if _native.is_zero(rows[k[i]]):
-                    self._queue(merges, reg, pages[i:i + 1], np.array([-1]))
-                    todo[i] = False
+            zi = [i for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist() if _native.is_zero(rows[k[i]])]
+            if zi:
+                self._queue(merges, reg, pages[zi], np.full(len(zi), -1))
+                todo[zi] = False
         hl = hashes.tolist()
         # Stable index: the newest slot of each chain (the one with room, if any).
         found = [(i, c[-1]) for i, c in enumerate(map(self.stable_index.get, hl)) if c and todo[i]]
@@ -408,16 +422,18 @@ class Scanner:
                 continue
             # Runs: my page and the mate's page both advance by one.
             cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
-            for a, b in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(ii)])).tolist()):
+            starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(ii)]))
+            keep = self.budget.admit_pairs(oreg, op, reg, pages[ii], starts, ends)
+            for a, b in zip(starts[keep].tolist(), ends[keep].tolist()):
                 self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
 
     def _new_run(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
                  rows: np.ndarray, ii: np.ndarray, oreg: RegionState, opage0: int,
                  matched: np.ndarray, merges: dict) -> None:
         n = len(ii)
-        i0 = int(ii[0])
         if self.max_kernel_pages and self.stable.pages_in_use + n > self.max_kernel_pages:
             return
+        i0 = int(ii[0])
         hint = None
         last = self._last_new
         if last and last[0] is oreg and last[1] == opage0 - 1 and last[2] is reg \
@@ -436,13 +452,20 @@ class Scanner:
             self.stable_index.setdefault(h, []).append(s + j)
             del self.unstable[h]
         self._last_new = (oreg, opage0 + n - 1, reg, int(pages[ii[-1]]), s + n - 1)
-        self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots)
-        self._queue(merges, reg, pages[ii], slots)
+        # The caller checked both workers' mapping budgets (admit_pairs).
+        self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots, checked=True)
+        self._queue(merges, reg, pages[ii], slots, checked=True)
         matched[ii] = True
 
-    def _queue(self, merges: dict, reg: RegionState, pages: np.ndarray, slots: np.ndarray) -> None:
+    def _queue(self, merges: dict, reg: RegionState, pages: np.ndarray, slots: np.ndarray,
+               checked: bool = False) -> None:
         if not len(pages):
             return
+        if not checked:
+            pages, slots, over = self.budget.admit(reg, pages, slots)
+            reg.status[over] = VOLATILE     # past the mapping budget: visited again later
+            if not len(pages):
+                return
         reg.status[pages] = PENDING
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
@@ -500,8 +523,10 @@ class Scanner:
                 slots = np.arange(slot, slot + n, dtype=np.int32)
                 self.pending[slots] -= 1
                 touched.append(slots[~ok])
+            self.budget.settled(reg.worker, 1)
             if reg.closed:
                 continue
+            self.budget.touch(reg, first, n)
             pages = np.arange(first, first + n)
             if slot >= 0:
                 reg.slot[pages[ok]] = slots[ok]
@@ -520,6 +545,7 @@ class Scanner:
         for reg, first, n, _ in items:
             if reg.closed:
                 continue
+            self.budget.touch(reg, first, n)
             pages = np.arange(first, first + n)
             private = reg.states[pages] == _native.PRIVATE
             slots = reg.slot[pages]
@@ -572,6 +598,7 @@ class Scanner:
             "general_profit": (sharing + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
             "rmap_items": rmap,
             "stable_pages_allocated": self.stable.pages_in_use,
+            "pages_skipped_budget": self.budget.pages_skipped,
         }
 
     def worker_stats(self, worker: Any) -> dict[str, int]:
@@ -588,6 +615,7 @@ class Scanner:
             "ksm_merging_pages": merging,
             "ksm_zero_pages": zero,
             "ksm_process_profit": (merging + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
+            "mappings_estimate": self.budget.estimate(worker),
         }
 
     def close(self) -> None:

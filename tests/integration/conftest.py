@@ -56,11 +56,11 @@ resource_tracker.ensure_running()
 # Statistics every coordinator reports (KSM's names), and its controls.
 STAT_NAMES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
               "pages_scanned", "full_scans", "ksm_zero_pages", "general_profit",
-              "rmap_items", "stable_pages_allocated", "last_error")
+              "rmap_items", "stable_pages_allocated", "last_error", "pages_skipped_budget")
 CONTROL_NAMES = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
-                 "max_kernel_pages", "use_zero_pages")
+                 "max_kernel_pages", "use_zero_pages", "max_mappings")
 WORKER_STAT_NAMES = ("pid", "ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages",
-                     "ksm_process_profit")
+                     "ksm_process_profit", "mappings_estimate", "requests")
 
 # Fast convergence: ksmd with a big batch and no sleep.
 FAST = {"pages_to_scan": 10000, "sleep_millisecs": 0}

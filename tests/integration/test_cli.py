@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import shmdedup
+from shmdedup.budget import default_max_mappings
 from tests.helpers import REPO_ROOT, child_env
 from tests.integration.conftest import (
     CONTROL_NAMES,
@@ -134,7 +135,8 @@ def test_set_changes_controls_visible_in_stats(start_coordinator):
     r = cli("set", "--socket", co.path, "sleep_millisecs=7", "max_page_sharing=2", "use_zero_pages=1", "run=0")
     assert r.returncode == 0, r.stderr
     assert co.controls() == {"run": 0, "pages_to_scan": 123, "sleep_millisecs": 7,
-                             "max_page_sharing": 2, "max_kernel_pages": 0, "use_zero_pages": 1}
+                             "max_page_sharing": 2, "max_kernel_pages": 0, "use_zero_pages": 1,
+                             "max_mappings": default_max_mappings()}
 
 
 def test_set_finds_the_coordinator_through_the_environment(start_coordinator):
