@@ -214,7 +214,7 @@ class Agent:
         if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
             raise ValueError("merge request outside the region")
         pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
-        advised = region._advice[pages]
+        advised = region._advice[pages] & ~region._pinned(pages)   # writable() in progress
         if advised.all():
             return region.merge(self.view, np.ascontiguousarray(rows).tobytes())
         slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)

@@ -17,15 +17,20 @@ if one runs, or whenever one appears).
 
 I/O caveat: a system call that writes into a merged page (``read``,
 ``recv_into``, ``readinto``) fails with EFAULT instead of faulting (the kernel
-does not raise SIGSEGV for it).  Call :meth:`Region.prepare_write` on the range
-first, or use the helpers :meth:`readinto` / :meth:`recv_into` that do it.
+does not raise SIGSEGV for it; a datagram is then lost).  Make the call inside
+``with region.writable(offset, length):``, which breaks the range and keeps it
+from merging again until the block ends, or use the helpers :meth:`readinto` /
+:meth:`recv_into` that do it.  (:meth:`prepare_write` only breaks: the
+coordinator may merge the pages again before the call.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -89,6 +94,9 @@ class Region(_native.Mapping):
         # Held by the agent while it merges or breaks this region, and by
         # close(), so a region is never unmapped under a running merge.
         self._op_lock = threading.Lock()
+        # Page ranges kept from merging while a system call may write there
+        # (writable()); changed under the op lock, which merges hold too.
+        self._pins: list[tuple[int, int]] = []
         _native.trap_install()
         if mergeable is None:
             mergeable = _listener is not None and _listener.process_merging
@@ -216,9 +224,32 @@ class Region(_native.Mapping):
         """Break merged pages overlapping [offset, offset+length) so that a
         system call may write there (read/recv_into into a merged page get
         EFAULT, not a fault).  Returns pages broken.  A page may merge again
-        later: call this right before the system call."""
+        at any time after: use :meth:`writable` around the system call."""
         first, n = self._page_range(offset, length, round_out=True)
         return self.break_range(first, n)
+
+    @contextlib.contextmanager
+    def writable(self, offset: int = 0, length: int | None = None) -> Iterator[int]:
+        """``with region.writable(offset, length):`` breaks the merged pages
+        overlapping the byte range and keeps them from merging until the block
+        ends, so that system calls inside may write there.  Yields the pages
+        broken.  Merging resumes afterwards (the advice is unchanged)."""
+        first, n = self._page_range(offset, length, round_out=True)
+        pin = (first, n)
+        with self._op_lock:       # waits for a merge in progress; later ones see the pin
+            self._pins.append(pin)
+        try:
+            yield self.break_range(first, n)
+        finally:
+            with self._op_lock:
+                self._pins.remove(pin)
+
+    def _pinned(self, pages: np.ndarray) -> np.ndarray:
+        """Which of the pages writable() holds private (call with the op lock)."""
+        mask = np.zeros(len(pages), bool)
+        for first, n in self._pins:
+            mask |= (pages >= first) & (pages < first + n)
+        return mask
 
     def readinto(self, f: Any, offset: int = 0, length: int | None = None) -> int:
         """Read from a binary file (or raw fd) into the region; returns bytes read."""
@@ -227,10 +258,10 @@ class Region(_native.Mapping):
             length = self.size - offset
         view = memoryview(self)[offset:offset + length]
         try:
-            self.break_range(first, n)
-            if isinstance(f, int):
-                return os.readv(f, [view])
-            return f.readinto(view)
+            with self.writable(first * PAGE_SIZE, n * PAGE_SIZE):
+                if isinstance(f, int):
+                    return os.readv(f, [view])
+                return f.readinto(view)
         finally:
             view.release()
 
@@ -241,8 +272,8 @@ class Region(_native.Mapping):
         first, n = self._page_range(offset, nbytes, round_out=True)
         view = memoryview(self)[offset:offset + nbytes]
         try:
-            self.break_range(first, n)
-            return sock.recv_into(view, nbytes, flags)
+            with self.writable(first * PAGE_SIZE, n * PAGE_SIZE):
+                return sock.recv_into(view, nbytes, flags)
         finally:
             view.release()
 
