@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import Worker
-from tests.integration.conftest import FAST, wait_stats
+from tests.helpers import Worker, wait_for
+from tests.integration.conftest import FAST
 
 NPAGES = 64
 
@@ -47,11 +47,17 @@ def pair(family):
 """
 
 
+def merged(w: Worker) -> None:
+    """Wait until every page of the worker is merged (its own count: other
+    processes may share the coordinator)."""
+    wait_for(lambda: w.call("result = r.merged_pages()") == NPAGES, 60, "the two halves to merge")
+
+
 @pytest.mark.parametrize("family", ["unix", "udp"])
 def test_datagram_into_merged_page_efault_drops_it_region_recv_into_delivers(coordinator, family: str) -> None:
     c = coordinator(**FAST)
     w = Worker(setup=f"NPAGES = {NPAGES}\n" + WORKER)
-    wait_stats(c, lambda s: s["pages_sharing"] == NPAGES // 2, 60, "the two halves to merge")
+    merged(w)
     assert w.call("result = r.merged_pages()") == NPAGES
     out = w.call("""
         tx, rx = pair(family)
@@ -102,13 +108,13 @@ def test_datagram_into_merged_page_efault_drops_it_region_recv_into_delivers(coo
 def test_writable_keeps_pages_from_merging_until_the_block_ends(coordinator) -> None:
     c = coordinator(**FAST)
     w = Worker(setup=f"NPAGES = {NPAGES}\n" + WORKER)
-    wait_stats(c, lambda s: s["pages_sharing"] == NPAGES // 2, 60, "the two halves to merge")
+    merged(w)
     w.call("ctx = r.writable(3 * P, 4 * P); broken = ctx.__enter__()")
     assert w.call("result = broken") == 4
     c.wait_full_scans(3)                 # the coordinator would merge them back at once
     assert w.call("result = [state(p) for p in range(2, 8)]") == [2, 0, 0, 0, 0, 2]
     w.call("ctx.__exit__(None, None, None)")
-    wait_stats(c, lambda s: s["pages_sharing"] == NPAGES // 2, 60, "merging again after the block")
+    merged(w)
     assert w.call("result = (r.merged_pages(), bool(np.array_equal(a, expected)))") == (NPAGES, True)
     assert w.close() == 0
 
@@ -149,7 +155,7 @@ result = (calls, lost, merged_first)
 def test_region_recv_into_loses_no_datagram_while_the_page_keeps_merging(coordinator) -> None:
     c = coordinator(pages_to_scan=1000, sleep_millisecs=0)
     w = Worker(setup=f"NPAGES = {NPAGES}\n" + WORKER)
-    wait_stats(c, lambda s: s["pages_sharing"] == NPAGES // 2, 60, "the two halves to merge")
+    merged(w)
     calls, lost, merged_first = w.call(RACE, n=500, timeout=120)
     assert calls == 500 and lost == 0
     assert merged_first > 100, merged_first   # the page really was merged again and again
