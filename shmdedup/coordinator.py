@@ -17,6 +17,13 @@ Every message is untrusted: ``protocol.decode`` validates types and ranges,
 and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
+
+A dropped connection does not mean a dead worker (it may be stopped, slow,
+or buggy): the stable slots its pages map, and those of its merges in flight,
+stay allocated until its process has exited (a pidfd in the selector), since
+a slot freed under a live mapping reads as zeros, and once reused as another
+page.  Stopping the coordinator frees nothing either: the workers keep their
+merged pages, and the stable object lives as long as they map it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import selectors
 import time
 from dataclasses import dataclass, field
@@ -79,6 +87,18 @@ class Peer:
     regions: dict[int, RegionState] = field(default_factory=dict)
     requests: dict[int, tuple[str, list, float]] = field(default_factory=dict)
     pages: int = 0
+    pidfd: int = -1             # opened at the first register: tells when the process exits
+
+
+@dataclass(eq=False)
+class Held:
+    """What a dropped worker that may still be alive keeps allocated: the
+    slots its merged pages hold, and its merge requests in flight."""
+
+    pid: int
+    pidfd: int
+    slots: list = field(default_factory=list)
+    items: list = field(default_factory=list)
 
 
 class CoordinatorServer:
@@ -104,6 +124,7 @@ class CoordinatorServer:
         self._waiters: list[tuple[Peer, int, float]] = []
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []
+        self._held: list[Held] = []
         self._stopping = False
         self._next_batch = 0.0
         self.last_error = ""
@@ -128,7 +149,9 @@ class CoordinatorServer:
 
     def _shutdown(self) -> None:
         for peer in list(self.peers.values()):
-            self._drop_peer(peer, "")
+            self._drop_peer(peer, "", shutting_down=True)
+        for held in self._held:
+            _close_quietly(held.pidfd)
         self.sel.close()
         self.listener.close()
         try:
@@ -149,6 +172,8 @@ class CoordinatorServer:
             timeout = max(0.0, self._next_batch - now)
         deadlines = [d for _, _, d in self._waiters]
         deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
+        if any(h.pidfd < 0 for h in self._held):
+            deadlines.append(now + 1.0)             # no pidfd: look for the process every second
         if deadlines:
             t = max(0.0, min(deadlines) - now)
             timeout = t if timeout is None else min(timeout, t)
@@ -160,6 +185,8 @@ class CoordinatorServer:
                     pass
             elif key.data is None:
                 self._accept()
+            elif isinstance(key.data, Held):
+                self._release(key.data)             # the process has exited
             else:
                 self._readable(key.data)
             self._flush_drops()
@@ -234,7 +261,7 @@ class CoordinatorServer:
             peer, why = self._drop.pop()
             self._drop_peer(peer, why)
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
+    def _drop_peer(self, peer: Peer, why: str, shutting_down: bool = False) -> None:
         fd = peer.conn.fileno() if not peer.conn.closed else None
         if fd is None or self.peers.get(fd) is not peer:
             return
@@ -246,20 +273,42 @@ class CoordinatorServer:
             pass
         del self.peers[fd]
         peer.conn.close()
-        for kind, items, _ in peer.requests.values():
-            if kind == "merge":
-                self.scanner.forget_request(items)
+        held = Held(peer.pid, peer.pidfd)
+        held.items = [it for kind, items, _ in peer.requests.values() if kind == "merge" for it in items]
         if self._run2 is not None:
             self._run2["reqs"].difference_update(peer.requests)
         peer.requests.clear()
-        for reg in peer.regions.values():
-            self.scanner.remove_region(reg)
+        held.slots = [self.scanner.detach_region(reg) for reg in peer.regions.values()]
         peer.regions.clear()
+        if shutting_down or not (held.items or any(len(x) for x in held.slots)):
+            _close_quietly(peer.pidfd)              # nothing to free (at shutdown: free nothing)
+        elif _exited(peer.pid, peer.pidfd):
+            self._release(held)
+        else:
+            # Alive, or we cannot tell: keep its slots until it has exited.
+            self._held.append(held)
+            if held.pidfd >= 0:
+                self.sel.register(held.pidfd, selectors.EVENT_READ, held)
         self._waiters = [w for w in self._waiters if w[0] is not peer]
         if self._run2 is not None:
             if self._run2.get("client") is peer:
                 self._run2["client"] = None
             self._check_run2()
+
+    def _release(self, held: Held) -> None:
+        """The worker of a dropped connection has exited: free what it held."""
+        if held in self._held:
+            self._held.remove(held)
+        if held.pidfd >= 0:
+            try:
+                self.sel.unregister(held.pidfd)
+            except (KeyError, ValueError):
+                pass
+            _close_quietly(held.pidfd)
+            held.pidfd = -1
+        self.scanner.forget_request(held.items)
+        for slots in held.slots:
+            self.scanner.release_slots(slots)
 
     def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
         try:
@@ -305,6 +354,8 @@ class CoordinatorServer:
         if peer.pages + npages > 2**31:
             raise ProtocolError("more than 2**31 pages registered")
         reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
+        if peer.pidfd < 0:
+            peer.pidfd = _open_pidfd(peer.pid)
         peer.regions[rid] = reg
         peer.pages += npages
         self.scanner.add_region(reg)
@@ -403,6 +454,8 @@ class CoordinatorServer:
             if any(now >= d for _, _, d in peer.requests.values()):
                 self._schedule_drop(peer, f"no reply within {REQUEST_TIMEOUT:.0f} s")
         self._flush_drops()
+        for held in [h for h in self._held if h.pidfd < 0 and _exited(h.pid, -1)]:
+            self._release(held)
 
     # -- merge and unmerge requests ---------------------------------------
 
@@ -519,6 +572,27 @@ _CLIENT = {
 
 def protocol_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
+
+
+def _open_pidfd(pid: int) -> int:
+    """A pidfd of the process (readable once it has exited), or -1."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
+
+
+def _exited(pid: int, pidfd: int) -> bool:
+    """True once the process has exited (pid reuse aside, without a pidfd)."""
+    if pidfd >= 0:
+        return bool(select.select([pidfd], [], [], 0)[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 def _close_quietly(fd: int) -> None:

@@ -163,8 +163,14 @@ class Scanner:
     def remove_region(self, reg: RegionState) -> None:
         """Drop a region (closed or its worker died): its merged pages stop
         sharing; pending requests are settled by :meth:`forget_requests`."""
-        merged = reg.slot[(reg.slot >= 0)]
-        np.subtract.at(self.sharers, merged, 1)
+        self.release_slots(self.detach_region(reg))
+
+    def detach_region(self, reg: RegionState) -> np.ndarray:
+        """Stop tracking a region, but keep the sharers its merged pages hold:
+        its worker may be alive and map them still (a slot freed under it would
+        read as zeros, or as someone else's page once reused).  Returns those
+        slots, for :meth:`release_slots` once the worker is gone."""
+        merged = reg.slot[reg.slot >= 0].astype(np.int64)
         i = self.regions.index(reg)
         del self.regions[i]
         if i < self.cursor:
@@ -172,9 +178,14 @@ class Scanner:
         elif i == self.cursor:
             self.cursor_page = 0
         self.unstable = {h: v for h, v in self.unstable.items() if v[0] is not reg}
-        self._free_unused(np.unique(merged))
         self.budget.drop(reg)
         reg.close()
+        return merged
+
+    def release_slots(self, slots: np.ndarray) -> None:
+        """One sharer less for each of the slots; free those left unshared."""
+        np.subtract.at(self.sharers, slots, 1)
+        self._free_unused(np.unique(slots))
 
     def forget_request(self, items: list) -> None:
         """A request that will never be answered (worker gone): release its slots."""
