@@ -189,9 +189,11 @@ class Region(_native.Mapping):
     def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         """madvise(MADV_MERGEABLE / MADV_UNMERGEABLE) for a range.
 
-        UNMERGEABLE first breaks every merged page of the range back to a private
-        copy (raising OSError, with every page still merged or private and
-        correct, if memory runs out), then drops the advice.
+        UNMERGEABLE drops the advice, then breaks every merged page of the
+        range back to a private copy.  If memory runs out that raises OSError
+        (ENOSPC, ENOMEM), and a signal (Ctrl-C) interrupts it within ~256
+        pages; either way every page is merged or private with its bytes, and
+        calling again finishes the job.
         """
         if (isinstance(advice, bool) or not isinstance(advice, (int, np.integer))
                 or advice not in (MERGEABLE, UNMERGEABLE)):
