@@ -45,7 +45,12 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="shmdedup coordinator[%(process)d]: %(message)s")
     path = args.socket or resolve_socket_path(None, args.domain)
-    server = CoordinatorServer(path, dict(args.set or []))
+    try:
+        server = CoordinatorServer(path, dict(args.set or []))
+    except OSError as e:
+        if e.filename is None and path not in str(e):
+            e.filename = path  # bind() errors do not name the socket
+        raise
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     print(f"shmdedup coordinator listening on {path}", file=sys.stderr, flush=True)
@@ -117,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except Error as e:
         print(f"shmdedup: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a coordinator already listening there: a message, not a traceback
+        print(f"shmdedup: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

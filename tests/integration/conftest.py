@@ -165,6 +165,13 @@ class Harness:
             self.a[pages, offset] = vals
             self.exp[pages, offset] = vals
 
+    def fill(self, pages, value):
+        """Set every byte of the pages to value."""
+        pages = np.asarray(pages, dtype=np.int64)
+        with self.lock:
+            self.a[pages] = value
+            self.exp[pages] = value
+
     def advise(self, mergeable, first, n):
         self.region.advise(MERGEABLE if mergeable else UNMERGEABLE, first * PAGE_SIZE, n * PAGE_SIZE)
 
@@ -176,6 +183,8 @@ class Harness:
         self.threads = []
 
     def close(self):
+        if self.region.closed:
+            return 0
         self.stop_threads()
         bad = self.verify()
         del self.a
@@ -214,6 +223,9 @@ class PageWorker:
 
     def write(self, pages: list[int], delta: int = 1) -> None:
         self.call("h.write(pages, delta)", pages=list(pages), delta=delta)
+
+    def fill(self, pages: Any, value: int) -> None:
+        self.call("h.fill(pages, value)", pages=list(pages), value=value)
 
     def advise(self, mergeable: bool, first: int, n: int) -> None:
         self.call("h.advise(m, first, n)", m=mergeable, first=first, n=n)
