@@ -184,8 +184,12 @@ static long break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
                 return (long)(hi - lo);
             }
             /* Give the neighbours back as MERGED: their mappings are unchanged
-             * (a ZERO neighbour reads zeros from its mapping either way). */
+             * (a ZERO neighbour reads zeros from its mapping either way).  The
+             * copy allocated backing pages for them that nobody maps: free them
+             * first (once published, another thread may break one and write
+             * its backing afresh). */
             int err = errno;
+            sd_punch(r->fd, (off_t)(lo * sd_page_size), (off_t)((hi - lo) * sd_page_size));
             publish(r, lo, first - lo, SD_MERGED);
             publish(r, first + n, hi - first - n, SD_MERGED);
             errno = err;
@@ -291,9 +295,11 @@ static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
         }
         if (!is_merged(s) || !atomic_compare_exchange_strong(&r->state[page], &s, SD_BREAKING))
             continue;
-        if (break_owned(r, page, 1, s) < 0)
+        long got = break_owned(r, page, 1, s);
+        if (got < 0)
             fatal_break(addr, errno);
-        atomic_fetch_add(&r->breaks, 1);
+        /* Pages, not faults: at the mapping limit one fault breaks a whole run. */
+        atomic_fetch_add(&r->breaks, (uint64_t)got);
         return 1;
     }
 }
