@@ -413,7 +413,7 @@ def test_break_range_and_close_with_merged_pages(harness: Harness) -> None:
 # ---- I/O into merged pages -------------------------------------------------------------
 
 def test_read_into_merged_page_efault_then_helpers(harness: Harness, tmp_path) -> None:
-    w, sha = harness.worker(16, seed=15)
+    w, _ = harness.worker(16, seed=15)
     slot = harness.store(content(15, 16))
     assert merge(w, items((0, 16, slot))) == b"\x01" * 16
     path = tmp_path / "payload"
@@ -704,7 +704,8 @@ def release_fillers():
 
 
 def mapping_limit() -> int:
-    limit = int(open("/proc/sys/vm/max_map_count").read())
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
     if limit > 300_000:
         pytest.skip(f"vm.max_map_count is {limit}: too many mappings to exhaust quickly")
     return limit
