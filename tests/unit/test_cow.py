@@ -380,6 +380,12 @@ def test_zero_page_merge(harness: Harness) -> None:
         result = (bool((a == want).all()), r.breaks, r.merged_pages())
     """) == (True, 3, 60)
     assert harness.allocated(w) == 4 * P
+    # An explicit break of zero pages only remaps: their backing is a hole...
+    assert w.call("result = (r.break_range(0, 64), r.merged_pages(), r.states())") == (60, 0, bytes(64))
+    assert harness.allocated(w) == 4 * P
+    # ... that reads as zeros (and, read through the mapping, gets allocated: a private page).
+    assert w.call("result = int(a.sum())") == 1 + 7 + 8 + 9
+    assert harness.allocated(w) == 64 * P
 
 
 def test_unmergeable_advice_breaks_merged_pages(harness: Harness) -> None:
