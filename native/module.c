@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "py_index.h"
 #include "sd_hash.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
@@ -806,15 +807,18 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     sd_page_size = (size_t)sysconf(_SC_PAGESIZE);
-    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StableViewType) < 0)
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StableViewType) < 0 ||
+        PyType_Ready(&sd_HashIndexType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
         return NULL;
     Py_INCREF(&MappingType);
     Py_INCREF(&StableViewType);
+    Py_INCREF(&sd_HashIndexType);
     if (PyModule_AddObject(m, "Mapping", (PyObject *)&MappingType) < 0 ||
         PyModule_AddObject(m, "StableView", (PyObject *)&StableViewType) < 0 ||
+        PyModule_AddObject(m, "HashIndex", (PyObject *)&sd_HashIndexType) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)sd_page_size) < 0 ||
         PyModule_AddIntConstant(m, "PRIVATE", SD_PRIVATE) < 0 ||
         PyModule_AddIntConstant(m, "MERGING", SD_MERGING) < 0 ||

@@ -23,13 +23,18 @@ run with one mmap.  Merges are queued per worker and sent as coalesced runs.
 The coordinator's checksum and compare are only hints: the worker proves
 equality under write protection before mapping (DESIGN invariant 1).
 
-Per tracked page the scanner keeps 14 bytes: checksum (8), slot (4), status (1)
-and advice (1).  Statistics are derived from these arrays on demand, so they
-always equal a recount.
+Per tracked page the scanner keeps 16 bytes: checksum (8), slot (4), status,
+advice, age and skip count (1 each); the indexes (``indexes.py``) add 16-21
+bytes per indexed page.  Statistics are derived from these arrays on demand,
+so they always equal a recount.
+
+smart_scan (Linux 6.7): a page that keeps failing to merge ages one step per
+visit and is skipped for 1, 2, 4, then 8 full scans (``pages_skipped``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,13 +43,13 @@ from typing import Any, Callable
 import numpy as np
 
 from shmdedup import _native, _shm
-from shmdedup.stable import StableSegment
+from shmdedup.indexes import StableIndex, UnstableIndex
 
 log = logging.getLogger("shmdedup.coordinator")
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 CHUNK_PAGES = 2048          # pages read and hashed per pread/hash call
-METADATA_BYTES_PER_PAGE = 8 + 4 + 1 + 1
+METADATA_BYTES_PER_PAGE = 8 + 4 + 1 + 1 + 1 + 1
 
 # Per-page status, the scanner's view (the worker's state byte is the truth
 # about the mapping; this is what the scanner last decided).
@@ -75,13 +80,18 @@ class RegionState:
     slot: np.ndarray = field(init=False)
     status: np.ndarray = field(init=False)
     advice: np.ndarray = field(init=False)
+    age: np.ndarray = field(init=False)      # smart_scan: visits without a merge
+    skip: np.ndarray = field(init=False)     # smart_scan: visits still to skip
     closed: bool = False
+    uid: int = -1                            # the scanner's id, for the unstable index
 
     def __post_init__(self) -> None:
         self.checksum = np.zeros(self.npages, np.uint64)
         self.slot = np.full(self.npages, -1, np.int32)
         self.status = np.zeros(self.npages, np.uint8)
         self.advice = np.zeros(self.npages, bool)
+        self.age = np.zeros(self.npages, np.uint8)
+        self.skip = np.zeros(self.npages, np.uint8)
 
     @classmethod
     def open(cls, worker: Any, rid: int, npages: int, backing_fd: int, meta_fd: int) -> RegionState:
@@ -120,10 +130,10 @@ class RegionState:
 
 
 class Scanner:
-    """Stable and unstable indexes, the cursor, and the slot accounting.
+    """The cursor, the two indexes, and the slot accounting.
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
-    with lists of (rid, first, npages, slot) runs; the coordinator sends them
+    with lists of (reg, first, npages, slot) runs; the coordinator sends them
     and later calls :meth:`merge_done` / :meth:`unmerge_done`.
     """
 
@@ -131,43 +141,61 @@ class Scanner:
                  send_unmerge: Callable[[Any, list], None]) -> None:
         self.send_merge = send_merge
         self.send_unmerge = send_unmerge
-        self.stable = StableSegment()
+        self.sidx = StableIndex()
+        self.stable = self.sidx.segment
+        self.unstable = UnstableIndex()
         self.regions: list[RegionState] = []
+        self.by_uid: dict[int, RegionState] = {}
+        self._uids = itertools.count()
         self.cursor = 0          # index into regions
         self.cursor_page = 0
-        self.stable_index: dict[int, list[int]] = {}
-        self.unstable: dict[int, tuple[RegionState, int]] = {}
-        cap = 1024
-        self.sharers = np.zeros(cap, np.int32)
-        self.pending = np.zeros(cap, np.int32)
-        self.slot_hash = np.zeros(cap, np.uint64)
         self.full_scans = 0
         self.pages_scanned = 0
+        self.pages_skipped = 0
         # Controls the scanner reads (the coordinator validates them).
         self.max_page_sharing = 256
-        self.max_kernel_pages = 0
         self.use_zero_pages = False
-        # Where the last new slot went, to continue runs across pages/batches.
+        self.smart_scan = True
+        # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
+
+    @property
+    def sharers(self) -> np.ndarray:
+        return self.sidx.sharers
+
+    @property
+    def pending(self) -> np.ndarray:
+        return self.sidx.pending
+
+    @property
+    def max_kernel_pages(self) -> int:
+        return self.sidx.max_pages
+
+    @max_kernel_pages.setter
+    def max_kernel_pages(self, v: int) -> None:
+        self.sidx.max_pages = v
 
     # -- registration ----------------------------------------------------
 
     def add_region(self, reg: RegionState) -> None:
+        reg.uid = next(self._uids)
+        self.by_uid[reg.uid] = reg
         self.regions.append(reg)
 
     def remove_region(self, reg: RegionState) -> None:
         """Drop a region (closed or its worker died): its merged pages stop
-        sharing; pending requests are settled by :meth:`forget_requests`."""
+        sharing; pending requests are settled by :meth:`forget_request`.
+        Its unstable entries go stale and are dropped when next looked up."""
         merged = reg.slot[(reg.slot >= 0)]
         np.subtract.at(self.sharers, merged, 1)
         i = self.regions.index(reg)
         del self.regions[i]
+        del self.by_uid[reg.uid]
         if i < self.cursor:
             self.cursor -= 1
         elif i == self.cursor:
             self.cursor_page = 0
-        self.unstable = {h: v for h, v in self.unstable.items() if v[0] is not reg}
-        self._free_unused(np.unique(merged))
+        self.sidx.free_unused(merged)
         reg.close()
 
     def forget_request(self, items: list) -> None:
@@ -175,51 +203,11 @@ class Scanner:
         for reg, first, n, slot in items:
             if slot >= 0:
                 self.pending[slot:slot + n] -= 1
-                self._free_unused(np.arange(slot, slot + n))
+                self.sidx.free_unused(np.arange(slot, slot + n))
 
     def idle(self) -> bool:
         """True when there is nothing to scan (ksmd keeps quiet, seed patch 5)."""
         return not any(r.advice.any() for r in self.regions)
-
-    # -- slots -------------------------------------------------------------
-
-    def _ensure_slot_arrays(self, n: int) -> None:
-        if n <= len(self.sharers):
-            return
-        cap = max(n, 2 * len(self.sharers))
-        for name in ("sharers", "pending", "slot_hash"):
-            old = getattr(self, name)
-            new = np.zeros(cap, old.dtype)
-            new[:len(old)] = old
-            setattr(self, name, new)
-
-    def _new_slot(self, content: memoryview, h: int, hint: int | None) -> int | None:
-        if self.max_kernel_pages and self.stable.pages_in_use >= self.max_kernel_pages:
-            return None
-        s = self.stable.alloc(1, hint)
-        if s is None:
-            return None
-        self._ensure_slot_arrays(s + 1)
-        self.stable.write(s, content)
-        self.slot_hash[s] = h
-        self.stable_index.setdefault(h, []).append(s)
-        return s
-
-    def _free_unused(self, slots: np.ndarray) -> None:
-        for s in np.unique(slots):
-            s = int(s)
-            if s < 0 or self.sharers[s] > 0 or self.pending[s] > 0:
-                continue
-            if not self.stable._slots.is_allocated(s, 1):
-                continue
-            h = int(self.slot_hash[s])
-            chain = self.stable_index.get(h)
-            if chain and s in chain:
-                chain.remove(s)
-                if not chain:
-                    del self.stable_index[h]
-            self.stable.free(s)
-            self.sharers[s] = 0
 
     # -- the batch --------------------------------------------------------
 
@@ -253,13 +241,38 @@ class Scanner:
             self.cursor_page = p1
             if len(idx):
                 visited += len(idx)
-                self._visit(reg, idx + p0, merges)
-        self.pages_scanned += visited
+                pages = idx + p0
+                if self.smart_scan:
+                    pages = self._smart_skip(reg, pages)
+                self.pages_scanned += len(pages)
+                if len(pages):
+                    self._visit(reg, pages, merges)
         for worker, items in merges.items():
             self.send_merge(worker, _coalesce(items))
         for worker, items in unmerges.items():
             self.send_unmerge(worker, _coalesce(items))
         return visited
+
+    def _smart_skip(self, reg: RegionState, pages: np.ndarray) -> np.ndarray:
+        """smart_scan: drop the pages still serving a skip, age the others."""
+        skipping = reg.skip[pages] > 0
+        if skipping.any():
+            sk = pages[skipping]
+            reg.skip[sk] -= 1
+            self.pages_skipped += len(sk)
+            pages = pages[~skipping]
+            # Unlike Linux, a skipped unique page stays findable: its last
+            # checksum goes back into the unstable index without a read, so a
+            # twin that appears meanwhile still merges with it (the match is
+            # confirmed by reading both, and proven by the worker).
+            lone = sk[reg.status[sk] == UNSHARED]
+            if len(lone):
+                self.unstable.insert(reg.checksum[lone], reg.uid, lone)
+        age = reg.age[pages]
+        reg.age[pages] = np.minimum(age.astype(np.int32) + 1, 255)
+        # Linux's skip_age(): after a few failed visits skip 1, 2, 4, then 8 scans.
+        reg.skip[pages] = np.select([age < 3, age <= 3, age <= 5, age <= 8], [0, 1, 2, 4], 8)
+        return pages
 
     def _end_full_scan(self) -> None:
         self.full_scans += 1
@@ -279,7 +292,7 @@ class Scanner:
             np.subtract.at(self.sharers, slots, 1)
             reg.slot[pages] = -1
             reg.status[pages] = VOLATILE
-            self._free_unused(slots)
+            self.sidx.free_unused(slots)
         merged = np.flatnonzero(st == MERGED) + p0
         if len(merged):
             slots = reg.slot[merged]
@@ -306,37 +319,35 @@ class Scanner:
     def _cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                        k: np.ndarray, buf: np.ndarray, merges: dict) -> None:
         """Steps 3-5 for a batch of steady pages of one region, vectorised:
-        the per-page Python work is one dict lookup; compares and copies run
-        in C or numpy over whole arrays.  Pages whose checksum repeats inside
-        the batch take the sequential path (they may match each other)."""
+        index lookups, compares and copies run in C or numpy over whole
+        arrays.  Pages whose checksum repeats inside the batch take the
+        sequential path (they may match each other)."""
         todo = np.ones(len(pages), bool)
         rows = buf.reshape(-1, PAGE_SIZE)
         if self.use_zero_pages:
-            for i in np.flatnonzero(hashes == ZERO_CHECKSUM):
+            for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist():
                 if _native.is_zero(rows[k[i]]):
                     self._queue(merges, reg, pages[i:i + 1], np.array([-1]))
                     todo[i] = False
-        hl = hashes.tolist()
         # Stable index: the newest slot of each chain (the one with room, if any).
-        found = [(i, c[-1]) for i, c in enumerate(map(self.stable_index.get, hl)) if c and todo[i]]
-        if found:
-            ci = np.array([f[0] for f in found])
-            cs = np.array([f[1] for f in found], np.int64)
-            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.stable.fd, cs),
+        head = self.sidx.lookup(hashes)
+        ci = np.flatnonzero((head >= 0) & todo)
+        if len(ci):
+            cs = head[ci]
+            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.sidx.fd, cs),
                                np.uint8).astype(bool)
             # Room left under max_page_sharing, counting earlier pages of this batch.
             order = np.argsort(cs, kind="stable")
             srt = cs[order]
-            first = np.searchsorted(srt, srt, side="left")
             rank = np.empty(len(cs), np.int64)
-            rank[order] = np.arange(len(cs)) - first
+            rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
             room = self.sharers[cs] + self.pending[cs] + rank < self.max_page_sharing
             ok = eq & room
             self._queue(merges, reg, pages[ci[ok]], cs[ok])
             todo[ci[ok]] = False
-            full = ci[eq & ~room]       # equal but the chain is full: a new slot
-            for i in full:
-                self._cmp_and_merge_one(reg, int(pages[i]), hl[i], memoryview(rows[k[i]]), merges)
+            full = ci[eq & ~room]       # equal but the chain is full: another slot
+            for i in full.tolist():
+                self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
             todo[full] = False
         rest = np.flatnonzero(todo)
         if not len(rest):
@@ -344,78 +355,66 @@ class Scanner:
         # Checksums repeated inside the batch: sequential path, in page order.
         _, inv, counts = np.unique(hashes[rest], return_inverse=True, return_counts=True)
         dup = counts[inv] > 1
-        for i in rest[dup]:
-            self._cmp_and_merge_one(reg, int(pages[i]), hl[i], memoryview(rows[k[i]]), merges)
+        for i in rest[dup].tolist():
+            self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
         rest = rest[~dup]
         # Unstable index.
-        mates = [self.unstable.get(hl[i]) for i in rest.tolist()]
-        pairs = [(int(i), m) for i, m in zip(rest.tolist(), mates) if m is not None]
+        uid, opage = self.unstable.lookup(hashes[rest])
         matched = np.zeros(len(pages), bool)
-        if pairs:
-            self._merge_with_mates(reg, pages, hashes, k, rows, pairs, matched, merges)
+        for u in np.unique(uid[uid >= 0]).tolist():
+            sel = uid == u
+            self._merge_with_mates(reg, pages, hashes, k, rows, rest[sel], self.by_uid.get(u),
+                                   opage[sel], matched, merges)
         lone = rest[~matched[rest]]
         if len(lone):
-            self.unstable.update((hl[i], (reg, int(pages[i]))) for i in lone.tolist())
+            self.unstable.insert(hashes[lone], reg.uid, pages[lone])
             reg.status[pages[lone]] = UNSHARED
 
     def _merge_with_mates(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                          k: np.ndarray, rows: np.ndarray, pairs: list, matched: np.ndarray,
-                          merges: dict) -> None:
-        """Confirm unstable matches, copy each run of them into consecutive new
-        stable slots (one pwrite, and one mapping per worker later)."""
-        by_reg: dict[int, tuple[RegionState, list[int], list[int]]] = {}
-        for i, (oreg, opage) in pairs:
-            e = by_reg.setdefault(id(oreg), (oreg, [], []))
-            e[1].append(i)
-            e[2].append(opage)
-        for oreg, il, ol in by_reg.values():
-            ii = np.array(il)
-            op = np.array(ol, np.int64)
-            if oreg.closed:
-                ok = np.zeros(len(ii), bool)
-            else:
-                ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
-                if oreg is reg:
-                    ok &= op != pages[ii]
-            for i in ii[~ok].tolist():
-                del self.unstable[int(hashes[i])]
-            ii, op = ii[ok], op[ok]
-            if not len(ii):
-                continue
-            other = np.empty(len(op) * PAGE_SIZE, np.uint8)
-            _native.read_pages(oreg.backing_fd, op, other)
-            same = np.all(rows[k[ii]].view(np.uint64) == other.view(np.uint64).reshape(len(op), -1), axis=1)
-            ii, op = ii[same], op[same]
-            if not len(ii):
-                continue
-            # Runs: my page and the mate's page both advance by one.
-            cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
-            for a, b in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(ii)])).tolist()):
-                self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
+                          k: np.ndarray, rows: np.ndarray, ii: np.ndarray, oreg: RegionState | None,
+                          op: np.ndarray, matched: np.ndarray, merges: dict) -> None:
+        """Confirm unstable matches with pages of ``oreg``, and copy each run of
+        them into consecutive new stable slots (one pwrite; one mapping per
+        worker later)."""
+        if oreg is None or oreg.closed:
+            self.unstable.delete(hashes[ii])
+            return
+        ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
+        if oreg is reg:
+            ok &= op != pages[ii]
+        self.unstable.delete(hashes[ii[~ok]])
+        ii, op = ii[ok], op[ok]
+        if not len(ii):
+            return
+        other = np.empty(len(op) * PAGE_SIZE, np.uint8)
+        _native.read_pages(oreg.backing_fd, op, other)
+        same = np.all(rows[k[ii]].view(np.uint64) == other.view(np.uint64).reshape(len(op), -1), axis=1)
+        ii, op = ii[same], op[same]
+        if not len(ii):
+            return
+        # Runs: my page and the mate's page both advance by one.
+        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
+        for a, b in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(ii)])).tolist()):
+            self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
 
     def _new_run(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
                  rows: np.ndarray, ii: np.ndarray, oreg: RegionState, opage0: int,
                  matched: np.ndarray, merges: dict) -> None:
+        ii = ii[:self.sidx.room(len(ii))]      # max_kernel_pages
+        if not len(ii):
+            return
         n = len(ii)
         i0 = int(ii[0])
-        if self.max_kernel_pages and self.stable.pages_in_use + n > self.max_kernel_pages:
-            return
         hint = None
         last = self._last_new
         if last and last[0] is oreg and last[1] == opage0 - 1 and last[2] is reg \
                 and last[3] == pages[i0] - 1:
             hint = last[4] + 1
-        s = self.stable.alloc(n, hint)
+        s = self.sidx.add(np.ascontiguousarray(rows[k[ii]]), hashes[ii], hint)
         if s is None:
             return
-        self._ensure_slot_arrays(s + n)
-        self.stable.write(s, np.ascontiguousarray(rows[k[ii]]))
+        self.unstable.delete(hashes[ii])
         slots = np.arange(s, s + n, dtype=np.int64)
-        self.slot_hash[slots] = hashes[ii]
-        for j, i in enumerate(ii.tolist()):
-            h = int(hashes[i])
-            self.stable_index.setdefault(h, []).append(s + j)
-            del self.unstable[h]
         self._last_new = (oreg, opage0 + n - 1, reg, int(pages[ii[-1]]), s + n - 1)
         self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots)
         self._queue(merges, reg, pages[ii], slots)
@@ -425,45 +424,43 @@ class Scanner:
         if not len(pages):
             return
         reg.status[pages] = PENDING
+        reg.age[pages] = 0
+        reg.skip[pages] = 0
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
         if len(real):
             np.add.at(self.pending, real, 1)
         merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
 
-    def _cmp_and_merge_one(self, reg: RegionState, page: int, h: int, content: memoryview,
+    def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
                            merges: dict) -> None:
-        """Steps 3-5 for one page (the sequential path)."""
+        """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
         one = np.array([page])
-        if self.use_zero_pages and h == ZERO_CHECKSUM and _native.is_zero(content):
+        if self.use_zero_pages and int(h[0]) == ZERO_CHECKSUM and _native.is_zero(content):
             self._queue(merges, reg, one, np.array([-1]))
             return
-        chain = self.stable_index.get(h)
-        if chain:
-            for s in chain:
-                # pread, not StableSegment.read: the slot is known allocated
-                # (it is indexed) and this is the scan's hot path.
-                if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
-                        _native.pages_equal(content, os.pread(self.stable.fd, PAGE_SIZE, s * PAGE_SIZE)):
-                    self._queue(merges, reg, one, np.array([s]))
-                    return
-        mate = self.unstable.get(h)
-        if mate is not None:
-            oreg, opage = mate
-            if not oreg.closed and oreg.advice[opage] and oreg.status[opage] == UNSHARED \
-                    and oreg.states[opage] == _native.PRIVATE and not (oreg is reg and opage == page):
-                other = os.pread(oreg.backing_fd, PAGE_SIZE, opage * PAGE_SIZE)
+        for s in self.sidx.chain(int(self.sidx.lookup(h)[0])):
+            if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
+                    _native.pages_equal(content, self.sidx.read(s)):
+                self._queue(merges, reg, one, np.array([s]))
+                return
+        uid, opage = self.unstable.lookup(h)
+        oreg = self.by_uid.get(int(uid[0])) if uid[0] >= 0 else None
+        if oreg is not None:
+            op = int(opage[0])
+            if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
+                    and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
+                other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
                 if _native.pages_equal(content, other):
-                    s = self._new_slot(content, h, None)
+                    s = self.sidx.add(content, h)
                     if s is not None:
-                        del self.unstable[h]
-                        self._queue(merges, oreg, np.array([opage]), np.array([s]))
+                        self.unstable.delete(h)
+                        self._queue(merges, oreg, np.array([op]), np.array([s]))
                         self._queue(merges, reg, one, np.array([s]))
                         return
-            else:
-                del self.unstable[h]
-        if h not in self.unstable:
-            self.unstable[h] = (reg, page)
+                reg.status[page] = UNSHARED   # the mate stays the indexed one
+                return
+        self.unstable.insert(h, reg.uid, one)
         reg.status[page] = UNSHARED
 
     # -- replies -----------------------------------------------------------
@@ -478,7 +475,7 @@ class Scanner:
             ok = res[off:off + n].astype(bool)
             off += n
             if slot >= 0:
-                slots = np.arange(slot, slot + n, dtype=np.int32)
+                slots = np.arange(slot, slot + n, dtype=np.int64)
                 self.pending[slots] -= 1
                 touched.append(slots[~ok])
             if reg.closed:
@@ -493,7 +490,7 @@ class Scanner:
             # Refused by the worker's proof: the page changed under us.
             reg.status[pages[~ok]] = VOLATILE
         for slots in touched:
-            self._free_unused(slots)
+            self.sidx.free_unused(slots)
 
     def unmerge_done(self, items: list) -> None:
         """Settle an unmerge request (successful or not: the state bytes tell
@@ -508,12 +505,12 @@ class Scanner:
             np.subtract.at(self.sharers, freed, 1)
             # KSM computes the checksum now so the page gets a quick chance to
             # enter the unstable index (or the stable one) at its next visit.
-            reg.checksum[pages[private & (slots >= 0)]] = self.slot_hash[freed]
+            reg.checksum[pages[private & (slots >= 0)]] = self.sidx.slot_hash[freed]
             reg.slot[pages[private]] = -1
             reg.status[pages[private]] = VOLATILE
             still = pages[~private]
             reg.status[still] = np.where(reg.slot[still] >= 0, MERGED, ZERO)
-            self._free_unused(freed)
+            self.sidx.free_unused(freed)
 
     def merged_items(self, reg: RegionState) -> list:
         """(reg, pages, slots) of every merged page of a region (for run=2)."""
@@ -541,6 +538,7 @@ class Scanner:
             zero += int(np.count_nonzero(st == ZERO))
             rmap += int(np.count_nonzero(st != NEW))
         volatile = max(rmap - shared - sharing - unshared - zero, 0)
+        chains, dups = self.sidx.chains()
         return {
             "pages_shared": shared,
             "pages_sharing": sharing,
@@ -549,7 +547,9 @@ class Scanner:
             "pages_scanned": self.pages_scanned,
             "full_scans": self.full_scans,
             "ksm_zero_pages": zero,
-            "stable_node_chains": sum(1 for c in self.stable_index.values() if len(c) > 1),
+            "pages_skipped": self.pages_skipped,
+            "stable_node_chains": chains,
+            "stable_node_dups": dups,
             "general_profit": (sharing + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
             "rmap_items": rmap,
             "stable_pages_allocated": self.stable.pages_in_use,
@@ -575,7 +575,7 @@ class Scanner:
         for reg in list(self.regions):
             reg.close()
         self.regions.clear()
-        self.stable.close()
+        self.sidx.close()
 
 
 def _coalesce(items: list) -> list:
