@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from shmdedup import protocol
+from shmdedup import advisor, protocol
 from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
 from shmdedup.scan import Scanner, RegionState, _coalesce
 
@@ -45,6 +45,14 @@ CONTROLS: dict[str, tuple[int, int, int]] = {
     "max_page_sharing": (256, 2, 2**31 - 1),
     "max_kernel_pages": (0, 0, 2**31 - 1),
     "use_zero_pages": (0, 0, 1),
+    "smart_scan": (1, 0, 1),
+    # The scan-time advisor (advisor.py) paces by default; setting
+    # pages_to_scan by hand switches it off (advisor_mode 0).
+    "advisor_mode": (1, 0, 1),
+    "advisor_target_scan_time": (10, 1, 86_400),
+    "advisor_max_cpu": (50, 1, 100),
+    "advisor_min_pages_to_scan": (500, 1, 10_000_000),
+    "advisor_max_pages_to_scan": (100_000, 1, 10_000_000),
 }
 
 MAX_PEERS = 1024
@@ -85,6 +93,8 @@ class CoordinatorServer:
         self.controls = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
+        if "pages_to_scan" in (controls or {}) and "advisor_mode" not in (controls or {}):
+            self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
         self.allow_uids, self.allow_gids = allow_uids, allow_gids
         self.listener = protocol.listen(socket_path)
@@ -104,6 +114,7 @@ class CoordinatorServer:
         self._next_batch = 0.0
         self.last_error = ""
         self.batches = 0
+        self._scan_mark = (time.monotonic(), time.thread_time(), 0)
 
     # -- life cycle --------------------------------------------------------
 
@@ -168,7 +179,20 @@ class CoordinatorServer:
             self._next_batch = time.monotonic() + self.controls["sleep_millisecs"] / 1000
             if self.scanner.full_scans != before:
                 self._wake_waiters()
+                self._full_scan_done()
         self._expire(now)
+
+    def _full_scan_done(self) -> None:
+        """Feed the scan-time advisor what the last full scan cost."""
+        t0, cpu0, pages0 = self._scan_mark
+        now, cpu, pages = time.monotonic(), time.thread_time(), self.scanner.pages_scanned
+        self._scan_mark = (now, cpu, pages)
+        c = self.controls
+        if c["advisor_mode"] == 1:
+            c["pages_to_scan"] = advisor.advise(
+                c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
+                c["advisor_target_scan_time"], c["advisor_max_cpu"],
+                c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
 
     # -- connections -------------------------------------------------------
 
@@ -436,6 +460,7 @@ class CoordinatorServer:
     # -- controls ----------------------------------------------------------
 
     def _apply_scanner_controls(self) -> None:
+        self.scanner.smart_scan = bool(self.controls["smart_scan"])
         self.scanner.max_page_sharing = self.controls["max_page_sharing"]
         self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
         self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
@@ -446,6 +471,8 @@ class CoordinatorServer:
             raise ControlError("run: an unmerge (run=2) is still in progress")
         old = self.controls[name]
         self.controls[name] = value
+        if name == "pages_to_scan":
+            self.controls["advisor_mode"] = 0   # explicit pacing wins
         self._apply_scanner_controls()
         if name == "run" and value == 2 and old != 2:
             self._start_run2(client)
