@@ -165,6 +165,10 @@ class Harness:
             self.a[pages, offset] = vals
             self.exp[pages, offset] = vals
 
+    def private_pages(self):
+        s = np.frombuffer(self.region.states(), np.uint8)
+        return [int(p) for p in np.flatnonzero(s == shmdedup._native.PRIVATE)]
+
     def fill(self, pages, value):
         """Set every byte of the pages to value."""
         pages = np.asarray(pages, dtype=np.int64)
@@ -223,6 +227,10 @@ class PageWorker:
 
     def write(self, pages: list[int], delta: int = 1) -> None:
         self.call("h.write(pages, delta)", pages=list(pages), delta=delta)
+
+    def private_pages(self) -> list[int]:
+        """Pages whose state byte says PRIVATE (neither merged nor in transit)."""
+        return self.call("h.private_pages()")
 
     def fill(self, pages: Any, value: int) -> None:
         self.call("h.fill(pages, value)", pages=list(pages), value=value)
