@@ -54,6 +54,9 @@ class Client:
         try:
             got = self._conn.recv(timeout=timeout)
         except TimeoutError as e:
+            # Its late reply would be taken as the answer to our next request:
+            # this connection is done.
+            self._conn.close()
             raise CoordinatorUnavailableError(
                 f"coordinator at {self.socket_path} did not answer within {timeout} s") from e
         if got is None:
@@ -66,6 +69,9 @@ class Client:
         return msg
 
     def _call(self, msg: dict, timeout: float | None = None) -> Any:
+        if self._conn.closed:
+            raise CoordinatorUnavailableError(
+                f"connection to the coordinator at {self.socket_path} is closed (a request timed out?)")
         self._conn.send(msg)
         r = self._expect("reply", self.timeout if timeout is None else timeout)
         if not r["ok"]:
@@ -168,7 +174,7 @@ class Coordinator:
         return self
 
     def client(self) -> Client:
-        if self._client is None:
+        if self._client is None or self._client._conn.closed:  # closed: after a timeout
             self._client = Client(self.socket_path)
         return self._client
 
