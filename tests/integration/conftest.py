@@ -306,7 +306,11 @@ def coordinator() -> Iterator[Callable[..., shmdedup.Coordinator]]:
     def make(**kw: Any) -> shmdedup.Coordinator:
         c = shmdedup.Coordinator(**kw)
         started.append(c)
-        return c.start()
+        c.start()
+        # The embedded client waits 10 s for a reply; a 2-vCPU box loaded by
+        # parallel tests can take longer to schedule a coordinator process.
+        c._client = shmdedup.Client(c.socket_path, timeout=60)
+        return c
 
     yield make
     for c in reversed(started):

@@ -15,6 +15,7 @@ import time
 import msgpack
 import pytest
 
+import shmdedup
 from shmdedup.errors import ControlError
 from tests.integration.conftest import (
     FAST,
@@ -562,9 +563,6 @@ def test_zero_pages_merge_within_one_worker_in_chains(coordinator, spawn_workers
     w.assert_intact()
 
 
-@pytest.mark.xfail(strict=True, reason="scan._new_run refuses a whole run of new stable pages when it "
-                   "is longer than the room left under max_kernel_pages, so runs of duplicates longer "
-                   "than the cap never merge (not fixed here: scan.py is being reworked)")
 def test_max_kernel_pages_caps_stable_pages(coordinator, spawn_workers):
     """max_kernel_pages=100: 100 stable pages are made and shared, the other
     duplicates stay unshared; lifting the cap merges them."""
@@ -600,7 +598,8 @@ def test_use_zero_pages_maps_zero_pages_without_slots(coordinator, spawn_workers
     assert a.status()["merged"] == npages
     assert a.blocks() == 0
 
-    a.write(range(K), 1)  # writes to zero pages break them too
+    for i in range(K):  # writes to zero pages break them too (distinct bytes: no new duplicates)
+        a.fill([i], i + 1)
     assert a.blocks() == K
     c.wait_full_scans(2, timeout=60)
     s = c.stats()
@@ -670,3 +669,22 @@ def test_only_the_advised_range_merges(coordinator, spawn_workers):
         assert w.status()["merged"] == n
         assert w.blocks() == npages - n
         w.assert_intact()
+
+
+def test_client_after_a_timeout_never_takes_a_late_reply_for_the_next_answer(coordinator):
+    c = coordinator(run=0)
+    cl = shmdedup.Client(c.socket_path)
+    try:
+        cl.timeout = 0.0  # the reply cannot be there yet: the request times out
+        with pytest.raises(shmdedup.CoordinatorUnavailableError, match="did not answer"):
+            for _ in range(100):
+                cl.stats()
+        cl.timeout = 10.0
+        # The late stats reply must not come back as the answer to this set.
+        with pytest.raises(shmdedup.CoordinatorUnavailableError, match="closed"):
+            cl.set("pages_to_scan", 77)
+    finally:
+        cl.close()
+    assert c.stats()["pages_to_scan"] == 4096
+    with shmdedup.Client(c.socket_path) as fresh:
+        assert fresh.stats()["run"] == 0
