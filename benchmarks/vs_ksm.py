@@ -454,11 +454,6 @@ def _child(system: str, index: int, npages: int, params: dict, conn: Any) -> Non
                 break
             if cmd == "verify":
                 conn.send(("ok", content_crc(arr, kinds) == crc))
-            elif cmd == "merged":
-                if system == "ksm":
-                    conn.send(("ok", ksm_stat(os.getpid()).get("ksm_merging_pages", -1)))
-                else:
-                    conn.send(("ok", region.merged_pages()))
             elif cmd == "cow":
                 stop_churn.set()
                 if churn is not None:
