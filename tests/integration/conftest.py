@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-from multiprocessing import resource_tracker
 import sys
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,9 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from elsewhere
     sys.path.insert(0, str(_ROOT))
 
-import shmdedup  # noqa: E402
-from shmdedup.errors import ControlError  # noqa: E402
-from tests.helpers import (  # noqa: E402,F401  (fixtures re-exported for the test modules)
+import shmdedup
+from shmdedup.errors import ControlError
+from tests.helpers import (  # noqa: F401  (fixtures re-exported for the test modules)
     Worker,
     meminfo_kb,
     no_shm_leftovers,
@@ -264,7 +264,7 @@ class PageWorker:
 
 
 @pytest.fixture
-def spawn_workers(reaper: None) -> Iterator[Callable[..., list[PageWorker]]]:
+def spawn_workers(reaper: None) -> Iterator[Callable[..., list[PageWorker]]]:  # noqa: F811
     """``spawn_workers(n, npages, **spec)``: n page workers, started and filled
     (spec: shared_seed, layout_seed, unique, volatile, advise).  The region
     registers with whatever coordinator ``$SHMDEDUP_SOCKET`` names when the
@@ -399,7 +399,7 @@ def shmdedup_names() -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def _nothing_left_in_dev_shm(no_shm_leftovers: None) -> Iterator[None]:
+def _nothing_left_in_dev_shm(no_shm_leftovers: None) -> Iterator[None]:  # noqa: F811
     """No 'shmdedup' name in /dev/shm after the test (any process's: a
     coordinator process or a killed worker counts too).  Objects live under
     a name only between shm_open and shm_unlink, so a name that is there

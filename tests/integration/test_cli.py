@@ -28,7 +28,7 @@ from tests.integration.conftest import (
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ``python -m shmdedup ARGS`` to completion (killed and reaped on timeout)."""
-    return subprocess.run([sys.executable, "-m", "shmdedup", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "shmdedup", *args], capture_output=True, text=True, check=False,
                           env=env or child_env(), cwd=str(REPO_ROOT), timeout=timeout)
 
 

@@ -21,8 +21,8 @@ from tests.integration.conftest import (
     FAST,
     PAGE,
     counts,
-    merged_counts,
     meminfo_kb,
+    merged_counts,
     registered,
     wait_for,
     wait_stats,
@@ -131,7 +131,7 @@ def test_every_worker_reads_its_exact_bytes_while_pages_merge_and_break(coordina
         pages = rng.sample(shared, K)
         w.write(pages, 1)  # breaks K merged pages: now unique to w
         broken = {"pages_shared": S, "pages_sharing": want["pages_sharing"] - K}
-        wait_stats(c, lambda s: counts(s) == broken, 60, f"round {rnd}: {broken}")
+        wait_stats(c, lambda s, broken=broken: counts(s) == broken, 60, f"round {rnd}: {broken}")
         w.write(pages, -1)  # the shared bytes again: they merge back onto their slots
         wait_stats(c, lambda s: counts(s) == want, 60, f"round {rnd}: back to {want}")
 
@@ -298,7 +298,7 @@ def test_restarted_coordinator_resumes_merging(coordinator, spawn_workers, socke
     c1._proc.kill()
     c1._proc.wait()
     for w in (a, b):  # a merge batch in flight finishes before the agent notices
-        wait_for(lambda: not w.call("shmdedup.agent.get_agent().connected.is_set()"), 30,
+        wait_for(lambda w=w: not w.call("shmdedup.agent.get_agent().connected.is_set()"), 30,
                  f"worker {w.pid} to notice the coordinator is gone")
 
     K = 50
