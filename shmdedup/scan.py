@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from shmdedup import _native, _shm
+from shmdedup.security import StateBytes, check_worker_object
 from shmdedup.stable import StableSegment
 
 log = logging.getLogger("shmdedup.coordinator")
@@ -69,7 +70,7 @@ class RegionState:
     npages: int
     backing_fd: int
     meta_fd: int
-    states: np.ndarray                       # the worker's state bytes (read-only map)
+    states: Any                              # the worker's state bytes (security.StateBytes: pread)
     _meta_map: Any = None
     checksum: np.ndarray = field(init=False)
     slot: np.ndarray = field(init=False)
@@ -85,16 +86,11 @@ class RegionState:
 
     @classmethod
     def open(cls, worker: Any, rid: int, npages: int, backing_fd: int, meta_fd: int) -> RegionState:
-        import mmap
-        size = os.fstat(backing_fd).st_size
-        if size < npages * PAGE_SIZE:
-            raise ValueError(f"backing object holds {size} bytes, {npages * PAGE_SIZE} needed")
-        meta_len = -(-npages // PAGE_SIZE) * PAGE_SIZE
-        if os.fstat(meta_fd).st_size < meta_len:
-            raise ValueError("metadata object is smaller than one byte per page")
-        mm = mmap.mmap(meta_fd, meta_len, mmap.MAP_SHARED, mmap.PROT_READ)
-        states = np.frombuffer(mm, np.uint8, npages)
-        return cls(worker, rid, npages, backing_fd, meta_fd, states, mm)
+        # Both objects are the worker's: vetted here, then only ever pread
+        # (never mapped: a worker shrinking its object must not SIGBUS us).
+        check_worker_object(backing_fd, "backing object", npages * PAGE_SIZE)
+        check_worker_object(meta_fd, "metadata object", npages)
+        return cls(worker, rid, npages, backing_fd, meta_fd, StateBytes(meta_fd, npages))
 
     def close(self) -> None:
         if self.closed:
@@ -147,6 +143,7 @@ class Scanner:
         self.max_page_sharing = 256
         self.max_kernel_pages = 0
         self.use_zero_pages = False
+        self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
         # Where the last new slot went, to continue runs across pages/batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
 
@@ -312,8 +309,12 @@ class Scanner:
 
     def _cmp_and_merge(self, reg: RegionState, page: int, h: int, content: memoryview,
                        merges: dict) -> None:
-        if self.use_zero_pages and h == ZERO_CHECKSUM and _native.is_zero(content):
+        if (self.use_zero_pages or self.zero_pages_only) and h == ZERO_CHECKSUM \
+                and _native.is_zero(content):
             self._queue(merges, reg, page, -1)
+            return
+        if self.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
+            reg.status[page] = VOLATILE
             return
         # Stable index: any slot of the chain with room and the same bytes.
         chain = self.stable_index.get(h)
