@@ -65,10 +65,11 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="shmdedup coordinator[%(process)d]: %(message)s")
     from shmdedup.security import set_dumpable
-    if not args.dumpable:
-        # Same-uid processes must not ptrace us, write our memory or open our
-        # fds (the writable stable segment) through /proc (docs/security.md).
-        set_dumpable(False)
+    # Non-dumpable: same-uid processes must not ptrace us, write our memory or
+    # open our fds (the writable stable segment) through /proc
+    # (docs/security.md).  --dumpable sets it explicitly, since a change of
+    # uid on the way here would have cleared it.
+    set_dumpable(args.dumpable)
     path = args.socket or resolve_socket_path(None, args.domain)
     server = CoordinatorServer(path, dict(args.set or []), set(args.allow_uid or ()),
                                set(args.allow_gid or ()), args.socket_mode)

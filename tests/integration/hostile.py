@@ -232,4 +232,7 @@ def spawn_worker(path: str, npages: int = 32, seed: int = 1) -> tuple[Worker, st
 
 def rewrite(w: Worker, seed: int) -> str:
     """Give a worker's region new content (copy-on-write breaks); its new sha256."""
-    return w.call("arr[:] = content(NPAGES, SEED2); result = digest()", SEED2=seed)
+    sha, merged = w.call("before = region.breaks; arr[:] = content(NPAGES, SEED2); "
+                         "result = digest(), region.breaks - before", SEED2=seed)
+    assert merged > 0, "nothing was merged to break"
+    return sha
