@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 from tests.helpers import Worker, no_shm_leftovers, reaper, wait_for  # noqa: F401

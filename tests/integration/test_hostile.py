@@ -11,11 +11,9 @@ marker at the end.
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 
 import msgpack

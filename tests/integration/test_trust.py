@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,6 @@ from shmdedup.control import Coordinator
 from shmdedup.security import TMPFS_MAGIC, _fs_type
 from tests.helpers import (  # noqa: F401
     REPO_ROOT,
-    Worker,
     child_env,
     no_shm_leftovers,
     reaper,
@@ -424,3 +421,17 @@ def test_lying_state_bytes_only_hurt_the_liar(domain: Domain) -> None:
              what="the honest worker to merge again")
     liar.proc.kill()  # its mappings disagree with its state bytes: don't let it tidy up
     liar.close()
+
+
+def test_trust_arguments_are_checked() -> None:
+    from shmdedup.errors import ArgumentError
+    for kw in ({"allow_uids": [-1]}, {"allow_uids": [True]}, {"allow_gids": ["0"]},
+               {"socket_mode": 0o1777}, {"socket_mode": "666"}):
+        with pytest.raises(ArgumentError):
+            Coordinator(**kw)
+    for args, text in ((["--allow-uid", "root"], "expected a numeric id"),
+                       (["--allow-gid", "-3"], "id out of range"),
+                       (["--socket-mode", "9"], "expected an octal mode")):
+        r = run_python("import sys; from shmdedup import cli; sys.exit(cli.main(sys.argv[1:]))",
+                       args=("coordinator", "--socket", "/nonexistent/x.sock", *args))
+        assert r.returncode == 2 and text in r.stderr, r.stderr
