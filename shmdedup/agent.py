@@ -26,7 +26,7 @@ import numpy as np
 
 from shmdedup import _native, protocol, region as _region
 from shmdedup.control import resolve_socket_path
-from shmdedup.errors import ProtocolError
+from shmdedup.errors import PeerRejectedError, ProtocolError
 
 log = logging.getLogger("shmdedup.agent")
 
@@ -48,6 +48,7 @@ class Agent:
         self._wake = threading.Event()
         self.connected = threading.Event()
         self.batches = 0
+        self._rejected = False
 
     # -- called by regions (any thread) -------------------------------------
 
@@ -120,8 +121,12 @@ class Agent:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             try:
-                self._session(conn)
+                self._session(conn, path)
                 backoff = BACKOFF_MIN
+            except PeerRejectedError as e:
+                # Refused at the door: say so once, keep retrying quietly.
+                (log.debug if self._rejected else log.warning)("%s", e)
+                self._rejected = True
             except (OSError, ProtocolError, TimeoutError, ValueError) as e:
                 log.info("coordinator connection ended: %s", e)
             finally:
@@ -136,11 +141,15 @@ class Agent:
             self._wake.wait(backoff)
             self._wake.clear()
 
-    def _session(self, conn: protocol.Connection) -> None:
+    def _session(self, conn: protocol.Connection, path: str) -> None:
         conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
         got = conn.recv(timeout=10)
         if got is None:
-            return
+            raise PeerRejectedError(
+                f"coordinator at {path} closed the connection before welcome (our uid "
+                f"{os.getuid()} not allowed, or max_connections reached: see its log); "
+                f"regions stay unmerged until it accepts us")
+        self._rejected = False
         msg, fds = got
         if msg["t"] != "welcome" or len(fds) != 1:
             for fd in fds:
@@ -171,6 +180,11 @@ class Agent:
             elif msg["t"] == "unmerge":
                 err, text = self._unmerge(msg["items"])
                 conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
+            elif msg["t"] == "reply" and not msg["ok"]:
+                # A cap (max_regions_per_worker, max_pages_per_worker) refused a region.
+                log.warning("coordinator refused a region: %s; it keeps working, unmerged",
+                            msg["error"])
+                continue
             else:
                 raise ProtocolError(f"unexpected {msg['t']} from the coordinator")
             self.batches += 1

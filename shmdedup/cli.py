@@ -27,6 +27,26 @@ def _parse_assignment(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{name}: value must be an integer, got {value!r}") from None
 
 
+def _parse_id(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a numeric id, got {text!r}") from None
+    if not 0 <= value < 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"id out of range: {value}")
+    return value
+
+
+def _parse_mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an octal mode like 600, got {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text}")
+    return value
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     lines = []
     for k in sorted(stats):
@@ -44,9 +64,16 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     from shmdedup.coordinator import CoordinatorServer
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="shmdedup coordinator[%(process)d]: %(message)s")
+    from shmdedup.security import set_dumpable
+    # Non-dumpable: same-uid processes must not ptrace us, write our memory or
+    # open our fds (the writable stable segment) through /proc
+    # (docs/security.md).  --dumpable sets it explicitly, since a change of
+    # uid on the way here would have cleared it.
+    set_dumpable(args.dumpable)
     path = args.socket or resolve_socket_path(None, args.domain)
     try:
-        server = CoordinatorServer(path, dict(args.set or []))
+        server = CoordinatorServer(path, dict(args.set or []), set(args.allow_uid or ()),
+                                   set(args.allow_gid or ()), args.socket_mode)
     except OSError as e:
         if e.filename is None and path not in str(e):
             e.filename = path  # bind() errors do not name the socket
@@ -97,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     target(c)
     c.add_argument("--set", action="append", type=_parse_assignment, metavar="NAME=VALUE",
                    help="initial control value (repeatable)")
+    c.add_argument("--allow-uid", action="append", type=_parse_id, metavar="UID",
+                   help="also serve peers running as this uid (repeatable; default: our uid only)")
+    c.add_argument("--allow-gid", action="append", type=_parse_id, metavar="GID",
+                   help="also serve peers whose primary gid is this (repeatable)")
+    c.add_argument("--socket-mode", type=_parse_mode, default=0o600, metavar="OCTAL",
+                   help="permissions of the socket file (default 600; e.g. 666 with --allow-uid)")
+    c.add_argument("--dumpable", action="store_true",
+                   help="stay dumpable (ptrace-able by our uid); default: PR_SET_DUMPABLE 0")
     c.add_argument("-v", "--verbose", action="store_true")
     c.set_defaults(func=_cmd_coordinator)
 

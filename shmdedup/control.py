@@ -16,10 +16,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from shmdedup import protocol
-from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
+from shmdedup.errors import ArgumentError, ControlError, CoordinatorUnavailableError, ProtocolError
 
 ENV_SOCKET = "SHMDEDUP_SOCKET"
 log = logging.getLogger("shmdedup")
@@ -32,6 +33,12 @@ def resolve_socket_path(socket_path: str | None = None, domain: str | None = Non
     if domain is None and os.environ.get(ENV_SOCKET):
         return os.environ[ENV_SOCKET]
     return protocol.default_socket_path(domain or "default")
+
+
+def _check_id(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
+        raise ArgumentError(f"{name}: ids must be ints in [0, 2**32 - 2], got {value!r}")
+    return value
 
 
 class Client:
@@ -110,13 +117,27 @@ class Coordinator:
     socket, exported to child processes through ``$SHMDEDUP_SOCKET``, and
     points this process's own regions at it.  Controls are keyword arguments
     (``pages_to_scan=10000, sleep_millisecs=0``).
+
+    Trust (docs/security.md): peers of this uid are served; ``allow_uids`` /
+    ``allow_gids`` admit more (the socket then needs ``socket_mode``, e.g.
+    0o666, and a directory they can reach).  A coordinator process is made
+    non-dumpable unless ``dumpable=True``.
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
-                 process: bool = False, export_env: bool = True, **controls: int) -> None:
+                 process: bool = False, export_env: bool = True,
+                 allow_uids: Iterable[int] = (), allow_gids: Iterable[int] = (),
+                 socket_mode: int = 0o600, dumpable: bool = False, **controls: int) -> None:
         from shmdedup.coordinator import check_control
         for k, v in controls.items():
             check_control(k, v)
+        self.allow_uids = {_check_id("allow_uids", u) for u in allow_uids}
+        self.allow_gids = {_check_id("allow_gids", g) for g in allow_gids}
+        if isinstance(socket_mode, bool) or not isinstance(socket_mode, int) \
+                or not 0 <= socket_mode <= 0o777:
+            raise ArgumentError(f"socket_mode must be an int in [0, 0o777], got {socket_mode!r}")
+        self.socket_mode = socket_mode
+        self.dumpable = dumpable
         self.controls = controls
         self.process = process
         self.export_env = export_env
@@ -145,9 +166,14 @@ class Coordinator:
             self._tmpdir = tempfile.mkdtemp(prefix="shmdedup-")
             self._path = os.path.join(self._tmpdir, "coordinator.sock")
         if self.process:
-            cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path]
+            cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path,
+                   "--socket-mode", f"{self.socket_mode:o}"]
             for k, v in self.controls.items():
                 cmd += ["--set", f"{k}={v}"]
+            cmd += [f"--allow-uid={u}" for u in sorted(self.allow_uids)]
+            cmd += [f"--allow-gid={g}" for g in sorted(self.allow_gids)]
+            if self.dumpable:
+                cmd.append("--dumpable")
             self._proc = subprocess.Popen(cmd)
             deadline = time.monotonic() + 30
             while True:
@@ -162,7 +188,8 @@ class Coordinator:
                     time.sleep(0.02)
         else:
             from shmdedup.coordinator import CoordinatorServer
-            self._server = CoordinatorServer(self._path, self.controls)
+            self._server = CoordinatorServer(self._path, self.controls, self.allow_uids,
+                                             self.allow_gids, self.socket_mode)
             self._thread = threading.Thread(target=self._server.serve, name="shmdedup-coordinator",
                                             daemon=True)
             self._thread.start()

@@ -34,6 +34,7 @@ import numpy as np
 from shmdedup import advisor, protocol
 from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
 from shmdedup.scan import Scanner, RegionState, _coalesce
+from shmdedup.security import TokenBucket
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -53,11 +54,18 @@ CONTROLS: dict[str, tuple[int, int, int]] = {
     "advisor_max_cpu": (50, 1, 100),
     "advisor_min_pages_to_scan": (500, 1, 10_000_000),
     "advisor_max_pages_to_scan": (100_000, 1, 10_000_000),
+    # Security (docs/security.md): 1 merges all-zero pages only, never a stable slot.
+    "merge_zero_pages_only": (0, 0, 1),
+    # Resource caps: a peer past one is refused with a logged reason.
+    "max_connections": (1024, 1, 65536),
+    "max_regions_per_worker": (4096, 1, 2**20),
+    "max_pages_per_worker": (2**26, 1, 2**31),   # 256 GiB of 4 KiB pages, ~0.9 GB of metadata
+    "max_msgs_per_sec": (20000, 1, 10_000_000),  # per connection, token bucket
+    "max_msgs_burst": (5000, 1, 10_000_000),
 }
 
-MAX_PEERS = 1024
-MAX_REGIONS_PER_WORKER = 4096
 MAX_PAGES_PER_REQUEST = 65536
+MAX_WAITS_PER_CLIENT = 64
 REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
 SEND_TIMEOUT = 5.0
 
@@ -83,13 +91,16 @@ class Peer:
     regions: dict[int, RegionState] = field(default_factory=dict)
     requests: dict[int, tuple[str, list, float]] = field(default_factory=dict)
     pages: int = 0
+    bucket: TokenBucket | None = None
+    refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
 
 
 class CoordinatorServer:
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
-                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None) -> None:
+                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
+                 socket_mode: int = 0o600) -> None:
         self.controls = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
@@ -97,7 +108,7 @@ class CoordinatorServer:
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
         self.allow_uids, self.allow_gids = allow_uids, allow_gids
-        self.listener = protocol.listen(socket_path)
+        self.listener = protocol.listen(socket_path, socket_mode)
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
@@ -213,11 +224,12 @@ class CoordinatorServer:
             log.warning("rejected a connection: %s", e)
             conn.close()
             return
-        if len(self.peers) >= MAX_PEERS:
-            log.warning("rejected pid %d: %d connections already", pid, MAX_PEERS)
+        if len(self.peers) >= self.controls["max_connections"]:
+            log.warning("rejected pid %d: %d connections already (max_connections)",
+                        pid, len(self.peers))
             conn.close()
             return
-        peer = Peer(conn, pid, uid)
+        peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]))
         self.peers[conn.fileno()] = peer
         self.sel.register(conn.fileno(), selectors.EVENT_READ, peer)
 
@@ -238,12 +250,25 @@ class CoordinatorServer:
             self._schedule_drop(peer, "")
             return
         msg, fds = got
+        if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
+                                                self.controls["max_msgs_burst"]):
+            for fd in fds:
+                _close_quietly(fd)
+            self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
+                                      f"(burst {self.controls['max_msgs_burst']})")
+            return
         try:
             self._dispatch(peer, msg, fds)
-        except (ProtocolError, ValueError, OSError) as e:
+        except (ProtocolError, ValueError, OSError, MemoryError) as e:
             for fd in fds:
                 _close_quietly(fd)
             self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
+        except Exception as e:  # a bug of ours must not take the whole domain down
+            log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
+                      exc_info=True)
+            for fd in fds:
+                _close_quietly(fd)
+            self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
 
     def _schedule_drop(self, peer: Peer, why: str) -> None:
         if all(p is not peer for p, _ in self._drop):
@@ -318,12 +343,22 @@ class CoordinatorServer:
 
     def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
         rid, npages = msg["rid"], msg["npages"]
-        if rid in peer.regions:
+        if rid in peer.regions or rid in peer.refused:
             raise ProtocolError(f"region {rid} is already registered")
-        if len(peer.regions) >= MAX_REGIONS_PER_WORKER:
-            raise ProtocolError(f"more than {MAX_REGIONS_PER_WORKER} regions")
-        if peer.pages + npages > 2**31:
-            raise ProtocolError("more than 2**31 pages registered")
+        cap = None
+        if len(peer.regions) >= self.controls["max_regions_per_worker"]:
+            cap = f"{len(peer.regions)} regions already (max_regions_per_worker)"
+        elif peer.pages + npages > self.controls["max_pages_per_worker"]:
+            cap = (f"{peer.pages} + {npages} pages is over max_pages_per_worker "
+                   f"{self.controls['max_pages_per_worker']}")
+        if cap is not None:
+            # A cap is not an offence: refuse this region, keep the worker.
+            for fd in fds:
+                _close_quietly(fd)
+            peer.refused.add(rid)
+            log.warning("refused region %d of pid %d: %s", rid, peer.pid, cap)
+            self._reply(peer, False, rid, f"register {rid}: {cap}")
+            return
         reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
         peer.regions[rid] = reg
         peer.pages += npages
@@ -336,6 +371,8 @@ class CoordinatorServer:
         return reg
 
     def _on_advise(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if msg["rid"] in peer.refused:
+            return  # sent before the worker heard of the refusal
         reg = self._region(peer, msg["rid"])
         start, n = msg["start"], msg["npages"]
         if start + n > reg.npages:
@@ -344,6 +381,9 @@ class CoordinatorServer:
         self._next_batch = min(self._next_batch, time.monotonic())
 
     def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if msg["rid"] in peer.refused:
+            peer.refused.discard(msg["rid"])
+            return
         reg = self._region(peer, msg["rid"])
         del peer.regions[reg.rid]
         peer.pages -= reg.npages
@@ -384,9 +424,18 @@ class CoordinatorServer:
             self._check_run2()
 
     def _on_stats(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        self._reply(peer, True, self.stats())
+        out = self.stats()
+        if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
+            mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
+            out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
+        self._reply(peer, True, out)
 
     def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if peer.uid != os.getuid():
+            # Allow-listed uids may merge and read statistics; controls stay ours.
+            self._reply(peer, False, None, f"uid {peer.uid} may not set controls "
+                                           f"(only uid {os.getuid()})")
+            return
         try:
             self.set_control(msg["name"], msg["value"], client=peer)
         except ControlError as e:
@@ -396,6 +445,8 @@ class CoordinatorServer:
             self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
 
     def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if sum(w[0] is peer for w in self._waiters) >= MAX_WAITS_PER_CLIENT:
+            raise ProtocolError(f"more than {MAX_WAITS_PER_CLIENT} waits outstanding")
         if self.scanner.full_scans >= msg["full_scans"]:
             self._reply(peer, True, self.scanner.full_scans)
         else:
@@ -464,6 +515,7 @@ class CoordinatorServer:
         self.scanner.max_page_sharing = self.controls["max_page_sharing"]
         self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
         self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
+        self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
 
     def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
         value = check_control(name, value)

@@ -44,6 +44,7 @@ import numpy as np
 
 from shmdedup import _native, _shm
 from shmdedup.indexes import StableIndex, UnstableIndex
+from shmdedup.security import StateBytes, check_worker_object
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -74,7 +75,7 @@ class RegionState:
     npages: int
     backing_fd: int
     meta_fd: int
-    states: np.ndarray                       # the worker's state bytes (read-only map)
+    states: Any                              # the worker's state bytes (security.StateBytes: pread)
     _meta_map: Any = None
     checksum: np.ndarray = field(init=False)
     slot: np.ndarray = field(init=False)
@@ -95,16 +96,11 @@ class RegionState:
 
     @classmethod
     def open(cls, worker: Any, rid: int, npages: int, backing_fd: int, meta_fd: int) -> RegionState:
-        import mmap
-        size = os.fstat(backing_fd).st_size
-        if size < npages * PAGE_SIZE:
-            raise ValueError(f"backing object holds {size} bytes, {npages * PAGE_SIZE} needed")
-        meta_len = -(-npages // PAGE_SIZE) * PAGE_SIZE
-        if os.fstat(meta_fd).st_size < meta_len:
-            raise ValueError("metadata object is smaller than one byte per page")
-        mm = mmap.mmap(meta_fd, meta_len, mmap.MAP_SHARED, mmap.PROT_READ)
-        states = np.frombuffer(mm, np.uint8, npages)
-        return cls(worker, rid, npages, backing_fd, meta_fd, states, mm)
+        # Both objects are the worker's: vetted here, then only ever pread
+        # (never mapped: a worker shrinking its object must not SIGBUS us).
+        check_worker_object(backing_fd, "backing object", npages * PAGE_SIZE)
+        check_worker_object(meta_fd, "metadata object", npages)
+        return cls(worker, rid, npages, backing_fd, meta_fd, StateBytes(meta_fd, npages))
 
     def close(self) -> None:
         if self.closed:
@@ -156,6 +152,7 @@ class Scanner:
         self.max_page_sharing = 256
         self.use_zero_pages = False
         self.smart_scan = True
+        self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
         # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
 
@@ -324,11 +321,14 @@ class Scanner:
         sequential path (they may match each other)."""
         todo = np.ones(len(pages), bool)
         rows = buf.reshape(-1, PAGE_SIZE)
-        if self.use_zero_pages:
+        if self.use_zero_pages or self.zero_pages_only:
             for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist():
                 if _native.is_zero(rows[k[i]]):
                     self._queue(merges, reg, pages[i:i + 1], np.array([-1]))
                     todo[i] = False
+        if self.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
+            reg.status[pages[todo]] = VOLATILE
+            return
         # Stable index: the newest slot of each chain (the one with room, if any).
         head = self.sidx.lookup(hashes)
         ci = np.flatnonzero((head >= 0) & todo)
@@ -436,8 +436,12 @@ class Scanner:
                            merges: dict) -> None:
         """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
         one = np.array([page])
-        if self.use_zero_pages and int(h[0]) == ZERO_CHECKSUM and _native.is_zero(content):
+        if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
+                and _native.is_zero(content):
             self._queue(merges, reg, one, np.array([-1]))
+            return
+        if self.zero_pages_only:
+            reg.status[page] = VOLATILE
             return
         for s in self.sidx.chain(int(self.sidx.lookup(h)[0])):
             if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
