@@ -45,10 +45,12 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="shmdedup coordinator[%(process)d]: %(message)s")
     path = args.socket or resolve_socket_path(None, args.domain)
-    server = CoordinatorServer(path, dict(args.set or []))
+    server = CoordinatorServer(path, dict(args.set or []), metrics_port=args.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     print(f"shmdedup coordinator listening on {path}", file=sys.stderr, flush=True)
+    if server.metrics is not None:
+        print(f"shmdedup coordinator serving metrics on {server.metrics.url}", file=sys.stderr, flush=True)
     server.serve()
     return 0
 
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     target(c)
     c.add_argument("--set", action="append", type=_parse_assignment, metavar="NAME=VALUE",
                    help="initial control value (repeatable)")
+    c.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: a free port; "
+                        "needs the prometheus extra)")
     c.add_argument("-v", "--verbose", action="store_true")
     c.set_defaults(func=_cmd_coordinator)
 

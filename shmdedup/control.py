@@ -103,15 +103,22 @@ class Coordinator:
     this process (``process=True``: in a child process) on a fresh private
     socket, exported to child processes through ``$SHMDEDUP_SOCKET``, and
     points this process's own regions at it.  Controls are keyword arguments
-    (``pages_to_scan=10000, sleep_millisecs=0``).
+    (``pages_to_scan=10000, sleep_millisecs=0``).  ``metrics_port=N`` serves
+    Prometheus metrics on 127.0.0.1:N (0: a free port, see ``metrics_port``;
+    needs the ``prometheus`` extra).
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
-                 process: bool = False, export_env: bool = True, **controls: int) -> None:
+                 process: bool = False, export_env: bool = True,
+                 metrics_port: int | None = None, **controls: int) -> None:
         from shmdedup.coordinator import check_control
         for k, v in controls.items():
             check_control(k, v)
+        if metrics_port is not None:
+            from shmdedup.metrics import check_port
+            check_port(metrics_port)
         self.controls = controls
+        self._metrics_port = metrics_port
         self.process = process
         self.export_env = export_env
         self._tmpdir: str | None = None
@@ -131,6 +138,15 @@ class Coordinator:
         return self._path
 
     @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics on 127.0.0.1 (the one picked for 0), or None."""
+        if self._server is not None:
+            return self._server.metrics_port
+        if self._proc is not None and self._metrics_port is not None:
+            return self.stats().get("metrics_port")
+        return None
+
+    @property
     def pid(self) -> int:
         return self._proc.pid if self._proc else os.getpid()
 
@@ -142,6 +158,8 @@ class Coordinator:
             cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path]
             for k, v in self.controls.items():
                 cmd += ["--set", f"{k}={v}"]
+            if self._metrics_port is not None:
+                cmd += ["--metrics-port", str(self._metrics_port)]
             self._proc = subprocess.Popen(cmd)
             deadline = time.monotonic() + 30
             while True:
@@ -156,7 +174,7 @@ class Coordinator:
                     time.sleep(0.02)
         else:
             from shmdedup.coordinator import CoordinatorServer
-            self._server = CoordinatorServer(self._path, self.controls)
+            self._server = CoordinatorServer(self._path, self.controls, metrics_port=self._metrics_port)
             self._thread = threading.Thread(target=self._server.serve, name="shmdedup-coordinator",
                                             daemon=True)
             self._thread.start()

@@ -81,7 +81,8 @@ class CoordinatorServer:
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
-                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None) -> None:
+                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
+                 metrics_port: int | None = None) -> None:
         self.controls = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
@@ -104,6 +105,18 @@ class CoordinatorServer:
         self._next_batch = 0.0
         self.last_error = ""
         self.batches = 0
+        # Optional Prometheus endpoint (metrics.py): it only reads snapshots
+        # this loop publishes, never the scanner's arrays.
+        self.metrics: Any = None
+        self.metrics_port: int | None = None
+        if metrics_port is not None:
+            from shmdedup.metrics import MetricsServer
+            try:
+                self.metrics = MetricsServer(metrics_port, self._wake_w)
+            except BaseException:
+                self._shutdown()
+                raise
+            self.metrics_port = self.metrics.port
 
     # -- life cycle --------------------------------------------------------
 
@@ -123,6 +136,8 @@ class CoordinatorServer:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         for peer in list(self.peers.values()):
             self._drop_peer(peer, "")
         self.sel.close()
@@ -169,6 +184,8 @@ class CoordinatorServer:
             if self.scanner.full_scans != before:
                 self._wake_waiters()
         self._expire(now)
+        if self.metrics is not None:
+            self.metrics.tick(self.stats)
 
     # -- connections -------------------------------------------------------
 
@@ -487,6 +504,8 @@ class CoordinatorServer:
         out["last_error"] = self.last_error
         out["coordinator_pid"] = os.getpid()
         out["socket"] = self.socket_path
+        if self.metrics_port is not None:
+            out["metrics_port"] = self.metrics_port
         workers = []
         for peer in self.peers.values():
             if peer.role == "worker":
