@@ -1,4 +1,4 @@
-"""The ``shmdedup`` command: coordinator, stats, set, demo.
+"""The ``shmdedup`` command: coordinator, stats, set, top, demo.
 
 ``shmdedup stats`` prints one ``name:value`` per line, like
 ``grep . /sys/kernel/mm/ksm/*``; ``--json`` prints one JSON object.
@@ -77,6 +77,21 @@ def _cmd_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from shmdedup.top import run_top
+    return run_top(args.socket, domain=args.domain, interval=args.interval)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.05 and 3600 seconds, got {text}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from shmdedup.demo import run_demo
     return run_demo(workers=args.workers, mib=args.mib, as_json=args.json)
@@ -109,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     target(st)
     st.add_argument("assignments", nargs="+", type=_parse_assignment, metavar="NAME=VALUE")
     st.set_defaults(func=_cmd_set)
+
+    tp = sub.add_parser("top", help="live view of statistics, controls, workers and memory saved")
+    target(tp)
+    tp.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                    help="refresh interval (default 1)")
+    tp.set_defaults(func=_cmd_top)
 
     d = sub.add_parser("demo", help="N workers with the same data; show the memory saved")
     d.add_argument("--workers", type=int, default=4)
