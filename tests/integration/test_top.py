@@ -72,6 +72,14 @@ class Screen:
         self.last = " "
         self.raw = b""
 
+    def resize(self, rows: int, cols: int) -> None:
+        """What a terminal window does when it changes size: cells kept where they fit."""
+        self.grid = [(r + [" "] * cols)[:cols] for r in self.grid[:rows]]
+        self.grid += [[" "] * cols for _ in range(rows - len(self.grid))]
+        self.rows, self.cols = rows, cols
+        self.top, self.bottom = 0, rows - 1
+        self.y, self.x = min(self.y, rows - 1), min(self.x, cols - 1)
+
     def text(self) -> str:
         return "\n".join("".join(r).rstrip() for r in self.grid)
 
@@ -258,6 +266,12 @@ class Top:
                                      f"{self.screen.text()}\nraw tail: {self.screen.raw[-2000:]!r}")
             self.pump()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the window: the kernel sends SIGWINCH to top's process group."""
+        self.drain()
+        self.screen.resize(rows, cols)
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
 
@@ -376,3 +390,37 @@ def test_top_waits_for_a_coordinator_then_shows_it(sockdir: str) -> None:
             worker.close()
         if coord is not None:
             coord.stop()
+
+
+def test_top_degrades_on_small_terminals(sockdir: str) -> None:
+    path = os.path.join(sockdir, "c.sock")
+    coord, worker, _ = start_merging(path)
+    top = Top(path)
+    try:
+        top.wait_screen(r"^workers: 1$")
+        top.resize(9, 40)          # counters first, one column; the rest is dropped
+        top.wait_screen(rf"\A.*\n\s*pages_shared\s+{DISTINCT}\n\s*pages_sharing\s+{NPAGES - DISTINCT}\n")
+        top.wait_screen(r"^\s*general_profit\s+[\d.]+ KiB$")      # the 9th and last line
+        text = top.screen.text()
+        assert "workers:" not in text and "rmap_items" not in text
+        assert max(len(line) for line in text.splitlines()) <= 39
+        top.resize(3, 20)
+        top.wait_screen(r"^20x3: too small$")
+        top.resize(ROWS, COLS)
+        top.wait_screen(r"^workers: 1$")
+        top.send(b"q")
+        assert top.wait_exit() == 0
+        assert_restored(top)
+    finally:
+        top.close()
+        worker.close()
+        coord.stop()
+
+
+def test_top_needs_a_terminal() -> None:
+    r = subprocess.run([sys.executable, "-m", "shmdedup", "top", "--socket", "/nonexistent/c.sock"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, env=child_env(),
+                       timeout=60)
+    assert r.returncode == 2
+    assert "shmdedup top: needs a terminal (try: shmdedup stats)" in r.stderr
+    assert "Traceback" not in r.stderr
