@@ -37,6 +37,7 @@ from shmdedup.errors import ArgumentError, Error
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy
 SCRAPE_WAIT = 1.0        # how long a scrape waits for the loop to publish
 BIND_ADDRESS = "127.0.0.1"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # stats() key -> (metric name without the shmdedup_ prefix, help); gauges.
 GAUGES: dict[str, tuple[str, str]] = {
@@ -128,6 +129,8 @@ class StatsCollector:
         for key, (name, doc) in COUNTERS.items():
             if key in snap:
                 yield CounterMetricFamily(f"shmdedup_{name}", doc, value=snap[key])
+        yield GaugeMetricFamily("shmdedup_page_size_bytes", "Page size: pages times this is bytes",
+                                value=PAGE_SIZE)
         controls = GaugeMetricFamily("shmdedup_control", "Control values (/sys/kernel/mm/ksm names)",
                                      labels=["name"])
         for name in sorted(CONTROLS):

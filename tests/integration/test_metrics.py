@@ -118,6 +118,7 @@ def test_scrape_matches_stats_after_merging(sockdir: str) -> None:
             assert value(m, "shmdedup_control", name=name) == stats[name], name
         assert value(m, "shmdedup_control", name="sleep_millisecs") == 5
         assert value(m, "shmdedup_workers") == 1
+        assert value(m, "shmdedup_page_size_bytes") == shmdedup.PAGE_SIZE
         w = next(w for w in stats["workers"] if w["pid"] == pid)
         assert value(m, "shmdedup_worker_merging_pages", pid=str(pid)) == w["ksm_merging_pages"] == NPAGES
         assert value(m, "shmdedup_worker_rmap_items", pid=str(pid)) == w["ksm_rmap_items"]
