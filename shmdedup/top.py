@@ -268,9 +268,9 @@ def _loop(stdscr: Any, view: TopView, ascii_only: bool) -> None:
         ch = stdscr.getch()
         if ch in (ord("q"), ord("Q")):
             return
-        if ch == curses.KEY_RESIZE:
-            _draw(stdscr, view, ascii_only)
-        elif ch == 12:  # Ctrl-L: repaint everything, as in top
+        if ch in (curses.KEY_RESIZE, 12):
+            # Resize: a frame drawn for the old size may have wrapped on the
+            # terminal, so repaint every cell.  Ctrl-L: the same, as in top.
             stdscr.clear()
             _draw(stdscr, view, ascii_only)
 
