@@ -1,4 +1,4 @@
-"""The ``shmdedup`` command: coordinator, stats, set, demo.
+"""The ``shmdedup`` command: coordinator, stats, set, top, demo.
 
 ``shmdedup stats`` prints one ``name:value`` per line, like
 ``grep . /sys/kernel/mm/ksm/*``; ``--json`` prints one JSON object.
@@ -73,7 +73,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     path = args.socket or resolve_socket_path(None, args.domain)
     try:
         server = CoordinatorServer(path, dict(args.set or []), set(args.allow_uid or ()),
-                                   set(args.allow_gid or ()), args.socket_mode)
+                                   set(args.allow_gid or ()), args.socket_mode,
+                                   metrics_port=args.metrics_port)
     except OSError as e:
         if e.filename is None and path not in str(e):
             e.filename = path  # bind() errors do not name the socket
@@ -81,6 +82,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: server.stop())
     print(f"shmdedup coordinator listening on {path}", file=sys.stderr, flush=True)
+    if server.metrics is not None:
+        print(f"shmdedup coordinator serving metrics on {server.metrics.url}", file=sys.stderr, flush=True)
     server.serve()
     return 0
 
@@ -105,6 +108,21 @@ def _cmd_set(args: argparse.Namespace) -> int:
         for name, value in args.assignments:
             c.set(name, value)
     return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from shmdedup.top import run_top
+    return run_top(args.socket, domain=args.domain, interval=args.interval)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.05 and 3600 seconds, got {text}")
+    return value
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -132,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="permissions of the socket file (default 600; e.g. 666 with --allow-uid)")
     c.add_argument("--dumpable", action="store_true",
                    help="stay dumpable (ptrace-able by our uid); default: PR_SET_DUMPABLE 0")
+    c.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: a free port; "
+                        "needs the prometheus extra)")
     c.add_argument("-v", "--verbose", action="store_true")
     c.set_defaults(func=_cmd_coordinator)
 
@@ -144,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     target(st)
     st.add_argument("assignments", nargs="+", type=_parse_assignment, metavar="NAME=VALUE")
     st.set_defaults(func=_cmd_set)
+
+    tp = sub.add_parser("top", help="live view of statistics, controls, workers and memory saved")
+    target(tp)
+    tp.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                    help="refresh interval (default 1)")
+    tp.set_defaults(func=_cmd_top)
 
     d = sub.add_parser("demo", help="N workers with the same data; show the memory saved")
     d.add_argument("--workers", type=int, default=4)

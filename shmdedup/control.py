@@ -121,13 +121,16 @@ class Coordinator:
     Trust (docs/security.md): peers of this uid are served; ``allow_uids`` /
     ``allow_gids`` admit more (the socket then needs ``socket_mode``, e.g.
     0o666, and a directory they can reach).  A coordinator process is made
-    non-dumpable unless ``dumpable=True``.
+    non-dumpable unless ``dumpable=True``.  ``metrics_port=N`` serves
+    Prometheus metrics on 127.0.0.1:N (0: a free port, see ``metrics_port``;
+    needs the ``prometheus`` extra).
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
                  process: bool = False, export_env: bool = True,
                  allow_uids: Iterable[int] = (), allow_gids: Iterable[int] = (),
-                 socket_mode: int = 0o600, dumpable: bool = False, **controls: int) -> None:
+                 socket_mode: int = 0o600, dumpable: bool = False,
+                 metrics_port: int | None = None, **controls: int) -> None:
         from shmdedup.coordinator import check_control
         for k, v in controls.items():
             check_control(k, v)
@@ -138,7 +141,11 @@ class Coordinator:
             raise ArgumentError(f"socket_mode must be an int in [0, 0o777], got {socket_mode!r}")
         self.socket_mode = socket_mode
         self.dumpable = dumpable
+        if metrics_port is not None:
+            from shmdedup.metrics import check_port
+            check_port(metrics_port)
         self.controls = controls
+        self._metrics_port = metrics_port
         self.process = process
         self.export_env = export_env
         self._tmpdir: str | None = None
@@ -158,6 +165,15 @@ class Coordinator:
         return self._path
 
     @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics on 127.0.0.1 (the one picked for 0), or None."""
+        if self._server is not None:
+            return self._server.metrics_port
+        if self._proc is not None and self._metrics_port is not None:
+            return self.stats().get("metrics_port")
+        return None
+
+    @property
     def pid(self) -> int:
         return self._proc.pid if self._proc else os.getpid()
 
@@ -174,6 +190,8 @@ class Coordinator:
             cmd += [f"--allow-gid={g}" for g in sorted(self.allow_gids)]
             if self.dumpable:
                 cmd.append("--dumpable")
+            if self._metrics_port is not None:
+                cmd += ["--metrics-port", str(self._metrics_port)]
             self._proc = subprocess.Popen(cmd)
             deadline = time.monotonic() + 30
             while True:
@@ -189,7 +207,8 @@ class Coordinator:
         else:
             from shmdedup.coordinator import CoordinatorServer
             self._server = CoordinatorServer(self._path, self.controls, self.allow_uids,
-                                             self.allow_gids, self.socket_mode)
+                                             self.allow_gids, self.socket_mode,
+                                             metrics_port=self._metrics_port)
             self._thread = threading.Thread(target=self._server.serve, name="shmdedup-coordinator",
                                             daemon=True)
             self._thread.start()

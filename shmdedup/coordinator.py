@@ -100,7 +100,7 @@ class CoordinatorServer:
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
                  allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
-                 socket_mode: int = 0o600) -> None:
+                 socket_mode: int = 0o600, metrics_port: int | None = None) -> None:
         self.controls = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
@@ -126,6 +126,18 @@ class CoordinatorServer:
         self.last_error = ""
         self.batches = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
+        # Optional Prometheus endpoint (metrics.py): it only reads snapshots
+        # this loop publishes, never the scanner's arrays.
+        self.metrics: Any = None
+        self.metrics_port: int | None = None
+        if metrics_port is not None:
+            from shmdedup.metrics import MetricsServer
+            try:
+                self.metrics = MetricsServer(metrics_port, self._wake_w)
+            except BaseException:
+                self._shutdown()
+                raise
+            self.metrics_port = self.metrics.port
 
     # -- life cycle --------------------------------------------------------
 
@@ -145,6 +157,8 @@ class CoordinatorServer:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         for peer in list(self.peers.values()):
             self._drop_peer(peer, "")
         self.sel.close()
@@ -192,6 +206,8 @@ class CoordinatorServer:
                 self._wake_waiters()
                 self._full_scan_done()
         self._expire(now)
+        if self.metrics is not None:
+            self.metrics.tick(self.stats)
 
     def _full_scan_done(self) -> None:
         """Feed the scan-time advisor what the last full scan cost."""
@@ -566,6 +582,8 @@ class CoordinatorServer:
         out["last_error"] = self.last_error
         out["coordinator_pid"] = os.getpid()
         out["socket"] = self.socket_path
+        if self.metrics_port is not None:
+            out["metrics_port"] = self.metrics_port
         workers = []
         for peer in self.peers.values():
             if peer.role == "worker":
