@@ -58,7 +58,7 @@ class CoordinatorProcess:
         args = ["coordinator", "--socket", path]
         for k, v in controls.items():
             args += ["--set", f"{k}={v}"]
-        self._log = tempfile.TemporaryFile(prefix="shmdedup-coord-")
+        self._log = tempfile.TemporaryFile(prefix="shmdedup-coord-")  # noqa: SIM115 (closed in _finish)
         self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *args], stdin=subprocess.PIPE,
                                      stdout=self._log, stderr=self._log, env=child_env(),
                                      cwd=str(helpers.REPO_ROOT))

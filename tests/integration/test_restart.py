@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -45,7 +45,7 @@ from tests.helpers import Worker, allocated_bytes, no_shm_leftovers, reaper, wai
 
 P = _native.PAGE_SIZE
 N = 64
-CONTROLS = dict(sleep_millisecs=0, pages_to_scan=256, use_zero_pages=1)
+CONTROLS = {"sleep_millisecs": 0, "pages_to_scan": 256, "use_zero_pages": 1}
 MERGED, ZERO, PRIVATE = _native.MERGED, _native.ZERO, _native.PRIVATE
 
 pytestmark = pytest.mark.usefixtures("no_shm_leftovers")

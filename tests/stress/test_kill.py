@@ -58,7 +58,7 @@ SEED = int(os.environ.get("SHMDEDUP_STRESS_SEED", "1700"))
 # Trials per part of each test; two parts each, run in parallel under xdist.
 TRIALS = int(os.environ.get("SHMDEDUP_STRESS_TRIALS", "50"))
 WORKER_TRIALS = COORDINATOR_TRIALS = TRIALS
-CONTROLS = dict(sleep_millisecs=0, pages_to_scan=64, use_zero_pages=1)
+CONTROLS = {"sleep_millisecs": 0, "pages_to_scan": 64, "use_zero_pages": 1}
 ZERO = bytes(P)
 
 pytestmark = [pytest.mark.stress, pytest.mark.usefixtures("no_shm_leftovers")]
