@@ -32,6 +32,7 @@ import itertools
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from shmdedup import _native
+from shmdedup import _native, _shm
 from tests.cluster import (
     WORKER_SETUP,
     CoordinatorProcess,
@@ -171,7 +172,7 @@ class WorkerKills:
         fds: list[int] = []
         try:
             hit = self.kill_victim(victim, vdata, kill, rng, fds)
-            assert victim.wait() == -9, f"victim exited with {victim.exitcode}, not by SIGKILL"
+            assert victim.wait() == -signal.SIGKILL, f"victim exited with {victim.exitcode}, not by SIGKILL"
             if hit:
                 self.check_death_point(kill, fds)
         finally:
@@ -242,7 +243,7 @@ class WorkerKills:
         if kill in MERGE_POINTS:
             assert merging and not breaking, f"{kill}: states {states!r}"
             data = set()
-            for start, length in _shm_extents(backing, n):
+            for start, length in _shm.data_extents(backing, 0, n * P):
                 data.update(range(start // P, -(-(start + length) // P)))
             punched = [p for p in merging if p not in data]
             if kill == "merge_punched":
@@ -281,11 +282,6 @@ class WorkerKills:
         settle(self.client, problem, 30, "the coordinator to settle after the victim's death")
         for w, data in zip(self.survivors, self.data):
             assert w.call("result = digests()")["s"] == digest(data), f"survivor {w.pid} lost bytes"
-
-
-def _shm_extents(fd: int, npages: int) -> list[tuple[int, int]]:
-    from shmdedup import _shm
-    return _shm.data_extents(fd, 0, npages * P)
 
 
 @pytest.mark.parametrize("part", [0, 1])
