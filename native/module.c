@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include "py_index.h"
+#include "sd_fault.h"
 #include "sd_hash.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
@@ -768,6 +769,68 @@ py_test_race_hook(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Test only: _test_arm_fault(point, countdown=0) arms one fault point (a
+ * name from _FAULT_POINTS or its index; None, "none" or 0 disarms): the
+ * process SIGKILLs itself the (countdown + 1)-th time it passes there. */
+static PyObject *
+py_test_arm_fault(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *point;
+    long long countdown = 0;
+    if (!PyArg_ParseTuple(args, "O|L", &point, &countdown))
+        return NULL;
+    long id = -1;
+    if (point == Py_None) {
+        id = SD_FAULT_NONE;
+    } else if (PyUnicode_Check(point)) {
+        const char *name = PyUnicode_AsUTF8(point);
+        if (!name)
+            return NULL;
+        for (int i = 0; i < SD_FAULT_COUNT; i++)
+            if (strcmp(name, sd_fault_names[i]) == 0)
+                id = i;
+        if (id < 0) {
+            PyErr_Format(PyExc_ValueError, "unknown fault point %R (see _FAULT_POINTS)", point);
+            return NULL;
+        }
+    } else if (PyLong_Check(point) && !PyBool_Check(point)) {
+        id = PyLong_AsLong(point);
+        if (id == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        if (id < 0 || id >= SD_FAULT_COUNT) {
+            PyErr_Format(PyExc_ValueError, "fault point %R is out of range (0 <= id < %d)",
+                         point, SD_FAULT_COUNT);
+            return NULL;
+        }
+    } else {
+        PyErr_Format(PyExc_TypeError, "fault point must be a name or an int, not %.100s",
+                     Py_TYPE(point)->tp_name);
+        return NULL;
+    }
+    if (countdown < 0 || countdown > LONG_MAX) {
+        PyErr_Format(PyExc_ValueError, "countdown must be >= 0, got %lld", countdown);
+        return NULL;
+    }
+    sd_fault_arm((int)id, (long)countdown);
+    Py_RETURN_NONE;
+}
+
+/* _fault_point(id): a fault point in Python code (the agent's); a no-op
+ * unless a test armed that id. */
+static PyObject *
+py_fault_point(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long id = PyLong_AsLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    if (id <= SD_FAULT_NONE || id >= SD_FAULT_COUNT) {
+        PyErr_Format(PyExc_ValueError, "fault point %ld is out of range (1 <= id < %d)", id, SD_FAULT_COUNT);
+        return NULL;
+    }
+    sd_fault_point((int)id);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 py_test_segfault(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
@@ -792,6 +855,10 @@ static PyMethodDef module_methods[] = {
     {"merged_pages", py_merged_pages, METH_NOARGS, "Pages merged (MERGED or ZERO) in this process."},
     {"_test_race_hook", py_test_race_hook, METH_VARARGS, "Test only: change a run's first byte under protection."},
     {"_test_segfault", py_test_segfault, METH_NOARGS, "Test only: a genuine segfault (NULL write)."},
+    {"_test_arm_fault", py_test_arm_fault, METH_VARARGS,
+     "Test only: _test_arm_fault(point, countdown=0): SIGKILL this process the (countdown+1)-th time it "
+     "passes the fault point (a name of _FAULT_POINTS or its index; None disarms)."},
+    {"_fault_point", py_fault_point, METH_O, "_fault_point(id): a fault point in Python code; no-op unless armed."},
     {NULL},
 };
 
@@ -825,6 +892,20 @@ PyInit__native(void)
         PyModule_AddIntConstant(m, "MERGED", SD_MERGED) < 0 ||
         PyModule_AddIntConstant(m, "BREAKING", SD_BREAKING) < 0 ||
         PyModule_AddIntConstant(m, "ZERO", SD_ZERO) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *names = PyTuple_New(SD_FAULT_COUNT);
+    for (int i = 0; names && i < SD_FAULT_COUNT; i++) {
+        PyObject *n = PyUnicode_FromString(sd_fault_names[i]);
+        if (!n) {
+            Py_CLEAR(names);
+            break;
+        }
+        PyTuple_SET_ITEM(names, i, n);
+    }
+    if (!names || PyModule_AddObject(m, "_FAULT_POINTS", names) < 0) {
+        Py_XDECREF(names);
         Py_DECREF(m);
         return NULL;
     }

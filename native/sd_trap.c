@@ -10,6 +10,8 @@
  *   3. publish PRIVATE (release), and return: the write is retried.
  * Pages in MERGING are waited on: the merging thread either publishes MERGED
  * (then we break it) or aborts to PRIVATE (then the write just retries).
+ * Tests kill a process between the steps (sd_fault.h: break_copied,
+ * break_mapped) to check that other processes lose nothing.
  *
  * Signal safety: the handler calls only async-signal-safe functions (pwrite,
  * mmap, sched_yield, sigaction, write, raise, getpid), keeps errno, runs on
@@ -29,6 +31,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include "sd_fault.h"
 #include "sd_pages.h"
 #include "sd_trap.h"
 
@@ -131,8 +134,10 @@ static int copy_back(struct sd_region *r, size_t first, size_t n, int zero)
      * zeros, so only the mapping has to change. */
     if (!zero && pwrite_full(r->fd, addr, len, off) < 0)
         return -1;
+    sd_fault_point(SD_FAULT_BREAK_COPIED);
     if (mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->fd, off) == MAP_FAILED)
         return -2;
+    sd_fault_point(SD_FAULT_BREAK_MAPPED);
     return 0;
 }
 

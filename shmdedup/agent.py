@@ -32,6 +32,10 @@ log = logging.getLogger("shmdedup.agent")
 
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
+# Test-only fault point (native/sd_fault.h): a test arms it with
+# _native._test_arm_fault("agent_merged", n) to die with a batch merged but
+# not yet acknowledged; a no-op costing one C call per batch otherwise.
+_FAULT_AGENT_MERGED = _native._FAULT_POINTS.index("agent_merged")
 
 
 class Agent:
@@ -122,15 +126,22 @@ class Agent:
                 continue
             try:
                 self._session(conn, path)
-                backoff = BACKOFF_MIN
             except PeerRejectedError as e:
                 # Refused at the door: say so once, keep retrying quietly.
                 (log.debug if self._rejected else log.warning)("%s", e)
                 self._rejected = True
             except (OSError, ProtocolError, TimeoutError, ValueError) as e:
                 log.info("coordinator connection ended: %s", e)
+            except Exception:
+                # Never let the thread die: a worker without its agent would
+                # silently stop merging for good.  Reconnect instead.
+                log.exception("agent session failed; reconnecting")
             finally:
                 with self.lock:
+                    # A coordinator that welcomed us and then went away is
+                    # retried quickly (a restart takes a fraction of a
+                    # second); one that never welcomes us is backed off.
+                    backoff = BACKOFF_MIN if self.connected.is_set() else min(backoff * 2, BACKOFF_MAX)
                     self.conn = None
                     self.registered.clear()
                     self.connected.clear()
@@ -176,6 +187,7 @@ class Agent:
             _native.trap_install()
             if msg["t"] == "merge":
                 result = self._merge(msg["items"])
+                _native._fault_point(_FAULT_AGENT_MERGED)
                 conn.send({"t": "merged", "req": msg["req"], "result": result})
             elif msg["t"] == "unmerge":
                 err, text = self._unmerge(msg["items"])

@@ -13,6 +13,14 @@ Everything runs in one thread around a selector: no locks, and with nothing
 to scan (``run`` != 1 or nothing advised) it blocks in select without a
 timeout, using no CPU (seed patch 5, "keep quiet while list empty").
 
+Failure semantics (DESIGN invariants 6 and 7): a slot is freed only when no
+live process can map it.  A worker's slots are released when its process has
+exited (a pidfd per connection tells); one that loses its connection while
+alive keeps them, held by a ``Ghost``, until it exits, and takes them back if
+it registers the same region again.  Stopping the coordinator frees nothing:
+the stable object outlives it through the workers' mappings, as it does when
+the coordinator is killed.
+
 Every message is untrusted: ``protocol.decode`` validates types and ranges,
 and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
@@ -24,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import selectors
 import time
 from dataclasses import dataclass, field
@@ -93,6 +102,37 @@ class Peer:
     pages: int = 0
     bucket: TokenBucket | None = None
     refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
+    pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
+
+
+@dataclass(eq=False)
+class Ghost:
+    """A worker that disconnected while perhaps still alive.  Its regions
+    (detached in the scanner) and its unanswered merges keep their slots until
+    its pidfd says it exited: it may still map them, and a freed slot is
+    punched (its pages would read zeros) and then reused."""
+    pid: int
+    pidfd: int
+    regions: list[RegionState]
+    merges: list
+
+
+def _open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError, ValueError):
+        return None  # gone already, another pid namespace (pid 0), or no pidfd
+
+
+def _same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _exited(pidfd: int) -> bool:
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 class CoordinatorServer:
@@ -121,6 +161,7 @@ class CoordinatorServer:
         self._waiters: list[tuple[Peer, int, float]] = []
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []
+        self.ghosts: dict[int, Ghost] = {}   # by pidfd
         self._stopping = False
         self._next_batch = 0.0
         self.last_error = ""
@@ -157,10 +198,15 @@ class CoordinatorServer:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        # Workers outlive us with their merged pages: free no slot on the way
+        # out (the stable object lives on through their mappings).
         if self.metrics is not None:
             self.metrics.close()
         for peer in list(self.peers.values()):
-            self._drop_peer(peer, "")
+            self._drop_peer(peer, "", release=False)
+        for ghost in self.ghosts.values():
+            os.close(ghost.pidfd)
+        self.ghosts.clear()
         self.sel.close()
         self.listener.close()
         try:
@@ -192,6 +238,8 @@ class CoordinatorServer:
                     pass
             elif key.data is None:
                 self._accept()
+            elif isinstance(key.data, Ghost):
+                self._bury(key.data)
             else:
                 self._readable(key.data)
             self._flush_drops()
@@ -245,7 +293,8 @@ class CoordinatorServer:
                         pid, len(self.peers))
             conn.close()
             return
-        peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]))
+        peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]),
+                    pidfd=_open_pidfd(pid) if pid > 0 else None)
         self.peers[conn.fileno()] = peer
         self.sel.register(conn.fileno(), selectors.EVENT_READ, peer)
 
@@ -295,7 +344,11 @@ class CoordinatorServer:
             peer, why = self._drop.pop()
             self._drop_peer(peer, why)
 
-    def _drop_peer(self, peer: Peer, why: str) -> None:
+    def _drop_peer(self, peer: Peer, why: str, release: bool = True) -> None:
+        """Forget a connection.  A worker's slots are released now only if it
+        has exited; if it may still be alive (it closed the connection, or
+        sent something bad) they are held by a Ghost until it exits.
+        ``release=False`` (shutdown) releases nothing at all."""
         fd = peer.conn.fileno() if not peer.conn.closed else None
         if fd is None or self.peers.get(fd) is not peer:
             return
@@ -307,20 +360,50 @@ class CoordinatorServer:
             pass
         del self.peers[fd]
         peer.conn.close()
-        for kind, items, _ in peer.requests.values():
-            if kind == "merge":
-                self.scanner.forget_request(items)
+        merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
         if self._run2 is not None:
             self._run2["reqs"].difference_update(peer.requests)
         peer.requests.clear()
-        for reg in peer.regions.values():
-            self.scanner.remove_region(reg)
+        if not release:
+            for reg in peer.regions.values():
+                reg.close()
+        elif peer.pidfd is not None and (peer.regions or merges) and not _exited(peer.pidfd):
+            # One ghost per process, however often it reconnects.
+            ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+            if ghost is None:
+                ghost = Ghost(peer.pid, peer.pidfd, [], [])
+                peer.pidfd = None
+                self.ghosts[ghost.pidfd] = ghost
+                self.sel.register(ghost.pidfd, selectors.EVENT_READ, ghost)
+            ghost.regions += peer.regions.values()
+            ghost.merges += merges
+            for reg in peer.regions.values():
+                self.scanner.detach_region(reg)
+        else:
+            for items in merges:
+                self.scanner.forget_request(items)
+            for reg in peer.regions.values():
+                self.scanner.remove_region(reg)
+        if peer.pidfd is not None:
+            os.close(peer.pidfd)
+            peer.pidfd = None
         peer.regions.clear()
         self._waiters = [w for w in self._waiters if w[0] is not peer]
         if self._run2 is not None:
             if self._run2.get("client") is peer:
                 self._run2["client"] = None
             self._check_run2()
+
+    def _bury(self, ghost: Ghost) -> None:
+        """A ghost's process exited (its pidfd is readable): its mappings are
+        gone, so its slots can be released."""
+        self.sel.unregister(ghost.pidfd)
+        del self.ghosts[ghost.pidfd]
+        os.close(ghost.pidfd)
+        for items in ghost.merges:
+            self.scanner.forget_request(items)
+        for reg in ghost.regions:
+            self.scanner.release_detached(reg)
 
     def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
         try:
@@ -379,6 +462,17 @@ class CoordinatorServer:
         peer.regions[rid] = reg
         peer.pages += npages
         self.scanner.add_region(reg)
+        # The same live process registering the same region again (it
+        # reconnected): take its slot references back from its ghost.
+        ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+        if ghost is not None and not _exited(ghost.pidfd):
+            for old in ghost.regions:
+                if old.rid == rid and old.npages == npages and _same_file(old.backing_fd, reg.backing_fd):
+                    ghost.regions.remove(old)
+                    self.scanner.reattach_region(reg, old)
+                    break
+            if not ghost.regions and not ghost.merges:
+                self._bury(ghost)
 
     def _region(self, peer: Peer, rid: int) -> RegionState:
         reg = peer.regions.get(rid)

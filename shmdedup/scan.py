@@ -30,6 +30,12 @@ so they always equal a recount.
 
 smart_scan (Linux 6.7): a page that keeps failing to merge ages one step per
 visit and is skipped for 1, 2, 4, then 8 full scans (``pages_skipped``).
+
+Slots outlive connections, never mappings (invariants 6 and 7): a region whose
+worker disconnected but may be alive is *detached* (kept, not scanned, its
+sharer references held until its worker exits or its state bytes show a page
+broken); closing the scanner frees nothing.  Pages a previous coordinator
+merged are *inherited* (see ``_inherited``).
 """
 
 from __future__ import annotations
@@ -143,6 +149,9 @@ class Scanner:
         self.regions: list[RegionState] = []
         self.by_uid: dict[int, RegionState] = {}
         self._uids = itertools.count()
+        # Regions of workers that disconnected while perhaps still alive; they
+        # hold sharer references but are not scanned (see detach_region).
+        self.detached: list[RegionState] = []
         self.cursor = 0          # index into regions
         self.cursor_page = 0
         self.full_scans = 0
@@ -183,17 +192,64 @@ class Scanner:
         """Drop a region (closed or its worker died): its merged pages stop
         sharing; pending requests are settled by :meth:`forget_request`.
         Its unstable entries go stale and are dropped when next looked up."""
-        merged = reg.slot[(reg.slot >= 0)]
-        np.subtract.at(self.sharers, merged, 1)
+        self._unlink(reg)
+        self._release(reg)
+
+    def detach_region(self, reg: RegionState) -> None:
+        """Stop scanning a region whose worker disconnected but may still be
+        alive: it may still map our slots, so it keeps its sharer counts until
+        :meth:`release_detached` (the worker exited) or until its state bytes
+        show a page broken (:meth:`_reconcile_detached`).  Freeing them now
+        would punch pages out from under a live process (invariant 6)."""
+        self._unlink(reg)
+        self.detached.append(reg)
+
+    def reattach_region(self, reg: RegionState, old: RegionState) -> None:
+        """The worker that owned detached region ``old`` registered it again as
+        ``reg`` (same process, same region): hand its slot references over."""
+        self.detached.remove(old)
+        held = old.slot >= 0
+        reg.slot[held] = old.slot[held]
+        # An unmerge that was in flight is lost with the old connection:
+        # MERGED again, and the next reconcile decides anew.
+        reg.status[held] = MERGED
+        reg.status[old.status == ZERO] = ZERO
+        reg.checksum[held] = old.checksum[held]
+        old.slot[:] = -1
+        old.close()
+
+    def release_detached(self, reg: RegionState) -> None:
+        """The worker of a detached region has exited: release its slots."""
+        self.detached.remove(reg)
+        self._release(reg)
+
+    def _unlink(self, reg: RegionState) -> None:
         i = self.regions.index(reg)
         del self.regions[i]
-        del self.by_uid[reg.uid]
+        self.by_uid.pop(reg.uid, None)
         if i < self.cursor:
             self.cursor -= 1
         elif i == self.cursor:
             self.cursor_page = 0
+
+    def _release(self, reg: RegionState) -> None:
+        merged = reg.slot[(reg.slot >= 0)]
+        np.subtract.at(self.sharers, merged, 1)
+        reg.slot[:] = -1
         self.sidx.free_unused(merged)
         reg.close()
+
+    def _reconcile_detached(self) -> None:
+        # A page whose state byte reads PRIVATE no longer maps its slot (the
+        # break publishes PRIVATE after remapping the backing), whatever the
+        # worker does next: its sharer reference can go.
+        for reg in self.detached:
+            gone = (reg.slot >= 0) & (reg.states[:] == _native.PRIVATE)
+            if gone.any():
+                slots = reg.slot[gone]
+                np.subtract.at(self.sharers, slots, 1)
+                reg.slot[gone] = -1
+                self.sidx.free_unused(slots)
 
     def forget_request(self, items: list) -> None:
         """A request that will never be answered (worker gone): release its slots."""
@@ -272,6 +328,7 @@ class Scanner:
         return pages
 
     def _end_full_scan(self) -> None:
+        self._reconcile_detached()
         self.full_scans += 1
         self.cursor = 0
         self.cursor_page = 0
@@ -483,6 +540,10 @@ class Scanner:
                 self.pending[slots] -= 1
                 touched.append(slots[~ok])
             if reg.closed:
+                # Unregistered meanwhile (closed, so unmapped): whatever
+                # merged holds nothing now.
+                if slot >= 0:
+                    touched.append(slots[ok])
                 continue
             pages = np.arange(first, first + n)
             if slot >= 0:
@@ -513,12 +574,16 @@ class Scanner:
             reg.slot[pages[private]] = -1
             reg.status[pages[private]] = VOLATILE
             still = pages[~private]
-            reg.status[still] = np.where(reg.slot[still] >= 0, MERGED, ZERO)
+            # Still merged: on our slot, on the zero page, or (no slot, not a
+            # zero page) on a previous coordinator's stable object.
+            reg.status[still] = np.where(reg.slot[still] >= 0, MERGED,
+                                         np.where(reg.states[still] == _native.ZERO, ZERO, NEW))
             self.sidx.free_unused(freed)
 
     def merged_items(self, reg: RegionState) -> list:
-        """(reg, pages, slots) of every merged page of a region (for run=2)."""
-        pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO))
+        """(reg, pages, slots) of every merged page of a region (for run=2),
+        inherited ones included: run=2 unmerges everything."""
+        pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO) | _inherited(reg))
         reg.status[pages] = UNMERGING
         return [(reg, pages.astype(np.int64), reg.slot[pages].astype(np.int64))] if len(pages) else []
 
@@ -535,12 +600,13 @@ class Scanner:
     def stats(self) -> dict[str, int]:
         shared = int(np.count_nonzero(self.sharers > 0))
         sharing = int(self.sharers.sum()) - shared
-        unshared = zero = rmap = 0
+        unshared = zero = rmap = inherited = 0
         for reg in self.regions:
             st = reg.status
             unshared += int(np.count_nonzero(st == UNSHARED))
             zero += int(np.count_nonzero(st == ZERO))
             rmap += int(np.count_nonzero(st != NEW))
+            inherited += int(np.count_nonzero(_inherited(reg)))
         volatile = max(rmap - shared - sharing - unshared - zero, 0)
         chains, dups = self.sidx.chains()
         return {
@@ -557,10 +623,11 @@ class Scanner:
             "general_profit": (sharing + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
             "rmap_items": rmap,
             "stable_pages_allocated": self.stable.pages_in_use,
+            "pages_inherited": inherited,
         }
 
     def worker_stats(self, worker: Any) -> dict[str, int]:
-        rmap = merging = zero = 0
+        rmap = merging = zero = inherited = 0
         for reg in self.regions:
             if reg.worker is not worker:
                 continue
@@ -568,18 +635,39 @@ class Scanner:
             rmap += int(np.count_nonzero(st != NEW))
             merging += int(np.count_nonzero((st == MERGED) | (st == UNMERGING)))
             zero += int(np.count_nonzero(st == ZERO))
+            inherited += int(np.count_nonzero(_inherited(reg)))
         return {
             "ksm_rmap_items": rmap,
             "ksm_merging_pages": merging,
             "ksm_zero_pages": zero,
+            "ksm_inherited_pages": inherited,
             "ksm_process_profit": (merging + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
         }
 
     def close(self) -> None:
-        for reg in list(self.regions):
+        """Close every region and the stable segment without freeing a slot:
+        workers keep their merged pages, and the stable object lives on
+        through their mappings until the last one is broken or unmapped."""
+        for reg in self.regions + self.detached:
             reg.close()
         self.regions.clear()
+        self.detached.clear()
         self.sidx.close()
+
+
+def _inherited(reg: RegionState) -> np.ndarray:
+    """Pages merged by a previous coordinator (this one never tracked them).
+
+    After a coordinator restart the workers' merged pages stay mapped on the
+    dead coordinator's stable object, which lives on through those mappings:
+    they are correct, copy-on-write still works, and the memory stays saved.
+    This coordinator cannot read that object, so it leaves them alone: it
+    never scans them (they are not PRIVATE), counts them apart
+    (``pages_inherited``, not in pages_shared/pages_sharing, which describe
+    its own slots), and scans a page normally once a write breaks it.
+    run=2 unmerges them like the rest."""
+    s = reg.states[:]
+    return (reg.status == NEW) & ((s == _native.MERGED) | (s == _native.ZERO))
 
 
 def _coalesce(items: list) -> list:
