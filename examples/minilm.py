@@ -40,7 +40,7 @@ def package_dir() -> Path | None:
     for name in PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
-            return Path(list(spec.submodule_search_locations)[0])
+            return Path(next(iter(spec.submodule_search_locations)))
     return None
 
 

@@ -103,17 +103,20 @@ class Coordinator:
     this process (``process=True``: in a child process) on a fresh private
     socket, exported to child processes through ``$SHMDEDUP_SOCKET``, and
     points this process's own regions at it.  Controls are keyword arguments
-    (``pages_to_scan=10000, sleep_millisecs=0``).
+    (``pages_to_scan=10000, sleep_millisecs=0``).  ``stderr`` (a file or fd)
+    receives a coordinator process's log instead of this process's stderr.
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
-                 process: bool = False, export_env: bool = True, **controls: int) -> None:
+                 process: bool = False, export_env: bool = True, stderr: Any = None,
+                 **controls: int) -> None:
         from shmdedup.coordinator import check_control
         for k, v in controls.items():
             check_control(k, v)
         self.controls = controls
         self.process = process
         self.export_env = export_env
+        self.stderr = stderr
         self._tmpdir: str | None = None
         if socket_path is None and domain is not None:
             socket_path = protocol.default_socket_path(domain)
@@ -142,7 +145,7 @@ class Coordinator:
             cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path]
             for k, v in self.controls.items():
                 cmd += ["--set", f"{k}={v}"]
-            self._proc = subprocess.Popen(cmd)
+            self._proc = subprocess.Popen(cmd, stderr=self.stderr)
             deadline = time.monotonic() + 30
             while True:
                 try:
