@@ -123,14 +123,16 @@ class Coordinator:
     0o666, and a directory they can reach).  A coordinator process is made
     non-dumpable unless ``dumpable=True``.  ``metrics_port=N`` serves
     Prometheus metrics on 127.0.0.1:N (0: a free port, see ``metrics_port``;
-    needs the ``prometheus`` extra).
+    needs the ``prometheus`` extra).  ``stderr`` (a file or fd) receives a
+    coordinator process's log instead of this process's stderr.
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
                  process: bool = False, export_env: bool = True,
                  allow_uids: Iterable[int] = (), allow_gids: Iterable[int] = (),
                  socket_mode: int = 0o600, dumpable: bool = False,
-                 metrics_port: int | None = None, **controls: int) -> None:
+                 metrics_port: int | None = None, stderr: Any = None,
+                 **controls: int) -> None:
         from shmdedup.coordinator import check_control
         for k, v in controls.items():
             check_control(k, v)
@@ -148,6 +150,7 @@ class Coordinator:
         self._metrics_port = metrics_port
         self.process = process
         self.export_env = export_env
+        self.stderr = stderr
         self._tmpdir: str | None = None
         if socket_path is None and domain is not None:
             socket_path = protocol.default_socket_path(domain)
@@ -192,7 +195,7 @@ class Coordinator:
                 cmd.append("--dumpable")
             if self._metrics_port is not None:
                 cmd += ["--metrics-port", str(self._metrics_port)]
-            self._proc = subprocess.Popen(cmd)
+            self._proc = subprocess.Popen(cmd, stderr=self.stderr)
             deadline = time.monotonic() + 30
             while True:
                 try:
