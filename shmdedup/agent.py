@@ -240,7 +240,7 @@ class Agent:
         if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
             raise ValueError("merge request outside the region")
         pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
-        advised = region._advice[pages]
+        advised = region._advice[pages] & (region._pins[pages] == 0)   # pinned(): never
         if advised.all():
             return region.merge(self.view, np.ascontiguousarray(rows).tobytes())
         slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)
@@ -306,9 +306,11 @@ def enable_process_merging(enabled: bool = True) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # The parent's agent (its thread, its connection) does not exist here;
+    # a fresh one serves the regions this child creates.
     global _agent
-    _agent = None
-    _region._listener = None
+    _agent = Agent()
+    _region._listener = _agent
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

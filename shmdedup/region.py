@@ -23,6 +23,7 @@ first, or use the helpers :meth:`readinto` / :meth:`recv_into` that do it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -89,6 +90,8 @@ class Region(_native.Mapping):
         # Held by the agent while it merges or breaks this region, and by
         # close(), so a region is never unmapped under a running merge.
         self._op_lock = threading.Lock()
+        # Pages pinned private by an I/O in progress (pinned()): never merged.
+        self._pins = np.zeros(npages, dtype=np.int32)
         _native.trap_install()
         if mergeable is None:
             mergeable = _listener is not None and _listener.process_merging
@@ -220,31 +223,40 @@ class Region(_native.Mapping):
         first, n = self._page_range(offset, length, round_out=True)
         return self.break_range(first, n)
 
+    @contextlib.contextmanager
+    def pinned(self, offset: int = 0, length: int | None = None) -> Any:
+        """Break the merged pages overlapping the range and keep them private
+        until the block ends: for a system call that writes there and may
+        block (a recv waiting for data), which prepare_write alone cannot
+        cover, since the page could merge again while it waits."""
+        first, n = self._page_range(offset, length, round_out=True)
+        with self._op_lock:       # the agent merges under this lock
+            self._pins[first:first + n] += 1
+            try:
+                self.break_range(first, n)
+            except BaseException:
+                self._pins[first:first + n] -= 1
+                raise
+        try:
+            yield
+        finally:
+            self._pins[first:first + n] -= 1
+
     def readinto(self, f: Any, offset: int = 0, length: int | None = None) -> int:
         """Read from a binary file (or raw fd) into the region; returns bytes read."""
-        first, n = self._page_range(offset, length, round_out=True)
         if length is None:
-            length = self.size - offset
-        view = memoryview(self)[offset:offset + length]
-        try:
-            self.break_range(first, n)
+            length = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
+        with self.pinned(offset, length), memoryview(self)[offset:offset + length] as view:
             if isinstance(f, int):
                 return os.readv(f, [view])
             return f.readinto(view)
-        finally:
-            view.release()
 
     def recv_into(self, sock: Any, offset: int = 0, nbytes: int | None = None, flags: int = 0) -> int:
-        """socket.recv_into into the region, breaking merged pages first."""
+        """socket.recv_into into the region, its pages pinned private meanwhile."""
         if nbytes is None:
-            nbytes = self.size - offset
-        first, n = self._page_range(offset, nbytes, round_out=True)
-        view = memoryview(self)[offset:offset + nbytes]
-        try:
-            self.break_range(first, n)
+            nbytes = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
+        with self.pinned(offset, nbytes), memoryview(self)[offset:offset + nbytes] as view:
             return sock.recv_into(view, nbytes, flags)
-        finally:
-            view.release()
 
     # -- state -----------------------------------------------------------
 
