@@ -281,25 +281,31 @@ class Scanner:
                 self.cursor_page = 0
                 continue
             p1 = min(reg.npages, p0 + CHUNK_PAGES)
+            # Every advised page the cursor passes counts against the budget,
+            # merged ones included (as rmap_items do in ksmd): a fully merged
+            # domain costs pages_to_scan cheap visits per batch, not a full
+            # scan per batch.
+            passed = np.cumsum(reg.advice[p0:p1])
+            if len(passed) and passed[-1] > budget - visited:
+                p1 = p0 + int(np.searchsorted(passed, budget - visited)) + 1
+            self.cursor_page = p1
+            advised = int(passed[p1 - p0 - 1]) if p1 > p0 else 0
+            visited += advised
             self._reconcile(reg, p0, p1, unmerges)
             cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
             st = reg.status[p0:p1]
             cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
             if cand.any():
                 cand &= reg.present(p0, p1)
-            idx = np.flatnonzero(cand)
-            if len(idx) > budget - visited:
-                idx = idx[:budget - visited]
-                p1 = p0 + int(idx[-1]) + 1
-            self.cursor_page = p1
-            if len(idx):
-                visited += len(idx)
-                pages = idx + p0
-                if self.smart_scan:
-                    pages = self._smart_skip(reg, pages)
-                self.pages_scanned += len(pages)
-                if len(pages):
-                    self._visit(reg, pages, merges)
+            pages = np.flatnonzero(cand) + p0
+            skipped = 0
+            if len(pages) and self.smart_scan:
+                before = len(pages)
+                pages = self._smart_skip(reg, pages)
+                skipped = before - len(pages)
+            self.pages_scanned += advised - skipped
+            if len(pages):
+                self._visit(reg, pages, merges)
         for worker, items in merges.items():
             self.send_merge(worker, _coalesce(items))
         for worker, items in unmerges.items():

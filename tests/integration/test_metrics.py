@@ -92,7 +92,8 @@ def merged_worker(path: str, coord: shmdedup.Coordinator) -> tuple[Worker, int]:
 
 def test_scrape_matches_stats_after_merging(sockdir: str) -> None:
     path = os.path.join(sockdir, "c.sock")
-    with shmdedup.Coordinator(path, export_env=False, sleep_millisecs=5, metrics_port=0) as coord:
+    with shmdedup.Coordinator(path, export_env=False, sleep_millisecs=5, metrics_port=0,
+                              advisor_mode=0) as coord:
         port = coord.metrics_port
         assert isinstance(port, int) and port > 0
         worker, pid = merged_worker(path, coord)
