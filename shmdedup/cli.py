@@ -74,7 +74,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     try:
         server = CoordinatorServer(path, dict(args.set or []), set(args.allow_uid or ()),
                                    set(args.allow_gid or ()), args.socket_mode,
-                                   metrics_port=args.metrics_port)
+                                   metrics_port=args.metrics_port, parent_pid=args.parent_pid)
     except OSError as e:
         if e.filename is None and path not in str(e):
             e.filename = path  # bind() errors do not name the socket
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="permissions of the socket file (default 600; e.g. 666 with --allow-uid)")
     c.add_argument("--dumpable", action="store_true",
                    help="stay dumpable (ptrace-able by our uid); default: PR_SET_DUMPABLE 0")
+    c.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="stop when this process exits (how Coordinator(process=True) runs it)")
     c.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: a free port; "
                         "needs the prometheus extra)")

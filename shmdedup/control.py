@@ -186,6 +186,7 @@ class Coordinator:
             self._path = os.path.join(self._tmpdir, "coordinator.sock")
         if self.process:
             cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path,
+                   "--parent-pid", str(os.getpid()),
                    "--socket-mode", f"{self.socket_mode:o}"]
             for k, v in self.controls.items():
                 cmd += ["--set", f"{k}={v}"]

@@ -140,7 +140,8 @@ class CoordinatorServer:
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
                  allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
-                 socket_mode: int = 0o600, metrics_port: int | None = None) -> None:
+                 socket_mode: int = 0o600, metrics_port: int | None = None,
+                 parent_pid: int | None = None) -> None:
         self.controls = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
@@ -154,6 +155,15 @@ class CoordinatorServer:
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        # A coordinator process started by an application (Coordinator(process=
+        # True)) ends with it, even if it is killed: its pidfd turns readable.
+        self._parent: tuple[int, int] | None = None
+        if parent_pid is not None:
+            pidfd = _open_pidfd(parent_pid)
+            if pidfd is None:
+                raise OSError(f"parent process {parent_pid} is gone")
+            self._parent = (parent_pid, pidfd)
+            self.sel.register(pidfd, selectors.EVENT_READ, "parent")
         self.scanner = Scanner(self._send_merge, self._send_unmerge)
         self._apply_scanner_controls()
         self.peers: dict[int, Peer] = {}
@@ -215,6 +225,8 @@ class CoordinatorServer:
             pass
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._parent is not None:
+            os.close(self._parent[1])
         self.scanner.close()
 
     def _scanning(self) -> bool:
@@ -231,7 +243,10 @@ class CoordinatorServer:
             t = max(0.0, min(deadlines) - now)
             timeout = t if timeout is None else min(timeout, t)
         for key, _ in self.sel.select(timeout):
-            if key.data == "wake":
+            if key.data == "parent":
+                log.warning("parent process %d exited: stopping", self._parent[0])
+                self._stopping = True
+            elif key.data == "wake":
                 try:
                     os.read(self._wake_r, 4096)
                 except OSError:
@@ -307,6 +322,9 @@ class CoordinatorServer:
             return
         except ProtocolError as e:
             self._schedule_drop(peer, f"bad message: {e}")
+            return
+        except ConnectionResetError:
+            self._schedule_drop(peer, "")  # a worker exiting with a message unread
             return
         except OSError as e:
             self._schedule_drop(peer, f"receive failed: {e}")
