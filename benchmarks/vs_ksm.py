@@ -59,6 +59,12 @@ Definitions (the same for both systems):
   assignment, timed; then the same writes again (pages now private) as the
   baseline.  Reported: first write per page, and first minus baseline.
 
+Also reported: the most mappings (VMAs) any worker holds (vm.max_map_count is
+the binding limit for shmdedup), other processes' CPU during each convergence
+(this is a shared 2-CPU machine: before each measurement the script waits up
+to --wait-quiet seconds for a quiet machine), and with --py-spy FILE a
+py-spy profile of the coordinator (--py-spy-phase converge|steady).
+
 Nothing is left behind: children are always reaped, shmdedup unlinks its
 objects at once, and /dev/shm is compared before and after.
 """
