@@ -204,9 +204,11 @@ class Coordinator:
                     break
                 except CoordinatorUnavailableError:
                     if self._proc.poll() is not None or time.monotonic() > deadline:
+                        path, code = self._path, self._proc.poll()
                         self.stop()
+                        why = f"it exited with status {code}" if code is not None else "timed out"
                         raise CoordinatorUnavailableError(
-                            f"coordinator process did not start at {self._path}") from None
+                            f"coordinator process did not start at {path} ({why}; see its stderr)") from None
                     time.sleep(0.02)
         else:
             from shmdedup.coordinator import CoordinatorServer
