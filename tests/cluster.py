@@ -255,11 +255,12 @@ class Forked:
             if not self.conn.poll(timeout):
                 raise AssertionError(f"worker {self.pid} did not answer within {timeout}s")
             status, value, nfds = self.conn.recv()
+            if status != "ok":
+                raise WorkerError(f"in worker {self.pid}:\n{value}")
+            # The fds follow the reply: a victim armed to die may die between them.
+            return value, [recv_handle(self.conn) for _ in range(nfds)]
         except (EOFError, OSError):
             raise AssertionError(f"worker {self.pid} died (exit {self.wait()})") from None
-        if status != "ok":
-            raise WorkerError(f"in worker {self.pid}:\n{value}")
-        return value, [recv_handle(self.conn) for _ in range(nfds)]
 
     def call(self, code: str, **kw: Any) -> Any:
         return self.run(code, **kw)[0]
