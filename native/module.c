@@ -726,6 +726,23 @@ py_punch_hole(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 static PyObject *
+py_resident_pages(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int fd;
+    long long off, len;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &off, &len))
+        return NULL;
+    if (off < 0 || len < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset and length must be >= 0");
+        return NULL;
+    }
+    long n = sd_resident_pages(fd, (off_t)off, (size_t)len);
+    if (n < 0)
+        return raise_errno("cachestat");
+    return PyLong_FromLong(n);
+}
+
+static PyObject *
 py_trap_install(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     int rc = sd_trap_install();
@@ -850,6 +867,8 @@ static PyMethodDef module_methods[] = {
      "compare_slots(buf, buf_idx, fd, slots) -> bytes: page-by-page equality with slots of fd."},
     {"is_zero", py_is_zero, METH_VARARGS, "is_zero(buf) -> bool: all pages are zero."},
     {"punch_hole", py_punch_hole, METH_VARARGS, "punch_hole(fd, offset, length): fallocate PUNCH_HOLE|KEEP_SIZE."},
+    {"resident_pages", py_resident_pages, METH_VARARGS,
+     "resident_pages(fd, offset, length) -> pages of the range in memory (cachestat)."},
     {"trap_install", py_trap_install, METH_NOARGS, "Install the COW trap in front; True if it (re)installed."},
     {"trap_in_front", py_trap_in_front, METH_NOARGS, "True if the COW trap is the installed SIGSEGV handler."},
     {"merged_pages", py_merged_pages, METH_NOARGS, "Pages merged (MERGED or ZERO) in this process."},

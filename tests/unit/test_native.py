@@ -306,3 +306,14 @@ def test_punch_hole_errors(shm: int) -> None:
         assert e.value.errno == errno.EBADF  # fallocate needs a writable fd
     finally:
         os.close(ro)
+
+
+def test_resident_pages_counts_written_pages_only(shm) -> None:
+    assert _native.resident_pages(shm, 0, 8 * P) == 0
+    os.pwrite(shm, b"x" * (3 * P), 2 * P)
+    assert _native.resident_pages(shm, 0, 8 * P) == 3
+    assert _native.resident_pages(shm, 3 * P, P) == 1
+    _native.punch_hole(shm, 2 * P, P)
+    assert _native.resident_pages(shm, 0, 8 * P) == 2
+    with pytest.raises(ValueError):
+        _native.resident_pages(shm, -1, P)
