@@ -59,6 +59,12 @@ Definitions (the same for both systems):
   assignment, timed; then the same writes again (pages now private) as the
   baseline.  Reported: first write per page, and first minus baseline.
 
+Also reported: the most mappings (VMAs) any worker holds (vm.max_map_count is
+the binding limit for shmdedup), other processes' CPU during each convergence
+(this is a shared 2-CPU machine: before each measurement the script waits up
+to --wait-quiet seconds for a quiet machine), and with --py-spy FILE a
+py-spy profile of the coordinator (--py-spy-phase converge|steady).
+
 Nothing is left behind: children are always reaped, shmdedup unlinks its
 objects at once, and /dev/shm is compared before and after.
 """
@@ -454,11 +460,6 @@ def _child(system: str, index: int, npages: int, params: dict, conn: Any) -> Non
                 break
             if cmd == "verify":
                 conn.send(("ok", content_crc(arr, kinds) == crc))
-            elif cmd == "merged":
-                if system == "ksm":
-                    conn.send(("ok", ksm_stat(os.getpid()).get("ksm_merging_pages", -1)))
-                else:
-                    conn.send(("ok", region.merged_pages()))
             elif cmd == "cow":
                 stop_churn.set()
                 if churn is not None:
@@ -558,6 +559,17 @@ class Fleet:
 
     def pss_kib(self) -> int:
         return sum(pss_kib(p) for p in self.pids)
+
+    def max_vmas(self) -> int:
+        """Most mappings (lines of /proc/<pid>/maps) of any worker."""
+        most = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/maps", "rb") as f:
+                    most = max(most, f.read().count(b"\n"))
+            except OSError:
+                pass
+        return most
 
     def backing_bytes(self) -> int:
         total = 0
@@ -683,7 +695,8 @@ def steady_state(sample: Callable[[], dict], wait_scan: Callable[[float], None],
 def _memory(fleet: Fleet) -> dict[str, int]:
     m = meminfo()
     return {"AnonPages": m["AnonPages"], "Shmem": m["Shmem"], "MemAvailable": m["MemAvailable"],
-            "SUnreclaim": m.get("SUnreclaim", 0), "workers_pss": fleet.pss_kib(), "meminfo": m}
+            "SUnreclaim": m.get("SUnreclaim", 0), "workers_pss": fleet.pss_kib(),
+            "worker_vmas": fleet.max_vmas(), "meminfo": m}
 
 
 def _meminfo_delta(before: dict, after: dict) -> dict[str, int]:
@@ -760,6 +773,8 @@ def run_ksm(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict
         res["scanner_memory_mib"] = (after["SUnreclaim"] - before["SUnreclaim"]) / 1024
         res["workers_pss_mib"] = [before["workers_pss"] / 1024, after["workers_pss"] / 1024]
         res["saved_pss_mib"] = (before["workers_pss"] - after["workers_pss"]) / 1024
+        res["worker_vmas"] = [before["worker_vmas"], after["worker_vmas"]]
+        res["worker_vmas_after"] = after["worker_vmas"]
         if full:
             rmap = sum(ksm_stat(p).get("ksm_rmap_items", 0) for p in fleet.pids)
             profit = KSM.read("general_profit") if KSM.has("general_profit") else None
@@ -837,18 +852,26 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
         before = _memory(fleet)
         before["backing"] = fleet.backing_bytes()
         before["coordinator_rss_anon"] = proc_kib(cpid, "status", "RssAnon")
-        if cfg.py_spy:
-            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(cpid), "--rate", str(cfg.py_spy_rate),
-                                         "--format", "raw", "--output", cfg.py_spy] + (["--native"] if cfg.py_spy_native else ["--nonblocking"]),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        def profile_start() -> Any:
+            p = subprocess.Popen(["py-spy", "record", "--pid", str(cpid), "--rate", str(cfg.py_spy_rate),
+                                  "--format", "raw", "--output", cfg.py_spy]
+                                 + (["--native"] if cfg.py_spy_native else ["--nonblocking"]),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
+            return p
+
+        def profile_stop(p: Any) -> None:
+            p.send_signal(signal.SIGINT)
+            p.wait(60)
+            res["py_spy_output"] = cfg.py_spy
+
+        if cfg.py_spy and cfg.py_spy_phase == "converge":
+            profiler = profile_start()
         client.set("run", 1)
         conv = converge(sample, expected, cfg.timeout, cfg.poll, "shmdedup", quiet)
         if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(60)
+            profile_stop(profiler)
             profiler = None
-            res["py_spy_output"] = cfg.py_spy
         after = _memory(fleet)
         after["backing"] = fleet.backing_bytes()
         after["coordinator_rss_anon"] = proc_kib(cpid, "status", "RssAnon")
@@ -865,6 +888,8 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
         res["scanner_memory_mib"] = (after["coordinator_rss_anon"] - rss0) / 1024
         res["workers_pss_mib"] = [before["workers_pss"] / 1024, after["workers_pss"] / 1024]
         res["saved_pss_mib"] = (before["workers_pss"] - after["workers_pss"]) / 1024
+        res["worker_vmas"] = [before["worker_vmas"], after["worker_vmas"]]
+        res["worker_vmas_after"] = after["worker_vmas"]
         res["final_stats"] = {k: v for k, v in final.items() if k != "workers"}
         if full:
             t = time.perf_counter()
@@ -876,7 +901,12 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
             res["rmap_items"] = final["rmap_items"]
             res["measured_metadata_bytes_per_page"] = (
                 (after["coordinator_rss_anon"] - rss0) * 1024 / (workers * npages))
+            if cfg.py_spy and cfg.py_spy_phase == "steady":
+                profiler = profile_start()
             res["steady"] = steady_state(sample, wait_scan, workers * npages, cfg.timeout)
+            if profiler is not None:
+                profile_stop(profiler)
+                profiler = None
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
             client.set("run", 0)
             c0 = cpu_ns(cpid)
@@ -967,6 +997,7 @@ ROWS = [
     ("  system-wide: MemAvailable", "saved_memavailable_mib", 1),
     ("ideal saved MiB (expected sharing)", "ideal_saved_mib", 1),
     ("scanner's own memory MiB", "scanner_memory_mib", 1),
+    ("most mappings (VMAs) of a worker", "worker_vmas_after", 0),
     ("metadata bytes/tracked page", "metadata_bytes_per_page", 1),
     ("measured metadata bytes/page", "measured_metadata_bytes_per_page", 1),
     ("COW break us/page (first write)", "cow.us_per_page", 2),
@@ -1095,6 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--py-spy", metavar="FILE",
                     help="profile the coordinator with py-spy (raw collapsed stacks) until convergence")
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--py-spy-phase", choices=("converge", "steady"), default="converge",
+                    help="what to profile: convergence, or the steady-state rescans after it")
     ap.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     cfg = ap.parse_args(argv)

@@ -20,6 +20,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "py_index.h"
+#include "sd_fault.h"
 #include "sd_hash.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
@@ -745,6 +747,23 @@ py_punch_hole(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 static PyObject *
+py_resident_pages(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int fd;
+    long long off, len;
+    if (!PyArg_ParseTuple(args, "iLL", &fd, &off, &len))
+        return NULL;
+    if (off < 0 || len < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset and length must be >= 0");
+        return NULL;
+    }
+    long n = sd_resident_pages(fd, (off_t)off, (size_t)len);
+    if (n < 0)
+        return raise_errno("cachestat");
+    return PyLong_FromLong(n);
+}
+
+static PyObject *
 py_trap_install(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     int rc = sd_trap_install();
@@ -788,6 +807,68 @@ py_test_race_hook(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Test only: _test_arm_fault(point, countdown=0) arms one fault point (a
+ * name from _FAULT_POINTS or its index; None, "none" or 0 disarms): the
+ * process SIGKILLs itself the (countdown + 1)-th time it passes there. */
+static PyObject *
+py_test_arm_fault(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *point;
+    long long countdown = 0;
+    if (!PyArg_ParseTuple(args, "O|L", &point, &countdown))
+        return NULL;
+    long id = -1;
+    if (point == Py_None) {
+        id = SD_FAULT_NONE;
+    } else if (PyUnicode_Check(point)) {
+        const char *name = PyUnicode_AsUTF8(point);
+        if (!name)
+            return NULL;
+        for (int i = 0; i < SD_FAULT_COUNT; i++)
+            if (strcmp(name, sd_fault_names[i]) == 0)
+                id = i;
+        if (id < 0) {
+            PyErr_Format(PyExc_ValueError, "unknown fault point %R (see _FAULT_POINTS)", point);
+            return NULL;
+        }
+    } else if (PyLong_Check(point) && !PyBool_Check(point)) {
+        id = PyLong_AsLong(point);
+        if (id == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        if (id < 0 || id >= SD_FAULT_COUNT) {
+            PyErr_Format(PyExc_ValueError, "fault point %R is out of range (0 <= id < %d)",
+                         point, SD_FAULT_COUNT);
+            return NULL;
+        }
+    } else {
+        PyErr_Format(PyExc_TypeError, "fault point must be a name or an int, not %.100s",
+                     Py_TYPE(point)->tp_name);
+        return NULL;
+    }
+    if (countdown < 0 || countdown > LONG_MAX) {
+        PyErr_Format(PyExc_ValueError, "countdown must be >= 0, got %lld", countdown);
+        return NULL;
+    }
+    sd_fault_arm((int)id, (long)countdown);
+    Py_RETURN_NONE;
+}
+
+/* _fault_point(id): a fault point in Python code (the agent's); a no-op
+ * unless a test armed that id. */
+static PyObject *
+py_fault_point(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long id = PyLong_AsLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    if (id <= SD_FAULT_NONE || id >= SD_FAULT_COUNT) {
+        PyErr_Format(PyExc_ValueError, "fault point %ld is out of range (1 <= id < %d)", id, SD_FAULT_COUNT);
+        return NULL;
+    }
+    sd_fault_point((int)id);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 py_test_fail_mmaps(PyObject *Py_UNUSED(m), PyObject *args)
 {
@@ -821,6 +902,8 @@ static PyMethodDef module_methods[] = {
      "compare_slots(buf, buf_idx, fd, slots) -> bytes: page-by-page equality with slots of fd."},
     {"is_zero", py_is_zero, METH_VARARGS, "is_zero(buf) -> bool: all pages are zero."},
     {"punch_hole", py_punch_hole, METH_VARARGS, "punch_hole(fd, offset, length): fallocate PUNCH_HOLE|KEEP_SIZE."},
+    {"resident_pages", py_resident_pages, METH_VARARGS,
+     "resident_pages(fd, offset, length) -> pages of the range in memory (cachestat)."},
     {"trap_install", py_trap_install, METH_NOARGS, "Install the COW trap in front; True if it (re)installed."},
     {"trap_in_front", py_trap_in_front, METH_NOARGS, "True if the COW trap is the installed SIGSEGV handler."},
     {"merged_pages", py_merged_pages, METH_NOARGS, "Pages merged (MERGED or ZERO) in this process."},
@@ -828,6 +911,10 @@ static PyMethodDef module_methods[] = {
     {"_test_fail_mmaps", py_test_fail_mmaps, METH_VARARGS,
      "Test only: the next n copy-back mmaps of breaks fail with ENOMEM (as past vm.max_map_count)."},
     {"_test_segfault", py_test_segfault, METH_NOARGS, "Test only: a genuine segfault (NULL write)."},
+    {"_test_arm_fault", py_test_arm_fault, METH_VARARGS,
+     "Test only: _test_arm_fault(point, countdown=0): SIGKILL this process the (countdown+1)-th time it "
+     "passes the fault point (a name of _FAULT_POINTS or its index; None disarms)."},
+    {"_fault_point", py_fault_point, METH_O, "_fault_point(id): a fault point in Python code; no-op unless armed."},
     {NULL},
 };
 
@@ -843,21 +930,38 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     sd_page_size = (size_t)sysconf(_SC_PAGESIZE);
-    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StableViewType) < 0)
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&StableViewType) < 0 ||
+        PyType_Ready(&sd_HashIndexType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
         return NULL;
     Py_INCREF(&MappingType);
     Py_INCREF(&StableViewType);
+    Py_INCREF(&sd_HashIndexType);
     if (PyModule_AddObject(m, "Mapping", (PyObject *)&MappingType) < 0 ||
         PyModule_AddObject(m, "StableView", (PyObject *)&StableViewType) < 0 ||
+        PyModule_AddObject(m, "HashIndex", (PyObject *)&sd_HashIndexType) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)sd_page_size) < 0 ||
         PyModule_AddIntConstant(m, "PRIVATE", SD_PRIVATE) < 0 ||
         PyModule_AddIntConstant(m, "MERGING", SD_MERGING) < 0 ||
         PyModule_AddIntConstant(m, "MERGED", SD_MERGED) < 0 ||
         PyModule_AddIntConstant(m, "BREAKING", SD_BREAKING) < 0 ||
         PyModule_AddIntConstant(m, "ZERO", SD_ZERO) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *names = PyTuple_New(SD_FAULT_COUNT);
+    for (int i = 0; names && i < SD_FAULT_COUNT; i++) {
+        PyObject *n = PyUnicode_FromString(sd_fault_names[i]);
+        if (!n) {
+            Py_CLEAR(names);
+            break;
+        }
+        PyTuple_SET_ITEM(names, i, n);
+    }
+    if (!names || PyModule_AddObject(m, "_FAULT_POINTS", names) < 0) {
+        Py_XDECREF(names);
         Py_DECREF(m);
         return NULL;
     }

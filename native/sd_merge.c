@@ -12,11 +12,16 @@
  *      copy, then publish MERGED (invariant 2: a trap that sees MERGED must
  *      find the stable mapping installed and be free to write the backing);
  *   5. unequal stretches: mprotect read-write again, publish PRIVATE.
+ * A death between any two of these steps loses nothing (invariant 7): the
+ * backing still holds the bytes until the punch, and after it the stable slot
+ * holds them; tests kill a worker exactly there (sd_fault.h: merge_protected,
+ * merge_mapped, merge_punched).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include "sd_fault.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
 
@@ -43,8 +48,10 @@ static int install(struct sd_region *r, uint8_t *base, size_t first, size_t n,
                  (off_t)slot * (off_t)sd_page_size);
     if (p == MAP_FAILED)
         return -1;
+    sd_fault_point(SD_FAULT_MERGE_MAPPED);
     /* A failed punch only costs memory: the page is merged and correct. */
     sd_punch(r->fd, (off_t)(first * sd_page_size), (off_t)len);
+    sd_fault_point(SD_FAULT_MERGE_PUNCHED);
     publish(r, first, n, slot < 0 ? SD_ZERO : SD_MERGED);
     atomic_fetch_add(&sd_merged_pages, (long)n);
     return 0;
@@ -74,6 +81,7 @@ static long merge_claimed(struct sd_region *r, size_t first, size_t n, int stabl
         publish(r, first, n, SD_PRIVATE);
         return 0;
     }
+    sd_fault_point(SD_FAULT_MERGE_PROTECTED);
     if (sd_merge_test_hook)
         sd_merge_test_hook(r, first, n);
 

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include "sd_hash.h"
 #include "sd_pages.h"
@@ -81,4 +82,20 @@ int sd_page_is_zero(const uint8_t *page, size_t page_size)
 int sd_punch(int fd, off_t offset, off_t length)
 {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451     /* the same on every architecture (unified table) */
+#endif
+
+struct sd_cachestat_range { uint64_t off, len; };
+struct sd_cachestat { uint64_t cache, dirty, writeback, evicted, recently_evicted; };
+
+long sd_resident_pages(int fd, off_t offset, size_t length)
+{
+    struct sd_cachestat_range r = {(uint64_t)offset, (uint64_t)length};
+    struct sd_cachestat cs;
+    if (syscall(__NR_cachestat, fd, &r, &cs, 0) != 0)
+        return -1;
+    return (long)cs.cache;
 }

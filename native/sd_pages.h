@@ -22,6 +22,11 @@ int sd_compare_slots(const uint8_t *buf, const int64_t *buf_idx, int fd, const i
 /* 1 if the page is all zero bytes. */
 int sd_page_is_zero(const uint8_t *page, size_t page_size);
 
+/* Pages of [offset, offset + length) in the page cache, by cachestat(2)
+ * (Linux 6.5): one call, whatever the range, where SEEK_HOLE walks to the
+ * next hole.  -1 with errno (ENOSYS on older kernels). */
+long sd_resident_pages(int fd, off_t offset, size_t length);
+
 /* fallocate(PUNCH_HOLE | KEEP_SIZE): give the pages' memory back, keep the size. */
 int sd_punch(int fd, off_t offset, off_t length);
 #endif

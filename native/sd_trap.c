@@ -10,6 +10,8 @@
  *   3. publish PRIVATE (release), and return: the write is retried.
  * Pages in MERGING are waited on: the merging thread either publishes MERGED
  * (then we break it) or aborts to PRIVATE (then the write just retries).
+ * Tests kill a process between the steps (sd_fault.h: break_copied,
+ * break_mapped) to check that other processes lose nothing.
  *
  * Signal safety: the handler calls only async-signal-safe functions (pwrite,
  * mmap, sched_yield, sigaction, write, raise, getpid), keeps errno, runs on
@@ -29,6 +31,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include "sd_fault.h"
 #include "sd_pages.h"
 #include "sd_trap.h"
 
@@ -132,12 +135,14 @@ static int copy_back(struct sd_region *r, size_t first, size_t n, int zero)
      * zeros, so only the mapping has to change. */
     if (!zero && pwrite_full(r->fd, addr, len, off) < 0)
         return -1;
+    sd_fault_point(SD_FAULT_BREAK_COPIED);
     if (atomic_load(&sd_test_fail_mmaps) > 0 && atomic_fetch_sub(&sd_test_fail_mmaps, 1) > 0) {
         errno = ENOMEM;
         return -2;
     }
     if (mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->fd, off) == MAP_FAILED)
         return -2;
+    sd_fault_point(SD_FAULT_BREAK_MAPPED);
     return 0;
 }
 
@@ -190,8 +195,9 @@ static long break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
             }
             /* Give the neighbours back as MERGED: their mappings are unchanged
              * (a ZERO neighbour reads zeros from its mapping either way).  The
-             * copy wrote the whole stretch into the backing, where nobody maps
-             * it: free it, or the failed break would cost memory for good. */
+             * copy allocated backing pages for them that nobody maps: free them
+             * first (once published, another thread may break one and write
+             * its backing afresh). */
             int err = errno;
             sd_punch(r->fd, (off_t)(lo * sd_page_size), (off_t)((hi - lo) * sd_page_size));
             publish(r, lo, first - lo, SD_MERGED);
@@ -299,9 +305,11 @@ static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
         }
         if (!is_merged(s) || !atomic_compare_exchange_strong(&r->state[page], &s, SD_BREAKING))
             continue;
-        if (break_owned(r, page, 1, s) < 0)
+        long got = break_owned(r, page, 1, s);
+        if (got < 0)
             fatal_break(addr, errno);
-        atomic_fetch_add(&r->breaks, 1);
+        /* Pages, not faults: at the mapping limit one fault breaks a whole run. */
+        atomic_fetch_add(&r->breaks, (uint64_t)got);
         return 1;
     }
 }

@@ -26,12 +26,16 @@ import numpy as np
 
 from shmdedup import _native, protocol, region as _region
 from shmdedup.control import resolve_socket_path
-from shmdedup.errors import ProtocolError
+from shmdedup.errors import PeerRejectedError, ProtocolError
 
 log = logging.getLogger("shmdedup.agent")
 
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
+# Test-only fault point (native/sd_fault.h): a test arms it with
+# _native._test_arm_fault("agent_merged", n) to die with a batch merged but
+# not yet acknowledged; a no-op costing one C call per batch otherwise.
+_FAULT_AGENT_MERGED = _native._FAULT_POINTS.index("agent_merged")
 
 
 class Agent:
@@ -48,6 +52,7 @@ class Agent:
         self._wake = threading.Event()
         self.connected = threading.Event()
         self.batches = 0
+        self._rejected = False
 
     # -- called by regions (any thread) -------------------------------------
 
@@ -120,12 +125,23 @@ class Agent:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             try:
-                self._session(conn)
-                backoff = BACKOFF_MIN
+                self._session(conn, path)
+            except PeerRejectedError as e:
+                # Refused at the door: say so once, keep retrying quietly.
+                (log.debug if self._rejected else log.warning)("%s", e)
+                self._rejected = True
             except (OSError, ProtocolError, TimeoutError, ValueError) as e:
                 log.info("coordinator connection ended: %s", e)
+            except Exception:
+                # Never let the thread die: a worker without its agent would
+                # silently stop merging for good.  Reconnect instead.
+                log.exception("agent session failed; reconnecting")
             finally:
                 with self.lock:
+                    # A coordinator that welcomed us and then went away is
+                    # retried quickly (a restart takes a fraction of a
+                    # second); one that never welcomes us is backed off.
+                    backoff = BACKOFF_MIN if self.connected.is_set() else min(backoff * 2, BACKOFF_MAX)
                     self.conn = None
                     self.registered.clear()
                     self.connected.clear()
@@ -136,11 +152,15 @@ class Agent:
             self._wake.wait(backoff)
             self._wake.clear()
 
-    def _session(self, conn: protocol.Connection) -> None:
+    def _session(self, conn: protocol.Connection, path: str) -> None:
         conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
         got = conn.recv(timeout=10)
         if got is None:
-            return
+            raise PeerRejectedError(
+                f"coordinator at {path} closed the connection before welcome (our uid "
+                f"{os.getuid()} not allowed, or max_connections reached: see its log); "
+                f"regions stay unmerged until it accepts us")
+        self._rejected = False
         msg, fds = got
         if msg["t"] != "welcome" or len(fds) != 1:
             for fd in fds:
@@ -167,10 +187,16 @@ class Agent:
             _native.trap_install()
             if msg["t"] == "merge":
                 result = self._merge(msg["items"])
+                _native._fault_point(_FAULT_AGENT_MERGED)
                 conn.send({"t": "merged", "req": msg["req"], "result": result})
             elif msg["t"] == "unmerge":
                 err, text = self._unmerge(msg["items"])
                 conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
+            elif msg["t"] == "reply" and not msg["ok"]:
+                # A cap (max_regions_per_worker, max_pages_per_worker) refused a region.
+                log.warning("coordinator refused a region: %s; it keeps working, unmerged",
+                            msg["error"])
+                continue
             else:
                 raise ProtocolError(f"unexpected {msg['t']} from the coordinator")
             self.batches += 1
@@ -214,7 +240,7 @@ class Agent:
         if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
             raise ValueError("merge request outside the region")
         pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
-        advised = region._advice[pages] & ~region._pinned(pages)   # writable() in progress
+        advised = region._advice[pages] & (region._pins[pages] == 0)   # pinned(): never
         if advised.all():
             return region.merge(self.view, np.ascontiguousarray(rows).tobytes())
         slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)
@@ -280,9 +306,11 @@ def enable_process_merging(enabled: bool = True) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # The parent's agent (its thread, its connection) does not exist here;
+    # a fresh one serves the regions this child creates.
     global _agent
-    _agent = None
-    _region._listener = None
+    _agent = Agent()
+    _region._listener = _agent
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -16,10 +16,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from shmdedup import protocol
-from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
+from shmdedup.errors import ArgumentError, ControlError, CoordinatorUnavailableError, ProtocolError
 
 ENV_SOCKET = "SHMDEDUP_SOCKET"
 log = logging.getLogger("shmdedup")
@@ -32,6 +33,12 @@ def resolve_socket_path(socket_path: str | None = None, domain: str | None = Non
     if domain is None and os.environ.get(ENV_SOCKET):
         return os.environ[ENV_SOCKET]
     return protocol.default_socket_path(domain or "default")
+
+
+def _check_id(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
+        raise ArgumentError(f"{name}: ids must be ints in [0, 2**32 - 2], got {value!r}")
+    return value
 
 
 class Client:
@@ -54,6 +61,9 @@ class Client:
         try:
             got = self._conn.recv(timeout=timeout)
         except TimeoutError as e:
+            # Its late reply would be taken as the answer to our next request:
+            # this connection is done.
+            self._conn.close()
             raise CoordinatorUnavailableError(
                 f"coordinator at {self.socket_path} did not answer within {timeout} s") from e
         if got is None:
@@ -66,6 +76,9 @@ class Client:
         return msg
 
     def _call(self, msg: dict, timeout: float | None = None) -> Any:
+        if self._conn.closed:
+            raise CoordinatorUnavailableError(
+                f"connection to the coordinator at {self.socket_path} is closed (a request timed out?)")
         self._conn.send(msg)
         r = self._expect("reply", self.timeout if timeout is None else timeout)
         if not r["ok"]:
@@ -104,16 +117,40 @@ class Coordinator:
     socket, exported to child processes through ``$SHMDEDUP_SOCKET``, and
     points this process's own regions at it.  Controls are keyword arguments
     (``pages_to_scan=10000, sleep_millisecs=0``).
+
+    Trust (docs/security.md): peers of this uid are served; ``allow_uids`` /
+    ``allow_gids`` admit more (the socket then needs ``socket_mode``, e.g.
+    0o666, and a directory they can reach).  A coordinator process is made
+    non-dumpable unless ``dumpable=True``.  ``metrics_port=N`` serves
+    Prometheus metrics on 127.0.0.1:N (0: a free port, see ``metrics_port``;
+    needs the ``prometheus`` extra).  ``stderr`` (a file or fd) receives a
+    coordinator process's log instead of this process's stderr.
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
-                 process: bool = False, export_env: bool = True, **controls: int) -> None:
+                 process: bool = False, export_env: bool = True,
+                 allow_uids: Iterable[int] = (), allow_gids: Iterable[int] = (),
+                 socket_mode: int = 0o600, dumpable: bool = False,
+                 metrics_port: int | None = None, stderr: Any = None,
+                 **controls: int) -> None:
         from shmdedup.coordinator import check_control
         for k, v in controls.items():
             check_control(k, v)
+        self.allow_uids = {_check_id("allow_uids", u) for u in allow_uids}
+        self.allow_gids = {_check_id("allow_gids", g) for g in allow_gids}
+        if isinstance(socket_mode, bool) or not isinstance(socket_mode, int) \
+                or not 0 <= socket_mode <= 0o777:
+            raise ArgumentError(f"socket_mode must be an int in [0, 0o777], got {socket_mode!r}")
+        self.socket_mode = socket_mode
+        self.dumpable = dumpable
+        if metrics_port is not None:
+            from shmdedup.metrics import check_port
+            check_port(metrics_port)
         self.controls = controls
+        self._metrics_port = metrics_port
         self.process = process
         self.export_env = export_env
+        self.stderr = stderr
         self._tmpdir: str | None = None
         if socket_path is None and domain is not None:
             socket_path = protocol.default_socket_path(domain)
@@ -131,6 +168,15 @@ class Coordinator:
         return self._path
 
     @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics on 127.0.0.1 (the one picked for 0), or None."""
+        if self._server is not None:
+            return self._server.metrics_port
+        if self._proc is not None and self._metrics_port is not None:
+            return self.stats().get("metrics_port")
+        return None
+
+    @property
     def pid(self) -> int:
         return self._proc.pid if self._proc else os.getpid()
 
@@ -139,10 +185,18 @@ class Coordinator:
             self._tmpdir = tempfile.mkdtemp(prefix="shmdedup-")
             self._path = os.path.join(self._tmpdir, "coordinator.sock")
         if self.process:
-            cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path]
+            cmd = [sys.executable, "-m", "shmdedup", "coordinator", "--socket", self._path,
+                   "--parent-pid", str(os.getpid()),
+                   "--socket-mode", f"{self.socket_mode:o}"]
             for k, v in self.controls.items():
                 cmd += ["--set", f"{k}={v}"]
-            self._proc = subprocess.Popen(cmd)
+            cmd += [f"--allow-uid={u}" for u in sorted(self.allow_uids)]
+            cmd += [f"--allow-gid={g}" for g in sorted(self.allow_gids)]
+            if self.dumpable:
+                cmd.append("--dumpable")
+            if self._metrics_port is not None:
+                cmd += ["--metrics-port", str(self._metrics_port)]
+            self._proc = subprocess.Popen(cmd, stderr=self.stderr)
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -150,13 +204,17 @@ class Coordinator:
                     break
                 except CoordinatorUnavailableError:
                     if self._proc.poll() is not None or time.monotonic() > deadline:
+                        path, code = self._path, self._proc.poll()
                         self.stop()
+                        why = f"it exited with status {code}" if code is not None else "timed out"
                         raise CoordinatorUnavailableError(
-                            f"coordinator process did not start at {self._path}") from None
+                            f"coordinator process did not start at {path} ({why}; see its stderr)") from None
                     time.sleep(0.02)
         else:
             from shmdedup.coordinator import CoordinatorServer
-            self._server = CoordinatorServer(self._path, self.controls)
+            self._server = CoordinatorServer(self._path, self.controls, self.allow_uids,
+                                             self.allow_gids, self.socket_mode,
+                                             metrics_port=self._metrics_port)
             self._thread = threading.Thread(target=self._server.serve, name="shmdedup-coordinator",
                                             daemon=True)
             self._thread.start()
@@ -168,7 +226,7 @@ class Coordinator:
         return self
 
     def client(self) -> Client:
-        if self._client is None:
+        if self._client is None or self._client._conn.closed:  # closed: after a timeout
             self._client = Client(self.socket_path)
         return self._client
 

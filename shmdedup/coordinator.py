@@ -13,17 +13,18 @@ Everything runs in one thread around a selector: no locks, and with nothing
 to scan (``run`` != 1 or nothing advised) it blocks in select without a
 timeout, using no CPU (seed patch 5, "keep quiet while list empty").
 
+Failure semantics (DESIGN invariants 6 and 7): a slot is freed only when no
+live process can map it.  A worker's slots are released when its process has
+exited (a pidfd per connection tells); one that loses its connection while
+alive keeps them, held by a ``Ghost``, until it exits, and takes them back if
+it registers the same region again.  Stopping the coordinator frees nothing:
+the stable object outlives it through the workers' mappings, as it does when
+the coordinator is killed.
+
 Every message is untrusted: ``protocol.decode`` validates types and ranges,
 and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
-
-A dropped connection does not mean a dead worker (it may be stopped, slow,
-or buggy): the stable slots its pages map, and those of its merges in flight,
-stay allocated until its process has exited (a pidfd in the selector), since
-a slot freed under a live mapping reads as zeros, and once reused as another
-page.  Stopping the coordinator frees nothing either: the workers keep their
-merged pages, and the stable object lives as long as they map it.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from shmdedup import protocol
+from shmdedup import advisor, protocol
 from shmdedup.budget import default_max_mappings
 from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
 from shmdedup.scan import Scanner, RegionState, _coalesce
+from shmdedup.security import TokenBucket
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -54,14 +56,29 @@ CONTROLS: dict[str, tuple[int, int, int]] = {
     "max_page_sharing": (256, 2, 2**31 - 1),
     "max_kernel_pages": (0, 0, 2**31 - 1),
     "use_zero_pages": (0, 0, 1),
+    "smart_scan": (1, 0, 1),
+    # The scan-time advisor (advisor.py) paces by default; setting
+    # pages_to_scan by hand switches it off (advisor_mode 0).
+    "advisor_mode": (1, 0, 1),
+    "advisor_target_scan_time": (10, 1, 86_400),
+    "advisor_max_cpu": (50, 1, 100),
+    "advisor_min_pages_to_scan": (500, 1, 10_000_000),
+    "advisor_max_pages_to_scan": (100_000, 1, 10_000_000),
+    # Security (docs/security.md): 1 merges all-zero pages only, never a stable slot.
+    "merge_zero_pages_only": (0, 0, 1),
+    # Resource caps: a peer past one is refused with a logged reason.
+    "max_connections": (1024, 1, 65536),
+    "max_regions_per_worker": (4096, 1, 2**20),
+    "max_pages_per_worker": (2**26, 1, 2**31),   # 256 GiB of 4 KiB pages, ~0.9 GB of metadata
+    "max_msgs_per_sec": (20000, 1, 10_000_000),  # per connection, token bucket
+    "max_msgs_burst": (5000, 1, 10_000_000),
     # Mappings (VMAs) a worker may reach through merges, estimated (budget.py);
     # the default leaves a quarter of vm.max_map_count as headroom.
     "max_mappings": (default_max_mappings(), 1, 2**31 - 1),
 }
 
-MAX_PEERS = 1024
-MAX_REGIONS_PER_WORKER = 4096
 MAX_PAGES_PER_REQUEST = 65536
+MAX_WAITS_PER_CLIENT = 64
 REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
 SEND_TIMEOUT = 5.0
 
@@ -87,36 +104,70 @@ class Peer:
     regions: dict[int, RegionState] = field(default_factory=dict)
     requests: dict[int, tuple[str, list, float]] = field(default_factory=dict)
     pages: int = 0
-    pidfd: int = -1             # opened at the first register: tells when the process exits
+    bucket: TokenBucket | None = None
+    refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
+    pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
 
 
 @dataclass(eq=False)
-class Held:
-    """What a dropped worker that may still be alive keeps allocated: the
-    slots its merged pages hold, and its merge requests in flight."""
-
+class Ghost:
+    """A worker that disconnected while perhaps still alive.  Its regions
+    (detached in the scanner) and its unanswered merges keep their slots until
+    its pidfd says it exited: it may still map them, and a freed slot is
+    punched (its pages would read zeros) and then reused."""
     pid: int
     pidfd: int
-    slots: list = field(default_factory=list)
-    items: list = field(default_factory=list)
+    regions: list[RegionState]
+    merges: list
+
+
+def _open_pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError, ValueError):
+        return None  # gone already, another pid namespace (pid 0), or no pidfd
+
+
+def _same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _exited(pidfd: int) -> bool:
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 class CoordinatorServer:
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
-                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None) -> None:
+                 allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
+                 socket_mode: int = 0o600, metrics_port: int | None = None,
+                 parent_pid: int | None = None) -> None:
         self.controls = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
+        if "pages_to_scan" in (controls or {}) and "advisor_mode" not in (controls or {}):
+            self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
         self.allow_uids, self.allow_gids = allow_uids, allow_gids
-        self.listener = protocol.listen(socket_path)
+        self.listener = protocol.listen(socket_path, socket_mode)
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        # A coordinator process started by an application (Coordinator(process=
+        # True)) ends with it, even if it is killed: its pidfd turns readable.
+        self._parent: tuple[int, int] | None = None
+        if parent_pid is not None:
+            pidfd = _open_pidfd(parent_pid)
+            if pidfd is None:
+                raise OSError(f"parent process {parent_pid} is gone")
+            self._parent = (parent_pid, pidfd)
+            self.sel.register(pidfd, selectors.EVENT_READ, "parent")
         self.scanner = Scanner(self._send_merge, self._send_unmerge)
         self._apply_scanner_controls()
         self.peers: dict[int, Peer] = {}
@@ -124,11 +175,24 @@ class CoordinatorServer:
         self._waiters: list[tuple[Peer, int, float]] = []
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []
-        self._held: list[Held] = []
+        self.ghosts: dict[int, Ghost] = {}   # by pidfd
         self._stopping = False
         self._next_batch = 0.0
         self.last_error = ""
         self.batches = 0
+        self._scan_mark = (time.monotonic(), time.thread_time(), 0)
+        # Optional Prometheus endpoint (metrics.py): it only reads snapshots
+        # this loop publishes, never the scanner's arrays.
+        self.metrics: Any = None
+        self.metrics_port: int | None = None
+        if metrics_port is not None:
+            from shmdedup.metrics import MetricsServer
+            try:
+                self.metrics = MetricsServer(metrics_port, self._wake_w)
+            except BaseException:
+                self._shutdown()
+                raise
+            self.metrics_port = self.metrics.port
 
     # -- life cycle --------------------------------------------------------
 
@@ -148,10 +212,15 @@ class CoordinatorServer:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        # Workers outlive us with their merged pages: free no slot on the way
+        # out (the stable object lives on through their mappings).
+        if self.metrics is not None:
+            self.metrics.close()
         for peer in list(self.peers.values()):
-            self._drop_peer(peer, "", shutting_down=True)
-        for held in self._held:
-            _close_quietly(held.pidfd)
+            self._drop_peer(peer, "", release=False)
+        for ghost in self.ghosts.values():
+            os.close(ghost.pidfd)
+        self.ghosts.clear()
         self.sel.close()
         self.listener.close()
         try:
@@ -160,6 +229,8 @@ class CoordinatorServer:
             pass
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._parent is not None:
+            os.close(self._parent[1])
         self.scanner.close()
 
     def _scanning(self) -> bool:
@@ -172,21 +243,22 @@ class CoordinatorServer:
             timeout = max(0.0, self._next_batch - now)
         deadlines = [d for _, _, d in self._waiters]
         deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
-        if any(h.pidfd < 0 for h in self._held):
-            deadlines.append(now + 1.0)             # no pidfd: look for the process every second
         if deadlines:
             t = max(0.0, min(deadlines) - now)
             timeout = t if timeout is None else min(timeout, t)
         for key, _ in self.sel.select(timeout):
-            if key.data == "wake":
+            if key.data == "parent":
+                log.warning("parent process %d exited: stopping", self._parent[0])
+                self._stopping = True
+            elif key.data == "wake":
                 try:
                     os.read(self._wake_r, 4096)
                 except OSError:
                     pass
             elif key.data is None:
                 self._accept()
-            elif isinstance(key.data, Held):
-                self._release(key.data)             # the process has exited
+            elif isinstance(key.data, Ghost):
+                self._bury(key.data)
             else:
                 self._readable(key.data)
             self._flush_drops()
@@ -199,7 +271,22 @@ class CoordinatorServer:
             self._next_batch = time.monotonic() + self.controls["sleep_millisecs"] / 1000
             if self.scanner.full_scans != before:
                 self._wake_waiters()
+                self._full_scan_done()
         self._expire(now)
+        if self.metrics is not None:
+            self.metrics.tick(self.stats)
+
+    def _full_scan_done(self) -> None:
+        """Feed the scan-time advisor what the last full scan cost."""
+        t0, cpu0, pages0 = self._scan_mark
+        now, cpu, pages = time.monotonic(), time.thread_time(), self.scanner.pages_scanned
+        self._scan_mark = (now, cpu, pages)
+        c = self.controls
+        if c["advisor_mode"] == 1:
+            c["pages_to_scan"] = advisor.advise(
+                c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
+                c["advisor_target_scan_time"], c["advisor_max_cpu"],
+                c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
 
     # -- connections -------------------------------------------------------
 
@@ -220,11 +307,13 @@ class CoordinatorServer:
             log.warning("rejected a connection: %s", e)
             conn.close()
             return
-        if len(self.peers) >= MAX_PEERS:
-            log.warning("rejected pid %d: %d connections already", pid, MAX_PEERS)
+        if len(self.peers) >= self.controls["max_connections"]:
+            log.warning("rejected pid %d: %d connections already (max_connections)",
+                        pid, len(self.peers))
             conn.close()
             return
-        peer = Peer(conn, pid, uid)
+        peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]),
+                    pidfd=_open_pidfd(pid) if pid > 0 else None)
         self.peers[conn.fileno()] = peer
         self.sel.register(conn.fileno(), selectors.EVENT_READ, peer)
 
@@ -238,6 +327,9 @@ class CoordinatorServer:
         except ProtocolError as e:
             self._schedule_drop(peer, f"bad message: {e}")
             return
+        except ConnectionResetError:
+            self._schedule_drop(peer, "")  # a worker exiting with a message unread
+            return
         except OSError as e:
             self._schedule_drop(peer, f"receive failed: {e}")
             return
@@ -245,12 +337,25 @@ class CoordinatorServer:
             self._schedule_drop(peer, "")
             return
         msg, fds = got
+        if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
+                                                self.controls["max_msgs_burst"]):
+            for fd in fds:
+                _close_quietly(fd)
+            self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
+                                      f"(burst {self.controls['max_msgs_burst']})")
+            return
         try:
             self._dispatch(peer, msg, fds)
-        except (ProtocolError, ValueError, OSError) as e:
+        except (ProtocolError, ValueError, OSError, MemoryError) as e:
             for fd in fds:
                 _close_quietly(fd)
             self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
+        except Exception as e:  # a bug of ours must not take the whole domain down
+            log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
+                      exc_info=True)
+            for fd in fds:
+                _close_quietly(fd)
+            self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
 
     def _schedule_drop(self, peer: Peer, why: str) -> None:
         if all(p is not peer for p, _ in self._drop):
@@ -261,7 +366,11 @@ class CoordinatorServer:
             peer, why = self._drop.pop()
             self._drop_peer(peer, why)
 
-    def _drop_peer(self, peer: Peer, why: str, shutting_down: bool = False) -> None:
+    def _drop_peer(self, peer: Peer, why: str, release: bool = True) -> None:
+        """Forget a connection.  A worker's slots are released now only if it
+        has exited; if it may still be alive (it closed the connection, or
+        sent something bad) they are held by a Ghost until it exits.
+        ``release=False`` (shutdown) releases nothing at all."""
         fd = peer.conn.fileno() if not peer.conn.closed else None
         if fd is None or self.peers.get(fd) is not peer:
             return
@@ -273,42 +382,50 @@ class CoordinatorServer:
             pass
         del self.peers[fd]
         peer.conn.close()
-        held = Held(peer.pid, peer.pidfd)
-        held.items = [it for kind, items, _ in peer.requests.values() if kind == "merge" for it in items]
+        merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
         if self._run2 is not None:
             self._run2["reqs"].difference_update(peer.requests)
         peer.requests.clear()
-        held.slots = [self.scanner.detach_region(reg) for reg in peer.regions.values()]
-        peer.regions.clear()
-        if shutting_down or not (held.items or any(len(x) for x in held.slots)):
-            _close_quietly(peer.pidfd)              # nothing to free (at shutdown: free nothing)
-        elif _exited(peer.pid, peer.pidfd):
-            self._release(held)
+        if not release:
+            for reg in peer.regions.values():
+                reg.close()
+        elif peer.pidfd is not None and (peer.regions or merges) and not _exited(peer.pidfd):
+            # One ghost per process, however often it reconnects.
+            ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+            if ghost is None:
+                ghost = Ghost(peer.pid, peer.pidfd, [], [])
+                peer.pidfd = None
+                self.ghosts[ghost.pidfd] = ghost
+                self.sel.register(ghost.pidfd, selectors.EVENT_READ, ghost)
+            ghost.regions += peer.regions.values()
+            ghost.merges += merges
+            for reg in peer.regions.values():
+                self.scanner.detach_region(reg)
         else:
-            # Alive, or we cannot tell: keep its slots until it has exited.
-            self._held.append(held)
-            if held.pidfd >= 0:
-                self.sel.register(held.pidfd, selectors.EVENT_READ, held)
+            for items in merges:
+                self.scanner.forget_request(items)
+            for reg in peer.regions.values():
+                self.scanner.remove_region(reg)
+        if peer.pidfd is not None:
+            os.close(peer.pidfd)
+            peer.pidfd = None
+        peer.regions.clear()
         self._waiters = [w for w in self._waiters if w[0] is not peer]
         if self._run2 is not None:
             if self._run2.get("client") is peer:
                 self._run2["client"] = None
             self._check_run2()
 
-    def _release(self, held: Held) -> None:
-        """The worker of a dropped connection has exited: free what it held."""
-        if held in self._held:
-            self._held.remove(held)
-        if held.pidfd >= 0:
-            try:
-                self.sel.unregister(held.pidfd)
-            except (KeyError, ValueError):
-                pass
-            _close_quietly(held.pidfd)
-            held.pidfd = -1
-        self.scanner.forget_request(held.items)
-        for slots in held.slots:
-            self.scanner.release_slots(slots)
+    def _bury(self, ghost: Ghost) -> None:
+        """A ghost's process exited (its pidfd is readable): its mappings are
+        gone, so its slots can be released."""
+        self.sel.unregister(ghost.pidfd)
+        del self.ghosts[ghost.pidfd]
+        os.close(ghost.pidfd)
+        for items in ghost.merges:
+            self.scanner.forget_request(items)
+        for reg in ghost.regions:
+            self.scanner.release_detached(reg)
 
     def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
         try:
@@ -347,18 +464,37 @@ class CoordinatorServer:
 
     def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
         rid, npages = msg["rid"], msg["npages"]
-        if rid in peer.regions:
+        if rid in peer.regions or rid in peer.refused:
             raise ProtocolError(f"region {rid} is already registered")
-        if len(peer.regions) >= MAX_REGIONS_PER_WORKER:
-            raise ProtocolError(f"more than {MAX_REGIONS_PER_WORKER} regions")
-        if peer.pages + npages > 2**31:
-            raise ProtocolError("more than 2**31 pages registered")
+        cap = None
+        if len(peer.regions) >= self.controls["max_regions_per_worker"]:
+            cap = f"{len(peer.regions)} regions already (max_regions_per_worker)"
+        elif peer.pages + npages > self.controls["max_pages_per_worker"]:
+            cap = (f"{peer.pages} + {npages} pages is over max_pages_per_worker "
+                   f"{self.controls['max_pages_per_worker']}")
+        if cap is not None:
+            # A cap is not an offence: refuse this region, keep the worker.
+            for fd in fds:
+                _close_quietly(fd)
+            peer.refused.add(rid)
+            log.warning("refused region %d of pid %d: %s", rid, peer.pid, cap)
+            self._reply(peer, False, rid, f"register {rid}: {cap}")
+            return
         reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
-        if peer.pidfd < 0:
-            peer.pidfd = _open_pidfd(peer.pid)
         peer.regions[rid] = reg
         peer.pages += npages
         self.scanner.add_region(reg)
+        # The same live process registering the same region again (it
+        # reconnected): take its slot references back from its ghost.
+        ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+        if ghost is not None and not _exited(ghost.pidfd):
+            for old in ghost.regions:
+                if old.rid == rid and old.npages == npages and _same_file(old.backing_fd, reg.backing_fd):
+                    ghost.regions.remove(old)
+                    self.scanner.reattach_region(reg, old)
+                    break
+            if not ghost.regions and not ghost.merges:
+                self._bury(ghost)
 
     def _region(self, peer: Peer, rid: int) -> RegionState:
         reg = peer.regions.get(rid)
@@ -367,6 +503,8 @@ class CoordinatorServer:
         return reg
 
     def _on_advise(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if msg["rid"] in peer.refused:
+            return  # sent before the worker heard of the refusal
         reg = self._region(peer, msg["rid"])
         start, n = msg["start"], msg["npages"]
         if start + n > reg.npages:
@@ -375,6 +513,9 @@ class CoordinatorServer:
         self._next_batch = min(self._next_batch, time.monotonic())
 
     def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if msg["rid"] in peer.refused:
+            peer.refused.discard(msg["rid"])
+            return
         reg = self._region(peer, msg["rid"])
         del peer.regions[reg.rid]
         peer.pages -= reg.npages
@@ -415,9 +556,18 @@ class CoordinatorServer:
             self._check_run2()
 
     def _on_stats(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        self._reply(peer, True, self.stats())
+        out = self.stats()
+        if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
+            mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
+            out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
+        self._reply(peer, True, out)
 
     def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if peer.uid != os.getuid():
+            # Allow-listed uids may merge and read statistics; controls stay ours.
+            self._reply(peer, False, None, f"uid {peer.uid} may not set controls "
+                                           f"(only uid {os.getuid()})")
+            return
         try:
             self.set_control(msg["name"], msg["value"], client=peer)
         except ControlError as e:
@@ -427,6 +577,8 @@ class CoordinatorServer:
             self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
 
     def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if sum(w[0] is peer for w in self._waiters) >= MAX_WAITS_PER_CLIENT:
+            raise ProtocolError(f"more than {MAX_WAITS_PER_CLIENT} waits outstanding")
         if self.scanner.full_scans >= msg["full_scans"]:
             self._reply(peer, True, self.scanner.full_scans)
         else:
@@ -454,8 +606,6 @@ class CoordinatorServer:
             if any(now >= d for _, _, d in peer.requests.values()):
                 self._schedule_drop(peer, f"no reply within {REQUEST_TIMEOUT:.0f} s")
         self._flush_drops()
-        for held in [h for h in self._held if h.pidfd < 0 and _exited(h.pid, -1)]:
-            self._release(held)
 
     # -- merge and unmerge requests ---------------------------------------
 
@@ -493,9 +643,11 @@ class CoordinatorServer:
     # -- controls ----------------------------------------------------------
 
     def _apply_scanner_controls(self) -> None:
+        self.scanner.smart_scan = bool(self.controls["smart_scan"])
         self.scanner.max_page_sharing = self.controls["max_page_sharing"]
         self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
         self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
+        self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
         self.scanner.budget.max_mappings = self.controls["max_mappings"]
 
     def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
@@ -504,6 +656,8 @@ class CoordinatorServer:
             raise ControlError("run: an unmerge (run=2) is still in progress")
         old = self.controls[name]
         self.controls[name] = value
+        if name == "pages_to_scan":
+            self.controls["advisor_mode"] = 0   # explicit pacing wins
         self._apply_scanner_controls()
         if name == "run" and value == 2 and old != 2:
             self._start_run2(client)
@@ -545,6 +699,8 @@ class CoordinatorServer:
         out["last_error"] = self.last_error
         out["coordinator_pid"] = os.getpid()
         out["socket"] = self.socket_path
+        if self.metrics_port is not None:
+            out["metrics_port"] = self.metrics_port
         workers = []
         for peer in self.peers.values():
             if peer.role == "worker":
@@ -572,27 +728,6 @@ _CLIENT = {
 
 def protocol_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
-
-
-def _open_pidfd(pid: int) -> int:
-    """A pidfd of the process (readable once it has exited), or -1."""
-    try:
-        return os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        return -1
-
-
-def _exited(pid: int, pidfd: int) -> bool:
-    """True once the process has exited (pid reuse aside, without a pidfd)."""
-    if pidfd >= 0:
-        return bool(select.select([pidfd], [], [], 0)[0])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    return False
 
 
 def _close_quietly(fd: int) -> None:

@@ -18,7 +18,7 @@ Invariants this module keeps:
 * No message is larger than :data:`MAX_MESSAGE`; unpacking limits keep a
   hostile header from making us allocate more than the message size.
 * Received fds are close-on-exec; socket directories are 0700 and owned by
-  us; socket files are 0600.
+  us; socket files are 0600 unless the caller asks for a wider mode.
 """
 
 from __future__ import annotations
@@ -507,12 +507,16 @@ def _is_live(path: str) -> bool:
     return True
 
 
-def listen(path: str) -> socket.socket:
+def listen(path: str, mode: int = 0o600) -> socket.socket:
     """Bind a listening SEQPACKET socket at *path* (mode 0600, backlog 64).
 
     A stale socket file (nobody accepts on it) is replaced; a live one raises
-    OSError(EADDRINUSE). A non-socket file at *path* is never removed.
+    OSError(EADDRINUSE). A non-socket file at *path* is never removed. A wider
+    *mode* (0660, 0666) lets other uids connect; SO_PEERCRED still decides
+    whom the coordinator serves.
     """
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ArgumentError(f"socket mode must be an int in [0, 0o777], got {_short(mode)}")
     for _ in range(3):  # a rival coordinator may race us through unlink+bind
         sock = _new_socket()
         try:
@@ -533,7 +537,7 @@ def listen(path: str) -> socket.socket:
             continue
         try:
             # chmod before listen(): nobody can connect until listen anyway
-            os.chmod(path, 0o600)
+            os.chmod(path, mode)
             _set_buffers(sock)
             sock.listen(_BACKLOG)
         except BaseException:

@@ -17,11 +17,8 @@ if one runs, or whenever one appears).
 
 I/O caveat: a system call that writes into a merged page (``read``,
 ``recv_into``, ``readinto``) fails with EFAULT instead of faulting (the kernel
-does not raise SIGSEGV for it; a datagram is then lost).  Make the call inside
-``with region.writable(offset, length):``, which breaks the range and keeps it
-from merging again until the block ends, or use the helpers :meth:`readinto` /
-:meth:`recv_into` that do it.  (:meth:`prepare_write` only breaks: the
-coordinator may merge the pages again before the call.)
+does not raise SIGSEGV for it).  Call :meth:`Region.prepare_write` on the range
+first, or use the helpers :meth:`readinto` / :meth:`recv_into` that do it.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -94,9 +90,8 @@ class Region(_native.Mapping):
         # Held by the agent while it merges or breaks this region, and by
         # close(), so a region is never unmapped under a running merge.
         self._op_lock = threading.Lock()
-        # Page ranges kept from merging while a system call may write there
-        # (writable()); changed under the op lock, which merges hold too.
-        self._pins: list[tuple[int, int]] = []
+        # Pages pinned private by an I/O in progress (pinned()): never merged.
+        self._pins = np.zeros(npages, dtype=np.int32)
         _native.trap_install()
         if mergeable is None:
             mergeable = _listener is not None and _listener.process_merging
@@ -226,58 +221,44 @@ class Region(_native.Mapping):
         """Break merged pages overlapping [offset, offset+length) so that a
         system call may write there (read/recv_into into a merged page get
         EFAULT, not a fault).  Returns pages broken.  A page may merge again
-        at any time after: use :meth:`writable` around the system call."""
+        later: call this right before the system call."""
         first, n = self._page_range(offset, length, round_out=True)
         return self.break_range(first, n)
 
     @contextlib.contextmanager
-    def writable(self, offset: int = 0, length: int | None = None) -> Iterator[int]:
-        """``with region.writable(offset, length):`` breaks the merged pages
-        overlapping the byte range and keeps them from merging until the block
-        ends, so that system calls inside may write there.  Yields the pages
-        broken.  Merging resumes afterwards (the advice is unchanged)."""
+    def pinned(self, offset: int = 0, length: int | None = None) -> Any:
+        """Break the merged pages overlapping the range and keep them private
+        until the block ends: for a system call that writes there and may
+        block (a recv waiting for data), which prepare_write alone cannot
+        cover, since the page could merge again while it waits."""
         first, n = self._page_range(offset, length, round_out=True)
-        pin = (first, n)
-        with self._op_lock:       # waits for a merge in progress; later ones see the pin
-            self._pins.append(pin)
+        with self._op_lock:       # the agent merges under this lock
+            self._pins[first:first + n] += 1
+            try:
+                self.break_range(first, n)
+            except BaseException:
+                self._pins[first:first + n] -= 1
+                raise
         try:
-            yield self.break_range(first, n)
+            yield
         finally:
-            with self._op_lock:
-                self._pins.remove(pin)
-
-    def _pinned(self, pages: np.ndarray) -> np.ndarray:
-        """Which of the pages writable() holds private (call with the op lock)."""
-        mask = np.zeros(len(pages), bool)
-        for first, n in self._pins:
-            mask |= (pages >= first) & (pages < first + n)
-        return mask
+            self._pins[first:first + n] -= 1
 
     def readinto(self, f: Any, offset: int = 0, length: int | None = None) -> int:
         """Read from a binary file (or raw fd) into the region; returns bytes read."""
-        first, n = self._page_range(offset, length, round_out=True)
         if length is None:
-            length = self.size - offset
-        view = memoryview(self)[offset:offset + length]
-        try:
-            with self.writable(first * PAGE_SIZE, n * PAGE_SIZE):
-                if isinstance(f, int):
-                    return os.readv(f, [view])
-                return f.readinto(view)
-        finally:
-            view.release()
+            length = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
+        with self.pinned(offset, length), memoryview(self)[offset:offset + length] as view:
+            if isinstance(f, int):
+                return os.readv(f, [view])
+            return f.readinto(view)
 
     def recv_into(self, sock: Any, offset: int = 0, nbytes: int | None = None, flags: int = 0) -> int:
-        """socket.recv_into into the region, breaking merged pages first."""
+        """socket.recv_into into the region, its pages pinned private meanwhile."""
         if nbytes is None:
-            nbytes = self.size - offset
-        first, n = self._page_range(offset, nbytes, round_out=True)
-        view = memoryview(self)[offset:offset + nbytes]
-        try:
-            with self.writable(first * PAGE_SIZE, n * PAGE_SIZE):
-                return sock.recv_into(view, nbytes, flags)
-        finally:
-            view.release()
+            nbytes = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
+        with self.pinned(offset, nbytes), memoryview(self)[offset:offset + nbytes] as view:
+            return sock.recv_into(view, nbytes, flags)
 
     # -- state -----------------------------------------------------------
 

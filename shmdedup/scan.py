@@ -23,13 +23,24 @@ run with one mmap.  Merges are queued per worker and sent as coalesced runs.
 The coordinator's checksum and compare are only hints: the worker proves
 equality under write protection before mapping (DESIGN invariant 1).
 
-Per tracked page the scanner keeps 14 bytes: checksum (8), slot (4), status (1)
-and advice (1).  Statistics are derived from these arrays on demand, so they
-always equal a recount.
+Per tracked page the scanner keeps 16 bytes: checksum (8), slot (4), status,
+advice, age and skip count (1 each); the indexes (``indexes.py``) add 16-21
+bytes per indexed page.  Statistics are derived from these arrays on demand,
+so they always equal a recount.
+
+smart_scan (Linux 6.7): a page that keeps failing to merge ages one step per
+visit and is skipped for 1, 2, 4, then 8 full scans (``pages_skipped``).
+
+Slots outlive connections, never mappings (invariants 6 and 7): a region whose
+worker disconnected but may be alive is *detached* (kept, not scanned, its
+sharer references held until its worker exits or its state bytes show a page
+broken); closing the scanner frees nothing.  Pages a previous coordinator
+merged are *inherited* (see ``_inherited``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -39,13 +50,14 @@ import numpy as np
 
 from shmdedup import _native, _shm
 from shmdedup.budget import MappingBudget, default_max_mappings
-from shmdedup.stable import StableSegment
+from shmdedup.indexes import StableIndex, UnstableIndex
+from shmdedup.security import StateBytes, check_worker_object
 
 log = logging.getLogger("shmdedup.coordinator")
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 CHUNK_PAGES = 2048          # pages read and hashed per pread/hash call
-METADATA_BYTES_PER_PAGE = 8 + 4 + 1 + 1
+METADATA_BYTES_PER_PAGE = 8 + 4 + 1 + 1 + 1 + 1
 
 # Per-page status, the scanner's view (the worker's state byte is the truth
 # about the mapping; this is what the scanner last decided).
@@ -58,6 +70,7 @@ PENDING = 5     # a merge request is in flight
 UNMERGING = 6   # an unmerge request is in flight (still counted as a sharer)
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_cachestat = True            # cleared if the kernel lacks cachestat(2)
 ZERO_CHECKSUM = int(np.frombuffer(_native.hash_pages(_ZERO_PAGE), np.uint64)[0])
 
 
@@ -70,32 +83,32 @@ class RegionState:
     npages: int
     backing_fd: int
     meta_fd: int
-    states: np.ndarray                       # the worker's state bytes (read-only map)
+    states: Any                              # the worker's state bytes (security.StateBytes: pread)
     _meta_map: Any = None
     checksum: np.ndarray = field(init=False)
     slot: np.ndarray = field(init=False)
     status: np.ndarray = field(init=False)
     advice: np.ndarray = field(init=False)
+    age: np.ndarray = field(init=False)      # smart_scan: visits without a merge
+    skip: np.ndarray = field(init=False)     # smart_scan: visits still to skip
     closed: bool = False
+    uid: int = -1                            # the scanner's id, for the unstable index
 
     def __post_init__(self) -> None:
         self.checksum = np.zeros(self.npages, np.uint64)
         self.slot = np.full(self.npages, -1, np.int32)
         self.status = np.zeros(self.npages, np.uint8)
         self.advice = np.zeros(self.npages, bool)
+        self.age = np.zeros(self.npages, np.uint8)
+        self.skip = np.zeros(self.npages, np.uint8)
 
     @classmethod
     def open(cls, worker: Any, rid: int, npages: int, backing_fd: int, meta_fd: int) -> RegionState:
-        import mmap
-        size = os.fstat(backing_fd).st_size
-        if size < npages * PAGE_SIZE:
-            raise ValueError(f"backing object holds {size} bytes, {npages * PAGE_SIZE} needed")
-        meta_len = -(-npages // PAGE_SIZE) * PAGE_SIZE
-        if os.fstat(meta_fd).st_size < meta_len:
-            raise ValueError("metadata object is smaller than one byte per page")
-        mm = mmap.mmap(meta_fd, meta_len, mmap.MAP_SHARED, mmap.PROT_READ)
-        states = np.frombuffer(mm, np.uint8, npages)
-        return cls(worker, rid, npages, backing_fd, meta_fd, states, mm)
+        # Both objects are the worker's: vetted here, then only ever pread
+        # (never mapped: a worker shrinking its object must not SIGBUS us).
+        check_worker_object(backing_fd, "backing object", npages * PAGE_SIZE)
+        check_worker_object(meta_fd, "metadata object", npages)
+        return cls(worker, rid, npages, backing_fd, meta_fd, StateBytes(meta_fd, npages))
 
     def close(self) -> None:
         if self.closed:
@@ -112,6 +125,14 @@ class RegionState:
 
     def present(self, p0: int, p1: int) -> np.ndarray:
         """Mask of pages in [p0, p1) that hold data (holes are never read)."""
+        global _cachestat
+        if _cachestat:
+            # Fast path: one cachestat call says whether every page is there.
+            try:
+                if _native.resident_pages(self.backing_fd, p0 * PAGE_SIZE, (p1 - p0) * PAGE_SIZE) == p1 - p0:
+                    return np.ones(p1 - p0, bool)
+            except OSError:
+                _cachestat = False   # an older kernel: seeks only
         mask = np.zeros(p1 - p0, bool)
         for start, length in _shm.data_extents(self.backing_fd, p0 * PAGE_SIZE, p1 * PAGE_SIZE):
             a = start // PAGE_SIZE - p0
@@ -121,10 +142,10 @@ class RegionState:
 
 
 class Scanner:
-    """Stable and unstable indexes, the cursor, and the slot accounting.
+    """The cursor, the two indexes, and the slot accounting.
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
-    with lists of (rid, first, npages, slot) runs; the coordinator sends them
+    with lists of (reg, first, npages, slot) runs; the coordinator sends them
     and later calls :meth:`merge_done` / :meth:`unmerge_done`.
     """
 
@@ -132,60 +153,118 @@ class Scanner:
                  send_unmerge: Callable[[Any, list], None]) -> None:
         self.send_merge = send_merge
         self.send_unmerge = send_unmerge
-        self.stable = StableSegment()
+        self.sidx = StableIndex()
+        self.stable = self.sidx.segment
+        self.unstable = UnstableIndex()
         self.regions: list[RegionState] = []
+        self.by_uid: dict[int, RegionState] = {}
+        self._uids = itertools.count()
+        # Regions of workers that disconnected while perhaps still alive; they
+        # hold sharer references but are not scanned (see detach_region).
+        self.detached: list[RegionState] = []
         self.cursor = 0          # index into regions
         self.cursor_page = 0
-        self.stable_index: dict[int, list[int]] = {}
-        self.unstable: dict[int, tuple[RegionState, int]] = {}
-        cap = 1024
-        self.sharers = np.zeros(cap, np.int32)
-        self.pending = np.zeros(cap, np.int32)
-        self.slot_hash = np.zeros(cap, np.uint64)
         self.full_scans = 0
         self.pages_scanned = 0
+        self.pages_skipped = 0
         # Controls the scanner reads (the coordinator validates them).
         self.max_page_sharing = 256
-        self.max_kernel_pages = 0
         self.use_zero_pages = False
-        self.stable_write_error = ""   # why the last new stable page could not be written
+        self.smart_scan = True
+        self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
         self.budget = MappingBudget(default_max_mappings())
-        # Where the last new slot went, to continue runs across pages/batches.
+        # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
+
+    @property
+    def sharers(self) -> np.ndarray:
+        return self.sidx.sharers
+
+    @property
+    def pending(self) -> np.ndarray:
+        return self.sidx.pending
+
+    @property
+    def max_kernel_pages(self) -> int:
+        return self.sidx.max_pages
+
+    @max_kernel_pages.setter
+    def max_kernel_pages(self, v: int) -> None:
+        self.sidx.max_pages = v
 
     # -- registration ----------------------------------------------------
 
     def add_region(self, reg: RegionState) -> None:
+        reg.uid = next(self._uids)
+        self.by_uid[reg.uid] = reg
         self.regions.append(reg)
         self.budget.add(reg)
 
     def remove_region(self, reg: RegionState) -> None:
         """Drop a region (closed or its worker died): its merged pages stop
-        sharing; pending requests are settled by :meth:`forget_requests`."""
-        self.release_slots(self.detach_region(reg))
+        sharing; pending requests are settled by :meth:`forget_request`.
+        Its unstable entries go stale and are dropped when next looked up."""
+        self._unlink(reg)
+        self._release(reg)
 
-    def detach_region(self, reg: RegionState) -> np.ndarray:
-        """Stop tracking a region, but keep the sharers its merged pages hold:
-        its worker may be alive and map them still (a slot freed under it would
-        read as zeros, or as someone else's page once reused).  Returns those
-        slots, for :meth:`release_slots` once the worker is gone."""
-        merged = reg.slot[reg.slot >= 0].astype(np.int64)
+    def detach_region(self, reg: RegionState) -> None:
+        """Stop scanning a region whose worker disconnected but may still be
+        alive: it may still map our slots, so it keeps its sharer counts until
+        :meth:`release_detached` (the worker exited) or until its state bytes
+        show a page broken (:meth:`_reconcile_detached`).  Freeing them now
+        would punch pages out from under a live process (invariant 6)."""
+        self._unlink(reg)
+        self.detached.append(reg)
+
+    def reattach_region(self, reg: RegionState, old: RegionState) -> None:
+        """The worker that owned detached region ``old`` registered it again as
+        ``reg`` (same process, same region): hand its slot references over."""
+        self.detached.remove(old)
+        held = old.slot >= 0
+        reg.slot[held] = old.slot[held]
+        # An unmerge that was in flight is lost with the old connection:
+        # MERGED again, and the next reconcile decides anew.
+        reg.status[held] = MERGED
+        reg.status[old.status == ZERO] = ZERO
+        reg.checksum[held] = old.checksum[held]
+        old.slot[:] = -1
+        old.close()
+        self.budget.touch(reg, 0, reg.npages)
+
+    def release_detached(self, reg: RegionState) -> None:
+        """The worker of a detached region has exited: release its slots."""
+        self.detached.remove(reg)
+        self._release(reg)
+
+    def _unlink(self, reg: RegionState) -> None:
         i = self.regions.index(reg)
         del self.regions[i]
+        self.by_uid.pop(reg.uid, None)
+        self.budget.drop(reg)              # not scanned any more: it gets no merges
         if i < self.cursor:
             self.cursor -= 1
         elif i == self.cursor:
             self.cursor_page = 0
-        self.unstable = {h: v for h, v in self.unstable.items() if v[0] is not reg}
-        self.budget.drop(reg)
-        reg.close()
-        return merged
 
-    def release_slots(self, slots: np.ndarray) -> None:
-        """One sharer less for each of the slots; free those left unshared."""
-        np.subtract.at(self.sharers, slots, 1)
-        self._free_unused(np.unique(slots))
+    def _release(self, reg: RegionState) -> None:
+        merged = reg.slot[(reg.slot >= 0)]
+        np.subtract.at(self.sharers, merged, 1)
+        reg.slot[:] = -1
+        self.sidx.free_unused(merged)
+        reg.close()
+
+    def _reconcile_detached(self) -> None:
+        # A page whose state byte reads PRIVATE no longer maps its slot (the
+        # break publishes PRIVATE after remapping the backing), whatever the
+        # worker does next: its sharer reference can go.
+        for reg in self.detached:
+            gone = (reg.slot >= 0) & (reg.states[:] == _native.PRIVATE)
+            if gone.any():
+                slots = reg.slot[gone]
+                np.subtract.at(self.sharers, slots, 1)
+                reg.slot[gone] = -1
+                self.sidx.free_unused(slots)
 
     def forget_request(self, items: list) -> None:
         """A request that will never be answered (worker gone): release its slots."""
@@ -193,68 +272,11 @@ class Scanner:
             self.budget.settled(reg.worker, 1)
             if slot >= 0:
                 self.pending[slot:slot + n] -= 1
-                self._free_unused(np.arange(slot, slot + n))
+                self.sidx.free_unused(np.arange(slot, slot + n))
 
     def idle(self) -> bool:
         """True when there is nothing to scan (ksmd keeps quiet, seed patch 5)."""
         return not any(r.advice.any() for r in self.regions)
-
-    # -- slots -------------------------------------------------------------
-
-    def _ensure_slot_arrays(self, n: int) -> None:
-        if n <= len(self.sharers):
-            return
-        cap = max(n, 2 * len(self.sharers))
-        for name in ("sharers", "pending", "slot_hash"):
-            old = getattr(self, name)
-            new = np.zeros(cap, old.dtype)
-            new[:len(old)] = old
-            setattr(self, name, new)
-
-    def _new_slot(self, content: memoryview, h: int, hint: int | None) -> int | None:
-        if self.max_kernel_pages and self.stable.pages_in_use >= self.max_kernel_pages:
-            return None
-        s = self.stable.alloc(1, hint)
-        if s is None:
-            return None
-        self._ensure_slot_arrays(s + 1)
-        if not self._write_slots(s, content):
-            return None
-        self.slot_hash[s] = h
-        self.stable_index.setdefault(h, []).append(s)
-        return s
-
-    def _write_slots(self, s: int, content: Any) -> bool:
-        """Fill new slots; False (and the slots freed) when the stable object
-        cannot hold them (ENOSPC: the shared-memory filesystem is full).  The
-        pages then simply stay unmerged: merging must never stop the scan."""
-        try:
-            self.stable.write(s, content)
-        except OSError as e:
-            self.stable.free(s, len(memoryview(content).cast("B")) // PAGE_SIZE)
-            if not self.stable_write_error:
-                log.warning("cannot write new stable pages (%s); merges that need one are "
-                            "skipped until there is room", e)
-            self.stable_write_error = str(e)
-            return False
-        self.stable_write_error = ""
-        return True
-
-    def _free_unused(self, slots: np.ndarray) -> None:
-        for s in np.unique(slots):
-            s = int(s)
-            if s < 0 or self.sharers[s] > 0 or self.pending[s] > 0:
-                continue
-            if not self.stable._slots.is_allocated(s, 1):
-                continue
-            h = int(self.slot_hash[s])
-            chain = self.stable_index.get(h)
-            if chain and s in chain:
-                chain.remove(s)
-                if not chain:
-                    del self.stable_index[h]
-            self.stable.free(s)
-            self.sharers[s] = 0
 
     # -- the batch --------------------------------------------------------
 
@@ -275,26 +297,36 @@ class Scanner:
                 self.cursor_page = 0
                 continue
             p1 = min(reg.npages, p0 + CHUNK_PAGES)
+            # Every advised page the cursor passes counts against the budget,
+            # merged ones included (as rmap_items do in ksmd): a fully merged
+            # domain costs pages_to_scan cheap visits per batch, not a full
+            # scan per batch.
+            passed = np.cumsum(reg.advice[p0:p1])
+            if len(passed) and passed[-1] > budget - visited:
+                p1 = p0 + int(np.searchsorted(passed, budget - visited)) + 1
+            self.cursor_page = p1
+            advised = int(passed[p1 - p0 - 1]) if p1 > p0 else 0
+            visited += advised
             self._reconcile(reg, p0, p1, unmerges)
             cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
             st = reg.status[p0:p1]
             cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
             if cand.any() and self.budget.full(reg.worker):
-                # No mapping to spare for a merge: not even read (they
-                # are visited again once the worker has room).
+                # No mapping to spare for a merge: not even read (they are
+                # visited again once the worker has room).
                 self.budget.pages_skipped += int(np.count_nonzero(cand))
                 cand[:] = False
             if cand.any():
                 cand &= reg.present(p0, p1)
-            idx = np.flatnonzero(cand)
-            if len(idx) > budget - visited:
-                idx = idx[:budget - visited]
-                p1 = p0 + int(idx[-1]) + 1
-            self.cursor_page = p1
-            if len(idx):
-                visited += len(idx)
-                self._visit(reg, idx + p0, merges)
-        self.pages_scanned += visited
+            pages = np.flatnonzero(cand) + p0
+            skipped = 0
+            if len(pages) and self.smart_scan:
+                before = len(pages)
+                pages = self._smart_skip(reg, pages)
+                skipped = before - len(pages)
+            self.pages_scanned += advised - skipped
+            if len(pages):
+                self._visit(reg, pages, merges)
         runs = {worker: _coalesce(items) for worker, items in merges.items()}
         self.budget.end_batch({worker: len(r) for worker, r in runs.items()})
         for worker, r in runs.items():
@@ -303,7 +335,29 @@ class Scanner:
             self.send_unmerge(worker, _coalesce(items))
         return visited
 
+    def _smart_skip(self, reg: RegionState, pages: np.ndarray) -> np.ndarray:
+        """smart_scan: drop the pages still serving a skip, age the others."""
+        skipping = reg.skip[pages] > 0
+        if skipping.any():
+            sk = pages[skipping]
+            reg.skip[sk] -= 1
+            self.pages_skipped += len(sk)
+            pages = pages[~skipping]
+            # Unlike Linux, a skipped unique page stays findable: its last
+            # checksum goes back into the unstable index without a read, so a
+            # twin that appears meanwhile still merges with it (the match is
+            # confirmed by reading both, and proven by the worker).
+            lone = sk[reg.status[sk] == UNSHARED]
+            if len(lone):
+                self.unstable.insert(reg.checksum[lone], reg.uid, lone)
+        age = reg.age[pages]
+        reg.age[pages] = np.minimum(age.astype(np.int32) + 1, 255)
+        # Linux's skip_age(): after a few failed visits skip 1, 2, 4, then 8 scans.
+        reg.skip[pages] = np.select([age < 3, age <= 3, age <= 5, age <= 8], [0, 1, 2, 4], 8)
+        return pages
+
     def _end_full_scan(self) -> None:
+        self._reconcile_detached()
         self.full_scans += 1
         self.cursor = 0
         self.cursor_page = 0
@@ -322,7 +376,7 @@ class Scanner:
             np.subtract.at(self.sharers, slots, 1)
             reg.slot[pages] = -1
             reg.status[pages] = VOLATILE
-            self._free_unused(slots)
+            self.sidx.free_unused(slots)
         merged = np.flatnonzero(st == MERGED) + p0
         if len(merged):
             slots = reg.slot[merged]
@@ -349,37 +403,38 @@ class Scanner:
     def _cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                        k: np.ndarray, buf: np.ndarray, merges: dict) -> None:
         """Steps 3-5 for a batch of steady pages of one region, vectorised:
-        the per-page Python work is one dict lookup; compares and copies run
-        in C or numpy over whole arrays.  Pages whose checksum repeats inside
-        the batch take the sequential path (they may match each other)."""
+        index lookups, compares and copies run in C or numpy over whole
+        arrays.  Pages whose checksum repeats inside the batch take the
+        sequential path (they may match each other)."""
         todo = np.ones(len(pages), bool)
         rows = buf.reshape(-1, PAGE_SIZE)
-        if self.use_zero_pages:
+        if self.use_zero_pages or self.zero_pages_only:
             zi = [i for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist() if _native.is_zero(rows[k[i]])]
             if zi:
                 self._queue(merges, reg, pages[zi], np.full(len(zi), -1))
                 todo[zi] = False
-        hl = hashes.tolist()
+        if self.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
+            reg.status[pages[todo]] = VOLATILE
+            return
         # Stable index: the newest slot of each chain (the one with room, if any).
-        found = [(i, c[-1]) for i, c in enumerate(map(self.stable_index.get, hl)) if c and todo[i]]
-        if found:
-            ci = np.array([f[0] for f in found])
-            cs = np.array([f[1] for f in found], np.int64)
-            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.stable.fd, cs),
+        head = self.sidx.lookup(hashes)
+        ci = np.flatnonzero((head >= 0) & todo)
+        if len(ci):
+            cs = head[ci]
+            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.sidx.fd, cs),
                                np.uint8).astype(bool)
             # Room left under max_page_sharing, counting earlier pages of this batch.
             order = np.argsort(cs, kind="stable")
             srt = cs[order]
-            first = np.searchsorted(srt, srt, side="left")
             rank = np.empty(len(cs), np.int64)
-            rank[order] = np.arange(len(cs)) - first
+            rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
             room = self.sharers[cs] + self.pending[cs] + rank < self.max_page_sharing
             ok = eq & room
             self._queue(merges, reg, pages[ci[ok]], cs[ok])
             todo[ci[ok]] = False
-            full = ci[eq & ~room]       # equal but the chain is full: a new slot
-            for i in full:
-                self._cmp_and_merge_one(reg, int(pages[i]), hl[i], memoryview(rows[k[i]]), merges)
+            full = ci[eq & ~room]       # equal but the chain is full: another slot
+            for i in full.tolist():
+                self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
             todo[full] = False
         rest = np.flatnonzero(todo)
         if not len(rest):
@@ -387,81 +442,68 @@ class Scanner:
         # Checksums repeated inside the batch: sequential path, in page order.
         _, inv, counts = np.unique(hashes[rest], return_inverse=True, return_counts=True)
         dup = counts[inv] > 1
-        for i in rest[dup]:
-            self._cmp_and_merge_one(reg, int(pages[i]), hl[i], memoryview(rows[k[i]]), merges)
+        for i in rest[dup].tolist():
+            self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
         rest = rest[~dup]
         # Unstable index.
-        mates = [self.unstable.get(hl[i]) for i in rest.tolist()]
-        pairs = [(int(i), m) for i, m in zip(rest.tolist(), mates) if m is not None]
+        uid, opage = self.unstable.lookup(hashes[rest])
         matched = np.zeros(len(pages), bool)
-        if pairs:
-            self._merge_with_mates(reg, pages, hashes, k, rows, pairs, matched, merges)
+        for u in np.unique(uid[uid >= 0]).tolist():
+            sel = uid == u
+            self._merge_with_mates(reg, pages, hashes, k, rows, rest[sel], self.by_uid.get(u),
+                                   opage[sel], matched, merges)
         lone = rest[~matched[rest]]
         if len(lone):
-            self.unstable.update((hl[i], (reg, int(pages[i]))) for i in lone.tolist())
+            self.unstable.insert(hashes[lone], reg.uid, pages[lone])
             reg.status[pages[lone]] = UNSHARED
 
     def _merge_with_mates(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                          k: np.ndarray, rows: np.ndarray, pairs: list, matched: np.ndarray,
-                          merges: dict) -> None:
-        """Confirm unstable matches, copy each run of them into consecutive new
-        stable slots (one pwrite, and one mapping per worker later)."""
-        by_reg: dict[int, tuple[RegionState, list[int], list[int]]] = {}
-        for i, (oreg, opage) in pairs:
-            e = by_reg.setdefault(id(oreg), (oreg, [], []))
-            e[1].append(i)
-            e[2].append(opage)
-        for oreg, il, ol in by_reg.values():
-            ii = np.array(il)
-            op = np.array(ol, np.int64)
-            if oreg.closed:
-                ok = np.zeros(len(ii), bool)
-            else:
-                ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
-                if oreg is reg:
-                    ok &= op != pages[ii]
-            for i in ii[~ok].tolist():
-                del self.unstable[int(hashes[i])]
-            ii, op = ii[ok], op[ok]
-            if not len(ii):
-                continue
-            other = np.empty(len(op) * PAGE_SIZE, np.uint8)
-            _native.read_pages(oreg.backing_fd, op, other)
-            same = np.all(rows[k[ii]].view(np.uint64) == other.view(np.uint64).reshape(len(op), -1), axis=1)
-            ii, op = ii[same], op[same]
-            if not len(ii):
-                continue
-            # Runs: my page and the mate's page both advance by one.
-            cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
-            starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(ii)]))
-            keep = self.budget.admit_pairs(oreg, op, reg, pages[ii], starts, ends)
-            for a, b in zip(starts[keep].tolist(), ends[keep].tolist()):
-                self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
+                          k: np.ndarray, rows: np.ndarray, ii: np.ndarray, oreg: RegionState | None,
+                          op: np.ndarray, matched: np.ndarray, merges: dict) -> None:
+        """Confirm unstable matches with pages of ``oreg``, and copy each run of
+        them into consecutive new stable slots (one pwrite; one mapping per
+        worker later)."""
+        if oreg is None or oreg.closed:
+            self.unstable.delete(hashes[ii])
+            return
+        ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
+        if oreg is reg:
+            ok &= op != pages[ii]
+        self.unstable.delete(hashes[ii[~ok]])
+        ii, op = ii[ok], op[ok]
+        if not len(ii):
+            return
+        other = np.empty(len(op) * PAGE_SIZE, np.uint8)
+        _native.read_pages(oreg.backing_fd, op, other)
+        same = np.all(rows[k[ii]].view(np.uint64) == other.view(np.uint64).reshape(len(op), -1), axis=1)
+        ii, op = ii[same], op[same]
+        if not len(ii):
+            return
+        # Runs: my page and the mate's page both advance by one.
+        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
+        starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(ii)]))
+        keep = self.budget.admit_pairs(oreg, op, reg, pages[ii], starts, ends)
+        for a, b in zip(starts[keep].tolist(), ends[keep].tolist()):
+            self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
 
     def _new_run(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
                  rows: np.ndarray, ii: np.ndarray, oreg: RegionState, opage0: int,
                  matched: np.ndarray, merges: dict) -> None:
-        n = len(ii)
-        if self.max_kernel_pages and self.stable.pages_in_use + n > self.max_kernel_pages:
+        ii = ii[:self.sidx.room(len(ii))]      # max_kernel_pages
+        if not len(ii):
             return
+        n = len(ii)
         i0 = int(ii[0])
         hint = None
         last = self._last_new
         if last and last[0] is oreg and last[1] == opage0 - 1 and last[2] is reg \
                 and last[3] == pages[i0] - 1:
             hint = last[4] + 1
-        s = self.stable.alloc(n, hint)
+        s = self.sidx.add(np.ascontiguousarray(rows[k[ii]]), hashes[ii], hint)
         if s is None:
             return
-        self._ensure_slot_arrays(s + n)
-        if not self._write_slots(s, np.ascontiguousarray(rows[k[ii]])):
-            return
+        self.unstable.delete(hashes[ii])
         slots = np.arange(s, s + n, dtype=np.int64)
-        self.slot_hash[slots] = hashes[ii]
-        for j, i in enumerate(ii.tolist()):
-            h = int(hashes[i])
-            self.stable_index.setdefault(h, []).append(s + j)
-            del self.unstable[h]
         self._last_new = (oreg, opage0 + n - 1, reg, int(pages[ii[-1]]), s + n - 1)
         # The caller checked both workers' mapping budgets (admit_pairs).
         self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots, checked=True)
@@ -478,45 +520,48 @@ class Scanner:
             if not len(pages):
                 return
         reg.status[pages] = PENDING
+        reg.age[pages] = 0
+        reg.skip[pages] = 0
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
         if len(real):
             np.add.at(self.pending, real, 1)
         merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
 
-    def _cmp_and_merge_one(self, reg: RegionState, page: int, h: int, content: memoryview,
+    def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
                            merges: dict) -> None:
-        """Steps 3-5 for one page (the sequential path)."""
+        """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
         one = np.array([page])
-        if self.use_zero_pages and h == ZERO_CHECKSUM and _native.is_zero(content):
+        if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
+                and _native.is_zero(content):
             self._queue(merges, reg, one, np.array([-1]))
             return
-        chain = self.stable_index.get(h)
-        if chain:
-            for s in chain:
-                # pread, not StableSegment.read: the slot is known allocated
-                # (it is indexed) and this is the scan's hot path.
-                if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
-                        _native.pages_equal(content, os.pread(self.stable.fd, PAGE_SIZE, s * PAGE_SIZE)):
-                    self._queue(merges, reg, one, np.array([s]))
-                    return
-        mate = self.unstable.get(h)
-        if mate is not None:
-            oreg, opage = mate
-            if not oreg.closed and oreg.advice[opage] and oreg.status[opage] == UNSHARED \
-                    and oreg.states[opage] == _native.PRIVATE and not (oreg is reg and opage == page):
-                other = os.pread(oreg.backing_fd, PAGE_SIZE, opage * PAGE_SIZE)
+        if self.zero_pages_only:
+            reg.status[page] = VOLATILE
+            return
+        for s in self.sidx.chain(int(self.sidx.lookup(h)[0])):
+            if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
+                    _native.pages_equal(content, self.sidx.read(s)):
+                self._queue(merges, reg, one, np.array([s]))
+                return
+        uid, opage = self.unstable.lookup(h)
+        oreg = self.by_uid.get(int(uid[0])) if uid[0] >= 0 else None
+        if oreg is not None:
+            op = int(opage[0])
+            if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
+                    and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
+                other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
                 if _native.pages_equal(content, other):
-                    s = self._new_slot(content, h, None)
+                    s = self.sidx.add(content, h)
                     if s is not None:
-                        del self.unstable[h]
-                        self._queue(merges, oreg, np.array([opage]), np.array([s]))
+                        self.unstable.delete(h)
+                        self._queue(merges, oreg, np.array([op]), np.array([s]))
                         self._queue(merges, reg, one, np.array([s]))
+                        self.sidx.free_unused([s])   # if the budget turned both away
                         return
-            else:
-                del self.unstable[h]
-        if h not in self.unstable:
-            self.unstable[h] = (reg, page)
+                reg.status[page] = UNSHARED   # the mate stays the indexed one
+                return
+        self.unstable.insert(h, reg.uid, one)
         reg.status[page] = UNSHARED
 
     # -- replies -----------------------------------------------------------
@@ -530,14 +575,18 @@ class Scanner:
         for reg, first, n, slot in items:
             ok = res[off:off + n].astype(bool)
             off += n
+            self.budget.settled(reg.worker, 1)
+            self.budget.touch(reg, first, n)
             if slot >= 0:
-                slots = np.arange(slot, slot + n, dtype=np.int32)
+                slots = np.arange(slot, slot + n, dtype=np.int64)
                 self.pending[slots] -= 1
                 touched.append(slots[~ok])
-            self.budget.settled(reg.worker, 1)
             if reg.closed:
+                # Unregistered meanwhile (closed, so unmapped): whatever
+                # merged holds nothing now.
+                if slot >= 0:
+                    touched.append(slots[ok])
                 continue
-            self.budget.touch(reg, first, n)
             pages = np.arange(first, first + n)
             if slot >= 0:
                 reg.slot[pages[ok]] = slots[ok]
@@ -548,7 +597,7 @@ class Scanner:
             # Refused by the worker's proof: the page changed under us.
             reg.status[pages[~ok]] = VOLATILE
         for slots in touched:
-            self._free_unused(slots)
+            self.sidx.free_unused(slots)
 
     def unmerge_done(self, items: list) -> None:
         """Settle an unmerge request (successful or not: the state bytes tell
@@ -564,16 +613,20 @@ class Scanner:
             np.subtract.at(self.sharers, freed, 1)
             # KSM computes the checksum now so the page gets a quick chance to
             # enter the unstable index (or the stable one) at its next visit.
-            reg.checksum[pages[private & (slots >= 0)]] = self.slot_hash[freed]
+            reg.checksum[pages[private & (slots >= 0)]] = self.sidx.slot_hash[freed]
             reg.slot[pages[private]] = -1
             reg.status[pages[private]] = VOLATILE
             still = pages[~private]
-            reg.status[still] = np.where(reg.slot[still] >= 0, MERGED, ZERO)
-            self._free_unused(freed)
+            # Still merged: on our slot, on the zero page, or (no slot, not a
+            # zero page) on a previous coordinator's stable object.
+            reg.status[still] = np.where(reg.slot[still] >= 0, MERGED,
+                                         np.where(reg.states[still] == _native.ZERO, ZERO, NEW))
+            self.sidx.free_unused(freed)
 
     def merged_items(self, reg: RegionState) -> list:
-        """(reg, pages, slots) of every merged page of a region (for run=2)."""
-        pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO))
+        """(reg, pages, slots) of every merged page of a region (for run=2),
+        inherited ones included: run=2 unmerges everything."""
+        pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO) | _inherited(reg))
         reg.status[pages] = UNMERGING
         return [(reg, pages.astype(np.int64), reg.slot[pages].astype(np.int64))] if len(pages) else []
 
@@ -590,13 +643,15 @@ class Scanner:
     def stats(self) -> dict[str, int]:
         shared = int(np.count_nonzero(self.sharers > 0))
         sharing = int(self.sharers.sum()) - shared
-        unshared = zero = rmap = 0
+        unshared = zero = rmap = inherited = 0
         for reg in self.regions:
             st = reg.status
             unshared += int(np.count_nonzero(st == UNSHARED))
             zero += int(np.count_nonzero(st == ZERO))
             rmap += int(np.count_nonzero(st != NEW))
+            inherited += int(np.count_nonzero(_inherited(reg)))
         volatile = max(rmap - shared - sharing - unshared - zero, 0)
+        chains, dups = self.sidx.chains()
         return {
             "pages_shared": shared,
             "pages_sharing": sharing,
@@ -605,15 +660,18 @@ class Scanner:
             "pages_scanned": self.pages_scanned,
             "full_scans": self.full_scans,
             "ksm_zero_pages": zero,
-            "stable_node_chains": sum(1 for c in self.stable_index.values() if len(c) > 1),
+            "pages_skipped": self.pages_skipped,
+            "stable_node_chains": chains,
+            "stable_node_dups": dups,
             "general_profit": (sharing + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
             "rmap_items": rmap,
             "stable_pages_allocated": self.stable.pages_in_use,
+            "pages_inherited": inherited,
             "pages_skipped_budget": self.budget.pages_skipped,
         }
 
     def worker_stats(self, worker: Any) -> dict[str, int]:
-        rmap = merging = zero = 0
+        rmap = merging = zero = inherited = 0
         for reg in self.regions:
             if reg.worker is not worker:
                 continue
@@ -621,19 +679,40 @@ class Scanner:
             rmap += int(np.count_nonzero(st != NEW))
             merging += int(np.count_nonzero((st == MERGED) | (st == UNMERGING)))
             zero += int(np.count_nonzero(st == ZERO))
+            inherited += int(np.count_nonzero(_inherited(reg)))
         return {
             "ksm_rmap_items": rmap,
             "ksm_merging_pages": merging,
             "ksm_zero_pages": zero,
+            "ksm_inherited_pages": inherited,
             "ksm_process_profit": (merging + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
             "mappings_estimate": self.budget.estimate(worker),
         }
 
     def close(self) -> None:
-        for reg in list(self.regions):
+        """Close every region and the stable segment without freeing a slot:
+        workers keep their merged pages, and the stable object lives on
+        through their mappings until the last one is broken or unmapped."""
+        for reg in self.regions + self.detached:
             reg.close()
         self.regions.clear()
-        self.stable.close()
+        self.detached.clear()
+        self.sidx.close()
+
+
+def _inherited(reg: RegionState) -> np.ndarray:
+    """Pages merged by a previous coordinator (this one never tracked them).
+
+    After a coordinator restart the workers' merged pages stay mapped on the
+    dead coordinator's stable object, which lives on through those mappings:
+    they are correct, copy-on-write still works, and the memory stays saved.
+    This coordinator cannot read that object, so it leaves them alone: it
+    never scans them (they are not PRIVATE), counts them apart
+    (``pages_inherited``, not in pages_shared/pages_sharing, which describe
+    its own slots), and scans a page normally once a write breaks it.
+    run=2 unmerges them like the rest."""
+    s = reg.states[:]
+    return (reg.status == NEW) & ((s == _native.MERGED) | (s == _native.ZERO))
 
 
 def _coalesce(items: list) -> list:

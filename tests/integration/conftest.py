@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-from multiprocessing import resource_tracker
 import sys
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,9 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from elsewhere
     sys.path.insert(0, str(_ROOT))
 
-import shmdedup  # noqa: E402
-from shmdedup.errors import ControlError  # noqa: E402
-from tests.helpers import (  # noqa: E402,F401  (fixtures re-exported for the test modules)
+import shmdedup
+from shmdedup.errors import ControlError
+from tests.helpers import (  # noqa: F401  (fixtures re-exported for the test modules)
     Worker,
     meminfo_kb,
     no_shm_leftovers,
@@ -165,6 +165,17 @@ class Harness:
             self.a[pages, offset] = vals
             self.exp[pages, offset] = vals
 
+    def private_pages(self):
+        s = np.frombuffer(self.region.states(), np.uint8)
+        return [int(p) for p in np.flatnonzero(s == shmdedup._native.PRIVATE)]
+
+    def fill(self, pages, value):
+        """Set every byte of the pages to value."""
+        pages = np.asarray(pages, dtype=np.int64)
+        with self.lock:
+            self.a[pages] = value
+            self.exp[pages] = value
+
     def advise(self, mergeable, first, n):
         self.region.advise(MERGEABLE if mergeable else UNMERGEABLE, first * PAGE_SIZE, n * PAGE_SIZE)
 
@@ -176,6 +187,8 @@ class Harness:
         self.threads = []
 
     def close(self):
+        if self.region.closed:
+            return 0
         self.stop_threads()
         bad = self.verify()
         del self.a
@@ -215,6 +228,13 @@ class PageWorker:
     def write(self, pages: list[int], delta: int = 1) -> None:
         self.call("h.write(pages, delta)", pages=list(pages), delta=delta)
 
+    def private_pages(self) -> list[int]:
+        """Pages whose state byte says PRIVATE (neither merged nor in transit)."""
+        return self.call("h.private_pages()")
+
+    def fill(self, pages: Any, value: int) -> None:
+        self.call("h.fill(pages, value)", pages=list(pages), value=value)
+
     def advise(self, mergeable: bool, first: int, n: int) -> None:
         self.call("h.advise(m, first, n)", m=mergeable, first=first, n=n)
 
@@ -244,7 +264,7 @@ class PageWorker:
 
 
 @pytest.fixture
-def spawn_workers(reaper: None) -> Iterator[Callable[..., list[PageWorker]]]:
+def spawn_workers(reaper: None) -> Iterator[Callable[..., list[PageWorker]]]:  # noqa: F811
     """``spawn_workers(n, npages, **spec)``: n page workers, started and filled
     (spec: shared_seed, layout_seed, unique, volatile, advise).  The region
     registers with whatever coordinator ``$SHMDEDUP_SOCKET`` names when the
@@ -286,7 +306,11 @@ def coordinator() -> Iterator[Callable[..., shmdedup.Coordinator]]:
     def make(**kw: Any) -> shmdedup.Coordinator:
         c = shmdedup.Coordinator(**kw)
         started.append(c)
-        return c.start()
+        c.start()
+        # The embedded client waits 10 s for a reply; a 2-vCPU box loaded by
+        # parallel tests can take longer to schedule a coordinator process.
+        c._client = shmdedup.Client(c.socket_path, timeout=60)
+        return c
 
     yield make
     for c in reversed(started):
@@ -375,7 +399,7 @@ def shmdedup_names() -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def _nothing_left_in_dev_shm(no_shm_leftovers: None) -> Iterator[None]:
+def _nothing_left_in_dev_shm(no_shm_leftovers: None) -> Iterator[None]:  # noqa: F811
     """No 'shmdedup' name in /dev/shm after the test (any process's: a
     coordinator process or a killed worker counts too).  Objects live under
     a name only between shm_open and shm_unlink, so a name that is there

@@ -29,7 +29,7 @@ from tests.integration.conftest import (
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ``python -m shmdedup ARGS`` to completion (killed and reaped on timeout)."""
-    return subprocess.run([sys.executable, "-m", "shmdedup", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "shmdedup", *args], capture_output=True, text=True, check=False,
                           env=env or child_env(), cwd=str(REPO_ROOT), timeout=timeout)
 
 
@@ -247,3 +247,20 @@ def test_cli_coordinator_merges_workers_and_run2_unmerges(monkeypatch, start_coo
         wait_stats(c, lambda s: counts(s) == want, 60, f"re-merge to {want}")
     for w in workers:
         w.assert_intact()
+
+
+def test_second_coordinator_on_a_live_socket_exits_with_a_message(start_coordinator):
+    co = start_coordinator()
+    r = cli("coordinator", "--socket", co.path)
+    assert r.returncode != 0
+    assert "already listening" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    # The first one keeps its socket and keeps answering.
+    assert cli("stats", "--socket", co.path).returncode == 0
+
+
+def test_coordinator_socket_in_a_missing_directory_exits_with_a_message(socket_dir):
+    path = os.path.join(socket_dir, "missing", "c.sock")
+    r = cli("coordinator", "--socket", path)
+    assert r.returncode != 0
+    assert path in r.stderr and "Traceback" not in r.stderr, r.stderr

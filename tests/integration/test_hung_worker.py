@@ -1,19 +1,20 @@
-"""A connection ends, the process does not: a stopped coordinator, a worker
-the coordinator gives up on.
+"""A worker the coordinator gives up on while it is alive: stopped (SIGSTOP)
+past the request timeout, with requests queued on its socket.
 
-The stable slots a worker maps must stay allocated for as long as the worker
-may map them: a slot freed (punched) under a live mapping reads as zeros, and
-once reused as somebody else's page.  So stopping the coordinator (thread
-mode, or SIGTERM to its process) frees nothing, and a worker dropped while
-alive (here: stopped with SIGSTOP past the request timeout) keeps its slots
-until its process exits.  Every worker compares its region with what it
-wrote, continuously (the page-worker harness of conftest.py).
+The stable slots a worker maps must stay allocated for as long as it may map
+them: a slot freed (punched) under a live mapping reads as zeros, and once
+reused as somebody else's page.  The dropped worker keeps its slots until its
+process exits; resumed, it runs the stale requests still queued on its
+socket, reads its exact bytes and registers again.  Every worker compares its
+region with what it wrote, continuously (the page-worker harness of
+conftest.py).  The other ways a connection ends while the process lives (an
+orderly coordinator stop, a worker closing its connection) are in
+tests/integration/test_restart.py.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 
 import pytest
@@ -21,25 +22,6 @@ import pytest
 import shmdedup.coordinator
 from tests.helpers import wait_for
 from tests.integration.conftest import FAST, counts, merged_counts, wait_stats, worker_stats
-
-
-@pytest.mark.parametrize("process", [False, True], ids=["thread", "process-sigterm"])
-def test_stopping_the_coordinator_leaves_merged_pages_intact(coordinator, spawn_workers, process: bool) -> None:
-    npages = 1024
-    c = coordinator(process=process, **FAST)
-    workers = spawn_workers(2, npages, shared_seed=31)
-    want = merged_counts(npages, 2)
-    wait_stats(c, lambda s: counts(s) == want, 60, f"convergence to {want}")
-    c.stop()                                   # process mode: SIGTERM, a clean exit
-    for w in workers:
-        assert w.status()["merged"] == npages
-        w.assert_intact()                      # no page reads as zeros
-    # Copy-on-write still works, locally, with no coordinator at all.
-    pages = random.Random(32).sample(range(npages), 40)
-    for w in workers:
-        w.write(pages, 1)
-        assert w.status()["merged"] == npages - 40
-        w.assert_intact()
 
 
 def test_worker_dropped_while_alive_keeps_its_slots_until_it_exits(coordinator, spawn_workers,

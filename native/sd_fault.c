@@ -1,0 +1,36 @@
+/* sd_fault.c - fault injection for tests (see sd_fault.h).
+ *
+ * One armed point per process, with a countdown of passes.  The countdown is
+ * a fetch-and-subtract, so two threads passing the point together still kill
+ * the process exactly once, at the right pass.  raise(SIGKILL) cannot be
+ * caught, blocked or chained: nothing of the process runs after it, which is
+ * what a kill -9 from outside does, only at a known instant. */
+#include <signal.h>
+#include "sd_fault.h"
+
+const char *const sd_fault_names[SD_FAULT_COUNT] = {
+    "none", "merge_protected", "merge_mapped", "merge_punched",
+    "break_copied", "break_mapped", "agent_merged",
+};
+
+_Atomic int sd_fault_armed;
+static _Atomic long countdown;
+
+int sd_fault_arm(int id, long n)
+{
+    if (id < 0 || id >= SD_FAULT_COUNT)
+        return -1;
+    atomic_store(&sd_fault_armed, SD_FAULT_NONE);
+    atomic_store(&countdown, n);
+    atomic_store(&sd_fault_armed, id);
+    return 0;
+}
+
+/* Signal safe. */
+void sd_fault_hit(int id)
+{
+    if (atomic_load(&sd_fault_armed) != id)
+        return;
+    if (atomic_fetch_sub(&countdown, 1) == 0)
+        raise(SIGKILL);
+}

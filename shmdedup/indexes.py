@@ -1,0 +1,197 @@
+"""The scanner's two indexes, KSM's stable and unstable trees.
+
+Both are C hash tables (``_native.HashIndex``, 16 bytes a bucket) keyed by page
+checksum and used in batches: the steady state keeps no Python object per page.
+
+* :class:`StableIndex` — checksum -> the newest stable slot with that content;
+  older slots with the same checksum (a full ``max_page_sharing`` chain, or a
+  checksum collision) are linked through ``chain_prev``.  It also owns the
+  stable segment and the per-slot accounting: ``sharers`` (worker pages whose
+  merge was confirmed), ``pending`` (merges in flight) and ``slot_hash``.  A
+  slot is freed (punched) only when both counts are zero (DESIGN invariant 6).
+* :class:`UnstableIndex` — checksum -> (region uid, page) of a unique page seen
+  in this full scan; reset at every full scan.  Entries are hints: the scanner
+  re-checks that the page is still private, advised and unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from shmdedup import _native
+from shmdedup.stable import StableSegment
+
+PAGE_SIZE: int = _native.PAGE_SIZE
+log = logging.getLogger("shmdedup.coordinator")
+
+
+def _one(v: int, dtype: type) -> np.ndarray:
+    return np.array([v], dtype)
+
+
+class StableIndex:
+    def __init__(self) -> None:
+        self.segment = StableSegment()
+        self.ix = _native.HashIndex()
+        cap = 1024
+        self.sharers = np.zeros(cap, np.int32)
+        self.pending = np.zeros(cap, np.int32)
+        self.slot_hash = np.zeros(cap, np.uint64)
+        self.chain_prev = np.full(cap, -1, np.int64)
+        self.max_pages = 0       # max_kernel_pages; 0 = no cap
+        self.write_error = ""    # why the last new stable page could not be written
+
+    @property
+    def fd(self) -> int:
+        return self.segment.fd
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.segment.pages_in_use
+
+    def nbytes(self) -> int:
+        return self.ix.nbytes + sum(a.nbytes for a in (self.sharers, self.pending, self.slot_hash,
+                                                        self.chain_prev))
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        """The newest slot for each checksum, or -1."""
+        out = np.empty(len(hashes), np.int64)
+        self.ix.get(np.ascontiguousarray(hashes, np.uint64), out)
+        return out
+
+    def chain(self, head: int) -> list[int]:
+        out = []
+        while head >= 0:
+            out.append(head)
+            head = int(self.chain_prev[head])
+        return out
+
+    def _grow_arrays(self, n: int) -> None:
+        if n <= len(self.sharers):
+            return
+        cap = max(n, 2 * len(self.sharers))
+        for name, fill in (("sharers", 0), ("pending", 0), ("slot_hash", 0), ("chain_prev", -1)):
+            old = getattr(self, name)
+            new = np.full(cap, fill, old.dtype)
+            new[:len(old)] = old
+            setattr(self, name, new)
+
+    def room(self, n: int) -> int:
+        """How many of n new slots max_kernel_pages still allows."""
+        if not self.max_pages:
+            return n
+        return max(0, min(n, self.max_pages - self.segment.pages_in_use))
+
+    def add(self, content: np.ndarray | memoryview, hashes: np.ndarray, hint: int | None = None) -> int | None:
+        """Copy len(hashes) pages into a run of new slots and index them;
+        returns the first slot, or None past max_kernel_pages (the caller
+        trims runs with room()) or when the segment cannot grow."""
+        n = len(hashes)
+        if self.room(n) < n:
+            return None
+        try:
+            s = self.segment.alloc(n, hint)
+        except OSError as e:
+            return self._cannot_write(e)
+        if s is None:
+            return None
+        self._grow_arrays(s + n)
+        try:
+            self.segment.write(s, content)   # unshared yet: invariant 5
+        except OSError as e:
+            self.segment.free(s, n)
+            return self._cannot_write(e)
+        self.write_error = ""
+        hashes = np.ascontiguousarray(hashes, np.uint64)
+        slots = np.arange(s, s + n, dtype=np.int64)
+        self.slot_hash[slots] = hashes
+        self.chain_prev[slots] = self.lookup(hashes)
+        self.ix.put(hashes, slots)
+        return s
+
+    def _cannot_write(self, e: OSError) -> None:
+        """The shared-memory filesystem is full (ENOSPC) or the object cannot
+        grow: no new stable page now.  The pages stay unmerged and the scan
+        goes on; merging must never stop the coordinator."""
+        if not self.write_error:
+            log.warning("cannot write new stable pages (%s); merges that need one are "
+                        "skipped until there is room", e)
+        self.write_error = str(e)
+        return None
+
+    def read(self, slot: int) -> bytes:
+        return os.pread(self.segment.fd, PAGE_SIZE, slot * PAGE_SIZE)
+
+    def free_unused(self, slots: np.ndarray) -> None:
+        """Free each of these slots that nobody shares or awaits."""
+        slots = np.unique(np.asarray(slots, np.int64))
+        slots = slots[(slots >= 0) & (slots < len(self.sharers))]
+        slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
+        for s in slots.tolist():
+            if not self.segment._slots.is_allocated(s, 1):
+                continue
+            self._unindex(s)
+            self.segment.free(s)
+            self.sharers[s] = 0
+
+    def _unindex(self, s: int) -> None:
+        h = self.slot_hash[s]
+        head = int(self.lookup(_one(h, np.uint64))[0])
+        prev = int(self.chain_prev[s])
+        if head == s:
+            if prev >= 0:
+                self.ix.put(_one(h, np.uint64), _one(prev, np.int64))
+            else:
+                self.ix.delete(_one(h, np.uint64))
+        else:
+            node = head
+            while node >= 0 and self.chain_prev[node] != s:
+                node = int(self.chain_prev[node])
+            if node >= 0:
+                self.chain_prev[node] = prev
+        self.chain_prev[s] = -1
+
+    def chains(self) -> tuple[int, int]:
+        """(chains, dups) as Linux counts them: checksums that have more than
+        one slot, and the slots in those chains."""
+        older = np.flatnonzero(self.chain_prev >= 0)
+        if not len(older):
+            return 0, 0
+        heads = self.lookup(self.slot_hash[older])
+        in_chain = np.union1d(older, heads[heads >= 0])
+        return len(np.unique(self.slot_hash[in_chain])), len(in_chain)
+
+    def close(self) -> None:
+        self.segment.close()
+
+
+class UnstableIndex:
+    def __init__(self) -> None:
+        self.ix = _native.HashIndex()
+
+    def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(region uid, page) per checksum; uid -1 where absent."""
+        out = np.empty(len(hashes), np.int64)
+        self.ix.get(np.ascontiguousarray(hashes, np.uint64), out)
+        return np.where(out >= 0, out >> 32, -1), out & 0xFFFFFFFF
+
+    def insert(self, hashes: np.ndarray, uid: int, pages: np.ndarray) -> None:
+        self.ix.put(np.ascontiguousarray(hashes, np.uint64),
+                    (np.int64(uid) << 32) | np.asarray(pages, np.int64))
+
+    def delete(self, hashes: np.ndarray) -> None:
+        if len(hashes):
+            self.ix.delete(np.ascontiguousarray(hashes, np.uint64))
+
+    def clear(self) -> None:
+        self.ix.clear()
+
+    def __len__(self) -> int:
+        return len(self.ix)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ix.nbytes
