@@ -95,7 +95,8 @@ class StableIndex:
         try:
             s = self.segment.alloc(n, hint)
         except OSError as e:
-            return self._cannot_write(e)
+            self._cannot_write(e)
+            return None
         if s is None:
             return None
         self._grow_arrays(s + n)
@@ -103,7 +104,8 @@ class StableIndex:
             self.segment.write(s, content)   # unshared yet: invariant 5
         except OSError as e:
             self.segment.free(s, n)
-            return self._cannot_write(e)
+            self._cannot_write(e)
+            return None
         self.write_error = ""
         hashes = np.ascontiguousarray(hashes, np.uint64)
         slots = np.arange(s, s + n, dtype=np.int64)
@@ -120,7 +122,6 @@ class StableIndex:
             log.warning("cannot write new stable pages (%s); merges that need one are "
                         "skipped until there is room", e)
         self.write_error = str(e)
-        return None
 
     def read(self, slot: int) -> bytes:
         return os.pread(self.segment.fd, PAGE_SIZE, slot * PAGE_SIZE)

@@ -23,7 +23,6 @@ them (break_range checks for signals every 256 pages).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -46,7 +45,7 @@ def _namespaces_work() -> str:
     try:
         r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                             f"mount -t tmpfs -o size={TMPFS_SIZE} tmpfs /dev/shm"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"unshare failed: {e}"
     return "" if r.returncode == 0 else f"cannot mount a private tmpfs: {r.stderr.strip()}"
@@ -242,7 +241,7 @@ def run_scenario(name: str) -> tuple[dict, subprocess.CompletedProcess]:
            f'mount -t tmpfs -o size={TMPFS_SIZE} tmpfs /dev/shm && exec "$0" -c "$1"',
            sys.executable, code]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=child_env(),
-                          cwd=str(REPO_ROOT))
+                          cwd=str(REPO_ROOT), check=False)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines, \
         f"scenario {name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

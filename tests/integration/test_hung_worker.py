@@ -17,11 +17,15 @@ from __future__ import annotations
 import os
 import signal
 
-import pytest
-
 import shmdedup.coordinator
 from tests.helpers import wait_for
-from tests.integration.conftest import FAST, counts, merged_counts, wait_stats, worker_stats
+from tests.integration.conftest import (
+    FAST,
+    counts,
+    merged_counts,
+    wait_stats,
+    worker_stats,
+)
 
 
 def test_worker_dropped_while_alive_keeps_its_slots_until_it_exits(coordinator, spawn_workers,
@@ -38,7 +42,7 @@ def test_worker_dropped_while_alive_keeps_its_slots_until_it_exits(coordinator, 
     wait_stats(c, lambda s: counts(s) == want, 60, f"convergence to {want}")
     os.kill(a.pid, signal.SIGSTOP)
     try:
-        b.write(list(range(0, 100)), 1)        # a's copies lose their co-sharer: unmerge requests to a
+        b.write(list(range(100)), 1)        # a's copies lose their co-sharer: unmerge requests to a
         s = wait_stats(c, lambda s: a.pid not in worker_stats(s), 30, "the stopped worker to be dropped")
         assert s["stable_pages_allocated"] == npages     # nothing freed under a
     finally:

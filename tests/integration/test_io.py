@@ -55,7 +55,7 @@ def merged(w: Worker) -> None:
 
 @pytest.mark.parametrize("family", ["unix", "udp"])
 def test_datagram_into_merged_page_efault_drops_it_region_recv_into_delivers(coordinator, family: str) -> None:
-    c = coordinator(**FAST)
+    coordinator(**FAST)
     w = Worker(setup=f"NPAGES = {NPAGES}\n" + WORKER)
     merged(w)
     assert w.call("result = r.merged_pages()") == NPAGES
@@ -153,7 +153,7 @@ result = (calls, lost, merged_first)
 
 
 def test_region_recv_into_loses_no_datagram_while_the_page_keeps_merging(coordinator) -> None:
-    c = coordinator(pages_to_scan=1000, sleep_millisecs=0)
+    coordinator(pages_to_scan=1000, sleep_millisecs=0)
     w = Worker(setup=f"NPAGES = {NPAGES}\n" + WORKER)
     merged(w)
     calls, lost, merged_first = w.call(RACE, n=500, timeout=120)

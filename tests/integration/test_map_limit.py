@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import textwrap
 
 import pytest
 
@@ -25,7 +24,8 @@ from shmdedup.budget import PROCESS_MAPPINGS, default_max_mappings
 from tests.helpers import Worker, run_python, vma_count
 from tests.integration.conftest import PAGE, wait_stats
 
-MAX_MAP_COUNT = int(open("/proc/sys/vm/max_map_count").read())
+with open("/proc/sys/vm/max_map_count") as _f:
+    MAX_MAP_COUNT = int(_f.read())
 
 # Even pages: the same in every worker (and distinct from each other); odd
 # pages: this worker's own.  Merged, that is one run per even page: two
@@ -189,7 +189,7 @@ def test_small_max_mappings_holds_and_raising_it_resumes_merging(coordinator) ->
     c.wait_full_scans(2)
     assert all(w.call("result = merged()") >= 3 * room // 2 - 10 for w, _ in workers)
     for w, _ in workers:
-        n, _, intact = w.call("result = write_every_merged_page()")
+        _, _, intact = w.call("result = write_every_merged_page()")
         assert intact
         assert w.close() == 0
 

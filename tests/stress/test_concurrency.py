@@ -31,8 +31,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from elsewhere
     sys.path.insert(0, str(_ROOT))
 
-import shmdedup  # noqa: E402
-from tests.helpers import Worker, no_shm_leftovers, reaper, wait_for  # noqa: E402,F401
+import shmdedup
+from tests.helpers import Worker, no_shm_leftovers, reaper, wait_for  # noqa: F401  (fixtures)
 
 WORKERS = 3
 THREADS = 3
@@ -127,7 +127,8 @@ def merged_pages():
 
 
 @pytest.mark.stress
-def test_writers_in_every_thread_while_the_coordinator_merges_and_breaks(no_shm_leftovers) -> None:
+@pytest.mark.usefixtures("no_shm_leftovers")
+def test_writers_in_every_thread_while_the_coordinator_merges_and_breaks() -> None:
     setup = (f"PAGES_PER_THREAD = {PAGES_PER_THREAD}\nTHREADS = {THREADS}\n" + STRESS)
     npages = PAGES_PER_THREAD * THREADS
     with shmdedup.Coordinator(pages_to_scan=100_000, sleep_millisecs=0) as c:

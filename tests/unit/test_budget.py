@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 from shmdedup import _native
-from shmdedup.budget import CHUNK, FRESH_KEY, PROCESS_MAPPINGS, ZERO_KEY, MappingBudget, default_max_mappings
+from shmdedup.budget import (
+    CHUNK,
+    FRESH_KEY,
+    PROCESS_MAPPINGS,
+    ZERO_KEY,
+    MappingBudget,
+    default_max_mappings,
+)
 
 PRIVATE, MERGED, ZERO = _native.PRIVATE, _native.MERGED, _native.ZERO
 
@@ -212,5 +219,6 @@ def test_foreign_merged_pages_count_as_runs() -> None:
 
 
 def test_default_max_mappings_leaves_a_quarter_of_the_limit() -> None:
-    limit = int(open("/proc/sys/vm/max_map_count").read())
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
     assert default_max_mappings() == limit - limit // 4
