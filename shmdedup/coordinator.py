@@ -32,111 +32,25 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import select
 import selectors
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from shmdedup import advisor, protocol
-from shmdedup.budget import default_max_mappings
+from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
+from shmdedup.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
 from shmdedup.scan import Scanner, RegionState, _coalesce
 from shmdedup.security import TokenBucket
 
 log = logging.getLogger("shmdedup.coordinator")
 
-# name: (default, minimum, maximum)
-CONTROLS: dict[str, tuple[int, int, int]] = {
-    "run": (1, 0, 2),
-    "pages_to_scan": (4096, 1, 10_000_000),
-    "sleep_millisecs": (20, 0, 3_600_000),
-    "max_page_sharing": (256, 2, 2**31 - 1),
-    "max_kernel_pages": (0, 0, 2**31 - 1),
-    "use_zero_pages": (0, 0, 1),
-    "smart_scan": (1, 0, 1),
-    # The scan-time advisor (advisor.py) paces by default; setting
-    # pages_to_scan by hand switches it off (advisor_mode 0).
-    "advisor_mode": (1, 0, 1),
-    "advisor_target_scan_time": (10, 1, 86_400),
-    "advisor_max_cpu": (50, 1, 100),
-    "advisor_min_pages_to_scan": (500, 1, 10_000_000),
-    "advisor_max_pages_to_scan": (100_000, 1, 10_000_000),
-    # Security (docs/security.md): 1 merges all-zero pages only, never a stable slot.
-    "merge_zero_pages_only": (0, 0, 1),
-    # Resource caps: a peer past one is refused with a logged reason.
-    "max_connections": (1024, 1, 65536),
-    "max_regions_per_worker": (4096, 1, 2**20),
-    "max_pages_per_worker": (2**26, 1, 2**31),   # 256 GiB of 4 KiB pages, ~0.9 GB of metadata
-    "max_msgs_per_sec": (20000, 1, 10_000_000),  # per connection, token bucket
-    "max_msgs_burst": (5000, 1, 10_000_000),
-    # Mappings (VMAs) a worker may reach through merges, estimated (budget.py);
-    # the default leaves a quarter of vm.max_map_count as headroom.
-    "max_mappings": (default_max_mappings(), 1, 2**31 - 1),
-}
-
 MAX_PAGES_PER_REQUEST = 65536
 MAX_WAITS_PER_CLIENT = 64
 REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
 SEND_TIMEOUT = 5.0
-
-
-def check_control(name: object, value: object) -> int:
-    """Validate one control; returns the int value or raises ControlError."""
-    if not isinstance(name, str) or name not in CONTROLS:
-        raise ControlError(f"unknown control {name!r}; known: {', '.join(sorted(CONTROLS))}")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ControlError(f"{name} must be an integer, got {value!r}")
-    _, lo, hi = CONTROLS[name]
-    if not lo <= value <= hi:
-        raise ControlError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-@dataclass(eq=False)
-class Peer:
-    conn: protocol.Connection
-    pid: int
-    uid: int
-    role: str | None = None
-    regions: dict[int, RegionState] = field(default_factory=dict)
-    requests: dict[int, tuple[str, list, float]] = field(default_factory=dict)
-    pages: int = 0
-    bucket: TokenBucket | None = None
-    refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
-    pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
-
-
-@dataclass(eq=False)
-class Ghost:
-    """A worker that disconnected while perhaps still alive.  Its regions
-    (detached in the scanner) and its unanswered merges keep their slots until
-    its pidfd says it exited: it may still map them, and a freed slot is
-    punched (its pages would read zeros) and then reused."""
-    pid: int
-    pidfd: int
-    regions: list[RegionState]
-    merges: list
-
-
-def _open_pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except (OSError, AttributeError, ValueError):
-        return None  # gone already, another pid namespace (pid 0), or no pidfd
-
-
-def _same_file(a: int, b: int) -> bool:
-    sa, sb = os.fstat(a), os.fstat(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def _exited(pidfd: int) -> bool:
-    p = select.poll()
-    p.register(pidfd, select.POLLIN)
-    return bool(p.poll(0))
 
 
 class CoordinatorServer:

@@ -61,14 +61,14 @@ def _worker(index: int, npages: int, conn: Any, stop: Any) -> None:
     conn.send((os.getpid(), region.backing_fd))
     vol = arr.reshape(npages, PAGE)[shared + unique:]
 
-    def churn() -> None:
+    def churn(pages: np.ndarray) -> None:
         n = 0
         while not stop.is_set():
             n += 1
-            vol[:, :8] = n % 251      # rewrite every volatile page, again and again
+            pages[:, :8] = n % 251    # rewrite every volatile page, again and again
             time.sleep(0.002)
 
-    t = threading.Thread(target=churn, daemon=True)
+    t = threading.Thread(target=churn, args=(vol,), daemon=True)
     t.start()
     mismatches = 0
     while not stop.wait(0.05):
