@@ -85,6 +85,7 @@ class Scanner:
         self.full_scans = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
+        self._scratch: np.ndarray | None = None
         # Controls the scanner reads (the coordinator validates them).
         self.max_page_sharing = 256
         self.use_zero_pages = False
@@ -306,7 +307,11 @@ class Scanner:
 
     def _visit(self, reg: RegionState, pages: np.ndarray, merges: dict) -> None:
         n = len(pages)
-        buf = np.empty(n * PAGE_SIZE, np.uint8)
+        # One scratch buffer for the scanner's life (a chunk is at most
+        # CHUNK_PAGES pages): nothing keeps a view of it past this call.
+        if self._scratch is None:
+            self._scratch = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
+        buf = self._scratch[:n * PAGE_SIZE]
         hashes = np.empty(n, np.uint64)
         _native.read_pages(reg.backing_fd, pages.astype(np.int64), buf, hashes)
         old = reg.checksum[pages]
