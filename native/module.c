@@ -252,17 +252,26 @@ py_is_zero(PyObject *Py_UNUSED(m), PyObject *args)
     return PyBool_FromLong(z);
 }
 
+/* (fd, offset, length) with offset and length >= 0; 0, or -1 with an error set. */
+static int
+parse_fd_range(PyObject *args, int *fd, long long *off, long long *len)
+{
+    if (!PyArg_ParseTuple(args, "iLL", fd, off, len))
+        return -1;
+    if (*off < 0 || *len < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset and length must be >= 0");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 py_punch_hole(PyObject *Py_UNUSED(m), PyObject *args)
 {
     int fd;
     long long off, len;
-    if (!PyArg_ParseTuple(args, "iLL", &fd, &off, &len))
+    if (parse_fd_range(args, &fd, &off, &len) < 0)
         return NULL;
-    if (off < 0 || len < 0) {
-        PyErr_SetString(PyExc_ValueError, "offset and length must be >= 0");
-        return NULL;
-    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = sd_punch(fd, (off_t)off, (off_t)len);
@@ -277,12 +286,8 @@ py_resident_pages(PyObject *Py_UNUSED(m), PyObject *args)
 {
     int fd;
     long long off, len;
-    if (!PyArg_ParseTuple(args, "iLL", &fd, &off, &len))
+    if (parse_fd_range(args, &fd, &off, &len) < 0)
         return NULL;
-    if (off < 0 || len < 0) {
-        PyErr_SetString(PyExc_ValueError, "offset and length must be >= 0");
-        return NULL;
-    }
     long n = sd_resident_pages(fd, (off_t)off, (size_t)len);
     if (n < 0)
         return sd_raise_errno("cachestat");

@@ -311,3 +311,23 @@ def allocated_bytes(fd: int) -> int:
 def vma_count(pid: int | str = "self") -> int:
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for _ in f)
+
+
+# A worker whose region holds `npages` pages cycling through `distinct`
+# contents, advised mergeable; it sends back a dup of its backing fd and its pid
+# (shared by the monitoring tests: top and /metrics).
+REPEATING_WORKER_SETUP = """
+import os
+import numpy as np
+import shmdedup
+shmdedup.set_socket(path)
+P = shmdedup.PAGE_SIZE
+region = shmdedup.Region(npages * P)
+pages = region.ndarray(np.uint8).reshape(npages, P)
+for i in range(npages):
+    pages[i] = i % distinct + 1
+del pages
+region.advise(shmdedup.MERGEABLE)
+send_fd(os.dup(region.backing_fd))
+result = os.getpid()
+"""

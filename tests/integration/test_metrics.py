@@ -20,6 +20,7 @@ import pytest
 
 import shmdedup
 from tests.helpers import (  # noqa: F401
+    REPEATING_WORKER_SETUP,
     REPO_ROOT,
     Worker,
     allocated_bytes,
@@ -37,21 +38,6 @@ pytestmark = pytest.mark.usefixtures("no_shm_leftovers")
 NPAGES, DISTINCT = 48, 16
 TIMEOUT = 30.0
 
-WORKER_SETUP = """
-import os
-import numpy as np
-import shmdedup
-shmdedup.set_socket(path)
-P = shmdedup.PAGE_SIZE
-region = shmdedup.Region(npages * P)
-pages = region.ndarray(np.uint8).reshape(npages, P)
-for i in range(npages):
-    pages[i] = i % distinct + 1
-del pages
-region.advise(shmdedup.MERGEABLE)
-send_fd(os.dup(region.backing_fd))
-result = os.getpid()
-"""
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -80,7 +66,7 @@ def sockdir() -> Iterator[str]:
 
 def merged_worker(path: str, coord: shmdedup.Coordinator) -> tuple[Worker, int]:
     worker = Worker()
-    pid, fds = worker.run(WORKER_SETUP, path=path, npages=NPAGES, distinct=DISTINCT)
+    pid, fds = worker.run(REPEATING_WORKER_SETUP, path=path, npages=NPAGES, distinct=DISTINCT)
     try:
         wait_for(lambda: coord.stats()["pages_sharing"] == NPAGES - DISTINCT, TIMEOUT,
                  "the worker's pages to merge")

@@ -32,7 +32,15 @@ from typing import Any
 import pytest
 
 import shmdedup
-from tests.helpers import Worker, allocated_bytes, child_env, no_shm_leftovers, reaper, wait_for  # noqa: F401
+from tests.helpers import (  # noqa: F401
+    REPEATING_WORKER_SETUP,
+    Worker,
+    allocated_bytes,
+    child_env,
+    no_shm_leftovers,
+    reaper,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("no_shm_leftovers")
 
@@ -40,21 +48,6 @@ ROWS, COLS = 24, 80
 NPAGES, DISTINCT = 48, 16          # -> pages_shared 16, pages_sharing 32
 TIMEOUT = 30.0
 
-WORKER_SETUP = """
-import os
-import numpy as np
-import shmdedup
-shmdedup.set_socket(path)
-P = shmdedup.PAGE_SIZE
-region = shmdedup.Region(npages * P)
-pages = region.ndarray(np.uint8).reshape(npages, P)
-for i in range(npages):
-    pages[i] = i % distinct + 1
-del pages
-region.advise(shmdedup.MERGEABLE)
-send_fd(os.dup(region.backing_fd))
-result = os.getpid()
-"""
 
 
 # ---- a small VT100/xterm screen, enough for what ncurses sends ----------------
@@ -319,7 +312,7 @@ def start_merging(path: str) -> tuple[shmdedup.Coordinator, Worker, int]:
     outside: its backing object holds no page any more)."""
     coord = shmdedup.Coordinator(path, export_env=False, sleep_millisecs=5).start()
     worker = Worker()
-    pid, fds = worker.run(WORKER_SETUP, path=path, npages=NPAGES, distinct=DISTINCT)
+    pid, fds = worker.run(REPEATING_WORKER_SETUP, path=path, npages=NPAGES, distinct=DISTINCT)
     try:
         wait_for(lambda: coord.stats()["pages_sharing"] == NPAGES - DISTINCT, TIMEOUT,
                  "the worker's pages to merge")
