@@ -138,6 +138,20 @@ class StableIndex:
             self.segment.free(s)
             self.sharers[s] = 0
 
+    def retire(self, slots: np.ndarray) -> None:
+        """Take slots out of the index while they stay mapped: a slot being
+        given back to its last sharer must not take new sharers meanwhile,
+        or the give-back and the new merge undo each other every scan.  The
+        slot itself is freed later by free_unused, as usual."""
+        slots = np.unique(np.asarray(slots, np.int64))
+        slots = slots[slots >= 0]
+        hashes = self.slot_hash[slots]
+        alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
+        if alone.any():                 # the common case, in one call
+            self.ix.delete(np.ascontiguousarray(hashes[alone]))
+        for s in slots[~alone].tolist():
+            self._unindex(s)
+
     def _unindex(self, s: int) -> None:
         h = self.slot_hash[s]
         head = int(self.lookup(_one(h, np.uint64))[0])

@@ -302,6 +302,7 @@ class Scanner:
             lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)]
             if len(lonely):
                 reg.status[lonely] = UNMERGING
+                self.sidx.retire(reg.slot[lonely])
                 unmerges.setdefault(reg.worker, []).append(
                     (reg, lonely.astype(np.int64), reg.slot[lonely].astype(np.int64)))
 

@@ -17,6 +17,7 @@ import pytest
 
 import shmdedup
 from shmdedup.errors import ControlError
+from tests.helpers import Worker
 from tests.integration.conftest import (
     FAST,
     PAGE,
@@ -199,6 +200,42 @@ def test_slots_left_with_one_sharer_are_given_back_and_freed(coordinator, spawn_
     assert b.blocks() == npages
     for w in (a, b):
         w.assert_intact()
+
+
+TWIN_HALVES = r"""
+import numpy as np
+from shmdedup import MERGEABLE, PAGE_SIZE as P, Region
+half = np.random.default_rng(35).integers(0, 256, (N // 2, P), dtype=np.uint8)
+expected = np.concatenate((half, half))
+r = Region(N * P)
+a = r.ndarray(np.uint8, (N, P))
+a[:] = expected
+r.advise(MERGEABLE)
+"""
+
+
+def test_a_slot_being_given_back_takes_no_new_sharer(coordinator):
+    """One worker whose two halves merge with each other.  It breaks K pages
+    of the first half and writes their old bytes back before the next visit:
+    their twins are left alone on their slots and are given back, while the
+    K pages, unchanged since their last checksum, find those same slots in
+    the stable index.  Merging them there would undo itself (each give-back
+    leaves the other page alone, every scan, for ever); the slots leave the
+    index when the give-back starts, so both pages settle on a new slot."""
+    N, K = 512, 32
+    c = coordinator(**FAST)
+    w = Worker(setup=f"N = {N}\n" + TWIN_HALVES)
+    merged_all = "result = r.merged_pages() == N"
+    wait_for(lambda: w.call(merged_all), 60, "the two halves to merge")
+    w.call("a[10:10 + K, 0] ^= 1; a[10:10 + K, 0] ^= 1", K=K)
+    assert w.call("result = r.merged_pages()") == N - K
+    wait_for(lambda: w.call(merged_all), 60, "the K pages and their twins to merge again")
+    for _ in range(3):          # settled: nothing moves any more
+        c.wait_full_scans(1, timeout=60)
+        assert w.call(merged_all)
+    assert w.call("result = bool(np.array_equal(a, expected))")
+    assert counts(c.stats()) == merged_counts(N // 2, 2)
+    assert w.close() == 0
 
 
 # ---- 4. UNMERGEABLE advice and run=2 ---------------------------------------
