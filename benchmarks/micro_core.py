@@ -16,7 +16,10 @@ Rows:
   break_range      explicit break of every page after a merge in runs of 64
                    (pwrite + mmap per run, no signal)
   COW via trap     a write to each merged page: SIGSEGV, the trap's pwrite +
-                   mmap, the refault.  Two ways of writing: one numpy strided
+                   mmap, the refault.  Sequential writes get the fault-around
+                   (one break for up to 64 pages; also measured with it off,
+                   and with the pages written in random order, where each
+                   fault breaks one page).  Two ways of writing: one numpy strided
                    store a[::P] = v (a single C loop: the trap's cost alone)
                    and a Python loop of numpy scalar stores (what user code does)
   first touch      baseline: the kernel's own first-touch write fault on a fresh
@@ -48,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from shmdedup import _native, _shm
 from shmdedup.region import PAGE_SIZE as P
-from shmdedup.region import Region
+from shmdedup.region import Region, cow_fault_around
 from shmdedup.stable import StableSegment
 
 # What the issue asks for, and what DESIGN.md "Measured here" says (us/page).
@@ -56,6 +59,7 @@ TARGETS = {
     "merge, runs of 64": "<= 1.5 (DESIGN ~1.0)",
     "merge, single pages": "(DESIGN ~6)",
     "COW via trap, numpy a[::P] = v": "<= 6 (DESIGN ~8)",
+    "COW via trap, numpy a[::P] = v, fault-around off": "(DESIGN ~8)",
     "first touch, numpy a[::P] = v": "(DESIGN ~1.7)",
     "merge, single pages + busy thread": "(DESIGN ~40)",
     "merge, runs of 64 + busy thread": "(DESIGN ~1.7)",
@@ -147,15 +151,20 @@ class Setup:
         assert broken == self.n
         return c.both
 
-    def cow(self, how: str) -> tuple[float, float]:
+    def cow(self, how: str, fault_around: int = 64) -> tuple[float, float]:
         a, n = self.a, self.n
         breaks = self.region.breaks
+        old = cow_fault_around(fault_around)
+        perm = np.random.default_rng(2).permutation(n) * P
         with Clock() as c:
             if how == "strided":
                 a[::P] = 0x5A
+            elif how == "random":
+                a[perm] = 0x5A
             else:
                 for i in range(n):
                     a[i * P] = 0x5A
+        cow_fault_around(old)
         assert self.region.breaks - breaks == n and self.region.merged_pages() == 0
         a[::P] = self.data[::P]  # the content again, for the next merge
         return c.both
@@ -208,6 +217,10 @@ def measure(s: Setup, reps: int, busy: bool) -> dict[str, list[tuple[float, floa
                 s.merge(64)
                 add(f"COW via trap, {label}", s.cow(how))
                 add(f"first touch, {label}", first_touch(s.n, how))
+            s.merge(64)
+            add("COW via trap, numpy a[::P] = v, fault-around off", s.cow("strided", 1))
+            s.merge(64)
+            add("COW via trap, numpy, random page order", s.cow("random"))
     return out
 
 

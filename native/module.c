@@ -304,6 +304,31 @@ py_trap_install(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+py_fault_around(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    PyObject *arg = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &arg))
+        return NULL;
+    size_t old = atomic_load(&sd_fault_around_max);
+    if (arg != Py_None) {
+        if (!PyLong_Check(arg) || PyBool_Check(arg)) {
+            PyErr_Format(PyExc_TypeError, "pages must be an int, not %.100s", Py_TYPE(arg)->tp_name);
+            return NULL;
+        }
+        long long v = PyLong_AsLongLong(arg);
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v < 1 || v > SD_FAULT_AROUND_LIMIT) {
+            PyErr_Format(PyExc_ValueError, "pages must be between 1 and %d, got %lld",
+                         SD_FAULT_AROUND_LIMIT, v);
+            return NULL;
+        }
+        atomic_store(&sd_fault_around_max, (size_t)v);
+    }
+    return PyLong_FromSize_t(old);
+}
+
+static PyObject *
 py_trap_in_front(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     return PyBool_FromLong(sd_trap_in_front());
@@ -435,6 +460,9 @@ static PyMethodDef module_methods[] = {
     {"punch_hole", py_punch_hole, METH_VARARGS, "punch_hole(fd, offset, length): fallocate PUNCH_HOLE|KEEP_SIZE."},
     {"resident_pages", py_resident_pages, METH_VARARGS,
      "resident_pages(fd, offset, length) -> pages of the range in memory (cachestat)."},
+    {"fault_around", py_fault_around, METH_VARARGS,
+     "fault_around([pages]) -> int: the widest COW fault-around in pages (1 = off); sets it if given, "
+     "returns the previous value."},
     {"trap_install", py_trap_install, METH_NOARGS, "Install the COW trap in front; True if it (re)installed."},
     {"trap_in_front", py_trap_in_front, METH_NOARGS, "True if the COW trap is the installed SIGSEGV handler."},
     {"merged_pages", py_merged_pages, METH_NOARGS, "Pages merged (MERGED or ZERO) in this process."},
@@ -474,6 +502,7 @@ PyInit__native(void)
         PyModule_AddObject(m, "StableView", (PyObject *)&sd_StableViewType) < 0 ||
         PyModule_AddObject(m, "HashIndex", (PyObject *)&sd_HashIndexType) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)sd_page_size) < 0 ||
+        PyModule_AddIntConstant(m, "FAULT_AROUND_LIMIT", SD_FAULT_AROUND_LIMIT) < 0 ||
         PyModule_AddIntConstant(m, "PRIVATE", SD_PRIVATE) < 0 ||
         PyModule_AddIntConstant(m, "MERGING", SD_MERGING) < 0 ||
         PyModule_AddIntConstant(m, "MERGED", SD_MERGED) < 0 ||

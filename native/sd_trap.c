@@ -10,6 +10,11 @@
  *   3. publish PRIVATE (release), and return: the write is retried.
  * Pages in MERGING are waited on: the merging thread either publishes MERGED
  * (then we break it) or aborts to PRIVATE (then the write just retries).
+ * Fault-around: a fault on the page right after the previous trap break of the
+ * region also claims the pages after it that are in the same merged state, up
+ * to twice that break's width (at most sd_fault_around_max), and breaks them
+ * all with one pwrite and one mmap: a sequential writer pays the signal and
+ * the remap once per window.  Only pages won by compare-and-swap join.
  * Tests kill a process between the steps (sd_fault.h: break_copied,
  * break_mapped) to check that other processes lose nothing.
  *
@@ -38,6 +43,7 @@
 size_t sd_page_size;
 _Atomic long sd_merged_pages;
 _Atomic int sd_test_fail_mmaps;
+_Atomic size_t sd_fault_around_max = SD_FAULT_AROUND_DEFAULT;
 
 static struct sd_region regions[SD_MAX_REGIONS];
 static _Atomic int regions_used;            /* high-water mark of the table */
@@ -63,6 +69,8 @@ int sd_region_add(void *base, size_t npages, int fd, uint8_t *state)
         r->fd = fd;
         r->state = (_Atomic uint8_t *)state;
         atomic_store(&r->breaks, 0);
+        atomic_store(&r->ahead_end, SIZE_MAX);
+        atomic_store(&r->ahead_width, 0);
         atomic_store_explicit(&r->base, (uintptr_t)base, memory_order_release);
         if (i + 1 > atomic_load(&regions_used))
             atomic_store(&regions_used, i + 1);
@@ -291,8 +299,21 @@ static void fatal_break(uintptr_t addr, int err)
     _exit(128 + SIGBUS);
 }
 
+/* How many pages a trap break at `page` may cover: 1, or twice the previous
+ * break's width when the fault is right after it (fault-around). */
+static size_t fault_around_width(struct sd_region *r, size_t page)
+{
+    size_t max = atomic_load_explicit(&sd_fault_around_max, memory_order_relaxed);
+    if (max <= 1 || atomic_load_explicit(&r->ahead_end, memory_order_relaxed) != page)
+        return 1;
+    size_t w = 2 * atomic_load_explicit(&r->ahead_width, memory_order_relaxed);
+    return w < max ? w : max;
+}
+
 /* Returns 1 if it broke the page, 0 if the page is private (the fault raced
- * with a merge that aborted or a break by another thread). */
+ * with a merge that aborted or a break by another thread).  Pages after the
+ * faulting one join the break (fault-around) only if they are in the same
+ * state and this thread wins them: no one waits on a page it did not touch. */
 static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
 {
     for (;;) {
@@ -305,9 +326,18 @@ static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
         }
         if (!is_merged(s) || !atomic_compare_exchange_strong(&r->state[page], &s, SD_BREAKING))
             continue;
-        long got = break_owned(r, page, 1, s);
+        size_t want = fault_around_width(r, page), n = 1;
+        while (n < want && page + n < r->npages) {
+            uint8_t t = s;
+            if (!atomic_compare_exchange_strong(&r->state[page + n], &t, SD_BREAKING))
+                break;
+            n++;
+        }
+        long got = break_owned(r, page, n, s);
         if (got < 0)
             fatal_break(addr, errno);
+        atomic_store_explicit(&r->ahead_end, page + n, memory_order_relaxed);
+        atomic_store_explicit(&r->ahead_width, want, memory_order_relaxed);
         /* Pages, not faults: at the mapping limit one fault breaks a whole run. */
         atomic_fetch_add(&r->breaks, (uint64_t)got);
         return 1;

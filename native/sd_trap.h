@@ -25,6 +25,10 @@ struct sd_region {
     int fd;                      /* the backing's own fd: remaps must use it */
     _Atomic uint8_t *state;      /* npages state bytes */
     _Atomic uint64_t breaks;     /* pages broken by the trap (COW faults) */
+    /* COW fault-around: where the last trap break ended and how wide it was.
+     * A fault right there doubles the width (sequential writes). */
+    _Atomic size_t ahead_end;
+    _Atomic size_t ahead_width;
 };
 
 extern size_t sd_page_size;
@@ -32,6 +36,14 @@ extern _Atomic long sd_merged_pages;   /* pages MERGED or ZERO in this process *
 /* Test hook: the next this-many copy-back mmaps of a break fail with ENOMEM,
  * as they do past vm.max_map_count (signal safe: one atomic). */
 extern _Atomic int sd_test_fail_mmaps;
+/* The widest COW fault-around, in pages (1 = break only the faulting page).
+ * A write fault on the page right after the previous trap break breaks
+ * twice as many pages as that break did, up to this many, with one copy
+ * and one mapping: sequential writers pay the signal and the remap once per
+ * window instead of once per page. */
+extern _Atomic size_t sd_fault_around_max;
+#define SD_FAULT_AROUND_DEFAULT 64
+#define SD_FAULT_AROUND_LIMIT 1024
 
 /* Table.  add returns the slot index, or -1 (ENOSPC) when full. */
 int sd_region_add(void *base, size_t npages, int fd, uint8_t *state);

@@ -21,7 +21,7 @@ from shmdedup.errors import (  # noqa: E402
     RegionClosedError,
     ShmError,
 )
-from shmdedup.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region  # noqa: E402
+from shmdedup.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, cow_fault_around  # noqa: E402
 from shmdedup.control import Client, Coordinator  # noqa: E402
 from shmdedup.agent import enable_process_merging, set_socket  # noqa: E402
 
@@ -42,6 +42,7 @@ __all__ = [
     "RegionClosedError",
     "ShmError",
     "UNMERGEABLE",
+    "cow_fault_around",
     "enable_process_merging",
     "set_socket",
 ]

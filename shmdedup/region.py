@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import os
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,40 @@ def _check_int(name: str, value: object, minimum: int = 0) -> int:
     if value < minimum:
         raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+ENV_FAULT_AROUND = "SHMDEDUP_COW_FAULT_AROUND"
+
+
+def cow_fault_around(pages: int | None = None) -> int:
+    """The widest copy-on-write fault-around of this process, in pages.
+
+    A write to a merged page breaks that page only, unless it lands on the
+    page right after the previous break (a sequential writer): then the trap
+    breaks twice as many pages as last time, up to this many, with one copy
+    and one remap, like the kernel's fault-around for reads.  Pages broken
+    ahead but never written are merged again by the next scan.  1 turns it
+    off (every write fault breaks exactly one page, as in Linux KSM).  The
+    default is 64, or ``$SHMDEDUP_COW_FAULT_AROUND``.  With ``pages``, sets it
+    and returns the previous value.
+    """
+    if pages is None:
+        return _native.fault_around()
+    pages = _check_int("pages", pages, 1)
+    if pages > _native.FAULT_AROUND_LIMIT:
+        raise ArgumentError(f"pages must be <= {_native.FAULT_AROUND_LIMIT}, got {pages}")
+    return _native.fault_around(pages)
+
+
+def _fault_around_from_env() -> None:
+    value = os.environ.get(ENV_FAULT_AROUND)
+    if not value:
+        return
+    try:
+        cow_fault_around(int(value))
+    except ValueError:
+        warnings.warn(f"${ENV_FAULT_AROUND}={value!r} ignored: it must be an int between 1 and "
+                      f"{_native.FAULT_AROUND_LIMIT}", RuntimeWarning, stacklevel=2)
 
 
 def pages_for(nbytes: int) -> int:
@@ -303,3 +338,6 @@ class Region(_native.Mapping):
                 self.close()
         except Exception:
             pass
+
+
+_fault_around_from_env()

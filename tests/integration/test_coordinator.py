@@ -180,6 +180,29 @@ def test_write_to_k_merged_pages_drops_sharing_by_k(coordinator, spawn_workers):
         w.assert_intact()
 
 
+def test_pages_broken_ahead_of_a_sequential_writer_merge_again(coordinator, spawn_workers):
+    """With COW fault-around on (the library's default; off elsewhere in this
+    suite), writing K merged pages in order breaks up to 64 more ahead of the
+    writer.  Those still hold their old bytes: the next scans merge them back,
+    and in the end exactly the K written pages are private, seen from outside
+    too."""
+    npages, K = 2048, 300
+    c = coordinator(**FAST)
+    workers = spawn_workers(3, npages, shared_seed=36)
+    want = merged_counts(npages, 3)
+    wait_stats(c, lambda s: counts(s) == want, 60, f"convergence to {want}")
+    a = workers[0]
+    a.call("__import__('shmdedup').cow_fault_around(64)")
+    a.write(range(K), 1)                # one byte into each, in page order
+    assert a.status()["merged"] == npages - 319     # windows 1, 2, 4, ... 64 reach page 318
+    final = {"pages_shared": npages, "pages_sharing": want["pages_sharing"] - K}
+    wait_stats(c, lambda s: counts(s) == final, 60, f"the pages broken ahead to merge back: {final}")
+    wait_for(lambda: a.status()["merged"] == npages - K, 30, "a's own count")
+    assert a.blocks() == K
+    for w in workers:
+        w.assert_intact()
+
+
 def test_slots_left_with_one_sharer_are_given_back_and_freed(coordinator, spawn_workers):
     """2 workers; one writes to every page: each slot has one sharer left, so
     the other worker gets its pages back as private copies and every slot is
