@@ -58,6 +58,10 @@ Definitions (the same for both systems):
   /proc/self/pagemap; shmdedup: the region's state bytes), one numpy fancy
   assignment, timed; then the same writes again (pages now private) as the
   baseline.  Reported: first write per page, and first minus baseline.
+  The pages are written in page order, so shmdedup's COW fault-around
+  (``shmdedup.cow_fault_around``, default 64) breaks up to 64 pages per
+  fault; worker 1 then does the same in random page order, where each fault
+  breaks one page (the cost of an isolated write).
 
 Also reported: the most mappings (VMAs) any worker holds (vm.max_map_count is
 the binding limit for shmdedup), other processes' CPU during each convergence
@@ -460,7 +464,7 @@ def _child(system: str, index: int, npages: int, params: dict, conn: Any) -> Non
                 break
             if cmd == "verify":
                 conn.send(("ok", content_crc(arr, kinds) == crc))
-            elif cmd == "cow":
+            elif cmd in ("cow", "cow_random"):
                 stop_churn.set()
                 if churn is not None:
                     churn.join()
@@ -474,6 +478,8 @@ def _child(system: str, index: int, npages: int, params: dict, conn: Any) -> Non
                 else:
                     s = np.frombuffer(region.states(), np.uint8)[:npages]
                     idx = np.flatnonzero((s == shmdedup._native.MERGED) | (s == shmdedup._native.ZERO))
+                if cmd == "cow_random":     # no page follows the one before: no fault-around
+                    idx = np.random.default_rng(5).permutation(idx)
                 offs = idx.astype(np.int64) * PAGE
                 t = time.perf_counter()
                 arr[offs] = 0xA5
@@ -704,8 +710,10 @@ def _meminfo_delta(before: dict, after: dict) -> dict[str, int]:
     return {k: b[k] - a[k] for k in a if k in b and b[k] != a[k]}
 
 
-def _cow(fleet: Fleet, timeout: float) -> dict[str, Any]:
-    r = fleet.call(0, "cow", timeout)
+def _cow(fleet: Fleet, timeout: float, worker: int = 0, cmd: str = "cow") -> dict[str, Any] | None:
+    if worker >= len(fleet.pids):
+        return None
+    r = fleet.call(worker, cmd, timeout)
     n = r["pages"]
     r["us_per_page"] = r["first_s"] / n * 1e6 if n else None
     r["net_us_per_page"] = (r["first_s"] - r["again_s"]) / n * 1e6 if n else None
@@ -793,6 +801,7 @@ def run_ksm(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
             KSM.write("run", 0)            # stop scanning, keep the merged pages
             res["cow"] = _cow(fleet, cfg.timeout)
+            res["cow_random"] = _cow(fleet, cfg.timeout, 1, "cow_random")
         else:
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
@@ -915,6 +924,7 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
             res["stats_cpu_ms"] = (cpu_ns(cpid) - c0) / 20 / 1e6
             res["stats_polling_cpu_s"] = res["stats_cpu_ms"] * res["polls"] / 1e3
             res["cow"] = _cow(fleet, cfg.timeout)
+            res["cow_random"] = _cow(fleet, cfg.timeout, 1, "cow_random")
         else:
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
@@ -1003,6 +1013,8 @@ ROWS = [
     ("COW break us/page (first write)", "cow.us_per_page", 2),
     ("COW break us/page (net of rewrite)", "cow.net_us_per_page", 2),
     ("pages broken in worker 0", "cow.pages", 0),
+    ("COW us/page, random order (worker 1)", "cow_random.us_per_page", 2),
+    ("  net of rewrite", "cow_random.net_us_per_page", 2),
     ("every worker read its bytes", "verify_ok", 0),
     ("other processes' CPU s meanwhile", "foreign_cpu_s", 2),
 ]
