@@ -10,6 +10,9 @@
 #define _GNU_SOURCE
 #include <Python.h>
 #include <errno.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdatomic.h>
 #include <unistd.h>
 #include "py_index.h"
@@ -304,6 +307,20 @@ py_trap_install(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+py_trim_heap(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    /* glibc keeps freed heap memory (and, once a big block was freed, serves
+     * big temporaries from the heap too): give whole free pages back. */
+    int released = 0;
+#ifdef __GLIBC__
+    Py_BEGIN_ALLOW_THREADS
+    released = malloc_trim(0);
+    Py_END_ALLOW_THREADS
+#endif
+    return PyBool_FromLong(released);
+}
+
+static PyObject *
 py_fault_around(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *arg = Py_None;
@@ -460,6 +477,8 @@ static PyMethodDef module_methods[] = {
     {"punch_hole", py_punch_hole, METH_VARARGS, "punch_hole(fd, offset, length): fallocate PUNCH_HOLE|KEEP_SIZE."},
     {"resident_pages", py_resident_pages, METH_VARARGS,
      "resident_pages(fd, offset, length) -> pages of the range in memory (cachestat)."},
+    {"trim_heap", py_trim_heap, METH_NOARGS,
+     "trim_heap() -> bool: return free heap pages to the system (malloc_trim; False elsewhere)."},
     {"fault_around", py_fault_around, METH_VARARGS,
      "fault_around([pages]) -> int: the widest COW fault-around in pages (1 = off); sets it if given, "
      "returns the previous value."},

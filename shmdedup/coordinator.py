@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from shmdedup import advisor, protocol
+from shmdedup import _native, advisor, protocol
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
 from shmdedup.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
@@ -191,10 +191,14 @@ class CoordinatorServer:
             self.metrics.tick(self.stats)
 
     def _full_scan_done(self) -> None:
-        """Feed the scan-time advisor what the last full scan cost."""
+        """Feed the scan-time advisor what the last full scan cost; give the
+        heap's free memory back."""
         t0, cpu0, pages0 = self._scan_mark
         now, cpu, pages = time.monotonic(), time.thread_time(), self.scanner.pages_scanned
         self._scan_mark = (now, cpu, pages)
+        # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
+        # in glibc's heap: give it back (~0.2 ms; ~5 us when there is none).
+        _native.trim_heap()
         c = self.controls
         if c["advisor_mode"] == 1:
             c["pages_to_scan"] = advisor.advise(
