@@ -77,9 +77,12 @@ class Agent:
     def _advise(self, region: Any, first: int, n: int, mergeable: bool) -> None:
         if not mergeable and region.id not in self.registered:
             return
+        new = region.id not in self.regions
         self.regions[region.id] = region
         self._ensure_thread()
         if self.conn is None:
+            if new:
+                self._wake.set()    # the thread may be idle, with nothing to register
             return
         if region.id not in self.registered:
             self._register(region)
@@ -115,6 +118,14 @@ class Agent:
     def _run(self) -> None:
         backoff = BACKOFF_MIN
         while True:
+            if not self._has_regions():
+                # Nothing advised (any more): do not connect, so a process
+                # that is done with its regions neither takes a connection
+                # slot of a new coordinator nor shows up as its worker; the
+                # next advised region wakes us.
+                self._wake.wait()
+                self._wake.clear()
+                continue
             path = resolve_socket_path(self.socket_path)
             try:
                 conn = protocol.connect(path, timeout=2.0)
@@ -151,6 +162,10 @@ class Agent:
                     self.view = None
             self._wake.wait(backoff)
             self._wake.clear()
+
+    def _has_regions(self) -> bool:
+        with self.lock:
+            return any(not r.closed for r in list(self.regions.values()))
 
     def _session(self, conn: protocol.Connection, path: str) -> None:
         conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})

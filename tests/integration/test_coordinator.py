@@ -194,7 +194,9 @@ def test_pages_broken_ahead_of_a_sequential_writer_merge_again(coordinator, spaw
     a = workers[0]
     a.call("__import__('shmdedup').cow_fault_around(64)")
     a.write(range(K), 1)                # one byte into each, in page order
-    assert a.status()["merged"] == npages - 319     # windows 1, 2, 4, ... 64 reach page 318
+    # Windows of 1, 2, 4, ... 64 pages reach page 318 (the coordinator may be
+    # merging the unwritten ones back already: count breaks, not merged pages).
+    assert a.call("h.region.breaks") == 319
     final = {"pages_shared": npages, "pages_sharing": want["pages_sharing"] - K}
     wait_stats(c, lambda s: counts(s) == final, 60, f"the pages broken ahead to merge back: {final}")
     wait_for(lambda: a.status()["merged"] == npages - K, 30, "a's own count")
@@ -251,7 +253,8 @@ def test_a_slot_being_given_back_takes_no_new_sharer(coordinator):
     merged_all = "result = r.merged_pages() == N"
     wait_for(lambda: w.call(merged_all), 60, "the two halves to merge")
     w.call("a[10:10 + K, 0] ^= 1; a[10:10 + K, 0] ^= 1", K=K)
-    assert w.call("result = r.merged_pages()") == N - K
+    # (the coordinator may already be giving the twins back: at most N - K)
+    assert w.call("result = r.merged_pages()") <= N - K
     wait_for(lambda: w.call(merged_all), 60, "the K pages and their twins to merge again")
     for _ in range(3):          # settled: nothing moves any more
         c.wait_full_scans(1, timeout=60)
