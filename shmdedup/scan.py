@@ -52,7 +52,7 @@ from shmdedup.budget import MappingBudget, default_max_mappings
 from shmdedup.indexes import StableIndex, UnstableIndex
 from shmdedup.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
-    ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited)
+    ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited, _repeated, _unique)
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -364,15 +364,14 @@ class Scanner:
         if not len(rest):
             return
         # Checksums repeated inside the batch: sequential path, in page order.
-        _, inv, counts = np.unique(hashes[rest], return_inverse=True, return_counts=True)
-        dup = counts[inv] > 1
+        dup = _repeated(hashes[rest])
         for i in rest[dup].tolist():
             self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
         rest = rest[~dup]
         # Unstable index.
         uid, opage = self.unstable.lookup(hashes[rest])
         matched = np.zeros(len(pages), bool)
-        for u in np.unique(uid[uid >= 0]).tolist():
+        for u in _unique(uid[uid >= 0]).tolist():
             sel = uid == u
             self._merge_with_mates(reg, pages, hashes, k, rows, rest[sel], self.by_uid.get(u),
                                    opage[sel], matched, merges)
