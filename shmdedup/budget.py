@@ -148,12 +148,14 @@ class MappingBudget:
         a slot we know of (by a coordinator before a restart) is FOREIGN;
         neighbouring ones are taken for one run, as they were most likely
         merged."""
-        state = reg.states[pages]
-        slot = reg.slot[pages].astype(np.int64)
-        key = np.full(len(pages), FOREIGN_KEY, np.int64)
-        key[state == ZERO_STATE] = ZERO_KEY
-        stable = slot >= 0
-        key[stable] = (slot[stable] - pages[stable]) * 4
+        n = len(pages)
+        if n > 1 and (np.diff(pages) == 1).all():
+            a = int(pages[0])                # a range (the common case): slices, one pread
+            state, slot = reg.states[a:a + n], reg.slot[a:a + n]
+        else:
+            state, slot = reg.states[pages], reg.slot[pages]
+        key = np.where(slot >= 0, (slot.astype(np.int64) - pages) * 4,
+                       np.where(state == ZERO_STATE, ZERO_KEY, FOREIGN_KEY))
         key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
         return key
 
@@ -192,10 +194,19 @@ class MappingBudget:
         """Mappings added by mapping each of the (ascending) pages to the new
         keys, in order, each counting the earlier ones as done.  The pairs of
         neighbouring pages telescope, so any prefix sum is exact."""
+        if not len(pages):
+            return np.zeros(0, np.int64)
         last = reg.npages - 1
-        old = self.keys(reg, pages)
-        left_old = self.keys(reg, np.maximum(pages - 1, 0))
-        right_old = self.keys(reg, np.minimum(pages + 1, last))
+        left_pages, right_pages = np.maximum(pages - 1, 0), np.minimum(pages + 1, last)
+        lo, hi = int(left_pages.min()), int(right_pages.max())
+        if hi - lo < 4 * len(pages) + CHUNK:
+            # One read of the state bytes around the pages, not three.
+            k = self.keys(reg, np.arange(lo, hi + 1))
+            old, left_old, right_old = k[pages - lo], k[left_pages - lo], k[right_pages - lo]
+        else:
+            old = self.keys(reg, pages)
+            left_old = self.keys(reg, left_pages)
+            right_old = self.keys(reg, right_pages)
         follows = np.zeros(len(pages), bool)
         follows[1:] = pages[1:] == pages[:-1] + 1
         left = np.where(follows, np.roll(new, 1), left_old)
