@@ -480,7 +480,8 @@ PyInit__native(void)
         PyModule_AddIntConstant(m, "MERGING", SD_MERGING) < 0 ||
         PyModule_AddIntConstant(m, "MERGED", SD_MERGED) < 0 ||
         PyModule_AddIntConstant(m, "BREAKING", SD_BREAKING) < 0 ||
-        PyModule_AddIntConstant(m, "ZERO", SD_ZERO) < 0) {
+        PyModule_AddIntConstant(m, "ZERO", SD_ZERO) < 0 ||
+        PyModule_AddIntConstant(m, "HASH_SIMD", sd_hash_simd()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -51,8 +51,7 @@ int sd_read_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_
 
 void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out)
 {
-    for (size_t i = 0; i < n; i++)
-        out[i] = sd_page_checksum(buf + i * page_size, page_size);
+    sd_xxh64_pages(buf, n, page_size, 0, out);      /* sd_page_checksum of each page */
 }
 
 /* Pages read per pread when comparing: runs of consecutive slots (new stable

@@ -4,10 +4,12 @@ reads that never allocate holes (DESIGN invariant 4), compare, zero test, punch.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import textwrap
 
 import mmh3
@@ -138,6 +140,42 @@ def test_hash_pages_is_xxh64_of_each_page() -> None:
     want = [xxhash.xxh64_intdigest(buf[i * P:(i + 1) * P].tobytes()) for i in range(5)]
     assert checksums(raw) == want
     assert np.array_equal(np.frombuffer(raw, dtype="<u8"), np.array(want, dtype=np.uint64))
+
+
+HASH_PAGES_CODE = """
+import json, sys, numpy as np
+from shmdedup import _native
+P = _native.PAGE_SIZE
+rng = np.random.default_rng(11)
+out = {"simd": _native.HASH_SIMD, "hashes": []}
+for n in range(20):
+    raw = bytearray(rng.integers(0, 256, n * P + 1, dtype=np.uint8).tobytes())
+    if n > 2:
+        raw[1 + P:1 + 2 * P] = bytes(P)              # a zero page among them
+    view = memoryview(raw)[1:]                       # unaligned: loads are unaligned
+    out["hashes"].append(np.frombuffer(_native.hash_pages(view), "<u8").tolist())
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("no_simd", ["", "1"])
+def test_hash_pages_eight_at_a_time_and_one_at_a_time_are_xxh64(no_simd: str) -> None:
+    """hash_pages hashes groups of 8 pages with AVX-512 where the CPU has it,
+    one page at a time otherwise (or with SHMDEDUP_NO_SIMD set): both are
+    XXH64 of each page, for any count (groups of 8 and a remainder)."""
+    proc = subprocess.run([sys.executable, "-c", HASH_PAGES_CODE], capture_output=True, text=True,
+                          timeout=60, env=child_env({"SHMDEDUP_NO_SIMD": no_simd}), check=False)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    if no_simd:
+        assert got["simd"] == 0
+    rng = np.random.default_rng(11)
+    for n, hashes in enumerate(got["hashes"]):
+        raw = bytearray(rng.integers(0, 256, n * P + 1, dtype=np.uint8).tobytes())
+        if n > 2:
+            raw[1 + P:1 + 2 * P] = bytes(P)
+        data = bytes(raw[1:])
+        assert hashes == [xxhash.xxh64_intdigest(data[i * P:(i + 1) * P]) for i in range(n)], n
 
 
 def test_hash_pages_empty_and_bad_sizes() -> None:
