@@ -160,15 +160,23 @@ class MappingBudget:
         return key
 
     def _recount(self, reg: Any, m: _RegionMaps) -> None:
-        last = reg.npages - 1                # boundaries q sit between pages q and q + 1
-        for c in np.flatnonzero(m.dirty).tolist():
-            a = c * CHUNK
-            b = min(a + CHUNK, last)
+        # Chunk c holds the boundaries q in [c * CHUNK, min((c + 1) * CHUNK, last)),
+        # q sitting between pages q and q + 1.  Each run of dirty chunks is
+        # recounted from one read of its state bytes (statistics may find
+        # every chunk dirty: one read, not one per chunk).
+        last = reg.npages - 1
+        dirty = np.flatnonzero(m.dirty)
+        for run in np.split(dirty, np.flatnonzero(np.diff(dirty) != 1) + 1) if len(dirty) else ():
+            c0, c1 = int(run[0]), int(run[-1]) + 1
+            a, b = c0 * CHUNK, min(c1 * CHUNK, last)
+            m.bounds[c0:c1] = 0
             if b <= a:
-                m.bounds[c] = 0
                 continue
             k = self.keys(reg, np.arange(a, b + 1))
-            m.bounds[c] = int(np.count_nonzero(k[1:] != k[:-1]))
+            edge = (k[1:] != k[:-1]).astype(np.int64)          # edge[i]: boundary a + i
+            starts = np.arange(c1 - c0) * CHUNK
+            inside = starts < len(edge)
+            m.bounds[c0:c1][inside] = np.add.reduceat(edge, starts[inside])
         m.dirty[:] = False
         m.total = int(m.bounds.sum())
 
