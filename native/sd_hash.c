@@ -6,6 +6,7 @@
  * XXH64.  sd_xxh64_pages() hashes eight pages at once with AVX-512 where the
  * CPU has it (one page per 64-bit lane: the same XXH64, ~2x the speed; the
  * scanner hashes every page it visits), and with sd_xxh64 elsewhere. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include "sd_hash.h"
@@ -158,7 +159,7 @@ SD_X8 static inline __m512i x8_round(__m512i acc, __m512i in, __m512i p1, __m512
     return _mm512_mullo_epi64(acc, p1);
 }
 
-/* XXH64 (seed 0 .. any) of the 8 pages buf, buf + ps, ... (ps % 32 == 0): the
+/* XXH64 (with any seed) of the 8 pages buf, buf + ps, ... (ps % 32 == 0): the
  * scalar algorithm lane by lane.  Each 32-byte stripe of the 8 pages is loaded
  * and transposed so that vector k holds word k of every page. */
 SD_X8 static void xxh64_x8(const uint8_t *buf, size_t ps, uint64_t seed, uint64_t *out)
@@ -205,7 +206,9 @@ SD_X8 static void xxh64_x8(const uint8_t *buf, size_t ps, uint64_t seed, uint64_
 
 int sd_hash_simd(void)
 {
-    static int simd = -1;           /* a benign race: every thread computes the same */
+    /* Decided once (module init calls this first); every thread would decide the same. */
+    static atomic_int decided = -1;
+    int simd = atomic_load_explicit(&decided, memory_order_relaxed);
     if (simd < 0) {
         int on = 0;
 #ifdef SD_HAVE_X8
@@ -215,6 +218,7 @@ int sd_hash_simd(void)
              && !(off && *off && strcmp(off, "0") != 0);
 #endif
         simd = on;
+        atomic_store_explicit(&decided, simd, memory_order_relaxed);
     }
     return simd;
 }
