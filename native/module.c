@@ -195,7 +195,8 @@ py_pages_equal(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 /* compare_slots(buf, buf_idx, fd, slots) -> bytes: 1 where page buf_idx[i] of
- * buf equals page slots[i] of fd (both int64 buffers of the same length). */
+ * buf equals page slots[i] of fd (both int64 buffers of the same length); fd is
+ * the stable segment, or a worker's backing object (unstable mates). */
 static PyObject *
 py_compare_slots(PyObject *Py_UNUSED(m), PyObject *args)
 {
@@ -213,7 +214,8 @@ py_compare_slots(PyObject *Py_UNUSED(m), PyObject *args)
     }
     const int64_t *bi = bidx.buf, *sl = slots.buf;
     for (size_t i = 0; i < n; i++)
-        if (bi[i] < 0 || (size_t)bi[i] >= npages || sl[i] < 0) {
+        if (bi[i] < 0 || (size_t)bi[i] >= npages || sl[i] < 0
+                || (uint64_t)sl[i] > (uint64_t)INT64_MAX / sd_page_size) {
             PyErr_Format(PyExc_ValueError, "entry %zu: page %lld / slot %lld out of range",
                          i, (long long)bi[i], (long long)sl[i]);
             goto done;
@@ -227,7 +229,7 @@ py_compare_slots(PyObject *Py_UNUSED(m), PyObject *args)
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         Py_CLEAR(out);
-        sd_raise_errno("pread(stable)");
+        sd_raise_errno("pread");
     }
 done:
     PyBuffer_Release(&buf);
@@ -526,7 +528,8 @@ PyInit__native(void)
         PyModule_AddIntConstant(m, "MERGING", SD_MERGING) < 0 ||
         PyModule_AddIntConstant(m, "MERGED", SD_MERGED) < 0 ||
         PyModule_AddIntConstant(m, "BREAKING", SD_BREAKING) < 0 ||
-        PyModule_AddIntConstant(m, "ZERO", SD_ZERO) < 0) {
+        PyModule_AddIntConstant(m, "ZERO", SD_ZERO) < 0 ||
+        PyModule_AddIntConstant(m, "HASH_SIMD", sd_hash_simd()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -21,6 +21,9 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22      /* Linux 5.14; older kernels fail it with EINVAL: harmless */
+#endif
 #include "sd_fault.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
@@ -77,6 +80,13 @@ static long merge_claimed(struct sd_region *r, size_t first, size_t n, int stabl
 {
     uint8_t *base = (uint8_t *)atomic_load(&r->base);
     uint8_t *addr = base + first * sd_page_size;
+    /* New slots are not mapped in this worker's view yet: one populate call
+     * maps the run (~0.3 us/page) where the compare would fault them in
+     * (~0.55 us/page more).  Before the protection, to keep that window
+     * short.  A hint: if it fails, the compare faults them in. */
+    if (slot >= 0)
+        (void)madvise((uint8_t *)stable_view + (size_t)slot * sd_page_size, n * sd_page_size,
+                      MADV_POPULATE_READ);
     if (mprotect(addr, n * sd_page_size, PROT_READ) != 0) {
         publish(r, first, n, SD_PRIVATE);
         return 0;

@@ -14,8 +14,11 @@ int sd_read_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_
 /* out[i] = checksum of page i of buf. */
 void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out);
 
-/* eq[i] = 1 if page buf_idx[i] of buf equals page slots[i] of fd (read with
- * pread into a scratch page).  Returns 0, or -1 with errno set. */
+/* eq[i] = 1 if page buf_idx[i] of buf equals page slots[i] of fd (any shm
+ * object: stable slots, or a worker's pages).  The fd's pages are read with
+ * pread into a scratch buffer, one call per run of consecutive slots (at most
+ * 64 pages): never mapped (DESIGN invariant 4).  Bytes past EOF read as zero.
+ * Returns 0, or -1 with errno set. */
 int sd_compare_slots(const uint8_t *buf, const int64_t *buf_idx, int fd, const int64_t *slots,
                      size_t n, size_t page_size, uint8_t *eq);
 

@@ -9,6 +9,7 @@ MERGING: int
 MERGED: int
 BREAKING: int
 ZERO: int
+HASH_SIMD: int  # 1: hash_pages hashes 8 pages at a time with AVX-512
 _FAULT_POINTS: tuple[str, ...]
 
 class StableView:

@@ -148,25 +148,35 @@ class MappingBudget:
         a slot we know of (by a coordinator before a restart) is FOREIGN;
         neighbouring ones are taken for one run, as they were most likely
         merged."""
-        state = reg.states[pages]
-        slot = reg.slot[pages].astype(np.int64)
-        key = np.full(len(pages), FOREIGN_KEY, np.int64)
-        key[state == ZERO_STATE] = ZERO_KEY
-        stable = slot >= 0
-        key[stable] = (slot[stable] - pages[stable]) * 4
+        n = len(pages)
+        if n > 1 and (np.diff(pages) == 1).all():
+            a = int(pages[0])                # a range (the common case): slices, one pread
+            state, slot = reg.states[a:a + n], reg.slot[a:a + n]
+        else:
+            state, slot = reg.states[pages], reg.slot[pages]
+        key = np.where(slot >= 0, (slot.astype(np.int64) - pages) * 4,
+                       np.where(state == ZERO_STATE, ZERO_KEY, FOREIGN_KEY))
         key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
         return key
 
     def _recount(self, reg: Any, m: _RegionMaps) -> None:
-        last = reg.npages - 1                # boundaries q sit between pages q and q + 1
-        for c in np.flatnonzero(m.dirty).tolist():
-            a = c * CHUNK
-            b = min(a + CHUNK, last)
+        # Chunk c holds the boundaries q in [c * CHUNK, min((c + 1) * CHUNK, last)),
+        # q sitting between pages q and q + 1.  Each run of dirty chunks is
+        # recounted from one read of its state bytes (statistics may find
+        # every chunk dirty: one read, not one per chunk).
+        last = reg.npages - 1
+        dirty = np.flatnonzero(m.dirty)
+        for run in np.split(dirty, np.flatnonzero(np.diff(dirty) != 1) + 1) if len(dirty) else ():
+            c0, c1 = int(run[0]), int(run[-1]) + 1
+            a, b = c0 * CHUNK, min(c1 * CHUNK, last)
+            m.bounds[c0:c1] = 0
             if b <= a:
-                m.bounds[c] = 0
                 continue
             k = self.keys(reg, np.arange(a, b + 1))
-            m.bounds[c] = int(np.count_nonzero(k[1:] != k[:-1]))
+            edge = (k[1:] != k[:-1]).astype(np.int64)          # edge[i]: boundary a + i
+            starts = np.arange(c1 - c0) * CHUNK
+            inside = starts < len(edge)
+            m.bounds[c0:c1][inside] = np.add.reduceat(edge, starts[inside])
         m.dirty[:] = False
         m.total = int(m.bounds.sum())
 
@@ -192,10 +202,19 @@ class MappingBudget:
         """Mappings added by mapping each of the (ascending) pages to the new
         keys, in order, each counting the earlier ones as done.  The pairs of
         neighbouring pages telescope, so any prefix sum is exact."""
+        if not len(pages):
+            return np.zeros(0, np.int64)
         last = reg.npages - 1
-        old = self.keys(reg, pages)
-        left_old = self.keys(reg, np.maximum(pages - 1, 0))
-        right_old = self.keys(reg, np.minimum(pages + 1, last))
+        left_pages, right_pages = np.maximum(pages - 1, 0), np.minimum(pages + 1, last)
+        lo, hi = int(left_pages.min()), int(right_pages.max())
+        if hi - lo < 4 * len(pages) + CHUNK:
+            # One read of the state bytes around the pages, not three.
+            k = self.keys(reg, np.arange(lo, hi + 1))
+            old, left_old, right_old = k[pages - lo], k[left_pages - lo], k[right_pages - lo]
+        else:
+            old = self.keys(reg, pages)
+            left_old = self.keys(reg, left_pages)
+            right_old = self.keys(reg, right_pages)
         follows = np.zeros(len(pages), bool)
         follows[1:] = pages[1:] == pages[:-1] + 1
         left = np.where(follows, np.roll(new, 1), left_old)

@@ -23,6 +23,7 @@ import numpy as np
 
 from shmdedup import _native
 from shmdedup.stable import StableSegment
+from shmdedup.tracking import _unique
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 log = logging.getLogger("shmdedup.coordinator")
@@ -128,7 +129,10 @@ class StableIndex:
 
     def free_unused(self, slots: np.ndarray) -> None:
         """Free each of these slots that nobody shares or awaits."""
-        slots = np.unique(np.asarray(slots, np.int64))
+        slots = np.asarray(slots, np.int64)
+        if not len(slots):
+            return
+        slots = _unique(slots)
         slots = slots[(slots >= 0) & (slots < len(self.sharers))]
         slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
         for s in slots.tolist():
@@ -143,7 +147,7 @@ class StableIndex:
         given back to its last sharer must not take new sharers meanwhile,
         or the give-back and the new merge undo each other every scan.  The
         slot itself is freed later by free_unused, as usual."""
-        slots = np.unique(np.asarray(slots, np.int64))
+        slots = _unique(np.asarray(slots, np.int64))
         slots = slots[slots >= 0]
         hashes = self.slot_hash[slots]
         alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
@@ -176,8 +180,8 @@ class StableIndex:
         if not len(older):
             return 0, 0
         heads = self.lookup(self.slot_hash[older])
-        in_chain = np.union1d(older, heads[heads >= 0])
-        return len(np.unique(self.slot_hash[in_chain])), len(in_chain)
+        in_chain = _unique(np.concatenate((older, heads[heads >= 0])))
+        return len(_unique(self.slot_hash[in_chain])), len(in_chain)
 
     def close(self) -> None:
         self.segment.close()

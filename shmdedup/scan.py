@@ -52,7 +52,7 @@ from shmdedup.budget import MappingBudget, default_max_mappings
 from shmdedup.indexes import StableIndex, UnstableIndex
 from shmdedup.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
-    ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited)
+    ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited, _repeated, _unique)
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -364,15 +364,14 @@ class Scanner:
         if not len(rest):
             return
         # Checksums repeated inside the batch: sequential path, in page order.
-        _, inv, counts = np.unique(hashes[rest], return_inverse=True, return_counts=True)
-        dup = counts[inv] > 1
+        dup = _repeated(hashes[rest])
         for i in rest[dup].tolist():
             self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
         rest = rest[~dup]
         # Unstable index.
         uid, opage = self.unstable.lookup(hashes[rest])
         matched = np.zeros(len(pages), bool)
-        for u in np.unique(uid[uid >= 0]).tolist():
+        for u in _unique(uid[uid >= 0]).tolist():
             sel = uid == u
             self._merge_with_mates(reg, pages, hashes, k, rows, rest[sel], self.by_uid.get(u),
                                    opage[sel], matched, merges)
@@ -397,9 +396,9 @@ class Scanner:
         ii, op = ii[ok], op[ok]
         if not len(ii):
             return
-        other = np.empty(len(op) * PAGE_SIZE, np.uint8)
-        _native.read_pages(oreg.backing_fd, op, other)
-        same = np.all(rows[k[ii]].view(np.uint64) == other.view(np.uint64).reshape(len(op), -1), axis=1)
+        # Compared in C, in runs read by pread (the mates are mostly consecutive).
+        same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
+                                                   op.astype(np.int64)), np.uint8).astype(bool)
         ii, op = ii[same], op[same]
         if not len(ii):
             return
@@ -423,7 +422,11 @@ class Scanner:
         if last and last[0] is oreg and last[1] == opage0 - 1 and last[2] is reg \
                 and last[3] == pages[i0] - 1:
             hint = last[4] + 1
-        s = self.sidx.add(np.ascontiguousarray(rows[k[ii]]), hashes[ii], hint)
+        b0 = int(k[i0])
+        # The run's pages sit side by side in the read buffer (both advance by
+        # one page): written to the new slots from there, without a copy.
+        content = rows[b0:b0 + n] if int(k[ii[-1]]) - b0 == n - 1 else np.ascontiguousarray(rows[k[ii]])
+        s = self.sidx.add(content, hashes[ii], hint)
         if s is None:
             return
         self.unstable.delete(hashes[ii])
@@ -448,7 +451,9 @@ class Scanner:
         reg.skip[pages] = 0
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
-        if len(real):
+        if len(real) > 1 and (np.diff(real) > 0).all():
+            self.pending[real] += 1          # distinct slots (the usual case): no ufunc.at
+        elif len(real):
             np.add.at(self.pending, real, 1)
         merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
 
@@ -503,7 +508,7 @@ class Scanner:
             self.budget.touch(reg, first, n)
             if slot >= 0:
                 slots = np.arange(slot, slot + n, dtype=np.int64)
-                self.pending[slots] -= 1
+                self.pending[slot:slot + n] -= 1
                 touched.append(slots[~ok])
             if reg.closed:
                 # Unregistered meanwhile (closed, so unmapped): whatever
@@ -514,7 +519,7 @@ class Scanner:
             pages = np.arange(first, first + n)
             if slot >= 0:
                 reg.slot[pages[ok]] = slots[ok]
-                np.add.at(self.sharers, slots[ok], 1)
+                self.sharers[slot:slot + n] += ok        # a run: distinct slots
                 reg.status[pages[ok]] = MERGED
             else:
                 reg.status[pages[ok]] = ZERO

@@ -101,6 +101,27 @@ def test_estimate_matches_a_recount_after_touches(seed: int) -> None:
     assert b.estimate(worker) == PROCESS_MAPPINGS + sum(r.brute_mappings() for r in regs[1:])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_recount_of_dirty_runs_equals_chunk_by_chunk(seed: int) -> None:
+    """Runs of dirty chunks are recounted from one read: each chunk's count
+    equals the one it gets when recounted on its own."""
+    rng = random.Random(seed)
+    worker = object()
+    reg = FakeRegion(worker, rng.choice([CHUNK + 1, 3 * CHUNK + 17, 5 * CHUNK]))
+    b = MappingBudget(10**9)
+    b.add(reg)
+    scatter(reg, rng, 300)
+    b.touch(reg, 0, reg.npages)
+    b.estimate(worker)
+    together = b._maps[reg].bounds.copy()
+    m = b._maps[reg]
+    for c in range(len(m.bounds)):
+        m.dirty[c] = True
+        b._recount(reg, m)
+    assert np.array_equal(m.bounds, together)
+    assert b.estimate(worker) == PROCESS_MAPPINGS + reg.brute_mappings()
+
+
 def test_untouched_changes_are_seen_only_after_touch() -> None:
     worker = object()
     b = MappingBudget(10**9)

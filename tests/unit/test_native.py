@@ -4,10 +4,12 @@ reads that never allocate holes (DESIGN invariant 4), compare, zero test, punch.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import textwrap
 
 import mmh3
@@ -140,6 +142,42 @@ def test_hash_pages_is_xxh64_of_each_page() -> None:
     assert np.array_equal(np.frombuffer(raw, dtype="<u8"), np.array(want, dtype=np.uint64))
 
 
+HASH_PAGES_CODE = """
+import json, sys, numpy as np
+from shmdedup import _native
+P = _native.PAGE_SIZE
+rng = np.random.default_rng(11)
+out = {"simd": _native.HASH_SIMD, "hashes": []}
+for n in range(20):
+    raw = bytearray(rng.integers(0, 256, n * P + 1, dtype=np.uint8).tobytes())
+    if n > 2:
+        raw[1 + P:1 + 2 * P] = bytes(P)              # a zero page among them
+    view = memoryview(raw)[1:]                       # unaligned: loads are unaligned
+    out["hashes"].append(np.frombuffer(_native.hash_pages(view), "<u8").tolist())
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("no_simd", ["", "1"])
+def test_hash_pages_eight_at_a_time_and_one_at_a_time_are_xxh64(no_simd: str) -> None:
+    """hash_pages hashes groups of 8 pages with AVX-512 where the CPU has it,
+    one page at a time otherwise (or with SHMDEDUP_NO_SIMD set): both are
+    XXH64 of each page, for any count (groups of 8 and a remainder)."""
+    proc = subprocess.run([sys.executable, "-c", HASH_PAGES_CODE], capture_output=True, text=True,
+                          timeout=60, env=child_env({"SHMDEDUP_NO_SIMD": no_simd}), check=False)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    if no_simd:
+        assert got["simd"] == 0
+    rng = np.random.default_rng(11)
+    for n, hashes in enumerate(got["hashes"]):
+        raw = bytearray(rng.integers(0, 256, n * P + 1, dtype=np.uint8).tobytes())
+        if n > 2:
+            raw[1 + P:1 + 2 * P] = bytes(P)
+        data = bytes(raw[1:])
+        assert hashes == [xxhash.xxh64_intdigest(data[i * P:(i + 1) * P]) for i in range(n)], n
+
+
 def test_hash_pages_empty_and_bad_sizes() -> None:
     assert _native.hash_pages(b"") == b""
     for n in (1, P - 1, P + 1, 3 * P - 8):
@@ -251,6 +289,91 @@ def test_read_pages_rejects_index_past_off_t(shm: int) -> None:
     with pytest.raises(OSError) as e:  # offset fits, offset + length does not: the kernel says so
         _native.read_pages(shm, idx(2**63 // P - 1), bytearray(P))
     assert e.value.errno == errno.EINVAL
+
+
+# ---- compare_slots ----------------------------------------------------------------
+
+def compare_oracle(fd: int, buf: bytes, buf_idx: list[int], slots: list[int]) -> list[int]:
+    """The Python path compare_slots replaces: pread each slot, compare."""
+    out = []
+    for b, s in zip(buf_idx, slots):
+        other = os.pread(fd, P, s * P)
+        other += bytes(P - len(other))       # past EOF reads as zeros
+        out.append(int(buf[b * P:(b + 1) * P] == other))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_compare_slots_matches_pread_and_compare(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 200                                  # more than one 64-page read
+    fd = _shm.create(n * P, "cmp")
+    try:
+        content = rng.integers(0, 256, n * P, dtype=np.uint8)
+        content[5 * P:6 * P] = 0             # a page left as a hole below
+        os.pwrite(fd, content[:5 * P].tobytes(), 0)
+        os.pwrite(fd, content[6 * P:].tobytes(), 6 * P)
+        # Runs of consecutive slots (long, short, single), repeats, any order,
+        # the hole, and slots past EOF (zeros).
+        slots = (list(range(0, 150)) + [3, 3, 170, 171, 5, 199, 198, n, n + 1] + list(range(100, 180)))
+        buf = np.zeros((len(slots), P), np.uint8)
+        buf_idx = rng.permutation(len(slots))
+        for i, (b, s) in enumerate(zip(buf_idx, slots)):
+            if s < n and i % 3:
+                buf[b] = content[s * P:(s + 1) * P]   # two in three equal
+            if i % 7 == 0:
+                buf[b, rng.integers(P)] ^= 1 + int(rng.integers(255))   # a one-byte difference
+        got = _native.compare_slots(buf, np.asarray(buf_idx, np.int64), fd, np.asarray(slots, np.int64))
+        want = compare_oracle(fd, buf.tobytes(), buf_idx.tolist(), slots)
+        assert list(got) == want
+        assert 0 < sum(want) < len(want)
+        assert allocated_bytes(fd) == (n - 1) * P    # the hole stays a hole (never mapped)
+    finally:
+        os.close(fd)
+
+
+def test_compare_slots_empty_and_bad_arguments(shm: int) -> None:
+    buf = bytes(2 * P)
+    assert _native.compare_slots(buf, idx(), shm, idx()) == b""
+    with pytest.raises(ValueError, match="same length"):
+        _native.compare_slots(buf, idx(0, 1), shm, idx(0))
+    with pytest.raises(ValueError, match="out of range"):
+        _native.compare_slots(buf, idx(2), shm, idx(0))       # past the buffer
+    with pytest.raises(ValueError, match="out of range"):
+        _native.compare_slots(buf, idx(0), shm, idx(-1))
+    with pytest.raises(ValueError, match="out of range"):
+        _native.compare_slots(buf, idx(0), shm, idx(2**62))   # offset would wrap
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        _native.compare_slots(bytes(P + 1), idx(0), shm, idx(0))
+    with pytest.raises(OSError) as e:
+        _native.compare_slots(buf, idx(0), 9999, idx(0))
+    assert e.value.errno == errno.EBADF and "pread" in str(e.value)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_compare_slots_one_pread_per_run_of_at_most_64() -> None:
+    code = """
+        import os, numpy as np
+        from shmdedup import _native, _shm
+        P = _native.PAGE_SIZE
+        fd = _shm.create(256 * P, "strace")
+        slots = list(range(0, 100)) + [150, 151, 7, 200]   # runs: 64 + 36, 2, 1, 1
+        buf = bytes(len(slots) * P)
+        os.write(2, b"BEGIN\\n")
+        _native.compare_slots(buf, np.arange(len(slots), dtype=np.int64), fd,
+                              np.array(slots, dtype=np.int64))
+        os.write(2, b"END\\n")
+    """
+    proc = subprocess.run(["strace", "-f", "-e", "trace=pread64,write", "-o", "/dev/stderr",
+                           "python", "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=60, env=child_env(), check=False)
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip("ptrace not permitted here")
+    assert proc.returncode == 0, proc.stderr
+    between = proc.stderr.split("BEGIN", 1)[1].split("END", 1)[0]
+    preads = [line for line in between.splitlines() if "pread64(" in line]
+    sizes = sorted(int(line.rsplit("=", 1)[1]) // P for line in preads)
+    assert sizes == [1, 1, 2, 36, 64], preads
 
 
 # ---- pages_equal, is_zero ----------------------------------------------------

@@ -1,0 +1,32 @@
+"""The scanner's array helpers in shmdedup.tracking, against numpy as the oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shmdedup.tracking import _repeated, _unique
+
+values = st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 8), max_size=60)
+
+
+@given(values)
+def test_unique_is_np_unique(xs: list[int]) -> None:
+    a = np.array(xs, np.uint64)
+    got = _unique(a)
+    assert got.dtype == a.dtype
+    assert np.array_equal(got, np.unique(a))
+
+
+@given(st.lists(st.integers(-5, 5), max_size=60))
+def test_unique_signed(xs: list[int]) -> None:
+    a = np.array(xs, np.int64)
+    assert np.array_equal(_unique(a), np.unique(a))
+
+
+@given(values)
+def test_repeated_marks_values_seen_more_than_once(xs: list[int]) -> None:
+    a = np.array(xs, np.uint64)
+    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
+    assert np.array_equal(_repeated(a), (counts[inv] > 1).reshape(-1))
