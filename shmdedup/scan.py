@@ -17,11 +17,12 @@ patch 4); a slot with none is freed (punched).  Then, for each present
    match confirm, copy into a fresh stable slot, queue merges for both;
 5. else insert it into the unstable index.
 
-New slots continue the run of the previous page's slot when they can, so
-consecutive duplicate pages map to consecutive slots and a worker maps a whole
-run with one mmap.  Merges are queued per worker and sent as coalesced runs.
-The coordinator's checksum and compare are only hints: the worker proves
-equality under write protection before mapping (DESIGN invariant 1).
+Steps 3-5 live in ``matching.py`` (the :class:`Matcher` mixin this class
+inherits).  Merges are queued per worker and sent as coalesced runs at the end
+of the batch; the coordinator settles the replies here (``merge_done``,
+``unmerge_done``).  The coordinator's checksum and compare are only hints: the
+worker proves equality under write protection before mapping (DESIGN
+invariant 1).
 
 Per tracked page the scanner keeps 16 bytes: checksum (8), slot (4), status,
 advice, age and skip count (1 each); the indexes (``indexes.py``) add 16-21
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from typing import Any, Callable
 
 import numpy as np
@@ -50,6 +50,7 @@ import numpy as np
 from shmdedup import _native
 from shmdedup.budget import MappingBudget, default_max_mappings
 from shmdedup.indexes import StableIndex, UnstableIndex
+from shmdedup.matching import Matcher
 from shmdedup.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
     ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited, _repeated, _unique)
@@ -59,8 +60,9 @@ log = logging.getLogger("shmdedup.coordinator")
 PAGE_SIZE: int = _native.PAGE_SIZE
 
 
-class Scanner:
-    """The cursor, the two indexes, and the slot accounting.
+class Scanner(Matcher):
+    """The cursor, the two indexes, and the slot accounting; candidate
+    matching (steps 3-5) comes from :class:`Matcher`.
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
     with lists of (reg, first, npages, slot) runs; the coordinator sends them
@@ -323,175 +325,6 @@ class Scanner:
         k = np.flatnonzero(steady)          # candidates, as indexes into buf
         if len(k):
             self._cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
-
-    def _cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                       k: np.ndarray, buf: np.ndarray, merges: dict) -> None:
-        """Steps 3-5 for a batch of steady pages of one region, vectorised:
-        index lookups, compares and copies run in C or numpy over whole
-        arrays.  Pages whose checksum repeats inside the batch take the
-        sequential path (they may match each other)."""
-        todo = np.ones(len(pages), bool)
-        rows = buf.reshape(-1, PAGE_SIZE)
-        if self.use_zero_pages or self.zero_pages_only:
-            zi = [i for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist() if _native.is_zero(rows[k[i]])]
-            if zi:
-                self._queue(merges, reg, pages[zi], np.full(len(zi), -1))
-                todo[zi] = False
-        if self.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
-            reg.status[pages[todo]] = VOLATILE
-            return
-        # Stable index: the newest slot of each chain (the one with room, if any).
-        head = self.sidx.lookup(hashes)
-        ci = np.flatnonzero((head >= 0) & todo)
-        if len(ci):
-            cs = head[ci]
-            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.sidx.fd, cs),
-                               np.uint8).astype(bool)
-            # Room left under max_page_sharing, counting earlier pages of this batch.
-            order = np.argsort(cs, kind="stable")
-            srt = cs[order]
-            rank = np.empty(len(cs), np.int64)
-            rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
-            room = self.sharers[cs] + self.pending[cs] + rank < self.max_page_sharing
-            ok = eq & room
-            self._queue(merges, reg, pages[ci[ok]], cs[ok])
-            todo[ci[ok]] = False
-            full = ci[eq & ~room]       # equal but the chain is full: another slot
-            for i in full.tolist():
-                self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
-            todo[full] = False
-        rest = np.flatnonzero(todo)
-        if not len(rest):
-            return
-        # Checksums repeated inside the batch: sequential path, in page order.
-        dup = _repeated(hashes[rest])
-        for i in rest[dup].tolist():
-            self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
-        rest = rest[~dup]
-        # Unstable index.
-        uid, opage = self.unstable.lookup(hashes[rest])
-        matched = np.zeros(len(pages), bool)
-        for u in _unique(uid[uid >= 0]).tolist():
-            sel = uid == u
-            self._merge_with_mates(reg, pages, hashes, k, rows, rest[sel], self.by_uid.get(u),
-                                   opage[sel], matched, merges)
-        lone = rest[~matched[rest]]
-        if len(lone):
-            self.unstable.insert(hashes[lone], reg.uid, pages[lone])
-            reg.status[pages[lone]] = UNSHARED
-
-    def _merge_with_mates(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                          k: np.ndarray, rows: np.ndarray, ii: np.ndarray, oreg: RegionState | None,
-                          op: np.ndarray, matched: np.ndarray, merges: dict) -> None:
-        """Confirm unstable matches with pages of ``oreg``, and copy each run of
-        them into consecutive new stable slots (one pwrite; one mapping per
-        worker later)."""
-        if oreg is None or oreg.closed:
-            self.unstable.delete(hashes[ii])
-            return
-        ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
-        if oreg is reg:
-            ok &= op != pages[ii]
-        self.unstable.delete(hashes[ii[~ok]])
-        ii, op = ii[ok], op[ok]
-        if not len(ii):
-            return
-        # Compared in C, in runs read by pread (the mates are mostly consecutive).
-        same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
-                                                   op.astype(np.int64)), np.uint8).astype(bool)
-        ii, op = ii[same], op[same]
-        if not len(ii):
-            return
-        # Runs: my page and the mate's page both advance by one.
-        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
-        starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(ii)]))
-        keep = self.budget.admit_pairs(oreg, op, reg, pages[ii], starts, ends)
-        for a, b in zip(starts[keep].tolist(), ends[keep].tolist()):
-            self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
-
-    def _new_run(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
-                 rows: np.ndarray, ii: np.ndarray, oreg: RegionState, opage0: int,
-                 matched: np.ndarray, merges: dict) -> None:
-        ii = ii[:self.sidx.room(len(ii))]      # max_kernel_pages
-        if not len(ii):
-            return
-        n = len(ii)
-        i0 = int(ii[0])
-        hint = None
-        last = self._last_new
-        if last and last[0] is oreg and last[1] == opage0 - 1 and last[2] is reg \
-                and last[3] == pages[i0] - 1:
-            hint = last[4] + 1
-        b0 = int(k[i0])
-        # The run's pages sit side by side in the read buffer (both advance by
-        # one page): written to the new slots from there, without a copy.
-        content = rows[b0:b0 + n] if int(k[ii[-1]]) - b0 == n - 1 else np.ascontiguousarray(rows[k[ii]])
-        s = self.sidx.add(content, hashes[ii], hint)
-        if s is None:
-            return
-        self.unstable.delete(hashes[ii])
-        slots = np.arange(s, s + n, dtype=np.int64)
-        self._last_new = (oreg, opage0 + n - 1, reg, int(pages[ii[-1]]), s + n - 1)
-        # The caller checked both workers' mapping budgets (admit_pairs).
-        self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots, checked=True)
-        self._queue(merges, reg, pages[ii], slots, checked=True)
-        matched[ii] = True
-
-    def _queue(self, merges: dict, reg: RegionState, pages: np.ndarray, slots: np.ndarray,
-               checked: bool = False) -> None:
-        if not len(pages):
-            return
-        if not checked:
-            pages, slots, over = self.budget.admit(reg, pages, slots)
-            reg.status[over] = VOLATILE     # past the mapping budget: visited again later
-            if not len(pages):
-                return
-        reg.status[pages] = PENDING
-        reg.age[pages] = 0
-        reg.skip[pages] = 0
-        slots = np.asarray(slots, np.int64)
-        real = slots[slots >= 0]
-        if len(real) > 1 and (np.diff(real) > 0).all():
-            self.pending[real] += 1          # distinct slots (the usual case): no ufunc.at
-        elif len(real):
-            np.add.at(self.pending, real, 1)
-        merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
-
-    def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
-                           merges: dict) -> None:
-        """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
-        one = np.array([page])
-        if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
-                and _native.is_zero(content):
-            self._queue(merges, reg, one, np.array([-1]))
-            return
-        if self.zero_pages_only:
-            reg.status[page] = VOLATILE
-            return
-        for s in self.sidx.chain(int(self.sidx.lookup(h)[0])):
-            if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
-                    _native.pages_equal(content, self.sidx.read(s)):
-                self._queue(merges, reg, one, np.array([s]))
-                return
-        uid, opage = self.unstable.lookup(h)
-        oreg = self.by_uid.get(int(uid[0])) if uid[0] >= 0 else None
-        if oreg is not None:
-            op = int(opage[0])
-            if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
-                    and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
-                other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
-                if _native.pages_equal(content, other):
-                    s = self.sidx.add(content, h)
-                    if s is not None:
-                        self.unstable.delete(h)
-                        self._queue(merges, oreg, np.array([op]), np.array([s]))
-                        self._queue(merges, reg, one, np.array([s]))
-                        self.sidx.free_unused([s])   # if the budget turned both away
-                        return
-                reg.status[page] = UNSHARED   # the mate stays the indexed one
-                return
-        self.unstable.insert(h, reg.uid, one)
-        reg.status[page] = UNSHARED
 
     # -- replies -----------------------------------------------------------
 
