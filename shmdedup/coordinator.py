@@ -25,6 +25,12 @@ Every message is untrusted: ``protocol.decode`` validates types and ranges,
 and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
+
+Layout: this module holds the event loop, connections, ghosts and the
+worker's region messages.  ``CoordinatorServer`` inherits two parts kept in
+their own modules: ``requests.py`` (merge/unmerge requests in flight and
+their replies, waits for full_scans, run=2) and ``serverstats.py``
+(``set_control``, ``stats`` and the client messages that reach them).
 """
 
 from __future__ import annotations
@@ -36,24 +42,21 @@ import selectors
 import time
 from typing import Any
 
-import numpy as np
-
 from shmdedup import _native, advisor, protocol
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
-from shmdedup.errors import ControlError, PeerRejectedError, ProtocolError
+from shmdedup.errors import PeerRejectedError, ProtocolError
 from shmdedup.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
-from shmdedup.scan import Scanner, RegionState, _coalesce
+from shmdedup.requests import RequestsMixin
+from shmdedup.scan import Scanner, RegionState
 from shmdedup.security import TokenBucket
+from shmdedup.serverstats import ControlsMixin
 
 log = logging.getLogger("shmdedup.coordinator")
 
-MAX_PAGES_PER_REQUEST = 65536
-MAX_WAITS_PER_CLIENT = 64
-REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
 SEND_TIMEOUT = 5.0
 
 
-class CoordinatorServer:
+class CoordinatorServer(RequestsMixin, ControlsMixin):
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
@@ -438,196 +441,6 @@ class CoordinatorServer:
         del peer.regions[reg.rid]
         peer.pages -= reg.npages
         self.scanner.remove_region(reg)
-
-    def _take_request(self, peer: Peer, req: int, kind: str) -> list:
-        r = peer.requests.get(req)
-        if r is None or r[0] != kind:
-            raise ProtocolError(f"no {kind} request {req} is outstanding for this worker")
-        del peer.requests[req]
-        return r[1]
-
-    def _on_merged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        items = self._take_request(peer, msg["req"], "merge")
-        result = msg["result"]
-        if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
-            self.scanner.forget_request(items)
-            for reg, first, n, _ in items:
-                reg.status[first:first + n] = 1  # VOLATILE: visit again
-            raise ProtocolError("merged: result does not match the request")
-        self.scanner.merge_done(items, result)
-        if self.controls["run"] == 2 and self._run2 is not None:
-            again = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
-            if again:
-                self._send_unmerge(peer, _coalesce(again), run2=True)
-        self._check_run2()
-
-    def _on_unmerged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        items = self._take_request(peer, msg["req"], "unmerge")
-        self.scanner.unmerge_done(items)
-        if msg["err"]:
-            text = f"unmerge in pid {peer.pid} failed: {os.strerror(msg['err'])} ({msg['msg']})"
-            log.warning("%s", text)
-            if self._run2 is not None and msg["req"] in self._run2["reqs"]:
-                self._run2["error"] = text
-        if self._run2 is not None:
-            self._run2["reqs"].discard(msg["req"])
-            self._check_run2()
-
-    def _on_stats(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        out = self.stats()
-        if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
-            mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
-            out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
-        self._reply(peer, True, out)
-
-    def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        if peer.uid != os.getuid():
-            # Allow-listed uids may merge and read statistics; controls stay ours.
-            self._reply(peer, False, None, f"uid {peer.uid} may not set controls "
-                                           f"(only uid {os.getuid()})")
-            return
-        try:
-            self.set_control(msg["name"], msg["value"], client=peer)
-        except ControlError as e:
-            self._reply(peer, False, None, str(e))
-            return
-        if not (msg["name"] == "run" and msg["value"] == 2 and self._run2 is not None):
-            self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
-
-    def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        if sum(w[0] is peer for w in self._waiters) >= MAX_WAITS_PER_CLIENT:
-            raise ProtocolError(f"more than {MAX_WAITS_PER_CLIENT} waits outstanding")
-        if self.scanner.full_scans >= msg["full_scans"]:
-            self._reply(peer, True, self.scanner.full_scans)
-        else:
-            self._waiters.append((peer, msg["full_scans"], time.monotonic() + msg["timeout"]))
-
-    def _wake_waiters(self) -> None:
-        keep = []
-        for peer, target, deadline in self._waiters:
-            if self.scanner.full_scans >= target:
-                self._reply(peer, True, self.scanner.full_scans)
-            else:
-                keep.append((peer, target, deadline))
-        self._waiters = keep
-
-    def _expire(self, now: float) -> None:
-        keep = []
-        for peer, target, deadline in self._waiters:
-            if now >= deadline:
-                self._reply(peer, False, self.scanner.full_scans,
-                            f"timed out waiting for full_scans {target} (now {self.scanner.full_scans})")
-            else:
-                keep.append((peer, target, deadline))
-        self._waiters = keep
-        for peer in list(self.peers.values()):
-            if any(now >= d for _, _, d in peer.requests.values()):
-                self._schedule_drop(peer, f"no reply within {REQUEST_TIMEOUT:.0f} s")
-        self._flush_drops()
-
-    # -- merge and unmerge requests ---------------------------------------
-
-    def _send_request(self, peer: Peer, kind: str, runs: list) -> list[int]:
-        reqs = []
-        i = 0
-        while i < len(runs) and not peer.conn.closed:
-            chunk, pages = [], 0
-            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i][2] <= MAX_PAGES_PER_REQUEST:
-                chunk.append(runs[i])
-                pages += runs[i][2]
-                i += 1
-            if not chunk:  # one run longer than a request: split it
-                reg, first, n, slot = runs[i]
-                m = MAX_PAGES_PER_REQUEST
-                runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
-                continue
-            req = next(self._req)
-            rows = np.array([(reg.rid, first, n, slot if kind == "merge" else 0)
-                             for reg, first, n, slot in chunk], dtype="<i8")
-            peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
-            if not self._send(peer, {"t": kind, "req": req, "items": rows.tobytes()}):
-                break
-            reqs.append(req)
-        return reqs
-
-    def _send_merge(self, peer: Peer, runs: list) -> None:
-        self._send_request(peer, "merge", runs)
-
-    def _send_unmerge(self, peer: Peer, runs: list, run2: bool = False) -> None:
-        reqs = self._send_request(peer, "unmerge", runs)
-        if run2 and self._run2 is not None:
-            self._run2["reqs"].update(reqs)
-
-    # -- controls ----------------------------------------------------------
-
-    def _apply_scanner_controls(self) -> None:
-        self.scanner.smart_scan = bool(self.controls["smart_scan"])
-        self.scanner.max_page_sharing = self.controls["max_page_sharing"]
-        self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
-        self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
-        self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
-        self.scanner.budget.max_mappings = self.controls["max_mappings"]
-
-    def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
-        value = check_control(name, value)
-        if name == "run" and self._run2 is not None:
-            raise ControlError("run: an unmerge (run=2) is still in progress")
-        old = self.controls[name]
-        self.controls[name] = value
-        if name == "pages_to_scan":
-            self.controls["advisor_mode"] = 0   # explicit pacing wins
-        self._apply_scanner_controls()
-        if name == "run" and value == 2 and old != 2:
-            self._start_run2(client)
-        self._next_batch = time.monotonic()
-
-    def _start_run2(self, client: Peer | None) -> None:
-        """run=2: unmerge every merged page, keep the advice (seed semantics)."""
-        self._run2 = {"reqs": set(), "error": None, "client": client}
-        for peer in list(self.peers.values()):
-            items = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
-            if items:
-                self._send_unmerge(peer, _coalesce(items), run2=True)
-        self._check_run2()
-
-    def _check_run2(self) -> None:
-        r = self._run2
-        if r is None or r["reqs"]:
-            return
-        if any(k == "merge" for p in self.peers.values() for k, _, _ in p.requests.values()):
-            return  # merges still in flight will be unmerged when they land
-        self._run2 = None
-        ok = r["error"] is None
-        self.scanner.reset_after_unmerge(ok)
-        if not ok:
-            # Seed patch 7: a failed unmerge leaves run at 0 and reports why.
-            self.controls["run"] = 0
-            self.last_error = r["error"]
-        if r["client"] is not None:
-            if ok:
-                self._reply(r["client"], True, {"run": self.controls["run"]})
-            else:
-                self._reply(r["client"], False, None, r["error"])
-
-    # -- statistics --------------------------------------------------------
-
-    def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.controls)
-        out.update(self.scanner.stats())
-        out["last_error"] = self.last_error
-        out["coordinator_pid"] = os.getpid()
-        out["socket"] = self.socket_path
-        if self.metrics_port is not None:
-            out["metrics_port"] = self.metrics_port
-        workers = []
-        for peer in self.peers.values():
-            if peer.role == "worker":
-                w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages,
-                     "requests": len(peer.requests)}   # merges and unmerges in flight
-                w.update(self.scanner.worker_stats(peer))
-                workers.append(w)
-        out["workers"] = workers
-        return out
 
 
 _WORKER = {

@@ -1,0 +1,190 @@
+"""The coordinator's requests to workers, waits for full_scans, and run=2.
+
+``RequestsMixin`` is one part of ``CoordinatorServer`` (``coordinator.py``),
+which inherits it; it runs in the coordinator's single thread and shares its
+state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
+``_run2``, all set up by ``CoordinatorServer.__init__``) and its
+``_send``/``_reply``/``_schedule_drop``/``_flush_drops``.
+
+* Merge and unmerge requests: the scanner's runs are cut into requests of at
+  most ``protocol.MAX_ITEMS`` runs and ``MAX_PAGES_PER_REQUEST`` pages, each
+  remembered in ``peer.requests`` (kind, runs, deadline) until the worker's
+  ``merged``/``unmerged`` reply settles it.  A reply must name a request of
+  its kind outstanding for that worker (every message is untrusted), and a
+  worker that leaves one unanswered for ``REQUEST_TIMEOUT`` is dropped.
+* A ``merged`` reply that does not match its request frees what the request
+  held and marks its pages volatile, so they are visited again; slots are
+  freed only through the scanner, at zero sharers (DESIGN invariant 6).
+* Waits: a client's ``wait`` for ``full_scans`` is answered when a full scan
+  ends, or with an error at its deadline (at most ``MAX_WAITS_PER_CLIENT``
+  outstanding per client).
+* run=2 (seed semantics): unmerge every merged page and keep the advice;
+  merges still in flight are unmerged when they land.  It ends when no
+  unmerge or merge is outstanding; a failed unmerge leaves run at 0 and
+  reports why in ``last_error`` (seed patch 7).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from shmdedup import protocol
+from shmdedup.errors import ProtocolError
+from shmdedup.peers import Peer
+from shmdedup.scan import Scanner, _coalesce
+
+log = logging.getLogger("shmdedup.coordinator")
+
+MAX_PAGES_PER_REQUEST = 65536
+MAX_WAITS_PER_CLIENT = 64
+REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
+
+
+class RequestsMixin:
+    """Requests in flight, waits and run=2 of ``CoordinatorServer``."""
+
+    # Set by CoordinatorServer.__init__.
+    controls: dict[str, int]
+    scanner: Scanner
+    peers: dict[int, Peer]
+    last_error: str
+    _waiters: list[tuple[Peer, int, float]]
+    _run2: dict[str, Any] | None
+
+    # -- replies from workers --------------------------------------------
+
+    def _take_request(self, peer: Peer, req: int, kind: str) -> list:
+        r = peer.requests.get(req)
+        if r is None or r[0] != kind:
+            raise ProtocolError(f"no {kind} request {req} is outstanding for this worker")
+        del peer.requests[req]
+        return r[1]
+
+    def _on_merged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        items = self._take_request(peer, msg["req"], "merge")
+        result = msg["result"]
+        if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
+            self.scanner.forget_request(items)
+            for reg, first, n, _ in items:
+                reg.status[first:first + n] = 1  # VOLATILE: visit again
+            raise ProtocolError("merged: result does not match the request")
+        self.scanner.merge_done(items, result)
+        if self.controls["run"] == 2 and self._run2 is not None:
+            again = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
+            if again:
+                self._send_unmerge(peer, _coalesce(again), run2=True)
+        self._check_run2()
+
+    def _on_unmerged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        items = self._take_request(peer, msg["req"], "unmerge")
+        self.scanner.unmerge_done(items)
+        if msg["err"]:
+            text = f"unmerge in pid {peer.pid} failed: {os.strerror(msg['err'])} ({msg['msg']})"
+            log.warning("%s", text)
+            if self._run2 is not None and msg["req"] in self._run2["reqs"]:
+                self._run2["error"] = text
+        if self._run2 is not None:
+            self._run2["reqs"].discard(msg["req"])
+            self._check_run2()
+
+    # -- waits for full_scans ---------------------------------------------
+
+    def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if sum(w[0] is peer for w in self._waiters) >= MAX_WAITS_PER_CLIENT:
+            raise ProtocolError(f"more than {MAX_WAITS_PER_CLIENT} waits outstanding")
+        if self.scanner.full_scans >= msg["full_scans"]:
+            self._reply(peer, True, self.scanner.full_scans)
+        else:
+            self._waiters.append((peer, msg["full_scans"], time.monotonic() + msg["timeout"]))
+
+    def _wake_waiters(self) -> None:
+        keep = []
+        for peer, target, deadline in self._waiters:
+            if self.scanner.full_scans >= target:
+                self._reply(peer, True, self.scanner.full_scans)
+            else:
+                keep.append((peer, target, deadline))
+        self._waiters = keep
+
+    def _expire(self, now: float) -> None:
+        keep = []
+        for peer, target, deadline in self._waiters:
+            if now >= deadline:
+                self._reply(peer, False, self.scanner.full_scans,
+                            f"timed out waiting for full_scans {target} (now {self.scanner.full_scans})")
+            else:
+                keep.append((peer, target, deadline))
+        self._waiters = keep
+        for peer in list(self.peers.values()):
+            if any(now >= d for _, _, d in peer.requests.values()):
+                self._schedule_drop(peer, f"no reply within {REQUEST_TIMEOUT:.0f} s")
+        self._flush_drops()
+
+    # -- merge and unmerge requests ---------------------------------------
+
+    def _send_request(self, peer: Peer, kind: str, runs: list) -> list[int]:
+        reqs = []
+        i = 0
+        while i < len(runs) and not peer.conn.closed:
+            chunk, pages = [], 0
+            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i][2] <= MAX_PAGES_PER_REQUEST:
+                chunk.append(runs[i])
+                pages += runs[i][2]
+                i += 1
+            if not chunk:  # one run longer than a request: split it
+                reg, first, n, slot = runs[i]
+                m = MAX_PAGES_PER_REQUEST
+                runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
+                continue
+            req = next(self._req)
+            rows = np.array([(reg.rid, first, n, slot if kind == "merge" else 0)
+                             for reg, first, n, slot in chunk], dtype="<i8")
+            peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
+            if not self._send(peer, {"t": kind, "req": req, "items": rows.tobytes()}):
+                break
+            reqs.append(req)
+        return reqs
+
+    def _send_merge(self, peer: Peer, runs: list) -> None:
+        self._send_request(peer, "merge", runs)
+
+    def _send_unmerge(self, peer: Peer, runs: list, run2: bool = False) -> None:
+        reqs = self._send_request(peer, "unmerge", runs)
+        if run2 and self._run2 is not None:
+            self._run2["reqs"].update(reqs)
+
+    # -- run=2 (unmerge everything) ---------------------------------------
+
+    def _start_run2(self, client: Peer | None) -> None:
+        """run=2: unmerge every merged page, keep the advice (seed semantics)."""
+        self._run2 = {"reqs": set(), "error": None, "client": client}
+        for peer in list(self.peers.values()):
+            items = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
+            if items:
+                self._send_unmerge(peer, _coalesce(items), run2=True)
+        self._check_run2()
+
+    def _check_run2(self) -> None:
+        r = self._run2
+        if r is None or r["reqs"]:
+            return
+        if any(k == "merge" for p in self.peers.values() for k, _, _ in p.requests.values()):
+            return  # merges still in flight will be unmerged when they land
+        self._run2 = None
+        ok = r["error"] is None
+        self.scanner.reset_after_unmerge(ok)
+        if not ok:
+            # Seed patch 7: a failed unmerge leaves run at 0 and reports why.
+            self.controls["run"] = 0
+            self.last_error = r["error"]
+        if r["client"] is not None:
+            if ok:
+                self._reply(r["client"], True, {"run": self.controls["run"]})
+            else:
+                self._reply(r["client"], False, None, r["error"])
+

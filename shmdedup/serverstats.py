@@ -1,0 +1,110 @@
+"""The coordinator's control and statistics surface.
+
+``ControlsMixin`` is one part of ``CoordinatorServer`` (``coordinator.py``),
+which inherits it; it runs in the coordinator's single thread and shares its
+state (``controls``, ``scanner``, ``peers``, ``_run2``) and its ``_reply``
+and ``_start_run2`` (``requests.py``).
+
+* Controls follow Linux KSM's (``controls.py`` lists them and checks values);
+  ``set_control`` applies one and passes the scanner's share on to it.  An
+  explicit ``pages_to_scan`` turns the scan-time advisor off, and ``run``
+  cannot change while a run=2 unmerge is in progress.
+* Only the coordinator's own uid may set controls; allow-listed uids may
+  merge and read statistics, and see only their own uid's workers in them,
+  as ``/proc/<pid>/ksm_stat`` shows only one's own processes.
+* ``stats()`` is KSM's counters (from the scanner) plus the controls, this
+  coordinator's identity and one entry per worker; it reads, never changes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from shmdedup.controls import check_control
+from shmdedup.errors import ControlError
+from shmdedup.peers import Peer
+from shmdedup.scan import Scanner
+
+
+class ControlsMixin:
+    """``set_control`` and ``stats`` of ``CoordinatorServer``, and the client
+    messages that reach them."""
+
+    # Set by CoordinatorServer.__init__.
+    controls: dict[str, int]
+    scanner: Scanner
+    peers: dict[int, Peer]
+    socket_path: str
+    metrics_port: int | None
+    last_error: str
+    _next_batch: float
+    _run2: dict[str, Any] | None
+
+    # -- client messages --------------------------------------------------
+
+    def _on_stats(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        out = self.stats()
+        if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
+            mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
+            out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
+        self._reply(peer, True, out)
+
+    def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        if peer.uid != os.getuid():
+            # Allow-listed uids may merge and read statistics; controls stay ours.
+            self._reply(peer, False, None, f"uid {peer.uid} may not set controls "
+                                           f"(only uid {os.getuid()})")
+            return
+        try:
+            self.set_control(msg["name"], msg["value"], client=peer)
+        except ControlError as e:
+            self._reply(peer, False, None, str(e))
+            return
+        if not (msg["name"] == "run" and msg["value"] == 2 and self._run2 is not None):
+            self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
+
+    # -- controls ----------------------------------------------------------
+
+    def _apply_scanner_controls(self) -> None:
+        self.scanner.smart_scan = bool(self.controls["smart_scan"])
+        self.scanner.max_page_sharing = self.controls["max_page_sharing"]
+        self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
+        self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
+        self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
+        self.scanner.budget.max_mappings = self.controls["max_mappings"]
+
+    def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
+        value = check_control(name, value)
+        if name == "run" and self._run2 is not None:
+            raise ControlError("run: an unmerge (run=2) is still in progress")
+        old = self.controls[name]
+        self.controls[name] = value
+        if name == "pages_to_scan":
+            self.controls["advisor_mode"] = 0   # explicit pacing wins
+        self._apply_scanner_controls()
+        if name == "run" and value == 2 and old != 2:
+            self._start_run2(client)
+        self._next_batch = time.monotonic()
+
+    # -- statistics --------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.controls)
+        out.update(self.scanner.stats())
+        out["last_error"] = self.last_error
+        out["coordinator_pid"] = os.getpid()
+        out["socket"] = self.socket_path
+        if self.metrics_port is not None:
+            out["metrics_port"] = self.metrics_port
+        workers = []
+        for peer in self.peers.values():
+            if peer.role == "worker":
+                w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages,
+                     "requests": len(peer.requests)}   # merges and unmerges in flight
+                w.update(self.scanner.worker_stats(peer))
+                workers.append(w)
+        out["workers"] = workers
+        return out
+
