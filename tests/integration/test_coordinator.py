@@ -253,9 +253,9 @@ def test_a_slot_being_given_back_takes_no_new_sharer(coordinator):
     merged_all = "result = r.merged_pages() == N"
     wait_for(lambda: w.call(merged_all), 60, "the two halves to merge")
     w.call("a[10:10 + K, 0] ^= 1; a[10:10 + K, 0] ^= 1", K=K)
-    # The K pages broke; a scan that ran meanwhile may already have given
-    # their K twins back (each slot had one sharer left).
-    assert N - 2 * K <= w.call("result = r.merged_pages()") <= N - K
+    # K breaks (scans meanwhile may give the twins back, or merge the K pages
+    # again already: merged_pages() is anywhere from N - 2K to N now).
+    assert w.call("result = r.breaks") == K
     wait_for(lambda: w.call(merged_all), 60, "the K pages and their twins to merge again")
     for _ in range(3):          # settled: nothing moves any more
         c.wait_full_scans(1, timeout=60)
