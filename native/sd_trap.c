@@ -313,7 +313,8 @@ static size_t fault_around_width(struct sd_region *r, size_t page)
 /* Returns 1 if it broke the page, 0 if the page is private (the fault raced
  * with a merge that aborted or a break by another thread).  Pages after the
  * faulting one join the break (fault-around) only if they are in the same
- * state and this thread wins them: no one waits on a page it did not touch. */
+ * state and this thread wins them: the first one it cannot win ends the
+ * window (it never waits for a page it was not asked to break). */
 static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
 {
     for (;;) {
@@ -334,6 +335,13 @@ static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
             n++;
         }
         long got = break_owned(r, page, n, s);
+        if (got < 0 && n > 1) {
+            /* The window did not fit (tmpfs nearly full, mappings): every
+             * page of it is back in state s.  The write needs one page only:
+             * try that alone before giving up on the process. */
+            atomic_store_explicit(&r->ahead_end, SIZE_MAX, memory_order_relaxed);
+            continue;
+        }
         if (got < 0)
             fatal_break(addr, errno);
         atomic_store_explicit(&r->ahead_end, page + n, memory_order_relaxed);

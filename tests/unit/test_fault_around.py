@@ -11,12 +11,14 @@ switches it on.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 import shmdedup
 from shmdedup import _native
 from tests.helpers import child_env, no_shm_leftovers, reaper, run_python  # noqa: F401
-from tests.unit.test_cow import SAME_PAGES_THREADS, Harness, content, merge, runs
+from tests.unit.test_cow import SAME_PAGES_THREADS, Harness, content, merge, run_child, runs
 
 P = _native.PAGE_SIZE
 
@@ -145,3 +147,33 @@ def test_environment_sets_the_default(value: str, expected: int, warns: bool) ->
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) == expected
     assert ("SHMDEDUP_COW_FAULT_AROUND" in r.stderr) == warns, r.stderr
+
+
+def test_a_window_that_does_not_fit_falls_back_to_the_faulting_page() -> None:
+    """RLIMIT_FSIZE (the same path as a nearly full /dev/shm) lets a window's
+    copy fail where the faulting page alone fits: the trap breaks that page
+    alone and the program goes on; only a page that cannot be copied at all
+    ends the process (SIGBUS, one line), as without fault-around."""
+    res = run_child("""
+        import resource, signal
+        from shmdedup import cow_fault_around
+        cow_fault_around(64)
+        r, a, data, seg, sv = merged_region(64)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * P, resource.RLIM_INFINITY))
+        for p in range(20):          # windows 1, 2, 4, 8, then 16 pages past the limit
+            a[p * P] ^= 0xFF
+            data[p * P] ^= 0xFF
+        st = r.states()
+        assert st == bytes(20) + bytes([_native.MERGED]) * 44, st
+        assert (a == data).all() and r.breaks == 20
+        assert r.allocated_bytes() == 20 * P      # the failed window's copy was punched
+        print("ok", flush=True)
+        a[20 * P] = 1                # not even one page fits: one line, then SIGBUS
+        print("not reached", flush=True)
+    """, timeout=30)
+    assert not res.timed_out
+    assert res.stdout == "ok\n", res.stderr
+    assert res.returncode == -signal.SIGBUS, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "EFBIG" in lines[0], res.stderr
