@@ -54,6 +54,8 @@ from shmdedup.serverstats import ControlsMixin
 log = logging.getLogger("shmdedup.coordinator")
 
 SEND_TIMEOUT = 5.0
+TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
+TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 
 
 class CoordinatorServer(RequestsMixin, ControlsMixin):
@@ -98,6 +100,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.last_error = ""
         self.batches = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
+        self._last_trim = 0.0
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -201,7 +204,11 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self._scan_mark = (now, cpu, pages)
         # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
         # in glibc's heap: give it back (~0.2 ms; ~5 us when there is none).
-        _native.trim_heap()
+        # malloc_trim walks (and locks) every arena of the process, an
+        # embedding application's too: after a long scan, else once a second.
+        if now - t0 >= TRIM_AFTER_SCAN or now - self._last_trim >= TRIM_INTERVAL:
+            _native.trim_heap()
+            self._last_trim = now
         c = self.controls
         if c["advisor_mode"] == 1:
             c["pages_to_scan"] = advisor.advise(
