@@ -92,7 +92,9 @@ def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: fl
     say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
     ctx = mp.get_context("spawn")
     shmem0 = meminfo_kib()
-    with shmdedup.Coordinator(pages_to_scan=10000, sleep_millisecs=0) as coord:
+    # Scanning starts once every worker is ready and "before" is measured:
+    # otherwise the first workers' pages merge while the last ones start.
+    with shmdedup.Coordinator(run=0, pages_to_scan=10000, sleep_millisecs=0) as coord:
         stop = ctx.Event()
         pipes, procs = [], []
         for i in range(workers):
@@ -108,6 +110,7 @@ def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: fl
             say(f"shmdedup demo: {workers} workers x {mib} MiB "
                 f"({shared} shared, {unique} unique, {volatile} volatile pages each)")
             t0 = time.monotonic()
+            coord.set("run", 1)
             stats = coord.stats()
             while stats["pages_sharing"] < expect_sharing:
                 if time.monotonic() - t0 > timeout:
