@@ -231,6 +231,20 @@ def test_read_pages_out_may_be_larger_and_past_eof_reads_zero(shm: int) -> None:
     _native.read_pages(shm, idx(), bytearray(0))
 
 
+def pread_pages_between_markers(code: str) -> tuple[list[str], list[int]]:
+    """Run code under strace; the pread64 calls between the BEGIN and END it
+    writes to stderr, and the pages each read (sorted)."""
+    proc = subprocess.run(["strace", "-f", "-e", "trace=pread64,write", "-o", "/dev/stderr",
+                           "python", "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=60, env=child_env(), check=False)
+    if proc.returncode != 0 and "ptrace" in proc.stderr:
+        pytest.skip("ptrace not permitted here")
+    assert proc.returncode == 0, proc.stderr
+    between = proc.stderr.split("BEGIN", 1)[1].split("END", 1)[0]
+    preads = [line for line in between.splitlines() if "pread64(" in line]
+    return preads, sorted(int(line.rsplit("=", 1)[1]) // P for line in preads)
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_read_pages_one_pread_per_consecutive_run() -> None:
     code = """
@@ -244,15 +258,7 @@ def test_read_pages_one_pread_per_consecutive_run() -> None:
         _native.read_pages(fd, np.array(pages, dtype=np.int64).tobytes(), out)
         os.write(2, b"END\\n")
     """
-    proc = subprocess.run(["strace", "-f", "-e", "trace=pread64,write", "-o", "/dev/stderr",
-                           "python", "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=60, env=child_env(), check=False)
-    if proc.returncode != 0 and "ptrace" in proc.stderr:
-        pytest.skip("ptrace not permitted here")
-    assert proc.returncode == 0, proc.stderr
-    between = proc.stderr.split("BEGIN", 1)[1].split("END", 1)[0]
-    preads = [line for line in between.splitlines() if "pread64(" in line]
-    sizes = sorted(int(line.rsplit("=", 1)[1]) // P for line in preads)
+    preads, sizes = pread_pages_between_markers(code)
     assert sizes == [1, 2, 4, 4], preads
 
 
@@ -364,15 +370,7 @@ def test_compare_slots_one_pread_per_run_of_at_most_64() -> None:
                               np.array(slots, dtype=np.int64))
         os.write(2, b"END\\n")
     """
-    proc = subprocess.run(["strace", "-f", "-e", "trace=pread64,write", "-o", "/dev/stderr",
-                           "python", "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=60, env=child_env(), check=False)
-    if proc.returncode != 0 and "ptrace" in proc.stderr:
-        pytest.skip("ptrace not permitted here")
-    assert proc.returncode == 0, proc.stderr
-    between = proc.stderr.split("BEGIN", 1)[1].split("END", 1)[0]
-    preads = [line for line in between.splitlines() if "pread64(" in line]
-    sizes = sorted(int(line.rsplit("=", 1)[1]) // P for line in preads)
+    preads, sizes = pread_pages_between_markers(code)
     assert sizes == [1, 1, 2, 36, 64], preads
 
 
