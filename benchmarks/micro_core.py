@@ -50,9 +50,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from shmdedup import _native, _shm
-from shmdedup.region import PAGE_SIZE as P
-from shmdedup.region import Region, cow_fault_around
-from shmdedup.stable import StableSegment
+from shmdedup.worker.region import PAGE_SIZE as P
+from shmdedup.worker.region import Region, cow_fault_around
+from shmdedup.coordinator.scan.stable import StableSegment
 
 # What the issue asks for, and what DESIGN.md "Measured here" says (us/page).
 TARGETS = {

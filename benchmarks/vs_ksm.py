@@ -51,7 +51,7 @@ Definitions (the same for both systems):
 * metadata per tracked page: KSM from the kernel's own accounting,
   ((pages_sharing + ksm_zero_pages) x 4096 - general_profit) / rmap_items
   (rmap_items summed from /proc/<pid>/ksm_stat) = sizeof(struct ksm_rmap_item);
-  shmdedup: shmdedup.scan.METADATA_BYTES_PER_PAGE.  Measured alongside: growth
+  shmdedup: shmdedup.coordinator.scan.scanner.METADATA_BYTES_PER_PAGE.  Measured alongside: growth
   of SUnreclaim (KSM's slab) / the coordinator's RssAnon, per advised page.
 * COW break: with the scanner stopped (run=0), worker 0 writes one byte to
   every page that is merged (KSM: KPF_KSM in /proc/kpageflags via
@@ -813,7 +813,7 @@ def run_ksm(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict
 
 def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict[str, Any]:
     import shmdedup
-    from shmdedup.scan import METADATA_BYTES_PER_PAGE
+    from shmdedup.coordinator.scan.scanner import METADATA_BYTES_PER_PAGE
     npages = mib * MIB // PAGE
     kinds, counts = make_layout(npages, cfg.unique, cfg.zero, cfg.volatile, cfg.scattered)
     mps = KSM.read("max_page_sharing") if KSM.has("max_page_sharing") else 256
@@ -906,7 +906,7 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
                 client.stats()
             res["stats_call_ms"] = (time.perf_counter() - t) / 5 * 1e3
             res["metadata_bytes_per_page"] = METADATA_BYTES_PER_PAGE
-            res["metadata_source"] = "shmdedup.scan.METADATA_BYTES_PER_PAGE"
+            res["metadata_source"] = "shmdedup.coordinator.scan.scanner.METADATA_BYTES_PER_PAGE"
             res["rmap_items"] = final["rmap_items"]
             res["measured_metadata_bytes_per_page"] = (
                 (after["coordinator_rss_anon"] - rss0) * 1024 / (workers * npages))

@@ -21,9 +21,10 @@ from shmdedup.errors import (  # noqa: E402
     RegionClosedError,
     ShmError,
 )
-from shmdedup.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, cow_fault_around  # noqa: E402
-from shmdedup.control import Client, Coordinator  # noqa: E402
-from shmdedup.agent import enable_process_merging, set_socket  # noqa: E402
+from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, cow_fault_around  # noqa: E402
+from shmdedup.tools.client import Client  # noqa: E402
+from shmdedup.tools.embedded import Coordinator  # noqa: E402
+from shmdedup.worker.agent import enable_process_merging, set_socket  # noqa: E402
 
 __version__ = "0.1.0"
 

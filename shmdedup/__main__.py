@@ -1,3 +1,3 @@
-from shmdedup.cli import main
+from shmdedup.tools.cli import main
 
 raise SystemExit(main())

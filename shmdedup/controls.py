@@ -6,8 +6,22 @@ pytest plugin) checks it here first, so a bad name or value changes nothing.
 
 from __future__ import annotations
 
-from shmdedup.budget import default_max_mappings
 from shmdedup.errors import ControlError
+
+# vm.max_map_count's default, for when /proc/sys cannot be read.
+MAX_MAP_COUNT_FALLBACK = 65530
+
+
+def default_max_mappings() -> int:
+    """Three quarters of vm.max_map_count: the rest is headroom for what the
+    estimate cannot see (unreconciled breaks, the process's own growth)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        limit = MAX_MAP_COUNT_FALLBACK
+    return max(limit - limit // 4, 1)
+
 
 # name: (default, minimum, maximum)
 CONTROLS: dict[str, tuple[int, int, int]] = {

@@ -29,7 +29,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from shmdedup import _native
-from shmdedup.control import Client
+from shmdedup.tools.client import Client
 from shmdedup.errors import CoordinatorUnavailableError
 from tests import helpers
 from tests.helpers import DEFAULT_TIMEOUT, Worker, WorkerError, child_env, wait_for
@@ -40,7 +40,8 @@ P = _native.PAGE_SIZE
 
 _LAUNCHER = """
 import sys
-from shmdedup import cli, coordinator  # noqa: F401  (imported before the go)
+from shmdedup.tools import cli  # noqa: F401  (imported before the go)
+from shmdedup.coordinator import server  # noqa: F401
 if sys.stdin.readline().strip() == "go":
     sys.exit(cli.main(sys.argv[1:]))
 """
@@ -143,7 +144,7 @@ import hashlib, os, signal
 import numpy as np
 import shmdedup
 from shmdedup import _native
-from shmdedup.region import Region, MERGEABLE, UNMERGEABLE, PAGE_SIZE as P
+from shmdedup.worker.region import Region, MERGEABLE, UNMERGEABLE, PAGE_SIZE as P
 
 shmdedup.set_socket(SOCKET)
 regions = {}

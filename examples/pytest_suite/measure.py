@@ -69,7 +69,7 @@ def entry_point_installed() -> bool:
 def run_suite(workers: int, mib: int, shmdedup: bool, controls: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", str(SUITE), "-n", str(workers), "-q", "-p", "no:cacheprovider"]
     if not entry_point_installed():  # a source tree: load the plugin by module name
-        cmd += ["-p", "shmdedup.pytest_plugin"]
+        cmd += ["-p", "shmdedup.tools.pytest_plugin"]
     if shmdedup:
         cmd += ["--shmdedup"] + [f"--shmdedup-set={c}" for c in controls]
     env = dict(os.environ, TABLE_MIB=str(mib), OPENBLAS_NUM_THREADS="1")

@@ -31,8 +31,9 @@ import atheris
 import msgpack
 
 with atheris.instrument_imports(include=["shmdedup"]):
-    from shmdedup import coordinator, protocol
-    from shmdedup.coordinator import CoordinatorServer, Peer
+    from shmdedup import protocol
+    from shmdedup.coordinator import server as coordinator
+    from shmdedup.coordinator.server import CoordinatorServer, Peer
     from shmdedup.errors import ProtocolError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -26,8 +26,8 @@ from typing import Any
 import msgpack
 
 from shmdedup import protocol
-from shmdedup.control import Client
-from shmdedup.coordinator import CoordinatorServer
+from shmdedup.tools.client import Client
+from shmdedup.coordinator.server import CoordinatorServer
 from tests.helpers import Worker, wait_for
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -205,9 +205,9 @@ WORKER_SETUP = """
 import hashlib, os
 import numpy as np
 import shmdedup
-from shmdedup import agent
+from shmdedup.worker import agent
 agent.set_socket(SOCKET)
-P = shmdedup.region.PAGE_SIZE
+P = shmdedup.worker.region.PAGE_SIZE
 
 def content(npages, seed):
     half = np.random.default_rng(seed).integers(0, 256, (npages // 2, P), dtype=np.uint8)

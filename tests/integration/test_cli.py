@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import shmdedup
-from shmdedup.budget import default_max_mappings
+from shmdedup.controls import default_max_mappings
 from tests.helpers import REPO_ROOT, child_env
 from tests.integration.conftest import (
     CONTROL_NAMES,
@@ -270,7 +270,7 @@ def test_demo_merges_every_shared_page_and_measures_from_outside() -> None:
     """The README's first command, smaller: every shared page merges, the
     workers' backing objects are measured whole before scanning starts and
     hold only their own pages after, and every worker reads its bytes."""
-    from shmdedup.demo import layout
+    from shmdedup.tools.demo import layout
     workers, mib = 3, 8
     npages = mib * 1024 * 1024 // shmdedup.PAGE_SIZE
     shared, unique, volatile = layout(npages)

@@ -362,7 +362,7 @@ def test_restarted_coordinator_resumes_merging(coordinator, spawn_workers, socke
     c1._proc.kill()
     c1._proc.wait()
     for w in (a, b):  # a merge batch in flight finishes before the agent notices
-        wait_for(lambda w=w: not w.call("shmdedup.agent.get_agent().connected.is_set()"), 30,
+        wait_for(lambda w=w: not w.call("shmdedup.worker.agent.get_agent().connected.is_set()"), 30,
                  f"worker {w.pid} to notice the coordinator is gone")
 
     K = 50

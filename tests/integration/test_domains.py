@@ -19,9 +19,9 @@ UNIQUE_WORKER = """
 import os
 import numpy as np
 import shmdedup
-from shmdedup import agent
+from shmdedup.worker import agent
 agent.set_socket(SOCKET)
-P = shmdedup.region.PAGE_SIZE
+P = shmdedup.worker.region.PAGE_SIZE
 region = shmdedup.Region(NPAGES * P)
 arr = region.ndarray(np.uint8)
 arr[:] = np.random.default_rng(SEED).integers(0, 256, NPAGES * P, dtype=np.uint8)

@@ -318,8 +318,8 @@ INTERRUPTED = """
 import os, signal, threading, time
 import numpy as np
 from shmdedup import UNMERGEABLE, _native
-from shmdedup.region import Region, PAGE_SIZE as P
-from shmdedup.stable import StableSegment
+from shmdedup.worker.region import Region, PAGE_SIZE as P
+from shmdedup.coordinator.scan.stable import StableSegment
 
 N = 65536                                   # ~0.5 s of breaks: 256 chunks
 # Distinct pages, of which only the first 16 bytes are not zero: a small

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 
-import shmdedup.requests
+import shmdedup.coordinator.inflight
 from tests.helpers import wait_for
 from tests.integration.conftest import (
     FAST,
@@ -34,7 +34,7 @@ def test_worker_dropped_while_alive_keeps_its_slots_until_it_exits(coordinator, 
     and drops it.  Its slots stay allocated (b shares them, and a, resumed,
     reads its exact bytes and registers again); once a is killed they are
     freed and b's pages, unshared, are given back to it."""
-    monkeypatch.setattr(shmdedup.requests, "REQUEST_TIMEOUT", 2.0)
+    monkeypatch.setattr(shmdedup.coordinator.inflight, "REQUEST_TIMEOUT", 2.0)
     npages = 512
     c = coordinator(**FAST)                    # thread mode: the patched timeout applies
     a, b = spawn_workers(2, npages, shared_seed=41)

@@ -45,7 +45,7 @@ def test_a_process_with_no_advised_region_left_does_not_connect(coordinator) -> 
     """A process that advised regions and closed them all before a coordinator
     started does not connect to it (no connection slot, not a worker); its
     next advised region connects."""
-    w = Worker(setup="from shmdedup import MERGEABLE, Region, agent\n"
+    w = Worker(setup="from shmdedup import MERGEABLE, Region\nfrom shmdedup.worker import agent\n"
                      "connected = lambda: agent.get_agent().connected.is_set()")
     w.call("r = Region(16 * 4096); r.advise(MERGEABLE); r.close()")
     c = coordinator(**FAST)                     # exports SHMDEDUP_SOCKET to new processes only

@@ -20,7 +20,8 @@ import signal
 
 import pytest
 
-from shmdedup.budget import PROCESS_MAPPINGS, default_max_mappings
+from shmdedup.coordinator.scan.budget import PROCESS_MAPPINGS
+from shmdedup.controls import default_max_mappings
 from tests.helpers import Worker, run_python, vma_count
 from tests.integration.conftest import PAGE, wait_stats
 
@@ -205,8 +206,8 @@ AT_THE_LIMIT = """
 import ctypes, errno, os, sys
 import numpy as np
 from shmdedup import _native
-from shmdedup.region import Region, PAGE_SIZE as P
-from shmdedup.stable import StableSegment
+from shmdedup.worker.region import Region, PAGE_SIZE as P
+from shmdedup.coordinator.scan.stable import StableSegment
 
 N = 64
 data = np.random.default_rng(5).integers(0, 256, (N, P), dtype=np.uint8)
@@ -278,8 +279,8 @@ HOOK = """
 import os
 import numpy as np
 from shmdedup import _native
-from shmdedup.region import Region, PAGE_SIZE as P
-from shmdedup.stable import StableSegment
+from shmdedup.worker.region import Region, PAGE_SIZE as P
+from shmdedup.coordinator.scan.stable import StableSegment
 
 N = 64
 data = np.random.default_rng(6).integers(0, 256, (N, P), dtype=np.uint8)

@@ -177,8 +177,8 @@ def test_missing_prometheus_client_is_a_clear_error(sockdir: str) -> None:
     r = run_python("""
         import os, sys
         sys.modules["prometheus_client"] = None        # as if not installed
-        from shmdedup.coordinator import CoordinatorServer
-        from shmdedup.metrics import MetricsUnavailableError
+        from shmdedup.coordinator.server import CoordinatorServer
+        from shmdedup.coordinator.metrics import MetricsUnavailableError
         try:
             CoordinatorServer(sys.argv[1], metrics_port=0)
         except MetricsUnavailableError as e:

@@ -1,9 +1,9 @@
 """The pytest plugin end to end: pytest runs in a child process on a generated suite.
 
 Each run is hermetic: plugin autoloading is off and the plugins are named with
-``-p`` (``xdist.plugin``, ``shmdedup.pytest_plugin``), so the machine's other
+``-p`` (``xdist.plugin``, ``shmdedup.tools.pytest_plugin``), so the machine's other
 plugins, and whether shmdedup's entry point is installed, do not matter (with
-the entry point installed, ``-p shmdedup.pytest_plugin`` would register the
+the entry point installed, ``-p shmdedup.tools.pytest_plugin`` would register the
 module twice).  The inner tests check merging from inside the workers (state
 bytes, and st_blocks of their own shm objects), look for the coordinator among
 the controller's children, and record facts in files the outer test reads.
@@ -29,7 +29,7 @@ CONFTEST = '''
 import json, os
 import numpy as np
 import pytest
-from shmdedup.pytest_plugin import share
+from shmdedup.tools.pytest_plugin import share
 
 MiB = 2**20
 
@@ -66,7 +66,7 @@ import os, time
 import numpy as np
 import pytest
 import shmdedup
-from shmdedup.pytest_plugin import region_of, share
+from shmdedup.tools.pytest_plugin import region_of, share
 from conftest import content, coordinators_under, record
 
 @pytest.mark.parametrize("i", range(4))
@@ -100,7 +100,7 @@ def test_shmdedup_array_and_buffers(shmdedup_array):
 INACTIVE_TESTS = '''
 import os, threading
 import numpy as np
-from shmdedup.pytest_plugin import region_of, share
+from shmdedup.tools.pytest_plugin import region_of, share
 from conftest import coordinators_under, record
 
 def test_plugin_does_nothing(shmdedup_array, request):
@@ -119,7 +119,7 @@ ONE_PROCESS_TESTS = '''
 import os
 import numpy as np
 import shmdedup
-from shmdedup.pytest_plugin import region_of, share
+from shmdedup.tools.pytest_plugin import region_of, share
 from conftest import content, coordinators_under
 
 KEEP = []  # alive until the plugin's last look at the stats, after the test
@@ -151,7 +151,7 @@ def make_suite(root: Path, tests: str, ini: str = "") -> Path:
 def run_pytest(suite: Path, *args: str, autoload: bool = False, timeout: float = 180) -> ChildResult:
     argv = [str(suite), "-c", str(suite / "pytest.ini"), "-p", "no:cacheprovider", *args]
     if not autoload:
-        argv = ["-p", "xdist.plugin", "-p", "shmdedup.pytest_plugin", *argv]
+        argv = ["-p", "xdist.plugin", "-p", "shmdedup.tools.pytest_plugin", *argv]
     env = child_env({"PLUGIN_FACTS": str(suite / "facts")})
     for name in list(env):  # the outer run's own xdist and shmdedup settings
         if name.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST")) or name == "SHMDEDUP_SOCKET":
@@ -219,7 +219,7 @@ def test_bad_control_is_a_usage_error(tmp_path: Path) -> None:
     assert facts(suite) == []
 
 
-ENTRY_POINT = any(ep.name == "shmdedup" and ep.value == "shmdedup.pytest_plugin"
+ENTRY_POINT = any(ep.name == "shmdedup" and ep.value == "shmdedup.tools.pytest_plugin"
                   for ep in importlib.metadata.entry_points(group="pytest11"))
 
 

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("no_shm_leftovers")
 
 CLOSE_UNDER_MERGE = """
 import random, sys, time
-from shmdedup import agent as _agent, region as _region
+from shmdedup.worker import agent as _agent
+from shmdedup.worker import region as _region
 
 def agent_in_merge(ag):
     frame = sys._current_frames().get(ag._thread.ident)

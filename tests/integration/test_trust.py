@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import pytest
 
 from shmdedup import _native
-from shmdedup.control import Coordinator
-from shmdedup.security import TMPFS_MAGIC, _fs_type
+from shmdedup.tools.embedded import Coordinator
+from shmdedup.coordinator.security import TMPFS_MAGIC, _fs_type
 from tests.helpers import (  # noqa: F401
     REPO_ROOT,
     child_env,
@@ -45,8 +45,12 @@ import ctypes, errno, hashlib, json, logging, mmap, os, sys, time
 import numpy as np
 import numpy.random
 import shmdedup
-from shmdedup import agent, cli, control, coordinator, security
-from shmdedup.control import Client
+from shmdedup.worker import agent
+from shmdedup.tools import cli
+from shmdedup.tools import client as control
+from shmdedup.coordinator import server as coordinator
+from shmdedup.coordinator import security
+from shmdedup.tools.client import Client
 from shmdedup.errors import ControlError
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -88,7 +92,7 @@ class H(logging.Handler):
 logging.getLogger("shmdedup.agent").addHandler(H(logging.WARNING))
 drop(UID, GID)
 agent.set_socket(SOCKET)
-P = shmdedup.region.PAGE_SIZE
+P = shmdedup.worker.region.PAGE_SIZE
 N = 16
 region = shmdedup.Region(N * P)  # created after the drop: its objects are UID's
 arr = region.ndarray(np.uint8)
@@ -432,6 +436,6 @@ def test_trust_arguments_are_checked() -> None:
     for args, text in ((["--allow-uid", "root"], "expected a numeric id"),
                        (["--allow-gid", "-3"], "id out of range"),
                        (["--socket-mode", "9"], "expected an octal mode")):
-        r = run_python("import sys; from shmdedup import cli; sys.exit(cli.main(sys.argv[1:]))",
+        r = run_python("import sys; from shmdedup.tools import cli; sys.exit(cli.main(sys.argv[1:]))",
                        args=("coordinator", "--socket", "/nonexistent/x.sock", *args))
         assert r.returncode == 2 and text in r.stderr, r.stderr

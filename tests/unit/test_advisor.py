@@ -1,6 +1,6 @@
 """The scan-time advisor's policy, with plain numbers."""
 
-from shmdedup.advisor import ScanSample, advise
+from shmdedup.coordinator.scan.advisor import ScanSample, advise
 
 KW = dict(target_scan_time=10.0, max_cpu_percent=50.0, min_pages=500, max_pages=100_000)
 

@@ -18,14 +18,8 @@ import numpy as np
 import pytest
 
 from shmdedup import _native
-from shmdedup.budget import (
-    CHUNK,
-    FRESH_KEY,
-    PROCESS_MAPPINGS,
-    ZERO_KEY,
-    MappingBudget,
-    default_max_mappings,
-)
+from shmdedup.coordinator.scan.budget import CHUNK, FRESH_KEY, PROCESS_MAPPINGS, ZERO_KEY, MappingBudget
+from shmdedup.controls import default_max_mappings
 
 PRIVATE, MERGED, ZERO = _native.PRIVATE, _native.MERGED, _native.ZERO
 

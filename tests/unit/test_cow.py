@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from shmdedup import _native
-from shmdedup.stable import StableSegment
+from shmdedup.coordinator.scan.stable import StableSegment
 from tests.helpers import (  # noqa: F401
     Worker,
     allocated_bytes,
@@ -41,7 +41,7 @@ WORKER_SETUP = """
 import hashlib, os, threading
 import numpy as np
 from shmdedup import _native
-from shmdedup.region import Region, MERGEABLE, UNMERGEABLE, PAGE_SIZE as P
+from shmdedup.worker.region import Region, MERGEABLE, UNMERGEABLE, PAGE_SIZE as P
 
 def content(seed, npages):
     return np.random.default_rng(seed).integers(0, 2**63, npages * P // 8, dtype=np.uint64).view(np.uint8)
@@ -506,8 +506,8 @@ CHILD_PRELUDE = """
 import faulthandler, os, sys
 import numpy as np
 from shmdedup import _native
-from shmdedup.region import Region, PAGE_SIZE as P
-from shmdedup.stable import StableSegment
+from shmdedup.worker.region import Region, PAGE_SIZE as P
+from shmdedup.coordinator.scan.stable import StableSegment
 
 def merged_region(npages, seed=1):
     data = np.random.default_rng(seed).integers(0, 256, npages * P, dtype=np.uint8)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from shmdedup import _native, _shm
-from shmdedup.stable import StableSegment
+from shmdedup.coordinator.scan.stable import StableSegment
 from tests.helpers import Worker, no_shm_leftovers, reaper  # noqa: F401
 
 P = _native.PAGE_SIZE
@@ -31,7 +31,7 @@ SETUP = """
 import hashlib, os
 import numpy as np
 from shmdedup import _native
-from shmdedup.region import Region, PAGE_SIZE as P
+from shmdedup.worker.region import Region, PAGE_SIZE as P
 
 def content(seed, npages):
     return np.random.default_rng(seed).integers(0, 2**63, npages * P // 8, dtype=np.uint64).view(np.uint8)

@@ -1,4 +1,4 @@
-"""shmdedup.region.Region without a coordinator: sizes, views, argument rules,
+"""shmdedup.worker.region.Region without a coordinator: sizes, views, argument rules,
 closing.  Merging and copy-on-write are in test_cow.py (in child processes)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from shmdedup import _native
 from shmdedup.errors import ArgumentError, Error, RegionClosedError
-from shmdedup.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, pages_for
+from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, pages_for
 from tests.helpers import no_shm_leftovers, reaper, shm_names  # noqa: F401
 
 P = PAGE_SIZE

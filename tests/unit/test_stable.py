@@ -1,4 +1,4 @@
-"""shmdedup.stable: the slot allocator (against a set model) and stable segments."""
+"""shmdedup.coordinator.scan.stable: the slot allocator (against a set model) and stable segments."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from shmdedup.errors import ArgumentError, ShmError
-from shmdedup.stable import PAGE_SIZE as P
-from shmdedup.stable import SlotAllocator, StableSegment
+from shmdedup.coordinator.scan.stable import PAGE_SIZE as P
+from shmdedup.coordinator.scan.stable import SlotAllocator, StableSegment
 
 
 def our_shm_names() -> set[str]:

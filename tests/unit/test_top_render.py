@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from shmdedup.coordinator import CONTROLS
-from shmdedup.top import PAGE_SIZE, History, fmt_bytes, render, sparkline
+from shmdedup.controls import CONTROLS
+from shmdedup.tools.top import PAGE_SIZE, History, fmt_bytes, render, sparkline
 
 
 def sample_stats(**over: object) -> dict:

@@ -1,4 +1,4 @@
-"""The scanner's array helpers in shmdedup.tracking, against numpy as the oracle."""
+"""The scanner's array helpers in shmdedup.coordinator.scan.tracking, against numpy as the oracle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shmdedup.tracking import _repeated, _unique
+from shmdedup.coordinator.scan.tracking import _repeated, _unique
 
 values = st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 8), max_size=60)
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from shmdedup import _native, protocol, region as _region
-from shmdedup.control import resolve_socket_path
+from shmdedup import _native, protocol
+from shmdedup.worker import region as _region
+from shmdedup.paths import resolve_socket_path
 from shmdedup.errors import PeerRejectedError, ProtocolError
 
 log = logging.getLogger("shmdedup.agent")

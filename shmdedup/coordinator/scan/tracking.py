@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from shmdedup import _native, _shm
-from shmdedup.security import StateBytes, check_worker_object
+from shmdedup.coordinator.security import StateBytes, check_worker_object
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 CHUNK_PAGES = 2048          # pages read and hashed per pread/hash call

@@ -4,7 +4,7 @@ One process (or one thread of an application, the embedded default) listens
 on the domain's Unix socket.  Workers' agents connect, say hello, receive a
 read-only descriptor of the stable segment, and register their regions (the
 backing and state-byte objects travel as SCM_RIGHTS descriptors).  The
-coordinator then runs the scanner (``scan.py``) in batches of
+coordinator then runs the scanner (``scanner.py``) in batches of
 ``pages_to_scan`` pages every ``sleep_millisecs``, sends merge batches to the
 agents and settles their replies.  Clients (the CLI, ``Client``) ask for
 statistics, set controls, and wait for ``full_scans`` to advance.
@@ -28,8 +28,8 @@ that connection with a logged reason; everyone else keeps being served.
 
 Layout: this module holds the event loop, connections, ghosts and the
 worker's region messages.  ``CoordinatorServer`` inherits two parts kept in
-their own modules: ``requests.py`` (merge/unmerge requests in flight and
-their replies, waits for full_scans, run=2) and ``serverstats.py``
+their own modules: ``inflight.py`` (merge/unmerge requests in flight and
+their replies, waits for full_scans, run=2) and ``surface.py``
 (``set_control``, ``stats`` and the client messages that reach them).
 """
 
@@ -42,14 +42,15 @@ import selectors
 import time
 from typing import Any
 
-from shmdedup import _native, advisor, protocol
+from shmdedup import _native, protocol
+from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import PeerRejectedError, ProtocolError
-from shmdedup.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
-from shmdedup.requests import RequestsMixin
-from shmdedup.scan import Scanner, RegionState
-from shmdedup.security import TokenBucket
-from shmdedup.serverstats import ControlsMixin
+from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
+from shmdedup.coordinator.inflight import RequestsMixin
+from shmdedup.coordinator.scan.scanner import Scanner, RegionState
+from shmdedup.coordinator.security import TokenBucket
+from shmdedup.coordinator.surface import ControlsMixin
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -106,7 +107,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.metrics: Any = None
         self.metrics_port: int | None = None
         if metrics_port is not None:
-            from shmdedup.metrics import MetricsServer
+            from shmdedup.coordinator.metrics import MetricsServer
             try:
                 self.metrics = MetricsServer(metrics_port, self._wake_w)
             except BaseException:

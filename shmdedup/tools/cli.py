@@ -59,11 +59,11 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
-    from shmdedup.control import resolve_socket_path
-    from shmdedup.coordinator import CoordinatorServer
+    from shmdedup.paths import resolve_socket_path
+    from shmdedup.coordinator.server import CoordinatorServer
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="shmdedup coordinator[%(process)d]: %(message)s")
-    from shmdedup.security import set_dumpable
+    from shmdedup.coordinator.security import set_dumpable
     # Non-dumpable: same-uid processes must not ptrace us, write our memory or
     # open our fds (the writable stable segment) through /proc
     # (docs/security.md).  --dumpable sets it explicitly, since a change of
@@ -88,7 +88,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from shmdedup.control import Client
+    from shmdedup.tools.client import Client
     return Client(args.socket, domain=args.domain)
 
 
@@ -100,7 +100,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_set(args: argparse.Namespace) -> int:
-    from shmdedup.coordinator import check_control
+    from shmdedup.controls import check_control
     for name, value in args.assignments:
         check_control(name, value)  # all checked before any is applied
     with _client(args) as c:
@@ -110,7 +110,7 @@ def _cmd_set(args: argparse.Namespace) -> int:
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
-    from shmdedup.top import run_top
+    from shmdedup.tools.top import run_top
     return run_top(args.socket, domain=args.domain, interval=args.interval)
 
 
@@ -125,7 +125,7 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from shmdedup.demo import run_demo
+    from shmdedup.tools.demo import run_demo
     return run_demo(workers=args.workers, mib=args.mib, as_json=args.json)
 
 

@@ -1,6 +1,6 @@
 """Steps 3-5 of the scan: matching a batch of steady pages and queueing merges.
 
-:class:`Matcher` is the part of the :class:`~shmdedup.scan.Scanner` that takes
+:class:`Matcher` is the part of the :class:`~shmdedup.coordinator.scan.scanner.Scanner` that takes
 the steady pages of one chunk (read and checksummed by ``Scanner._visit``,
 unchanged since the last visit) and, vectorised over the chunk:
 
@@ -38,16 +38,15 @@ import os
 import numpy as np
 
 from shmdedup import _native
-from shmdedup.budget import MappingBudget
-from shmdedup.indexes import StableIndex, UnstableIndex
-from shmdedup.tracking import (
-    PENDING, UNSHARED, VOLATILE, ZERO_CHECKSUM, RegionState, _repeated, _unique)
+from shmdedup.coordinator.scan.budget import MappingBudget
+from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
+from shmdedup.coordinator.scan.tracking import PENDING, UNSHARED, VOLATILE, ZERO_CHECKSUM, RegionState, _repeated, _unique
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
 
 class Matcher:
-    """Candidate matching for :class:`~shmdedup.scan.Scanner` (steps 3-5)."""
+    """Candidate matching for :class:`~shmdedup.coordinator.scan.scanner.Scanner` (steps 3-5)."""
 
     # Provided by the Scanner.
     sidx: StableIndex

@@ -16,7 +16,7 @@ summary is written), and the terminal summary reports the peak saving:
 ``shmdedup: 3 workers shared 612 MiB``.
 
 Loaded by the ``pytest11`` entry point ``shmdedup``, or explicitly with
-``-p shmdedup.pytest_plugin``.
+``-p shmdedup.tools.pytest_plugin``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def region_of(array: np.ndarray) -> Any:
 
 
 def _region_mod() -> Any:
-    from shmdedup import region
+    from shmdedup.worker import region
     return region
 
 
@@ -117,7 +117,7 @@ def _is_active(config: pytest.Config) -> bool:
 
 
 def _controls(config: pytest.Config) -> dict[str, int]:
-    from shmdedup.coordinator import check_control
+    from shmdedup.controls import check_control
     out = {}
     for text in config.getoption("shmdedup_set") or []:
         name, sep, value = text.partition("=")
@@ -134,7 +134,7 @@ class _Run:
     """The controller's side: the coordinator and the sampler of its stats."""
 
     def __init__(self, controls: dict[str, int]) -> None:
-        from shmdedup.control import Coordinator
+        from shmdedup.tools.embedded import Coordinator
         # The coordinator's stderr (its banner, and warnings such as a dropped
         # worker) goes to a log that the summary counts (and shows with -v).
         self.log = tempfile.TemporaryFile("w+")
@@ -163,7 +163,7 @@ class _Run:
         self.add(_snapshot(client.stats()))
 
     def _sample_loop(self) -> None:
-        from shmdedup.control import Client
+        from shmdedup.tools.client import Client
         from shmdedup.errors import Error
         client = None
         while True:
@@ -187,7 +187,7 @@ class _Run:
         n = len(self.workers)
         if not n:
             lines = ["shmdedup: no worker shared anything (put arrays in regions with "
-                     "shmdedup.pytest_plugin.share() or the shmdedup_array fixture)"]
+                     "shmdedup.tools.pytest_plugin.share() or the shmdedup_array fixture)"]
         else:
             mib = self.peak["pages_sharing"] * self.page_size / 2**20
             size = f"{mib:.1f}" if mib < 10 else f"{mib:.0f}"
@@ -226,7 +226,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if workerinput is not None:  # an xdist worker: use the controller's coordinator
         path = workerinput.get("shmdedup_socket")
         if path:
-            from shmdedup.agent import set_socket
+            from shmdedup.worker.agent import set_socket
             set_socket(path)
     else:
         from shmdedup.errors import Error
@@ -251,7 +251,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     finish sees everyone's merged pages, which a periodic sample may miss."""
     if not _active or nextitem is not None:
         return
-    from shmdedup.control import Client
+    from shmdedup.tools.client import Client
     from shmdedup.errors import Error
     config = item.config
     path = getattr(config, "workerinput", {}).get("shmdedup_socket")

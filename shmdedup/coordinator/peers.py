@@ -13,8 +13,8 @@ import select
 from dataclasses import dataclass, field
 
 from shmdedup import protocol
-from shmdedup.security import TokenBucket
-from shmdedup.tracking import RegionState
+from shmdedup.coordinator.security import TokenBucket
+from shmdedup.coordinator.scan.tracking import RegionState
 
 
 @dataclass(eq=False)

@@ -1,14 +1,10 @@
-"""Talking to a coordinator: finding its socket, the client API, and the
-embedded ``Coordinator`` an application starts in-process.
-
-Socket resolution, first match wins: an explicit path, ``$SHMDEDUP_SOCKET``,
-then the per-user default for the domain (``protocol.default_socket_path``:
-a 0700 directory owned by the user).
+"""The ``Coordinator`` an application starts itself: a thread of this process
+(the default) or a child process, on a fresh private socket exported to child
+processes through ``$SHMDEDUP_SOCKET``.  The server is imported only on start.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
@@ -20,93 +16,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from shmdedup import protocol
-from shmdedup.errors import ArgumentError, ControlError, CoordinatorUnavailableError, ProtocolError
-
-ENV_SOCKET = "SHMDEDUP_SOCKET"
-log = logging.getLogger("shmdedup")
-
-
-def resolve_socket_path(socket_path: str | None = None, domain: str | None = None) -> str:
-    """The socket a worker or client should use (see module docstring)."""
-    if socket_path:
-        return socket_path
-    if domain is None and os.environ.get(ENV_SOCKET):
-        return os.environ[ENV_SOCKET]
-    return protocol.default_socket_path(domain or "default")
+from shmdedup.errors import ArgumentError, ControlError, CoordinatorUnavailableError
+from shmdedup.paths import ENV_SOCKET
+from shmdedup.tools.client import Client
 
 
 def _check_id(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
         raise ArgumentError(f"{name}: ids must be ints in [0, 2**32 - 2], got {value!r}")
     return value
-
-
-class Client:
-    """A control connection: statistics, controls, waiting for scans."""
-
-    def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
-                 timeout: float = 10.0) -> None:
-        self.socket_path = resolve_socket_path(socket_path, domain)
-        self.timeout = timeout
-        self._conn = protocol.connect(self.socket_path, timeout=timeout)
-        try:
-            self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "client",
-                             "pid": os.getpid()})
-            self._expect("welcome", timeout)
-        except BaseException:
-            self._conn.close()
-            raise
-
-    def _expect(self, t: str, timeout: float | None) -> dict:
-        try:
-            got = self._conn.recv(timeout=timeout)
-        except TimeoutError as e:
-            # Its late reply would be taken as the answer to our next request:
-            # this connection is done.
-            self._conn.close()
-            raise CoordinatorUnavailableError(
-                f"coordinator at {self.socket_path} did not answer within {timeout} s") from e
-        if got is None:
-            raise CoordinatorUnavailableError(f"coordinator at {self.socket_path} closed the connection")
-        msg, fds = got
-        for fd in fds:
-            os.close(fd)
-        if msg["t"] != t:
-            raise ProtocolError(f"expected {t}, got {msg['t']}")
-        return msg
-
-    def _call(self, msg: dict, timeout: float | None = None) -> Any:
-        if self._conn.closed:
-            raise CoordinatorUnavailableError(
-                f"connection to the coordinator at {self.socket_path} is closed (a request timed out?)")
-        self._conn.send(msg)
-        r = self._expect("reply", self.timeout if timeout is None else timeout)
-        if not r["ok"]:
-            raise ControlError(r["error"])
-        return r["data"]
-
-    def stats(self) -> dict[str, Any]:
-        """Every control and statistic, plus per-worker ``ksm_stat`` lines."""
-        return self._call({"t": "stats"})
-
-    def set(self, name: str, value: int) -> None:
-        """Set a control (run=2 returns once everything is unmerged)."""
-        self._call({"t": "set", "name": name, "value": value}, timeout=max(self.timeout, 600))
-
-    def wait_full_scans(self, n: int = 1, timeout: float = 60.0) -> int:
-        """Wait until full_scans has advanced by n from now; returns it."""
-        target = self.stats()["full_scans"] + n
-        return self._call({"t": "wait", "full_scans": target, "timeout": timeout},
-                          timeout=timeout + 5)
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Coordinator:
@@ -133,7 +51,7 @@ class Coordinator:
                  socket_mode: int = 0o600, dumpable: bool = False,
                  metrics_port: int | None = None, stderr: Any = None,
                  **controls: int) -> None:
-        from shmdedup.coordinator import check_control
+        from shmdedup.controls import check_control
         for k, v in controls.items():
             check_control(k, v)
         self.allow_uids = {_check_id("allow_uids", u) for u in allow_uids}
@@ -144,7 +62,7 @@ class Coordinator:
         self.socket_mode = socket_mode
         self.dumpable = dumpable
         if metrics_port is not None:
-            from shmdedup.metrics import check_port
+            from shmdedup.coordinator.metrics import check_port
             check_port(metrics_port)
         self.controls = controls
         self._metrics_port = metrics_port
@@ -211,7 +129,7 @@ class Coordinator:
                             f"coordinator process did not start at {path} ({why}; see its stderr)") from None
                     time.sleep(0.02)
         else:
-            from shmdedup.coordinator import CoordinatorServer
+            from shmdedup.coordinator.server import CoordinatorServer
             self._server = CoordinatorServer(self._path, self.controls, self.allow_uids,
                                              self.allow_gids, self.socket_mode,
                                              metrics_port=self._metrics_port)
@@ -221,7 +139,7 @@ class Coordinator:
         if self.export_env:
             self._old_env = os.environ.get(ENV_SOCKET)
             os.environ[ENV_SOCKET] = self._path
-        from shmdedup import agent
+        from shmdedup.worker import agent
         agent.reconnect_soon()
         return self
 

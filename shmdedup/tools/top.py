@@ -31,8 +31,9 @@ import time
 from collections import deque
 from typing import Any
 
-from shmdedup.control import Client, resolve_socket_path
-from shmdedup.coordinator import CONTROLS
+from shmdedup.tools.client import Client
+from shmdedup.paths import resolve_socket_path
+from shmdedup.controls import CONTROLS
 from shmdedup.errors import Error
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

@@ -57,9 +57,7 @@ log = logging.getLogger("shmdedup.coordinator")
 # Mappings a worker process has besides its regions: a Python process with
 # numpy has ~300-600, one with a big framework a few thousand at most.
 PROCESS_MAPPINGS = 2000
-CHUNK = 2048                 # pages per boundary count
-MAX_MAP_COUNT_FALLBACK = 65530
-
+CHUNK = 2048                 
 # Stretch keys, one int64 per page: a stable run is (slot - page) * 4 (equal
 # for consecutive pages on consecutive slots), the others are not multiples
 # of 4.  FRESH (+ 8 k for the k-th) stands for a run of slots not allocated
@@ -70,17 +68,6 @@ FRESH_KEY = 3
 FOREIGN_KEY = 5
 
 PRIVATE_STATE, MERGING_STATE, ZERO_STATE = _native.PRIVATE, _native.MERGING, _native.ZERO
-
-
-def default_max_mappings() -> int:
-    """Three quarters of vm.max_map_count: the rest is headroom for what the
-    estimate cannot see (unreconciled breaks, the process's own growth)."""
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-    except (OSError, ValueError):
-        limit = MAX_MAP_COUNT_FALLBACK
-    return max(limit - limit // 4, 1)
 
 
 class _RegionMaps:

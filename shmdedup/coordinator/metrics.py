@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from shmdedup.coordinator import CONTROLS
+from shmdedup.controls import CONTROLS
 from shmdedup.errors import ArgumentError, Error
 
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy

@@ -22,8 +22,8 @@ import os
 import numpy as np
 
 from shmdedup import _native
-from shmdedup.stable import StableSegment
-from shmdedup.tracking import _unique
+from shmdedup.coordinator.scan.stable import StableSegment
+from shmdedup.coordinator.scan.tracking import _unique
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 log = logging.getLogger("shmdedup.coordinator")

@@ -1,6 +1,6 @@
 """The coordinator's requests to workers, waits for full_scans, and run=2.
 
-``RequestsMixin`` is one part of ``CoordinatorServer`` (``coordinator.py``),
+``RequestsMixin`` is one part of ``CoordinatorServer`` (``server.py``),
 which inherits it; it runs in the coordinator's single thread and shares its
 state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
 ``_run2``, all set up by ``CoordinatorServer.__init__``) and its
@@ -35,8 +35,8 @@ import numpy as np
 
 from shmdedup import protocol
 from shmdedup.errors import ProtocolError
-from shmdedup.peers import Peer
-from shmdedup.scan import Scanner, _coalesce
+from shmdedup.coordinator.peers import Peer
+from shmdedup.coordinator.scan.scanner import Scanner, _coalesce
 
 log = logging.getLogger("shmdedup.coordinator")
 

@@ -48,10 +48,11 @@ from typing import Any, Callable
 import numpy as np
 
 from shmdedup import _native
-from shmdedup.budget import MappingBudget, default_max_mappings
-from shmdedup.indexes import StableIndex, UnstableIndex
-from shmdedup.matching import Matcher
-from shmdedup.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
+from shmdedup.coordinator.scan.budget import MappingBudget
+from shmdedup.controls import default_max_mappings
+from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
+from shmdedup.coordinator.scan.matching import Matcher
+from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
     ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited, _repeated, _unique)
 

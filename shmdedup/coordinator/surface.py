@@ -1,9 +1,9 @@
 """The coordinator's control and statistics surface.
 
-``ControlsMixin`` is one part of ``CoordinatorServer`` (``coordinator.py``),
+``ControlsMixin`` is one part of ``CoordinatorServer`` (``server.py``),
 which inherits it; it runs in the coordinator's single thread and shares its
 state (``controls``, ``scanner``, ``peers``, ``_run2``) and its ``_reply``
-and ``_start_run2`` (``requests.py``).
+and ``_start_run2`` (``inflight.py``).
 
 * Controls follow Linux KSM's (``controls.py`` lists them and checks values);
   ``set_control`` applies one and passes the scanner's share on to it.  An
@@ -24,8 +24,8 @@ from typing import Any
 
 from shmdedup.controls import check_control
 from shmdedup.errors import ControlError
-from shmdedup.peers import Peer
-from shmdedup.scan import Scanner
+from shmdedup.coordinator.peers import Peer
+from shmdedup.coordinator.scan.scanner import Scanner
 
 
 class ControlsMixin:

@@ -1,0 +1,82 @@
+"""A control connection to a coordinator: statistics, controls, waiting for scans.
+
+Used by the tools (``shmdedup stats/set/top``) and by applications; it imports
+nothing of the coordinator's server.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from shmdedup import protocol
+from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
+from shmdedup.paths import resolve_socket_path
+
+
+class Client:
+    """A control connection: statistics, controls, waiting for scans."""
+
+    def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.socket_path = resolve_socket_path(socket_path, domain)
+        self.timeout = timeout
+        self._conn = protocol.connect(self.socket_path, timeout=timeout)
+        try:
+            self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "client",
+                             "pid": os.getpid()})
+            self._expect("welcome", timeout)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _expect(self, t: str, timeout: float | None) -> dict:
+        try:
+            got = self._conn.recv(timeout=timeout)
+        except TimeoutError as e:
+            # Its late reply would be taken as the answer to our next request:
+            # this connection is done.
+            self._conn.close()
+            raise CoordinatorUnavailableError(
+                f"coordinator at {self.socket_path} did not answer within {timeout} s") from e
+        if got is None:
+            raise CoordinatorUnavailableError(f"coordinator at {self.socket_path} closed the connection")
+        msg, fds = got
+        for fd in fds:
+            os.close(fd)
+        if msg["t"] != t:
+            raise ProtocolError(f"expected {t}, got {msg['t']}")
+        return msg
+
+    def _call(self, msg: dict, timeout: float | None = None) -> Any:
+        if self._conn.closed:
+            raise CoordinatorUnavailableError(
+                f"connection to the coordinator at {self.socket_path} is closed (a request timed out?)")
+        self._conn.send(msg)
+        r = self._expect("reply", self.timeout if timeout is None else timeout)
+        if not r["ok"]:
+            raise ControlError(r["error"])
+        return r["data"]
+
+    def stats(self) -> dict[str, Any]:
+        """Every control and statistic, plus per-worker ``ksm_stat`` lines."""
+        return self._call({"t": "stats"})
+
+    def set(self, name: str, value: int) -> None:
+        """Set a control (run=2 returns once everything is unmerged)."""
+        self._call({"t": "set", "name": name, "value": value}, timeout=max(self.timeout, 600))
+
+    def wait_full_scans(self, n: int = 1, timeout: float = 60.0) -> int:
+        """Wait until full_scans has advanced by n from now; returns it."""
+        target = self.stats()["full_scans"] + n
+        return self._call({"t": "wait", "full_scans": target, "timeout": timeout},
+                          timeout=timeout + 5)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
