@@ -313,13 +313,13 @@ Mapping_break_range(MappingObject *self, PyObject *args)
     while (i < end) {
         size_t c = end - i < BREAK_CHUNK ? end - i : BREAK_CHUNK;
         Py_BEGIN_ALLOW_THREADS
-        got = sd_break_range(r, i, c);
+        got = sd_break_cow(r, i, c);
         Py_END_ALLOW_THREADS
         if (got < 0)
             break;
         broken += got;
         i += c;
-        /* Every page is merged or private between chunks (sd_break_range's
+        /* Every page is merged or private between chunks (sd_break_cow's
          * contract), so an exception here (KeyboardInterrupt) leaves the
          * region consistent: what was broken stays private. */
         if (i < end && PyErr_CheckSignals() < 0) {

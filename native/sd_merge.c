@@ -30,12 +30,6 @@
 
 void (*sd_merge_test_hook)(struct sd_region *r, size_t first, size_t n);
 
-static void publish(struct sd_region *r, size_t first, size_t n, uint8_t s)
-{
-    for (size_t i = first; i < first + n; i++)
-        atomic_store_explicit(&r->state[i], s, memory_order_release);
-}
-
 /* Map [first, first + n) (claimed, write-protected, proven equal) onto the
  * slots.  Returns 0, or -1 if the mapping could not be installed. */
 static int install(struct sd_region *r, uint8_t *base, size_t first, size_t n,
@@ -55,7 +49,7 @@ static int install(struct sd_region *r, uint8_t *base, size_t first, size_t n,
     /* A failed punch only costs memory: the page is merged and correct. */
     sd_punch(r->fd, (off_t)(first * sd_page_size), (off_t)len);
     sd_fault_point(SD_FAULT_MERGE_PUNCHED);
-    publish(r, first, n, slot < 0 ? SD_ZERO : SD_MERGED);
+    sd_publish(r, first, n, slot < 0 ? SD_ZERO : SD_MERGED);
     atomic_fetch_add(&sd_merged_pages, (long)n);
     return 0;
 }
@@ -67,11 +61,11 @@ static void release(struct sd_region *r, uint8_t *base, size_t first, size_t n)
          * pages to the trap as if merged onto themselves: a write then
          * copies them onto themselves and remaps read-write, or ends the
          * process loudly; it never loses bytes. */
-        publish(r, first, n, SD_MERGED);
+        sd_publish(r, first, n, SD_MERGED);
         atomic_fetch_add(&sd_merged_pages, (long)n);
         return;
     }
-    publish(r, first, n, SD_PRIVATE);
+    sd_publish(r, first, n, SD_PRIVATE);
 }
 
 /* Merge claimed pages [first, first + n) onto [slot, ...). */
@@ -88,7 +82,7 @@ static long merge_claimed(struct sd_region *r, size_t first, size_t n, int stabl
         (void)madvise((uint8_t *)stable_view + (size_t)slot * sd_page_size, n * sd_page_size,
                       MADV_POPULATE_READ);
     if (mprotect(addr, n * sd_page_size, PROT_READ) != 0) {
-        publish(r, first, n, SD_PRIVATE);
+        sd_publish(r, first, n, SD_PRIVATE);
         return 0;
     }
     sd_fault_point(SD_FAULT_MERGE_PROTECTED);

@@ -1,0 +1,25 @@
+/* sd_break.h - break_cow: copying merged pages back to private ones
+ * (DESIGN invariant 3).  Plain C (no Python.h); signal safe where marked. */
+#ifndef SD_BREAK_H
+#define SD_BREAK_H
+#include <stddef.h>
+#include <stdint.h>
+#include "sd_region.h"
+
+/* Test hook: the next this-many copy-back mmaps of a break fail with ENOMEM,
+ * as they do past vm.max_map_count (signal safe: one atomic). */
+extern _Atomic int sd_test_fail_mmaps;
+
+/* Break [first, first + n), pages the caller owns (moved to BREAKING from
+ * state s by compare-and-swap); on an mmap ENOMEM retry with the whole merged
+ * stretch around it.  On success the pages (and any claimed neighbours) are
+ * PRIVATE.  Returns pages broken, or -1 with errno and the owned pages handed
+ * back in state s.  Signal safe (the trap calls it). */
+long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s);
+
+/* Break the merged pages in [first, first + n) of a region back to private
+ * pages (waiting for pages another thread is merging or breaking).  Returns the
+ * number of pages broken, or -1 with errno set; on failure every page is still
+ * either merged or private with correct content. */
+long sd_break_cow(struct sd_region *r, size_t first, size_t n);
+#endif
