@@ -42,37 +42,6 @@ sd_raise_errno(const char *syscall)
 /* ---- functions ---------------------------------------------------------- */
 
 static PyObject *
-py_murmur3_128(PyObject *Py_UNUSED(m), PyObject *args)
-{
-    Py_buffer b;
-    PyObject *seed_obj = NULL;
-    /* Not "I": that format masks, so -1 or 2**32 would silently hash with
-     * another seed.  mmh3 (the oracle) raises ValueError; so do we. */
-    if (!PyArg_ParseTuple(args, "y*|O", &b, &seed_obj))
-        return NULL;
-    uint32_t seed = 0;
-    if (seed_obj) {
-        PyObject *num = PyNumber_Index(seed_obj);   /* ints and numpy ints; TypeError otherwise */
-        int overflow = 0;
-        long long v = num ? PyLong_AsLongLongAndOverflow(num, &overflow) : -1;
-        Py_XDECREF(num);
-        if (!num || overflow || v < 0 || v > UINT32_MAX) {
-            PyBuffer_Release(&b);
-            if (num)
-                PyErr_SetString(PyExc_ValueError, "seed is out of range (0 <= seed < 2**32)");
-            return NULL;
-        }
-        seed = (uint32_t)v;
-    }
-    uint64_t h[2];
-    Py_BEGIN_ALLOW_THREADS
-    sd_murmur3_x64_128(b.buf, (size_t)b.len, seed, h);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&b);
-    return Py_BuildValue("(KK)", (unsigned long long)h[0], (unsigned long long)h[1]);
-}
-
-static PyObject *
 py_xxh64(PyObject *Py_UNUSED(m), PyObject *args)
 {
     Py_buffer b;
@@ -468,7 +437,6 @@ py_test_segfault(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef module_methods[] = {
-    {"murmur3_128", py_murmur3_128, METH_VARARGS, "murmur3_128(data, seed=0) -> (h1, h2), as mmh3.hash64(signed=False)."},
     {"xxh64", py_xxh64, METH_VARARGS, "xxh64(data, seed=0) -> int, as xxhash.xxh64_intdigest."},
     {"hash_pages", py_hash_pages, METH_VARARGS, "hash_pages(buf) -> bytes: uint64 checksum (XXH64) of each page."},
     {"read_pages", py_read_pages, METH_VARARGS, "read_pages(fd, idx, out[, hashes]): pread pages (and checksum them)."},

@@ -1,15 +1,12 @@
-/* sd_hash.h - MurmurHash3 x64-128 (Austin Appleby's algorithm, public domain)
- * and XXH64, the page checksum of shmdedup.  Plain C, no Python: testable on its own. */
+/* sd_hash.h - XXH64, the page checksum of shmdedup.  Plain C, no Python:
+ * testable on its own (native/tests/test_sd.c). */
 #ifndef SD_HASH_H
 #define SD_HASH_H
 #include <stddef.h>
 #include <stdint.h>
 
-/* out[0] = h1, out[1] = h2, exactly as mmh3.hash64(data, seed, signed=False). */
-void sd_murmur3_x64_128(const void *data, size_t len, uint32_t seed, uint64_t out[2]);
-
 /* XXH64 (Yann Collet's algorithm, BSD), equal to xxhash.xxh64_intdigest(data,
- * seed).  Four independent lanes: about four times murmur3's speed here. */
+ * seed).  Four independent lanes: about four times MurmurHash3's speed here. */
 uint64_t sd_xxh64(const void *data, size_t len, uint64_t seed);
 
 /* out[i] = sd_xxh64(page i of buf, page_size, seed) for i < n: eight pages at

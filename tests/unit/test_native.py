@@ -1,4 +1,4 @@
-"""shmdedup._native, the plain functions: checksums (mmh3 and xxhash are the oracles), page
+"""shmdedup._native, the plain functions: checksums (xxhash is the oracle), page
 reads that never allocate holes (DESIGN invariant 4), compare, zero test, punch."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-import mmh3
 import numpy as np
 import pytest
 import xxhash
@@ -23,13 +22,8 @@ from shmdedup import _native, _shm
 from tests.helpers import allocated_bytes, child_env, no_shm_leftovers, reaper  # noqa: F401
 
 P = _native.PAGE_SIZE
-SEEDS = [0, 1, 42, 0x9747B28C, 2**31, 2**32 - 1]
 
 pytestmark = pytest.mark.usefixtures("no_shm_leftovers")
-
-
-def oracle(data: bytes, seed: int = 0) -> tuple[int, int]:
-    return mmh3.hash64(data, seed, signed=False)
 
 
 @pytest.fixture
@@ -51,65 +45,6 @@ def test_constants() -> None:
     states = [_native.PRIVATE, _native.MERGING, _native.MERGED, _native.BREAKING, _native.ZERO]
     assert _native.PRIVATE == 0  # a fresh (zero-filled) metadata object means all private
     assert len(set(states)) == 5
-
-
-# ---- murmur3 ------------------------------------------------------------------
-
-def test_murmur3_known_answers() -> None:
-    # Fixed values guard against the oracle and us drifting together.
-    assert _native.murmur3_128(b"") == (0, 0)
-    assert _native.murmur3_128(b"abc") == (13012657714217449575, 4297124817637354834)
-    assert _native.murmur3_128(b"abc", 2**32 - 1) == (6497983451653082904, 6625092142591915913)
-    assert _native.murmur3_128(b"", 1) == oracle(b"", 1) != (0, 0)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("length", list(range(33)) + [47, 48, 49, 255, 256, 257])
-def test_murmur3_every_tail_length(length: int, seed: int) -> None:
-    # 0..31 covers every tail case (len % 16) twice, with and without a block.
-    data = bytes((i * 131 + 7) & 0xFF for i in range(length))
-    assert _native.murmur3_128(data, seed) == oracle(data, seed)
-
-
-def test_murmur3_seed_default_and_types() -> None:
-    assert _native.murmur3_128(b"x") == _native.murmur3_128(b"x", 0) == oracle(b"x")
-    assert _native.murmur3_128(b"x", np.uint32(2**32 - 1)) == oracle(b"x", 2**32 - 1)
-    with pytest.raises(TypeError):
-        _native.murmur3_128(b"x", 1.0)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
-def test_murmur3_seed_out_of_range(seed: int) -> None:
-    # Like the oracle: a seed outside uint32 is an error, never silently wrapped.
-    with pytest.raises(ValueError):
-        oracle(b"x", seed)
-    with pytest.raises(ValueError):
-        _native.murmur3_128(b"x", seed)
-
-
-def test_murmur3_accepts_buffers() -> None:
-    data = bytes(range(100))
-    want = oracle(data)
-    assert _native.murmur3_128(bytearray(data)) == want
-    assert _native.murmur3_128(memoryview(data)) == want
-    assert _native.murmur3_128(np.frombuffer(data, dtype=np.uint8)) == want
-    with pytest.raises(TypeError):
-        _native.murmur3_128("a str")  # type: ignore[arg-type]
-
-
-@settings(max_examples=200, deadline=None)
-@given(data=st.binary(max_size=600), seed=st.integers(0, 2**32 - 1))
-def test_murmur3_random_bytes(data: bytes, seed: int) -> None:
-    assert _native.murmur3_128(data, seed) == oracle(data, seed)
-
-
-@settings(max_examples=100, deadline=None)
-@given(rng_seed=st.integers(0, 2**63), flips=st.lists(st.integers(0, P - 1), max_size=4))
-def test_murmur3_random_pages(rng_seed: int, flips: list[int]) -> None:
-    buf = bytearray(np.random.default_rng(rng_seed).integers(0, 256, P, dtype=np.uint8).tobytes())
-    for i in flips:
-        buf[i] ^= 0x5A
-    assert _native.murmur3_128(bytes(buf)) == oracle(bytes(buf))
 
 
 # ---- hash_pages -----------------------------------------------------------------
