@@ -25,14 +25,13 @@ import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from shmdedup import _native
 from shmdedup.tools.client import Client
 from shmdedup.errors import CoordinatorUnavailableError
 from tests import helpers
-from tests.helpers import DEFAULT_TIMEOUT, Worker, WorkerError, child_env, wait_for
+from tests.helpers import DEFAULT_TIMEOUT, Worker, child_env, wait_for
 
 P = _native.PAGE_SIZE
 
@@ -236,7 +235,7 @@ def reap(pid, timeout):
         self.worker.close()
 
 
-class Forked:
+class Forked(helpers.SnippetPeer):
     """A worker forked by a Zygote; the same ``run``/``call`` as helpers.Worker."""
 
     def __init__(self, zygote: Zygote, pid: int, conn: Connection) -> None:
@@ -246,25 +245,8 @@ class Forked:
         self.exitcode: int | None = None
         helpers._spawned_pids.add(pid)
 
-    def run(self, code: str, *, send_fds: tuple[int, ...] = (), timeout: float = DEFAULT_TIMEOUT,
-            **values: Any) -> tuple[Any, list[int]]:
-        import textwrap
-        try:
-            self.conn.send((textwrap.dedent(code), values, len(send_fds)))
-            for fd in send_fds:
-                send_handle(self.conn, fd, self.pid)
-            if not self.conn.poll(timeout):
-                raise AssertionError(f"worker {self.pid} did not answer within {timeout}s")
-            status, value, nfds = self.conn.recv()
-            if status != "ok":
-                raise WorkerError(f"in worker {self.pid}:\n{value}")
-            # The fds follow the reply: a victim armed to die may die between them.
-            return value, [recv_handle(self.conn) for _ in range(nfds)]
-        except (EOFError, OSError):
-            raise AssertionError(f"worker {self.pid} died (exit {self.wait()})") from None
-
-    def call(self, code: str, **kw: Any) -> Any:
-        return self.run(code, **kw)[0]
+    def _gone(self) -> str:
+        return f"exit {self.wait()}"
 
     def wait(self, timeout: float = 20.0) -> int:
         """Reap it (through the zygote, its parent); the exit status."""

@@ -160,13 +160,43 @@ def _worker_main(conn: Any) -> None:
             os.close(fd)  # sent: the harness owns its copy now
 
 
-class Worker:
-    """A Python process (multiprocessing, 'spawn' by default) running snippets on request.
+class SnippetPeer:
+    """The harness side of a process running ``_worker_main``: ``run`` and
+    ``call`` over ``self.conn``.  ``Worker`` (spawned) and ``cluster.Forked``
+    (forked by a zygote) differ only in how the process is started and reaped."""
 
-    ``run(code, send_fds=..., **values)`` executes ``code`` in the worker's
-    persistent namespace and returns ``(result, fds)``; fds passed either way
-    travel with SCM_RIGHTS and belong to the receiver.
-    """
+    pid: int
+    conn: Any
+
+    def _gone(self) -> str:
+        """How the process ended, for the error when it stops answering."""
+        raise NotImplementedError
+
+    def run(self, code: str, *, send_fds: tuple[int, ...] = (), timeout: float = DEFAULT_TIMEOUT,
+            **values: Any) -> tuple[Any, list[int]]:
+        """Execute ``code`` in the process's persistent namespace; ``(result, fds)``.
+        fds passed either way travel with SCM_RIGHTS and belong to the receiver."""
+        try:
+            self.conn.send((textwrap.dedent(code), values, len(send_fds)))
+            for fd in send_fds:
+                send_handle(self.conn, fd, self.pid)
+            if not self.conn.poll(timeout):
+                raise AssertionError(f"worker {self.pid} did not answer within {timeout}s")
+            status, value, nfds = self.conn.recv()
+            if status != "ok":
+                raise WorkerError(f"in worker {self.pid}:\n{value}")
+            # The fds follow the reply: a victim armed to die may die between them.
+            return value, [recv_handle(self.conn) for _ in range(nfds)]
+        except (EOFError, OSError):
+            raise AssertionError(f"worker {self.pid} died ({self._gone()})") from None
+
+    def call(self, code: str, **kw: Any) -> Any:
+        """``run`` for snippets that neither send nor receive fds: just the result."""
+        return self.run(code, **kw)[0]
+
+
+class Worker(SnippetPeer):
+    """A Python process (multiprocessing, 'spawn' by default) running snippets on request."""
 
     def __init__(self, context: str = "spawn", setup: str = "") -> None:
         ctx = multiprocessing.get_context(context)
@@ -181,26 +211,9 @@ class Worker:
         if setup:
             self.run(setup)
 
-    def run(self, code: str, *, send_fds: tuple[int, ...] = (), timeout: float = DEFAULT_TIMEOUT,
-            **values: Any) -> tuple[Any, list[int]]:
-        self.conn.send((textwrap.dedent(code), values, len(send_fds)))
-        for fd in send_fds:
-            send_handle(self.conn, fd, self.pid)
-        if not self.conn.poll(timeout):
-            raise AssertionError(f"worker {self.pid} did not answer within {timeout}s "
-                                 f"(exitcode {self.proc.exitcode})")
-        try:
-            status, value, nfds = self.conn.recv()
-        except EOFError:
-            self.proc.join(timeout)
-            raise AssertionError(f"worker {self.pid} died (exitcode {self.proc.exitcode})") from None
-        if status != "ok":
-            raise WorkerError(f"in worker {self.pid}:\n{value}")
-        return value, [recv_handle(self.conn) for _ in range(nfds)]
-
-    def call(self, code: str, **kw: Any) -> Any:
-        """``run`` for snippets that neither send nor receive fds: just the result."""
-        return self.run(code, **kw)[0]
+    def _gone(self) -> str:
+        self.proc.join(DEFAULT_TIMEOUT)
+        return f"exitcode {self.proc.exitcode}"
 
     def close(self, timeout: float = 20.0) -> int | None:
         """Ask the worker to exit, then reap it (killing it after timeout); exit code.

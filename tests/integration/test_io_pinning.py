@@ -6,22 +6,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import socket
 import threading
-import time
 
 import numpy as np
 
 import shmdedup
+from tests.helpers import wait_for
 from shmdedup import MERGEABLE, PAGE_SIZE, _native
 
 N = 64
 
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def twins(seed: int) -> tuple[shmdedup.Region, shmdedup.Region]:

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 
 import shmdedup
+from tests.helpers import wait_for
 from shmdedup import MERGEABLE, PAGE_SIZE
 
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
