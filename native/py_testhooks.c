@@ -108,6 +108,13 @@ py_fault_point(PyObject *Py_UNUSED(m), PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* _test_fault_held() -> int: threads held at a fault point so far. */
+static PyObject *
+py_test_fault_held(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(sd_fault_held());
+}
+
 static PyObject *
 py_test_fail_mmaps(PyObject *Py_UNUSED(m), PyObject *args)
 {
@@ -140,6 +147,8 @@ static PyMethodDef test_methods[] = {
      "Test only: _test_arm_fault(point, countdown=0, hold=False): the (countdown+1)-th time a thread "
      "passes the fault point (a name of _FAULT_POINTS or its index; None disarms), SIGKILL this process, "
      "or with hold stop that thread there until the process ends."},
+    {"_test_fault_held", py_test_fault_held, METH_NOARGS,
+     "Test only: how many threads a fault point armed with hold has stopped so far."},
     {"_fault_point", py_fault_point, METH_O, "_fault_point(id): a fault point in Python code; no-op unless armed."},
     {NULL},
 };

@@ -12,12 +12,18 @@
 
 const char *const sd_fault_names[SD_FAULT_COUNT] = {
     "none", "merge_protected", "merge_mapped", "merge_punched",
-    "break_copied", "break_mapped", "agent_merged",
+    "break_copied", "break_mapped", "agent_merged", "agent_registered",
 };
 
 _Atomic int sd_fault_armed;
 static _Atomic long countdown;
 static _Atomic int fault_action;
+static _Atomic int held;
+
+int sd_fault_held(void)
+{
+    return atomic_load(&held);
+}
 
 int sd_fault_arm(int id, long n, int action)
 {
@@ -39,6 +45,7 @@ void sd_fault_hit(int id)
         return;
     if (atomic_load(&fault_action) == SD_FAULT_KILL)
         raise(SIGKILL);
+    atomic_fetch_add(&held, 1);
     for (;;)
         pause();   /* returns after each handled signal: hold on */
 }

@@ -26,6 +26,7 @@ enum {
     SD_FAULT_BREAK_COPIED = 4,    /* break: content written back, backing not mapped */
     SD_FAULT_BREAK_MAPPED = 5,    /* break: backing mapped, PRIVATE not yet published */
     SD_FAULT_AGENT_MERGED = 6,    /* agent (Python): batch merged, reply not sent */
+    SD_FAULT_AGENT_REGISTERED = 7, /* agent (Python): regions registered, its lock still held */
     SD_FAULT_COUNT
 };
 
@@ -46,6 +47,9 @@ enum { SD_FAULT_KILL = 0, SD_FAULT_HOLD = 1 };
 int sd_fault_arm(int id, long countdown, int action);
 
 void sd_fault_hit(int id);
+
+/* Threads held at a point so far (a test waits for one to get there). */
+int sd_fault_held(void);
 
 static inline void sd_fault_point(int id)
 {

@@ -37,6 +37,8 @@ BACKOFF_MAX = 1.0
 # _native._test_arm_fault("agent_merged", n) to die with a batch merged but
 # not yet acknowledged; a no-op costing one C call per batch otherwise.
 _FAULT_AGENT_MERGED = _native._FAULT_POINTS.index("agent_merged")
+# The same for a connection's regions registered, the agent's lock still held.
+_FAULT_AGENT_REGISTERED = _native._FAULT_POINTS.index("agent_registered")
 
 
 class Agent:
@@ -192,6 +194,7 @@ class Agent:
             for region in list(self.regions.values()):
                 if not region.closed:
                     self._register(region)
+            _native._fault_point(_FAULT_AGENT_REGISTERED)
             self.connected.set()
         while True:
             got = conn.recv()

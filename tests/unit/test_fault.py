@@ -126,10 +126,11 @@ def scene():
 
 def test_fault_points_are_named() -> None:
     assert _native._FAULT_POINTS == ("none", "merge_protected", "merge_mapped", "merge_punched",
-                                     "break_copied", "break_mapped", "agent_merged")
+                                     "break_copied", "break_mapped", "agent_merged",
+                                     "agent_registered")
 
 
-@pytest.mark.parametrize("bad, exc", [("nowhere", ValueError), (7, ValueError), (-1, ValueError),
+@pytest.mark.parametrize("bad, exc", [("nowhere", ValueError), (8, ValueError), (-1, ValueError),
                                       (2**70, ValueError), (True, TypeError), (1.0, TypeError),
                                       (b"merge_mapped", TypeError)])
 def test_arm_fault_rejects_bad_points(bad: object, exc: type) -> None:
@@ -231,7 +232,9 @@ def test_held_thread_stops_at_its_point_and_the_rest_runs_on(scene: Scene) -> No
     scene.victim.call("import threading; _native._test_arm_fault('break_copied', 1, True); "
                       "t = threading.Thread(target=r.break_range, args=(0, r.npages), daemon=True); t.start()")
     B, V = _native.BREAKING, _native.PRIVATE
-    wait_for(lambda: scene.states() == bytes([V] * 4 + [B] * 4), 30, "the break of [4, 8) to be held")
+    wait_for(lambda: scene.victim.call("result = _native._test_fault_held()") == 1, 30,
+             "the break of [4, 8) to be held")
+    assert scene.states() == bytes([V] * 4 + [B] * 4)
     # The main thread runs on: it writes and reads the pages broken before the hold.
     assert scene.victim.call("a[0] ^= 1; a[0] ^= 1; "
                              "result = (bytes(a[:4 * P]) == bytes(content(1, 8)[:4 * P]), t.is_alive())") \
@@ -246,6 +249,7 @@ def test_held_python_point_releases_the_gil() -> None:
     try:
         w.call("import threading; _native._test_arm_fault('agent_merged', 0, True); "
                "t = threading.Thread(target=_native._fault_point, args=(AGENT,), daemon=True); t.start()")
+        wait_for(lambda: w.call("result = _native._test_fault_held()") == 1, 30, "the thread to be held")
         assert w.call("t.join(0.2); result = t.is_alive()") is True
         assert w.close() == 0
     finally:
