@@ -1,7 +1,7 @@
 /* py_testhooks.c - what tests use to provoke faults, kept out of module.c.
  *
  * Fault points (sd_fault.h) SIGKILL the process at an exact step of a merge or
- * a break; the race hook changes a page under write protection; the mmap hook
+ * a break, or hold the thread that gets there; the race hook changes a page under write protection; the mmap hook
  * makes breaks fail as past vm.max_map_count; _test_segfault is a genuine
  * segfault (like faulthandler._sigsegv).  None of them does anything unless a
  * test calls it; _fault_point is the agent's (Python) fault point.
@@ -39,15 +39,17 @@ py_test_race_hook(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Test only: _test_arm_fault(point, countdown=0) arms one fault point (a
- * name from _FAULT_POINTS or its index; None, "none" or 0 disarms): the
- * process SIGKILLs itself the (countdown + 1)-th time it passes there. */
+/* Test only: _test_arm_fault(point, countdown=0, hold=False) arms one fault
+ * point (a name from _FAULT_POINTS or its index; None, "none" or 0 disarms):
+ * the (countdown + 1)-th time a thread passes there, the process SIGKILLs
+ * itself, or with hold that thread stops there until the process ends. */
 static PyObject *
 py_test_arm_fault(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyObject *point;
     long long countdown = 0;
-    if (!PyArg_ParseTuple(args, "O|L", &point, &countdown))
+    int hold = 0;
+    if (!PyArg_ParseTuple(args, "O|Lp", &point, &countdown, &hold))
         return NULL;
     long id = -1;
     if (point == Py_None) {
@@ -81,7 +83,7 @@ py_test_arm_fault(PyObject *Py_UNUSED(m), PyObject *args)
         PyErr_Format(PyExc_ValueError, "countdown must be >= 0, got %lld", countdown);
         return NULL;
     }
-    sd_fault_arm((int)id, (long)countdown);
+    sd_fault_arm((int)id, (long)countdown, hold ? SD_FAULT_HOLD : SD_FAULT_KILL);
     Py_RETURN_NONE;
 }
 
@@ -97,8 +99,20 @@ py_fault_point(PyObject *Py_UNUSED(m), PyObject *arg)
         PyErr_Format(PyExc_ValueError, "fault point %ld is out of range (1 <= id < %d)", id, SD_FAULT_COUNT);
         return NULL;
     }
-    sd_fault_point((int)id);
+    if (atomic_load(&sd_fault_armed) == id) {
+        /* Armed: a held thread must not hold the GIL too. */
+        Py_BEGIN_ALLOW_THREADS
+        sd_fault_hit((int)id);
+        Py_END_ALLOW_THREADS
+    }
     Py_RETURN_NONE;
+}
+
+/* _test_fault_held() -> int: threads held at a fault point so far. */
+static PyObject *
+py_test_fault_held(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(sd_fault_held());
 }
 
 static PyObject *
@@ -130,8 +144,11 @@ static PyMethodDef test_methods[] = {
      "Test only: the next n copy-back mmaps of breaks fail with ENOMEM (as past vm.max_map_count)."},
     {"_test_segfault", py_test_segfault, METH_NOARGS, "Test only: a genuine segfault (NULL write)."},
     {"_test_arm_fault", py_test_arm_fault, METH_VARARGS,
-     "Test only: _test_arm_fault(point, countdown=0): SIGKILL this process the (countdown+1)-th time it "
-     "passes the fault point (a name of _FAULT_POINTS or its index; None disarms)."},
+     "Test only: _test_arm_fault(point, countdown=0, hold=False): the (countdown+1)-th time a thread "
+     "passes the fault point (a name of _FAULT_POINTS or its index; None disarms), SIGKILL this process, "
+     "or with hold stop that thread there until the process ends."},
+    {"_test_fault_held", py_test_fault_held, METH_NOARGS,
+     "Test only: how many threads a fault point armed with hold has stopped so far."},
     {"_fault_point", py_fault_point, METH_O, "_fault_point(id): a fault point in Python code; no-op unless armed."},
     {NULL},
 };

@@ -410,6 +410,18 @@ class Connection:
             return None
         return decode(data, fds), fds
 
+    def shutdown(self) -> None:
+        """Shut the socket down both ways without closing it: a thread blocked
+        in ``recv`` sees EOF, one blocked in ``send`` an error, and the thread
+        that owns the connection closes it.  Idempotent; a no-op in a forked
+        child (the socket is shared with the parent)."""
+        if self._closed or os.getpid() != self._owner_pid:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         """Close the socket; idempotent."""
         if self._closed:

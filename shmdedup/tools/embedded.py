@@ -5,6 +5,7 @@ processes through ``$SHMDEDUP_SOCKET``.  The server is imported only on start.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -42,7 +43,9 @@ class Coordinator:
     non-dumpable unless ``dumpable=True``.  ``metrics_port=N`` serves
     Prometheus metrics on 127.0.0.1:N (0: a free port, see ``metrics_port``;
     needs the ``prometheus`` extra).  ``stderr`` (a file or fd) receives a
-    coordinator process's log instead of this process's stderr.
+    coordinator process's log instead of this process's stderr.  One still
+    running when the interpreter exits is stopped then (``atexit``), so that
+    its socket and private directory go with it.
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
@@ -78,6 +81,7 @@ class Coordinator:
         self._proc: subprocess.Popen | None = None
         self._old_env: str | None = None
         self._client: Client | None = None
+        self._started_by: int | None = None   # pid
 
     @property
     def socket_path(self) -> str:
@@ -141,7 +145,15 @@ class Coordinator:
             os.environ[ENV_SOCKET] = self._path
         from shmdedup.worker import agent
         agent.reconnect_soon()
+        self._started_by = os.getpid()
+        atexit.register(self._stop_at_exit)
         return self
+
+    def _stop_at_exit(self) -> None:
+        # A forked child inherits this registration, not the coordinator:
+        # stopping it there would remove the parent's socket.
+        if self._started_by == os.getpid():
+            self.stop()
 
     def client(self) -> Client:
         if self._client is None or self._client._conn.closed:  # closed: after a timeout
@@ -158,6 +170,7 @@ class Coordinator:
         return self.client().wait_full_scans(n, timeout)
 
     def stop(self) -> None:
+        atexit.unregister(self._stop_at_exit)
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -12,10 +12,26 @@ SIGSEGV handler (faulthandler or another library may have replaced it).
 If the coordinator dies, merged pages stay mapped and copy-on-write keeps
 working (the trap is local); the agent reconnects and registers again, and the
 new coordinator resumes merging.
+
+Exit: a library must never hang its host's exit.  The thread is a daemon,
+and once the interpreter finalizes, CPython ends (up to 3.13) or blocks
+(3.14+) every daemon thread that wants the GIL back, without releasing the
+locks it holds; a finalizer that then waits on one (a ``Region`` freed at module teardown
+closes itself through ``region_event``) waits forever.  So an ``atexit`` hook
+(run after the non-daemon threads are joined, before finalization) stops the
+agent: it shuts its connection down, which wakes a blocked ``recv``/``send``,
+and joins the thread, which is out of every lock once it returns; it waits at
+most ``EXIT_JOIN_TIMEOUT`` for a batch in flight (milliseconds), and leaves a
+thread stuck longer to the exit (a process may die at any instant, invariant
+7).  During finalization itself nothing here waits for a lock another thread
+holds (``region.acquire_unless_finalizing``).  The coordinator learns of the
+exit from the closed connection and the process's pidfd, and releases what the
+worker held.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -33,10 +49,15 @@ log = logging.getLogger("shmdedup.agent")
 
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
+# How long interpreter exit waits for the agent to finish what it is doing
+# (a merge or unmerge batch takes milliseconds) before leaving it behind.
+EXIT_JOIN_TIMEOUT = 1.0
 # Test-only fault point (native/sd_fault.h): a test arms it with
 # _native._test_arm_fault("agent_merged", n) to die with a batch merged but
 # not yet acknowledged; a no-op costing one C call per batch otherwise.
 _FAULT_AGENT_MERGED = _native._FAULT_POINTS.index("agent_merged")
+# The same for a connection's regions registered, the agent's lock still held.
+_FAULT_AGENT_REGISTERED = _native._FAULT_POINTS.index("agent_registered")
 
 
 class Agent:
@@ -54,11 +75,22 @@ class Agent:
         self.connected = threading.Event()
         self.batches = 0
         self._rejected = False
+        # Set once by stop() (interpreter exit): the thread ends and no new
+        # one starts.  _current is the connection the thread is using,
+        # welcomed or not, so that stop() can shut it down.
+        self._stopping = False
+        self._current: protocol.Connection | None = None
 
     # -- called by regions (any thread) -------------------------------------
 
     def region_event(self, region: Any, event: str, *args: Any) -> None:
-        with self.lock:
+        # During finalization (a Region freed at module teardown) the lock
+        # may be held by a daemon thread that will never run again: then the
+        # coordinator is not told (the process is exiting: it learns that
+        # from the connection and the pidfd).
+        if not _region.acquire_unless_finalizing(self.lock):
+            return
+        try:
             if event == "advise":
                 self._advise(region, *args)
             elif event == "close":
@@ -66,14 +98,20 @@ class Agent:
                 if self.conn is not None and region.id in self.registered:
                     self.registered.discard(region.id)
                     self._send({"t": "unregister", "rid": region.id})
+        finally:
+            self.lock.release()
         if event == "advise" and not args[2]:
             # advise(UNMERGEABLE) has dropped the advice and told the
             # coordinator; break the range now, under the op lock, so that a
             # merge in flight finishes first and every later one sees the new
             # advice (_merge_advised).  Region.advise's own sweep then finds
             # nothing left to break.
-            with region._op_lock:
+            if not _region.acquire_unless_finalizing(region._op_lock):
+                return
+            try:
                 region.break_range(args[0], args[1])
+            finally:
+                region._op_lock.release()
 
     def _advise(self, region: Any, first: int, n: int, mergeable: bool) -> None:
         if not mergeable and region.id not in self.registered:
@@ -110,15 +148,37 @@ class Agent:
                         "mergeable": True})
 
     def _ensure_thread(self) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._stopping:
             self._thread = threading.Thread(target=self._run, name="shmdedup-agent", daemon=True)
             self._thread.start()
+
+    def stop(self, timeout: float = EXIT_JOIN_TIMEOUT) -> bool:
+        """End the thread for good (interpreter exit); True if it has ended.
+
+        Takes no lock: a daemon thread may hold ``self.lock`` while blocked
+        in a send to a stalled coordinator, and shutting the connection down
+        is what wakes it.  Regions keep working without the agent (advice is
+        recorded, copy-on-write is local); nothing merges any more.
+        """
+        self._stopping = True
+        self._wake.set()
+        conn = self._current   # read after _stopping is set: see _run
+        if conn is not None:
+            conn.shutdown()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.debug("agent still busy after %.1f s at exit; leaving it to the exit", timeout)
+            return False
+        return True
 
     # -- the thread ----------------------------------------------------------
 
     def _run(self) -> None:
         backoff = BACKOFF_MIN
-        while True:
+        while not self._stopping:
             if not self._has_regions():
                 # Nothing advised (any more): do not connect, so a process
                 # that is done with its regions neither takes a connection
@@ -136,18 +196,26 @@ class Agent:
                 self._wake.clear()
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
+            # Published before _stopping is read: stop() either sees this
+            # connection (and shuts it down) or is seen here.
+            self._current = conn
             try:
+                if self._stopping:
+                    return
                 self._session(conn, path)
-            except PeerRejectedError as e:
-                # Refused at the door: say so once, keep retrying quietly.
-                (log.debug if self._rejected else log.warning)("%s", e)
-                self._rejected = True
-            except (OSError, ProtocolError, TimeoutError, ValueError) as e:
-                log.info("coordinator connection ended: %s", e)
-            except Exception:
-                # Never let the thread die: a worker without its agent would
-                # silently stop merging for good.  Reconnect instead.
-                log.exception("agent session failed; reconnecting")
+            except Exception as e:
+                if self._stopping:
+                    pass  # stop() shut the connection down: nothing to report
+                elif isinstance(e, PeerRejectedError):
+                    # Refused at the door: say so once, keep retrying quietly.
+                    (log.debug if self._rejected else log.warning)("%s", e)
+                    self._rejected = True
+                elif isinstance(e, (OSError, ProtocolError, TimeoutError, ValueError)):
+                    log.info("coordinator connection ended: %s", e)
+                else:
+                    # Never let the thread die: a worker without its agent would
+                    # silently stop merging for good.  Reconnect instead.
+                    log.exception("agent session failed; reconnecting")
             finally:
                 with self.lock:
                     # A coordinator that welcomed us and then went away is
@@ -157,6 +225,7 @@ class Agent:
                     self.conn = None
                     self.registered.clear()
                     self.connected.clear()
+                self._current = None
                 conn.close()
                 if self.view is not None:
                     self.view.close()
@@ -192,6 +261,7 @@ class Agent:
             for region in list(self.regions.values()):
                 if not region.closed:
                     self._register(region)
+            _native._fault_point(_FAULT_AGENT_REGISTERED)
             self.connected.set()
         while True:
             got = conn.recv()
@@ -321,13 +391,27 @@ def enable_process_merging(enabled: bool = True) -> None:
     get_agent().process_merging = enabled
 
 
+def _stop_at_exit() -> None:
+    # Registered with atexit: runs after the non-daemon threads are joined
+    # (they may still be using the agent) and before finalization (see the
+    # module docstring).  A forked child inherits the registration and stops
+    # its own agent.
+    agent = _agent
+    if agent is not None and agent.pid == os.getpid():
+        agent.stop()
+
+
 def _after_fork_in_child() -> None:
     # The parent's agent (its thread, its connection) does not exist here;
-    # a fresh one serves the regions this child creates.
-    global _agent
+    # a fresh one serves the regions this child creates.  _agent_lock may
+    # have been held by a parent thread at the fork: it would never be
+    # released here.
+    global _agent, _agent_lock
+    _agent_lock = threading.Lock()
     _agent = Agent()
     _region._listener = _agent
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_stop_at_exit)
 get_agent()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import threading
 import warnings
 from typing import Any
@@ -43,6 +44,19 @@ _ids = itertools.count(1)
 # Set by the agent module: called with (region, event, *args) so regions do not
 # import the agent (and work without any coordinator at all).
 _listener: Any = None
+
+
+def acquire_unless_finalizing(lock: Any) -> bool:
+    """Take ``lock``, waiting as long as it takes, except during interpreter
+    finalization: then only if it is free, and False if not.
+
+    Once the interpreter finalizes, CPython ends (up to 3.13) or blocks (3.14+)
+    every daemon thread that wants the GIL back, holding whatever locks it
+    had; a finalizer that waits for one of them (a Region freed at module
+    teardown closing itself) hangs the exit.  A library must never do that:
+    the caller skips what it cannot do, and the exit releases the rest.
+    """
+    return bool(lock.acquire(blocking=not sys.is_finalizing()))
 
 
 def _check_int(name: str, value: object, minimum: int = 0) -> int:
@@ -320,8 +334,14 @@ class Region(_native.Mapping):
             super().close()  # raises BufferError with the count
         if _listener is not None:
             _listener.region_event(self, "close")
-        with self._op_lock:
+        if not acquire_unless_finalizing(self._op_lock):
+            # Finalizing, with a merge or break of this region frozen in a
+            # daemon thread: leave the mapping to the exit.
+            return
+        try:
             super().close()
+        finally:
+            self._op_lock.release()
         self._close_fds()
 
     def _close_fds(self) -> None:

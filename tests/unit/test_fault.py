@@ -20,7 +20,7 @@ import pytest
 
 from shmdedup import _native, _shm
 from shmdedup.coordinator.scan.stable import StableSegment
-from tests.helpers import Worker, no_shm_leftovers, reaper  # noqa: F401
+from tests.helpers import Worker, no_shm_leftovers, reaper, wait_for  # noqa: F401
 
 P = _native.PAGE_SIZE
 NPAGES = 8
@@ -126,10 +126,11 @@ def scene():
 
 def test_fault_points_are_named() -> None:
     assert _native._FAULT_POINTS == ("none", "merge_protected", "merge_mapped", "merge_punched",
-                                     "break_copied", "break_mapped", "agent_merged")
+                                     "break_copied", "break_mapped", "agent_merged",
+                                     "agent_registered")
 
 
-@pytest.mark.parametrize("bad, exc", [("nowhere", ValueError), (7, ValueError), (-1, ValueError),
+@pytest.mark.parametrize("bad, exc", [("nowhere", ValueError), (8, ValueError), (-1, ValueError),
                                       (2**70, ValueError), (True, TypeError), (1.0, TypeError),
                                       (b"merge_mapped", TypeError)])
 def test_arm_fault_rejects_bad_points(bad: object, exc: type) -> None:
@@ -140,6 +141,8 @@ def test_arm_fault_rejects_bad_points(bad: object, exc: type) -> None:
 def test_arm_fault_rejects_bad_countdowns_and_disarms() -> None:
     with pytest.raises(ValueError, match="countdown"):
         _native._test_arm_fault("merge_mapped", -1)
+    with pytest.raises(TypeError):
+        _native._test_arm_fault("merge_mapped", 0, True, 1)
     with pytest.raises(TypeError):
         _native._test_arm_fault("merge_mapped", "1")
     for off in (None, "none", 0):
@@ -215,6 +218,42 @@ def test_killed_mid_explicit_unmerge(scene: Scene) -> None:
     B, V = _native.BREAKING, _native.PRIVATE
     assert scene.states() == bytes([V, V, V, V, B, B, B, B])
     scene.check_survivor()
+
+
+def test_held_thread_stops_at_its_point_and_the_rest_runs_on(scene: Scene) -> None:
+    """hold=True: the thread that reaches the point stays there (here a
+    daemon thread breaking the run [4, 8) with the GIL released), while the
+    process keeps serving and still exits when asked (tests/exit holds merges
+    and breaks this way).  A break in the trap would hold the GIL too: a
+    Python write faults with it held."""
+    for w in (scene.survivor, scene.victim):
+        assert scene.merge(w) == b"\x01" * NPAGES
+    scene.victim.call("r.break_range(3, 1)")
+    scene.victim.call("import threading; _native._test_arm_fault('break_copied', 1, True); "
+                      "t = threading.Thread(target=r.break_range, args=(0, r.npages), daemon=True); t.start()")
+    B, V = _native.BREAKING, _native.PRIVATE
+    wait_for(lambda: scene.victim.call("result = _native._test_fault_held()") == 1, 30,
+             "the break of [4, 8) to be held")
+    assert scene.states() == bytes([V] * 4 + [B] * 4)
+    # The main thread runs on: it writes and reads the pages broken before the hold.
+    assert scene.victim.call("a[0] ^= 1; a[0] ^= 1; "
+                             "result = (bytes(a[:4 * P]) == bytes(content(1, 8)[:4 * P]), t.is_alive())") \
+        == (True, True)
+    assert scene.states() == bytes([V] * 4 + [B] * 4)
+    assert scene.victim.close() == 0
+    scene.check_survivor()
+
+
+def test_held_python_point_releases_the_gil() -> None:
+    w = Worker(setup="from shmdedup import _native; AGENT = _native._FAULT_POINTS.index('agent_merged')")
+    try:
+        w.call("import threading; _native._test_arm_fault('agent_merged', 0, True); "
+               "t = threading.Thread(target=_native._fault_point, args=(AGENT,), daemon=True); t.start()")
+        wait_for(lambda: w.call("result = _native._test_fault_held()") == 1, 30, "the thread to be held")
+        assert w.call("t.join(0.2); result = t.is_alive()") is True
+        assert w.close() == 0
+    finally:
+        w.close()
 
 
 def test_disarmed_points_cost_nothing_visible(scene: Scene) -> None:
