@@ -301,6 +301,26 @@ def get_agent() -> Agent:
         return _agent
 
 
+def wait_advice_sent(socket_path: str, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until this process's agent has sent the
+    coordinator at ``socket_path`` every region it advised, so that a wait
+    for full scans started next counts scans that see them (the coordinator
+    reads everything a connection has queued before its next batch).  Returns
+    at once if the agent uses another coordinator or has nothing to send."""
+    a = _agent
+    if a is None or a.pid != os.getpid() or not a._has_regions():
+        return
+    try:
+        if not os.path.samefile(resolve_socket_path(a.socket_path), socket_path):
+            return
+    except (OSError, ValueError):
+        return
+    # Registration and advice are sent under the agent's lock as soon as it
+    # is connected (_session, _advise): connected means sent.
+    a._wake.set()
+    a.connected.wait(timeout)
+
+
 def reconnect_soon() -> None:
     """Make the agent try its coordinator now (after one was started)."""
     get_agent()._wake.set()
