@@ -497,6 +497,10 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         if start + n > reg.npages:
             raise ProtocolError(f"advise [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
         reg.advice[start:start + n] = msg["mergeable"]
+        if not msg["mergeable"]:
+            # The worker breaks the range's merged pages (and says so again
+            # when done): reconcile, even if nothing is advised any more.
+            self.scanner.settle()
         self._next_batch = min(self._next_batch, time.monotonic())
 
     def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:

@@ -72,8 +72,17 @@ class Agent:
             # merge in flight finishes first and every later one sees the new
             # advice (_merge_advised).  Region.advise's own sweep then finds
             # nothing left to break.
-            with region._op_lock:
-                region.break_range(args[0], args[1])
+            try:
+                with region._op_lock:
+                    region.break_range(args[0], args[1])
+            finally:
+                # Tell it again, now that the pages are broken (as far as it
+                # went): it reconciles their slots and counters at once, even
+                # with nothing advised any more.
+                with self.lock:
+                    if self.conn is not None and region.id in self.registered:
+                        self._send({"t": "advise", "rid": region.id, "start": args[0],
+                                    "npages": args[1], "mergeable": False})
 
     def _advise(self, region: Any, first: int, n: int, mergeable: bool) -> None:
         if not mergeable and region.id not in self.registered:
