@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from shmdedup import _native, protocol
 from shmdedup.worker import region as _region
 from shmdedup.paths import resolve_socket_path
-from shmdedup.errors import PeerRejectedError, ProtocolError
+from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError
 
 log = logging.getLogger("shmdedup.agent")
 
@@ -48,7 +49,7 @@ class Agent:
         self.conn: protocol.Connection | None = None
         self.view: Any = None
         self.socket_path: str | None = None
-        self.process_merging = False
+        self.process_merging = _process_merging_from_env()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self.connected = threading.Event()
@@ -344,17 +345,79 @@ def set_socket(path: str | None) -> None:
     a._wake.set()
 
 
+# Process-wide merging (PR_SET_MEMORY_MERGE) survives exec through the
+# environment: a Python child reads it when it imports shmdedup.
+ENV_PROCESS_MERGING = "SHMDEDUP_PROCESS_MERGING"
+_merge_any_lock = threading.Lock()
+
+
+def _process_merging_from_env() -> bool:
+    value = os.environ.get(ENV_PROCESS_MERGING, "")
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    warnings.warn(f"${ENV_PROCESS_MERGING}={value!r} ignored: it must be 0 or 1",
+                  RuntimeWarning, stacklevel=2)
+    return False
+
+
 def enable_process_merging(enabled: bool = True) -> None:
-    """Like prctl(PR_SET_MEMORY_MERGE): every region this process allocates
-    from now on is advised mergeable."""
-    get_agent().process_merging = enabled
+    """Process-wide merging, like ``prctl(PR_SET_MEMORY_MERGE, enabled)``.
+
+    On: every region of this process is advised mergeable, the existing ones
+    now and each new one when it is allocated (``Region(mergeable=False)``
+    opts one out).  Off: every region of this process is unadvised and its
+    merged pages are broken back to private copies, as advise(UNMERGEABLE)
+    does; if that fails (OSError: no memory for the copies), the regions are
+    advised again, merging stays on, and the error propagates.  Switching it
+    to what it already is does nothing.
+
+    The setting survives ``fork()`` (the child's new regions follow it; the
+    parent's regions are not inherited) and ``exec`` of a Python program that
+    imports shmdedup (it travels in ``$SHMDEDUP_PROCESS_MERGING``).
+    """
+    if not isinstance(enabled, (bool, int)) or enabled not in (0, 1):
+        raise ArgumentError(f"enabled must be True or False, got {enabled!r}")
+    enabled = bool(enabled)
+    a = get_agent()
+    with _merge_any_lock:
+        if a.process_merging == enabled:
+            return
+        # The flag first: a region allocated meanwhile in another thread
+        # either sees it or is in the list below.
+        a.process_merging = enabled
+        regions = [r for r in list(_region._all.values()) if not r.closed]
+        if enabled:
+            os.environ[ENV_PROCESS_MERGING] = "1"
+            for r in regions:
+                r.advise(_region.MERGEABLE)
+            return
+        try:
+            for r in regions:
+                if not r.closed:
+                    r.advise(_region.UNMERGEABLE)
+        except BaseException:
+            a.process_merging = True
+            for r in regions:
+                if not r.closed:
+                    r.advise(_region.MERGEABLE)
+            raise
+        os.environ.pop(ENV_PROCESS_MERGING, None)
+
+
+def process_merging() -> bool:
+    """Whether process-wide merging is on, like ``prctl(PR_GET_MEMORY_MERGE)``."""
+    return get_agent().process_merging
 
 
 def _after_fork_in_child() -> None:
     # The parent's agent (its thread, its connection) does not exist here;
     # a fresh one serves the regions this child creates.
     global _agent
+    merging = _agent.process_merging if _agent is not None else False
     _agent = Agent()
+    _agent.process_merging = merging     # PR_SET_MEMORY_MERGE survives fork
     _region._listener = _agent
 
 
