@@ -94,7 +94,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.peers: dict[int, Peer] = {}
         self._req = itertools.count(1)
         self._last_req = 0                   # id of the last request sent to a worker
-        self._waiters: list[list] = []       # see requests.py
+        self._waiters: list[list] = []       # see inflight.py
         self._resume: list[Peer] = []        # clients whose held requests can go on
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []

@@ -10,7 +10,7 @@ and ``_start_run2`` (``inflight.py``).
   explicit ``pages_to_scan`` turns the scan-time advisor off, and ``run``
   cannot change while a run=2 unmerge is in progress.
 * Every client request gets exactly one reply, in order: a ``set`` is
-  answered at once, except run=2, which ``requests.py`` answers when the
+  answered at once, except run=2, which ``inflight.py`` answers when the
   unmerge ends.
 * Only the coordinator's own uid may set controls; allow-listed uids may
   merge and read statistics, and see only their own uid's workers in them,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from shmdedup import _native
-from shmdedup.indexes import StableIndex
+from shmdedup.coordinator.scan.indexes import StableIndex
 
 P = _native.PAGE_SIZE
 
