@@ -238,7 +238,7 @@ def wait_merged(coord: Any, pids: list[int], want: dict[int, int], timeout: floa
             break
         if time.monotonic() - t0 > timeout:
             raise TimeoutError(f"pages merged per worker {got}, want {want}, after {timeout} s")
-        time.sleep(0.05)
+        coord.wait_full_scans(1, timeout=timeout)   # a full scan and the merges it asked for
     coord.wait_full_scans(1, timeout=timeout)
     return coord.stats()
 

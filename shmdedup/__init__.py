@@ -24,7 +24,7 @@ from shmdedup.errors import (  # noqa: E402
 from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, cow_fault_around  # noqa: E402
 from shmdedup.tools.client import Client  # noqa: E402
 from shmdedup.tools.embedded import Coordinator  # noqa: E402
-from shmdedup.worker.agent import enable_process_merging, set_socket  # noqa: E402
+from shmdedup.worker.agent import enable_process_merging, process_merging, set_socket  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,5 +45,6 @@ __all__ = [
     "UNMERGEABLE",
     "cow_fault_around",
     "enable_process_merging",
+    "process_merging",
     "set_socket",
 ]

@@ -15,9 +15,15 @@ state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
 * A ``merged`` reply that does not match its request frees what the request
   held and marks its pages volatile, so they are visited again; slots are
   freed only through the scanner, at zero sharers (DESIGN invariant 6).
-* Waits: a client's ``wait`` for ``full_scans`` is answered when a full scan
-  ends, or with an error at its deadline (at most ``MAX_WAITS_PER_CLIENT``
-  outstanding per client).
+* Waits: a client's ``wait`` for ``full_scans`` is answered once that many
+  full scans have ended *and* every merge and unmerge request sent up to the
+  end of the last of them has been answered (or its worker is gone), so the
+  statistics read after a wait count the merges those scans asked for.  It is
+  answered with an error at its deadline.
+* A client gets exactly one reply per request, in order: while a wait or a
+  run=2 of it is outstanding, the coordinator holds its later requests
+  (``CoordinatorServer._hold``, at most ``MAX_QUEUED_REQUESTS``) until that
+  reply is sent.
 * run=2 (seed semantics): unmerge every merged page and keep the advice;
   merges still in flight are unmerged when they land.  It ends when no
   unmerge or merge is outstanding; a failed unmerge leaves run at 0 and
@@ -41,7 +47,6 @@ from shmdedup.coordinator.scan.scanner import Scanner, _coalesce
 log = logging.getLogger("shmdedup.coordinator")
 
 MAX_PAGES_PER_REQUEST = 65536
-MAX_WAITS_PER_CLIENT = 64
 REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
 
 
@@ -53,8 +58,9 @@ class RequestsMixin:
     scanner: Scanner
     peers: dict[int, Peer]
     last_error: str
-    _waiters: list[tuple[Peer, int, float]]
+    _waiters: list[list]            # [peer, target full_scans, deadline, barrier or None]
     _run2: dict[str, Any] | None
+    _last_req: int                  # the id of the last request sent to a worker
 
     # -- replies from workers --------------------------------------------
 
@@ -95,30 +101,46 @@ class RequestsMixin:
     # -- waits for full_scans ---------------------------------------------
 
     def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
-        if sum(w[0] is peer for w in self._waiters) >= MAX_WAITS_PER_CLIENT:
-            raise ProtocolError(f"more than {MAX_WAITS_PER_CLIENT} waits outstanding")
-        if self.scanner.full_scans >= msg["full_scans"]:
-            self._reply(peer, True, self.scanner.full_scans)
-        else:
-            self._waiters.append((peer, msg["full_scans"], time.monotonic() + msg["timeout"]))
+        self._waiters.append([peer, msg["full_scans"], time.monotonic() + msg["timeout"], None])
+        self._hold(peer)
+        self._settle_waiters()
 
-    def _wake_waiters(self) -> None:
+    def _oldest_request(self) -> float:
+        """The id of the oldest request still unanswered (inf: none)."""
+        return min((req for p in self.peers.values() for req in p.requests), default=float("inf"))
+
+    def _settle_waiters(self) -> None:
+        """Answer the waits that are done: their full scans ended, and every
+        request sent up to the end of the last one (the *barrier*) is answered."""
+        if not self._waiters:
+            return
+        oldest = self._oldest_request()
         keep = []
-        for peer, target, deadline in self._waiters:
-            if self.scanner.full_scans >= target:
+        for w in self._waiters:
+            peer, target, _, barrier = w
+            if barrier is None and self.scanner.full_scans >= target:
+                # The scan's merges were sent at the end of its batch: all of
+                # them have ids up to here.
+                w[3] = barrier = self._last_req
+            if barrier is not None and oldest > barrier:
                 self._reply(peer, True, self.scanner.full_scans)
+                self._unhold(peer)
             else:
-                keep.append((peer, target, deadline))
+                keep.append(w)
         self._waiters = keep
 
     def _expire(self, now: float) -> None:
         keep = []
-        for peer, target, deadline in self._waiters:
+        for w in self._waiters:
+            peer, target, deadline, barrier = w
             if now >= deadline:
-                self._reply(peer, False, self.scanner.full_scans,
-                            f"timed out waiting for full_scans {target} (now {self.scanner.full_scans})")
+                why = (f"full_scans {target} reached, but requests sent in those scans are "
+                       f"still unanswered" if barrier is not None else
+                       f"timed out waiting for full_scans {target} (now {self.scanner.full_scans})")
+                self._reply(peer, False, self.scanner.full_scans, why)
+                self._unhold(peer)
             else:
-                keep.append((peer, target, deadline))
+                keep.append(w)
         self._waiters = keep
         for peer in list(self.peers.values()):
             if any(now >= d for _, _, d in peer.requests.values()):
@@ -141,7 +163,7 @@ class RequestsMixin:
                 m = MAX_PAGES_PER_REQUEST
                 runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
                 continue
-            req = next(self._req)
+            req = self._last_req = next(self._req)
             rows = np.array([(reg.rid, first, n, slot if kind == "merge" else 0)
                              for reg, first, n, slot in chunk], dtype="<i8")
             peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
@@ -187,4 +209,5 @@ class RequestsMixin:
                 self._reply(r["client"], True, {"run": self.controls["run"]})
             else:
                 self._reply(r["client"], False, None, r["error"])
+            self._unhold(r["client"])
 

@@ -29,6 +29,8 @@ class Peer:
     bucket: TokenBucket | None = None
     refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
     pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
+    held: bool = False           # a client request awaits its reply (a wait, a run=2)
+    queued: list = field(default_factory=list)  # (msg, fds) sent behind it, handled after it
 
 
 @dataclass(eq=False)

@@ -55,6 +55,7 @@ from shmdedup.coordinator.surface import ControlsMixin
 log = logging.getLogger("shmdedup.coordinator")
 
 SEND_TIMEOUT = 5.0
+MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 
@@ -92,7 +93,9 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self._apply_scanner_controls()
         self.peers: dict[int, Peer] = {}
         self._req = itertools.count(1)
-        self._waiters: list[tuple[Peer, int, float]] = []
+        self._last_req = 0                   # id of the last request sent to a worker
+        self._waiters: list[list] = []       # see inflight.py
+        self._resume: list[Peer] = []        # clients whose held requests can go on
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []
         self.ghosts: dict[int, Ghost] = {}   # by pidfd
@@ -162,7 +165,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         timeout: float | None = None
         if self._scanning():
             timeout = max(0.0, self._next_batch - now)
-        deadlines = [d for _, _, d in self._waiters]
+        deadlines = [w[2] for w in self._waiters]
         deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
         if deadlines:
             t = max(0.0, min(deadlines) - now)
@@ -191,9 +194,10 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             self._flush_drops()
             self._next_batch = time.monotonic() + self.controls["sleep_millisecs"] / 1000
             if self.scanner.full_scans != before:
-                self._wake_waiters()
                 self._full_scan_done()
+        self._settle_waiters()
         self._expire(now)
+        self._resume_held()
         if self.metrics is not None:
             self.metrics.tick(self.stats)
 
@@ -247,24 +251,48 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.sel.register(conn.fileno(), selectors.EVENT_READ, peer)
 
     def _readable(self, peer: Peer) -> None:
-        if peer.conn.closed:
-            return
+        """Take every message queued on this connection, in order.
+
+        Draining the whole queue (not one message per wakeup) means that what
+        a worker sent before a client's ``wait`` is settled before the next
+        batch runs, so the scans that wait counts see that advice.  A client
+        whose request awaits its reply is *held* (``_hold``): what it sends
+        meanwhile is queued, and handled in order once that reply is sent."""
+        while not peer.conn.closed and all(p is not peer for p, _ in self._drop):
+            got = self._read_one(peer)
+            if got is None:
+                return
+            msg, fds = got
+            if peer.held:
+                if len(peer.queued) >= MAX_QUEUED_REQUESTS:
+                    for fd in fds:
+                        _close_quietly(fd)
+                    self._schedule_drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
+                                              f"outstanding (behind a wait or run=2)")
+                    return
+                peer.queued.append((msg, fds))
+            else:
+                self._handle(peer, msg, fds)
+
+    def _read_one(self, peer: Peer) -> tuple[dict, list[int]] | None:
+        """One message off the connection, or None (nothing queued, or the
+        connection is being dropped: the reason is scheduled)."""
         try:
             got = peer.conn.recv(timeout=0)
         except TimeoutError:
-            return
+            return None
         except ProtocolError as e:
             self._schedule_drop(peer, f"bad message: {e}")
-            return
+            return None
         except ConnectionResetError:
             self._schedule_drop(peer, "")  # a worker exiting with a message unread
-            return
+            return None
         except OSError as e:
             self._schedule_drop(peer, f"receive failed: {e}")
-            return
+            return None
         if got is None:
             self._schedule_drop(peer, "")
-            return
+            return None
         msg, fds = got
         if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
                                                 self.controls["max_msgs_burst"]):
@@ -272,7 +300,10 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
                 _close_quietly(fd)
             self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
                                       f"(burst {self.controls['max_msgs_burst']})")
-            return
+            return None
+        return msg, fds
+
+    def _handle(self, peer: Peer, msg: dict, fds: list[int]) -> None:
         try:
             self._dispatch(peer, msg, fds)
         except (ProtocolError, ValueError, OSError, MemoryError) as e:
@@ -285,6 +316,29 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             for fd in fds:
                 _close_quietly(fd)
             self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
+
+    def _hold(self, peer: Peer) -> None:
+        """A request of this client is answered later (a wait, a run=2):
+        queue what it sends meanwhile, so its replies stay in order."""
+        peer.held = True
+
+    def _unhold(self, peer: Peer) -> None:
+        """The held request is answered: its queued requests are handled
+        next (by ``_resume_held``, from the loop, never from inside the code
+        that sent the reply)."""
+        if peer.held:
+            peer.held = False
+            if peer.queued:
+                self._resume.append(peer)
+
+    def _resume_held(self) -> None:
+        while self._resume:
+            peer = self._resume.pop(0)
+            while peer.queued and not peer.held and not peer.conn.closed \
+                    and all(p is not peer for p, _ in self._drop):
+                msg, fds = peer.queued.pop(0)
+                self._handle(peer, msg, fds)
+            self._flush_drops()
 
     def _schedule_drop(self, peer: Peer, why: str) -> None:
         if all(p is not peer for p, _ in self._drop):
@@ -311,6 +365,10 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             pass
         del self.peers[fd]
         peer.conn.close()
+        for _, fds in peer.queued:
+            for qfd in fds:
+                _close_quietly(qfd)
+        peer.queued.clear()
         merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
         if self._run2 is not None:
             self._run2["reqs"].difference_update(peer.requests)
@@ -439,6 +497,10 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         if start + n > reg.npages:
             raise ProtocolError(f"advise [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
         reg.advice[start:start + n] = msg["mergeable"]
+        if not msg["mergeable"]:
+            # The worker breaks the range's merged pages (and says so again
+            # when done): reconcile, even if nothing is advised any more.
+            self.scanner.settle()
         self._next_batch = min(self._next_batch, time.monotonic())
 
     def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:

@@ -9,6 +9,9 @@ and ``_start_run2`` (``inflight.py``).
   ``set_control`` applies one and passes the scanner's share on to it.  An
   explicit ``pages_to_scan`` turns the scan-time advisor off, and ``run``
   cannot change while a run=2 unmerge is in progress.
+* Every client request gets exactly one reply, in order: a ``set`` is
+  answered at once, except run=2, which ``inflight.py`` answers when the
+  unmerge ends.
 * Only the coordinator's own uid may set controls; allow-listed uids may
   merge and read statistics, and see only their own uid's workers in them,
   as ``/proc/<pid>/ksm_stat`` shows only one's own processes.
@@ -58,12 +61,16 @@ class ControlsMixin:
                                            f"(only uid {os.getuid()})")
             return
         try:
-            self.set_control(msg["name"], msg["value"], client=peer)
+            deferred = self.set_control(msg["name"], msg["value"], client=peer)
         except ControlError as e:
             self._reply(peer, False, None, str(e))
             return
-        if not (msg["name"] == "run" and msg["value"] == 2 and self._run2 is not None):
+        # Exactly one reply per request: a run=2 answers when its unmerge ends
+        # (perhaps already, inside set_control, when nothing was merged).
+        if not deferred:
             self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
+        elif self._run2 is not None:
+            self._hold(peer)      # answered (and released) by _check_run2
 
     # -- controls ----------------------------------------------------------
 
@@ -75,7 +82,10 @@ class ControlsMixin:
         self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
         self.scanner.budget.max_mappings = self.controls["max_mappings"]
 
-    def set_control(self, name: str, value: int, client: Peer | None = None) -> None:
+    def set_control(self, name: str, value: int, client: Peer | None = None) -> bool:
+        """Apply a control.  Returns True when it started a run=2 unmerge,
+        which then owns the reply to ``client`` (``_check_run2`` sends it when
+        the unmerge ends, which may be before this returns)."""
         value = check_control(name, value)
         if name == "run" and self._run2 is not None:
             raise ControlError("run: an unmerge (run=2) is still in progress")
@@ -84,9 +94,11 @@ class ControlsMixin:
         if name == "pages_to_scan":
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self._apply_scanner_controls()
+        self._next_batch = time.monotonic()
         if name == "run" and value == 2 and old != 2:
             self._start_run2(client)
-        self._next_batch = time.monotonic()
+            return True
+        return False
 
     # -- statistics --------------------------------------------------------
 

@@ -67,7 +67,17 @@ class Client:
         self._call({"t": "set", "name": name, "value": value}, timeout=max(self.timeout, 600))
 
     def wait_full_scans(self, n: int = 1, timeout: float = 60.0) -> int:
-        """Wait until full_scans has advanced by n from now; returns it."""
+        """Wait until full_scans has advanced by n from now, and every merge
+        and unmerge those scans asked workers for has been answered, so that
+        ``stats()`` right after counts them; returns full_scans.
+
+        Regions this process advised count: the wait starts once its agent
+        has sent them to this coordinator (at most ``timeout`` for that too).
+        A page merges at its second visit (the two-visit rule), so 2 full
+        scans after advising merge what is there to merge.
+        """
+        from shmdedup.worker import agent
+        agent.wait_advice_sent(self.socket_path, min(timeout, 10.0))
         target = self.stats()["full_scans"] + n
         return self._call({"t": "wait", "full_scans": target, "timeout": timeout},
                           timeout=timeout + 5)

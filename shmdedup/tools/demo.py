@@ -120,7 +120,8 @@ def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: fl
                     pct = 100 * stats["pages_sharing"] / max(expect_sharing, 1)
                     print(f"\r  merging: {stats['pages_sharing']:>8} / {expect_sharing} pages sharing "
                           f"({pct:5.1f}%), full_scans {stats['full_scans']}", end="", flush=True)
-                time.sleep(0.1)
+                # A full scan, and the merges it asked for: progress that has landed.
+                coord.wait_full_scans(1, timeout=timeout)
                 stats = coord.stats()
             took = time.monotonic() - t0
             coord.wait_full_scans(2, timeout=timeout)

@@ -35,6 +35,7 @@ import atexit
 import logging
 import os
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -43,7 +44,7 @@ import numpy as np
 from shmdedup import _native, protocol
 from shmdedup.worker import region as _region
 from shmdedup.paths import resolve_socket_path
-from shmdedup.errors import PeerRejectedError, ProtocolError
+from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError
 
 log = logging.getLogger("shmdedup.agent")
 
@@ -69,7 +70,7 @@ class Agent:
         self.conn: protocol.Connection | None = None
         self.view: Any = None
         self.socket_path: str | None = None
-        self.process_merging = False
+        self.process_merging = _process_merging_from_env()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self.connected = threading.Event()
@@ -112,6 +113,16 @@ class Agent:
                 region.break_range(args[0], args[1])
             finally:
                 region._op_lock.release()
+                # Tell it again, now that the pages are broken (as far as it
+                # went): it reconciles their slots and counters at once, even
+                # with nothing advised any more.
+                if _region.acquire_unless_finalizing(self.lock):
+                    try:
+                        if self.conn is not None and region.id in self.registered:
+                            self._send({"t": "advise", "rid": region.id, "start": args[0],
+                                        "npages": args[1], "mergeable": False})
+                    finally:
+                        self.lock.release()
 
     def _advise(self, region: Any, first: int, n: int, mergeable: bool) -> None:
         if not mergeable and region.id not in self.registered:
@@ -371,6 +382,26 @@ def get_agent() -> Agent:
         return _agent
 
 
+def wait_advice_sent(socket_path: str, timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until this process's agent has sent the
+    coordinator at ``socket_path`` every region it advised, so that a wait
+    for full scans started next counts scans that see them (the coordinator
+    reads everything a connection has queued before its next batch).  Returns
+    at once if the agent uses another coordinator or has nothing to send."""
+    a = _agent
+    if a is None or a.pid != os.getpid() or not a._has_regions():
+        return
+    try:
+        if not os.path.samefile(resolve_socket_path(a.socket_path), socket_path):
+            return
+    except (OSError, ValueError):
+        return
+    # Registration and advice are sent under the agent's lock as soon as it
+    # is connected (_session, _advise): connected means sent.
+    a._wake.set()
+    a.connected.wait(timeout)
+
+
 def reconnect_soon() -> None:
     """Make the agent try its coordinator now (after one was started)."""
     get_agent()._wake.set()
@@ -385,10 +416,70 @@ def set_socket(path: str | None) -> None:
     a._wake.set()
 
 
+# Process-wide merging (PR_SET_MEMORY_MERGE) survives exec through the
+# environment: a Python child reads it when it imports shmdedup.
+ENV_PROCESS_MERGING = "SHMDEDUP_PROCESS_MERGING"
+_merge_any_lock = threading.Lock()
+
+
+def _process_merging_from_env() -> bool:
+    value = os.environ.get(ENV_PROCESS_MERGING, "")
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    warnings.warn(f"${ENV_PROCESS_MERGING}={value!r} ignored: it must be 0 or 1",
+                  RuntimeWarning, stacklevel=2)
+    return False
+
+
 def enable_process_merging(enabled: bool = True) -> None:
-    """Like prctl(PR_SET_MEMORY_MERGE): every region this process allocates
-    from now on is advised mergeable."""
-    get_agent().process_merging = enabled
+    """Process-wide merging, like ``prctl(PR_SET_MEMORY_MERGE, enabled)``.
+
+    On: every region of this process is advised mergeable, the existing ones
+    now and each new one when it is allocated (``Region(mergeable=False)``
+    opts one out).  Off: every region of this process is unadvised and its
+    merged pages are broken back to private copies, as advise(UNMERGEABLE)
+    does; if that fails (OSError: no memory for the copies), the regions are
+    advised again, merging stays on, and the error propagates.  Switching it
+    to what it already is does nothing.
+
+    The setting survives ``fork()`` (the child's new regions follow it; the
+    parent's regions are not inherited) and ``exec`` of a Python program that
+    imports shmdedup (it travels in ``$SHMDEDUP_PROCESS_MERGING``).
+    """
+    if not isinstance(enabled, (bool, int)) or enabled not in (0, 1):
+        raise ArgumentError(f"enabled must be True or False, got {enabled!r}")
+    enabled = bool(enabled)
+    a = get_agent()
+    with _merge_any_lock:
+        if a.process_merging == enabled:
+            return
+        # The flag first: a region allocated meanwhile in another thread
+        # either sees it or is in the list below.
+        a.process_merging = enabled
+        regions = [r for r in list(_region._all.values()) if not r.closed]
+        if enabled:
+            os.environ[ENV_PROCESS_MERGING] = "1"
+            for r in regions:
+                r.advise(_region.MERGEABLE)
+            return
+        try:
+            for r in regions:
+                if not r.closed:
+                    r.advise(_region.UNMERGEABLE)
+        except BaseException:
+            a.process_merging = True
+            for r in regions:
+                if not r.closed:
+                    r.advise(_region.MERGEABLE)
+            raise
+        os.environ.pop(ENV_PROCESS_MERGING, None)
+
+
+def process_merging() -> bool:
+    """Whether process-wide merging is on, like ``prctl(PR_GET_MEMORY_MERGE)``."""
+    return get_agent().process_merging
 
 
 def _stop_at_exit() -> None:
@@ -408,7 +499,9 @@ def _after_fork_in_child() -> None:
     # released here.
     global _agent, _agent_lock
     _agent_lock = threading.Lock()
+    merging = _agent.process_merging if _agent is not None else False
     _agent = Agent()
+    _agent.process_merging = merging     # PR_SET_MEMORY_MERGE survives fork
     _region._listener = _agent
 
 

@@ -29,6 +29,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
 UNMERGEABLE = 13
 
 _ids = itertools.count(1)
+# Every region of this process, open or not (weakly): enable_process_merging()
+# advises or unadvises them all, as PR_SET_MEMORY_MERGE does every VMA.
+_all: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
 # Set by the agent module: called with (region, event, *args) so regions do not
 # import the agent (and work without any coordinator at all).
 _listener: Any = None
@@ -112,7 +116,8 @@ class Region(_native.Mapping):
 
     ``Region(size)`` rounds size up to whole pages.  ``mergeable=True`` advises
     the whole region at once; with process-wide merging switched on
-    (:func:`shmdedup.enable_process_merging`) that is the default.
+    (:func:`shmdedup.enable_process_merging`) that is the default, and
+    ``mergeable=False`` opts this region out.
     """
 
     def __init__(self, size: int, *, mergeable: bool | None = None) -> None:
@@ -142,6 +147,7 @@ class Region(_native.Mapping):
         # Pages pinned private by an I/O in progress (pinned()): never merged.
         self._pins = np.zeros(npages, dtype=np.int32)
         _native.trap_install()
+        _all[self.id] = self
         if mergeable is None:
             mergeable = _listener is not None and _listener.process_merging
         if mergeable:

@@ -174,13 +174,16 @@ class StableIndex:
         self.chain_prev[s] = -1
 
     def chains(self) -> tuple[int, int]:
-        """(chains, dups) as Linux counts them: checksums that have more than
-        one slot, and the slots in those chains."""
+        """(chains, dups) as Linux counts them (``stable_node_chains``,
+        ``stable_node_dups``): checksums that have more than one slot, and
+        every slot in those chains (the newest included: Linux's chain is
+        a list of dups, none of them special).  A chain is linked newest to
+        oldest through ``chain_prev``: its slots are those that point to an
+        older one, plus the oldest, to which the one after it points."""
         older = np.flatnonzero(self.chain_prev >= 0)
         if not len(older):
             return 0, 0
-        heads = self.lookup(self.slot_hash[older])
-        in_chain = _unique(np.concatenate((older, heads[heads >= 0])))
+        in_chain = _unique(np.concatenate((older, self.chain_prev[older])))
         return len(_unique(self.slot_hash[in_chain])), len(in_chain)
 
     def close(self) -> None:

@@ -85,6 +85,9 @@ class Scanner(Matcher):
         self.detached: list[RegionState] = []
         self.cursor = 0          # index into regions
         self.cursor_page = 0
+        # Full scans still owed to reconciliation although nothing may be
+        # advised (see settle()).
+        self.settle_scans = 0
         self.full_scans = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
@@ -129,6 +132,7 @@ class Scanner(Matcher):
         Its unstable entries go stale and are dropped when next looked up."""
         self._unlink(reg)
         self._release(reg)
+        self.settle()
 
     def detach_region(self, reg: RegionState) -> None:
         """Stop scanning a region whose worker disconnected but may still be
@@ -158,6 +162,7 @@ class Scanner(Matcher):
         """The worker of a detached region has exited: release its slots."""
         self.detached.remove(reg)
         self._release(reg)
+        self.settle()
 
     def _unlink(self, reg: RegionState) -> None:
         i = self.regions.index(reg)
@@ -197,14 +202,30 @@ class Scanner(Matcher):
                 self.sidx.free_unused(np.arange(slot, slot + n))
 
     def idle(self) -> bool:
-        """True when there is nothing to scan (ksmd keeps quiet, seed patch 5)."""
-        return not any(r.advice.any() for r in self.regions)
+        """True when there is nothing to scan (ksmd keeps quiet, seed patch 5):
+        nothing advised, and no reconciliation owed (settle())."""
+        return not self.settle_scans and not any(r.advice.any() for r in self.regions)
+
+    def settle(self) -> None:
+        """Pages stopped sharing without a scan to see it: advice dropped (the
+        worker broke its merged pages), a region removed.  Before going idle,
+        walk everything twice more: the first pass drops the broken pages'
+        references and frees slots nobody shares, the second gives the pages
+        left alone on a slot back to their worker (whatever the region's order
+        in the first), so that counters and the stable object are right even
+        when nothing is advised any more (KSM frees a stable page with its
+        last mapping at ksmd's next pass).  Such a pass visits no page."""
+        self.settle_scans = 2
 
     # -- the batch --------------------------------------------------------
 
     def batch(self, budget: int) -> int:
         """Visit up to ``budget`` pages from the cursor; returns pages visited.
         A batch ends at the end of a full scan, like ksmd's."""
+        if not self.regions:        # nothing registered: nothing to settle either
+            self._reconcile_detached()
+            self.settle_scans = 0
+            return 0
         visited = 0
         merges: dict[Any, list] = {}
         unmerges: dict[Any, list] = {}
@@ -280,6 +301,7 @@ class Scanner(Matcher):
 
     def _end_full_scan(self) -> None:
         self._reconcile_detached()
+        self.settle_scans = max(0, self.settle_scans - 1)
         self.full_scans += 1
         self.cursor = 0
         self.cursor_page = 0
