@@ -47,7 +47,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from shmdedup.controls import CONTROLS
 from shmdedup.errors import ArgumentError, Error
-from shmdedup.security import LogLimiter
+from shmdedup.coordinator.security import LogLimiter
 
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy
 SCRAPE_WAIT = 1.0        # how long a scrape waits for the loop to publish
