@@ -396,8 +396,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
 
     def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
         rid, npages = msg["rid"], msg["npages"]
-        if rid in peer.regions or rid in peer.refused:
+        if rid in peer.regions:
             raise ProtocolError(f"region {rid} is already registered")
+        peer.refused.discard(rid)   # a refused region offered again (agent.py retries)
         # The same live process registering the same region again (it
         # reconnected) takes its slot references back from its ghost, and the
         # ghost's descriptors for it are given back at once.
@@ -405,6 +406,8 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         again = None
         if ghost is not None and ghost.uid == peer.uid:
             again = next((g for g in ghost.regions if g.rid == rid and g.npages == npages), None)
+        if self.quotas.fds_full(2):
+            self._evict_silent(peer.uid)   # a connection still without hello needs none
         cap = None
         if len(fds) < 2:
             cap = "the coordinator has no descriptors left for its objects"
