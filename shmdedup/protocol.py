@@ -35,6 +35,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
@@ -64,7 +65,7 @@ _MAX_TEXT = 1000
 _MAX_NAME = 64
 _MAX_TIMEOUT = 86400
 _MAX_DEPTH = 32  # reply data nests a few levels; deeper is hostile, not useful
-_BACKLOG = 64
+_BACKLOG = 1024  # a flood of connects must not leave others EAGAIN (capped by somaxconn)
 _RUNTIME_FALLBACK = "/tmp"  # overridable by tests
 _DOMAIN_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the NUL
@@ -541,7 +542,7 @@ def _is_live(path: str) -> bool:
 
 
 def listen(path: str, mode: int = 0o600) -> socket.socket:
-    """Bind a listening SEQPACKET socket at *path* (mode 0600, backlog 64).
+    """Bind a listening SEQPACKET socket at *path* (mode 0600, backlog 1024).
 
     A stale socket file (nobody accepts on it) is replaced; a live one raises
     OSError(EADDRINUSE). A non-socket file at *path* is never removed. A wider
@@ -587,18 +588,27 @@ _UNAVAILABLE = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.ENOTDIR,
 def connect(path: str, timeout: float | None = 5.0) -> Connection:
     """Connect to the coordinator at *path*.
 
-    Raises CoordinatorUnavailableError when nobody listens there (missing or
-    stale file, full backlog, timeout).
+    A full listen backlog (EAGAIN: the coordinator is busy, or flooded with
+    connections) is retried until *timeout*.  Raises
+    CoordinatorUnavailableError when nobody listens there (missing or stale
+    file, a backlog still full at the timeout, timeout).
     """
-    sock = _new_socket()
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.settimeout(None)
-    except OSError as e:
-        sock.close()
-        if isinstance(e, TimeoutError) or e.errno in _UNAVAILABLE:
-            why = e.strerror or f"connect timed out after {timeout} s"
-            raise CoordinatorUnavailableError(f"no coordinator at {path}: {why}") from None
-        raise
-    return Connection(sock)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        sock = _new_socket()
+        try:
+            sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            sock.connect(path)
+            sock.settimeout(None)
+            return Connection(sock)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EAGAIN and (deadline is None or time.monotonic() + pause < deadline):
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            if isinstance(e, TimeoutError) or e.errno in _UNAVAILABLE:
+                why = e.strerror or f"connect timed out after {timeout} s"
+                raise CoordinatorUnavailableError(f"no coordinator at {path}: {why}") from None
+            raise

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from shmdedup import protocol
 from shmdedup.errors import PeerRejectedError, ProtocolError
-from shmdedup.coordinator.peers import Peer, _open_pidfd
+from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, Quotas
 from shmdedup.coordinator.security import LogLimiter, TokenBucket
 
@@ -48,7 +48,7 @@ log = logging.getLogger("shmdedup.coordinator")
 
 HELLO_TIMEOUT = 5.0             # s from accept to hello
 EVICT_AFTER = 1.0               # s without hello before a newcomer may take the place
-ACCEPT_BATCH = 32               # connections accepted per wakeup
+ACCEPT_BATCH = 64               # connections accepted per wakeup
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 OUTBOX_MAX_MESSAGES = 1024      # per peer: past either, the peer has stopped reading
@@ -92,8 +92,10 @@ class ConnectionsMixin:
                 else:
                     self.warn.warning("accept", "accept failed: %s", e)
                 return
-            self._accept_backoff = ACCEPT_BACKOFF_MIN
             self._admit(sock)
+            if self._accept_paused_until is not None:
+                return
+            self._accept_backoff = ACCEPT_BACKOFF_MIN
 
     def _pause_accept(self, e: OSError) -> None:
         """Out of descriptors (or memory): the listener stays readable, so stop
@@ -102,7 +104,7 @@ class ConnectionsMixin:
         self._accept_backoff = min(delay * 2, ACCEPT_BACKOFF_MAX)
         self._accept_paused_until = time.monotonic() + delay
         self.sel.unregister(self.listener)
-        self.warn.warning("accept", "accept failed: %s; not accepting for %.2f s", e, delay)
+        self.warn.warning("accept", "cannot take connections: %s; not accepting for %.2f s", e, delay)
 
     def _resume_accept(self, now: float) -> None:
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
@@ -134,7 +136,17 @@ class ConnectionsMixin:
             self.warn.warning("rejected", "rejected pid %d uid %d: %s", pid, uid, why)
             conn.close()
             return
-        pidfd = _open_pidfd(pid) if pid > 0 else None
+        try:
+            pidfd = os.pidfd_open(pid) if pid > 0 else None
+        except OSError as e:
+            if e.errno in _SHORTAGE:    # no pidfd, no ghost: refuse rather than admit blind
+                self.warn.warning("rejected", "rejected pid %d uid %d: no descriptor left "
+                                              "for its pidfd", pid, uid)
+                conn.close()
+                if self._accept_paused_until is None:
+                    self._pause_accept(e)
+                return
+            pidfd = None    # gone already (ESRCH), or no pidfd here
         peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]),
                     pidfd=pidfd, accepted_at=time.monotonic(), client_only=client_only)
         self.peers[conn.fileno()] = peer

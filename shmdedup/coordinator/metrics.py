@@ -39,6 +39,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -212,6 +213,12 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
         with self._lock:
             self._active.pop(request, None)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback per failed request: any local user
+        # could fill the log with them.  One line, rate limited.
+        self._warn.warning("request", "metrics: a request from %s failed: %s",
+                           client_address[0], sys.exc_info()[1])
 
     def service_actions(self) -> None:
         """Every poll of serve_forever: end connections past their deadline
