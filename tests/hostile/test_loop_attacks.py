@@ -494,6 +494,30 @@ def test_quota_usage_equals_a_recount_through_ghosts_and_reattachment(domain: Do
     usage(*client)                           # exited: everything given back
 
 
+def test_a_refused_region_merges_once_there_is_room(domain: Domain) -> None:
+    """A refusal is no lockout: the agent offers the region again (1 s, doubling),
+    so once the cap (or the shortage) is gone, the region merges without a
+    reconnect."""
+    domain.client().set("max_regions_per_worker", 1)
+    h = Honest(domain.path)
+    try:
+        wait_for(lambda: h.merged() == NPAGES, 30, what="the first region to merge")
+        h.w.call("""
+            r2 = shmdedup.Region(NPAGES * P)
+            a2 = r2.ndarray(np.uint8)
+            a2[:] = content(NPAGES, 77)
+            r2.advise(shmdedup.MERGEABLE)
+        """)
+        domain.wait_logged("(max_regions_per_worker)")
+        assert h.w.call("result = r2.merged_pages()") == 0
+        domain.client().set("max_regions_per_worker", 2)
+        wait_for(lambda: h.w.call("result = r2.merged_pages()") == NPAGES, 30,
+                 what="the refused region to be offered again and merge")
+        h.w.call("del a2; r2.close()")
+    finally:
+        h.close()
+
+
 def test_hello_deadline_closes_a_silent_owner_connection(domain: Domain) -> None:
     domain.server.hello_timeout = 0.5
     peer = RawPeer(domain.path)
