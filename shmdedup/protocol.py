@@ -427,8 +427,8 @@ class Connection:
             # Room for MAX_FDS was given, fewer came: the kernel could not
             # install them (EMFILE).  Our shortage, not the peer's fault.
             _close_fds(fds)
-            e = DescriptorShortageError(errno.EMFILE, f"descriptors sent with a message were "
-                                                      f"dropped: this process has none left")
+            e = DescriptorShortageError(errno.EMFILE, "descriptors sent with a message were "
+                                                      "dropped: this process has none left")
             e.message = _unpack(data)
             raise e
         if flags & socket.MSG_CTRUNC:

@@ -1,6 +1,6 @@
 """The coordinator's connections: admission, hello deadlines, sends that never block.
 
-``ConnectionsMixin`` is one part of ``CoordinatorServer`` (``coordinator.py``),
+``ConnectionsMixin`` is one part of ``CoordinatorServer`` (``server.py``),
 which inherits it; it runs in the coordinator's single thread and shares its
 state (``peers``, ``sel``, ``listener``, ``controls``, ``quotas``) and its
 ``_drop_peer``.  No peer can stop that thread:

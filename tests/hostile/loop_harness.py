@@ -9,7 +9,8 @@ and an honest worker that measures how long a fresh merge takes.
 * :func:`start_attacker` runs an attack in a child that starts as root, imports
   everything (the interpreter lives under /root, 0700 here), then drops to an unused
   uid.  The attack runs until SIGTERM (``Attacker.finish``) and prints one JSON
-  line with what it saw.
+  line with what it saw.  The attacks of issue 15 are here as code for it
+  (``FD_ATTACK``, ``IDLE_ATTACK``, ``SLOW_READERS``, ``METRICS_ATTACK``, ``CHURN_ATTACK``).
 * :class:`Honest` is a real worker (the library's agent) whose region gets new
   duplicate content each round; ``fresh_merges`` times, inside the worker, how
   long the coordinator takes to merge it (write, then ``merged_pages()`` full).
@@ -26,11 +27,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
-from shmdedup.control import Client
+from shmdedup.tools.client import Client
 from tests.helpers import REPO_ROOT, Worker, child_env, wait_for
 
 ATTACK_UID = 61234           # no such user here; each attacker gets its own offset
@@ -44,7 +44,7 @@ import resource, sys
 soft, hard = map(int, sys.argv[1].split(","))
 if soft:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-from shmdedup.cli import main
+from shmdedup.tools.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -140,7 +140,7 @@ ATTACK_PRELUDE = """
 import array, encodings.idna, errno, json, os, select, signal, socket, sys, threading, time
 import msgpack
 from shmdedup import protocol
-from shmdedup.control import Client
+from shmdedup.tools.client import Client
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SOCKET, UID, ARGS = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 STOP = threading.Event()
@@ -258,15 +258,156 @@ def start_attacker(socket_path: str, uid: int, code: str, **args: Any) -> Attack
     return atk
 
 
+# ---- attacks (code for start_attacker) -------------------------------------------
+
+DRAIN = """
+def drain(s):
+    # Read what the coordinator sent without blocking; False once it closed.
+    while readable(s):
+        try:
+            data = s.recv(protocol.MAX_MESSAGE + 1)
+        except OSError:
+            return False
+        if not data:
+            return False
+        m = msgpack.unpackb(data, raw=False)
+        if m.get("t") == "reply" and not m["ok"]:
+            out["refused"] += 1
+            out["reason"] = m["error"]
+    return True
+"""
+
+# The same pair of objects registered again and again over several connections.
+FD_ATTACK = DRAIN + """
+backing, meta = memfd(PAGE), memfd(PAGE)
+conns, rid = [], 0
+out.update(refused=0, closed=0, connect_errors=0, sent=0)
+while not STOP.is_set():
+    if len(conns) < ARGS["connections"]:
+        try:
+            s = connect()
+        except OSError:
+            out["connect_errors"] += 1
+            STOP.wait(0.05)
+            continue
+        if hello(s):
+            conns.append(s)
+        else:
+            s.close()
+            out["closed"] += 1
+        continue
+    hold = ARGS.get("hold_after_refusals") and out["refused"] >= ARGS["hold_after_refusals"]
+    for s in list(conns):
+        for _ in range(0 if hold else 16):
+            rid += 1
+            if not send(s, {"t": "register", "rid": rid, "npages": 1}, [backing, meta]):
+                break
+            out["sent"] += 1
+        if not drain(s):
+            conns.remove(s)
+            s.close()
+            out["closed"] += 1
+    STOP.wait(0.01)
+"""
+
+# Connections that never say hello; any the coordinator closes are opened again.
+IDLE_ATTACK = """
+socks = []
+out.update(opened=0, closed_by_coordinator=0, connect_errors=0)
+while not STOP.is_set():
+    while len(socks) < ARGS["n"] and not STOP.is_set():
+        try:
+            socks.append(connect())
+            out["opened"] += 1
+        except OSError:
+            out["connect_errors"] += 1
+            break
+    keep = []
+    for s in socks:
+        if closed(s):
+            out["closed_by_coordinator"] += 1
+            s.close()
+        else:
+            keep.append(s)
+    socks = keep
+    STOP.wait(0.05)
+"""
+
+# Clients that keep asking for statistics and never read a reply.
+SLOW_READERS = """
+conns = []
+out.update(sent=0, dropped=0)
+while not STOP.is_set():
+    while len(conns) < ARGS["n"]:
+        s = connect()
+        if not hello(s, "client"):
+            s.close()
+            break
+        s.settimeout(0.2)
+        conns.append(s)
+    for s in list(conns):
+        for _ in range(50):
+            try:
+                s.sendmsg([msgpack.packb({"t": "stats"})], [], socket.MSG_NOSIGNAL)
+                out["sent"] += 1
+            except TimeoutError:
+                break
+            except OSError:
+                conns.remove(s)
+                s.close()
+                out["dropped"] += 1
+                break
+    STOP.wait(0.01)
+"""
+
+# Half-sent HTTP requests to the metrics port, held open; reopened when closed.
+METRICS_ATTACK = """
+socks = []
+out.update(opened=0, closed_by_server=0, connect_errors=0)
+while not STOP.is_set():
+    while len(socks) < ARGS["n"] and not STOP.is_set():
+        try:
+            c = socket.create_connection(("127.0.0.1", ARGS["port"]), timeout=2)
+            c.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n")
+            socks.append(c)
+            out["opened"] += 1
+        except OSError:
+            out["connect_errors"] += 1
+            break
+    keep = []
+    for c in socks:
+        if closed(c):
+            out["closed_by_server"] += 1
+            c.close()
+        else:
+            keep.append(c)
+    socks = keep
+    STOP.wait(0.05)
+"""
+
+# Connect, say hello, leave: as fast as it can.
+CHURN_ATTACK = """
+out.update(cycles=0)
+while not STOP.is_set():
+    try:
+        s = connect()
+        hello(s, "client" if out["cycles"] % 2 else "worker")
+        s.close()
+        out["cycles"] += 1
+    except OSError:
+        STOP.wait(0.01)
+"""
+
+
 # ---- the honest worker ---------------------------------------------------------
 
 HONEST_SETUP = """
 import hashlib, os, time
 import numpy as np
 import shmdedup
-from shmdedup import agent
+from shmdedup.worker import agent
 agent.set_socket(SOCKET)
-P = shmdedup.region.PAGE_SIZE
+P = shmdedup.worker.region.PAGE_SIZE
 
 def content(npages, seed):
     half = np.random.default_rng(seed).integers(0, 256, (npages // 2, P), dtype=np.uint8)

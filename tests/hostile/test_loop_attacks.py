@@ -23,13 +23,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from shmdedup import metrics
-from shmdedup.quotas import recount
-from shmdedup.security import LogLimiter
+from shmdedup.coordinator import metrics
+from shmdedup.coordinator.quotas import recount
+from shmdedup.coordinator.security import LogLimiter
 from tests.helpers import REPO_ROOT, Worker, child_env, no_shm_leftovers, reaper, wait_for  # noqa: F401
 from tests.hostile.loop_harness import (
     ATTACK_UID,
+    CHURN_ATTACK,
+    FD_ATTACK,
+    IDLE_ATTACK,
+    METRICS_ATTACK,
     NPAGES,
+    SLOW_READERS,
     CoordinatorProcess,
     Honest,
     assert_fast,
@@ -41,147 +46,6 @@ pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="attackers switch uid
               pytest.mark.usefixtures("no_shm_leftovers")]
 
 ROUNDS = 100         # fresh merges timed during each attack (p99: the second worst)
-
-# ---- attacks (run as another uid by loop_harness.start_attacker) -------------------
-
-DRAIN = """
-def drain(s):
-    # Read what the coordinator sent without blocking; False once it closed.
-    while readable(s):
-        try:
-            data = s.recv(protocol.MAX_MESSAGE + 1)
-        except OSError:
-            return False
-        if not data:
-            return False
-        m = msgpack.unpackb(data, raw=False)
-        if m.get("t") == "reply" and not m["ok"]:
-            out["refused"] += 1
-            out["reason"] = m["error"]
-    return True
-"""
-
-# The same pair of objects registered again and again over several connections.
-FD_ATTACK = DRAIN + """
-backing, meta = memfd(PAGE), memfd(PAGE)
-conns, rid = [], 0
-out.update(refused=0, closed=0, connect_errors=0, sent=0)
-while not STOP.is_set():
-    if len(conns) < ARGS["connections"]:
-        try:
-            s = connect()
-        except OSError:
-            out["connect_errors"] += 1
-            STOP.wait(0.05)
-            continue
-        if hello(s):
-            conns.append(s)
-        else:
-            s.close()
-            out["closed"] += 1
-        continue
-    hold = ARGS.get("hold_after_refusals") and out["refused"] >= ARGS["hold_after_refusals"]
-    for s in list(conns):
-        for _ in range(0 if hold else 16):
-            rid += 1
-            if not send(s, {"t": "register", "rid": rid, "npages": 1}, [backing, meta]):
-                break
-            out["sent"] += 1
-        if not drain(s):
-            conns.remove(s)
-            s.close()
-            out["closed"] += 1
-    STOP.wait(0.01)
-"""
-
-# Connections that never say hello; any the coordinator closes are opened again.
-IDLE_ATTACK = """
-socks = []
-out.update(opened=0, closed_by_coordinator=0, connect_errors=0)
-while not STOP.is_set():
-    while len(socks) < ARGS["n"] and not STOP.is_set():
-        try:
-            socks.append(connect())
-            out["opened"] += 1
-        except OSError:
-            out["connect_errors"] += 1
-            break
-    keep = []
-    for s in socks:
-        if closed(s):
-            out["closed_by_coordinator"] += 1
-            s.close()
-        else:
-            keep.append(s)
-    socks = keep
-    STOP.wait(0.05)
-"""
-
-# Clients that keep asking for statistics and never read a reply.
-SLOW_READERS = """
-conns = []
-out.update(sent=0, dropped=0)
-while not STOP.is_set():
-    while len(conns) < ARGS["n"]:
-        s = connect()
-        if not hello(s, "client"):
-            s.close()
-            break
-        s.settimeout(0.2)
-        conns.append(s)
-    for s in list(conns):
-        for _ in range(50):
-            try:
-                s.sendmsg([msgpack.packb({"t": "stats"})], [], socket.MSG_NOSIGNAL)
-                out["sent"] += 1
-            except TimeoutError:
-                break
-            except OSError:
-                conns.remove(s)
-                s.close()
-                out["dropped"] += 1
-                break
-    STOP.wait(0.01)
-"""
-
-# Half-sent HTTP requests to the metrics port, held open; reopened when closed.
-METRICS_ATTACK = """
-socks = []
-out.update(opened=0, closed_by_server=0, connect_errors=0)
-while not STOP.is_set():
-    while len(socks) < ARGS["n"] and not STOP.is_set():
-        try:
-            c = socket.create_connection(("127.0.0.1", ARGS["port"]), timeout=2)
-            c.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n")
-            socks.append(c)
-            out["opened"] += 1
-        except OSError:
-            out["connect_errors"] += 1
-            break
-    keep = []
-    for c in socks:
-        if closed(c):
-            out["closed_by_server"] += 1
-            c.close()
-        else:
-            keep.append(c)
-    socks = keep
-    STOP.wait(0.05)
-"""
-
-# Connect, say hello, leave: as fast as it can.
-CHURN_ATTACK = """
-out.update(cycles=0)
-while not STOP.is_set():
-    try:
-        s = connect()
-        hello(s, "client" if out["cycles"] % 2 else "worker")
-        s.close()
-        out["cycles"] += 1
-    except OSError:
-        STOP.wait(0.01)
-"""
-
 
 # ---- checks --------------------------------------------------------------------
 
@@ -304,7 +168,7 @@ def test_real_descriptor_shortage_is_a_clean_refusal_and_accept_backs_off(honest
     newcomer_merges(coord)
 
 
-def test_standalone_coordinator_raises_its_descriptor_limit(no_shm_leftovers) -> None:  # noqa: F811
+def test_standalone_coordinator_raises_its_descriptor_limit() -> None:
     coord = CoordinatorProcess(nofile=(256, 4096))
     try:
         with open(f"/proc/{coord.pid}/limits") as f:
