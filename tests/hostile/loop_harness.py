@@ -75,7 +75,10 @@ class CoordinatorProcess:
                 stderr=log, env=child_env(), cwd=str(REPO_ROOT), start_new_session=True)
         wait_for(lambda: "listening on" in self.log() or self.proc.poll() is not None, 60,
                  what="the coordinator to listen")
-        assert self.proc.poll() is None, f"coordinator failed to start:\n{self.log()}"
+        if self.proc.poll() is not None:
+            log = self.log()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise AssertionError(f"coordinator failed to start:\n{log}")
         self.pid = self.proc.pid
         self.metrics_port: int | None = None
         if metrics:
