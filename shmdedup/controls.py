@@ -47,6 +47,13 @@ CONTROLS: dict[str, tuple[int, int, int]] = {
     "max_pages_per_worker": (2**26, 1, 2**31),   # 256 GiB of 4 KiB pages, ~0.9 GB of metadata
     "max_msgs_per_sec": (20000, 1, 10_000_000),  # per connection, token bucket
     "max_msgs_burst": (5000, 1, 10_000_000),
+    # Quotas per uid (quotas.py): the coordinator's own uid is bounded by the
+    # global caps only, and a quarter of max_connections and max_fds is kept for it.
+    "max_connections_per_uid": (256, 1, 65536),
+    "max_regions_per_uid": (16384, 1, 2**24),
+    "max_pages_per_uid": (2**27, 1, 2**40),      # 512 GiB of 4 KiB pages
+    "max_fds": (0, 0, 2**31 - 1),                # 0: what RLIMIT_NOFILE leaves at start
+    "max_fds_per_uid": (0, 0, 2**31 - 1),        # 0: a quarter of max_fds
     # Mappings (VMAs) a worker may reach through merges, estimated (budget.py);
     # the default leaves a quarter of vm.max_map_count as headroom.
     "max_mappings": (default_max_mappings(), 1, 2**31 - 1),

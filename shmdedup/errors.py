@@ -36,3 +36,10 @@ class ControlError(Error, ValueError):
 
 class ShmError(Error, OSError):
     """A shared-memory object could not be created, sized or opened."""
+
+
+class DescriptorShortageError(Error, OSError):
+    """This process ran out of descriptors: the kernel dropped descriptors that
+    came with a message (``message`` holds the message, checked, or None)."""
+
+    message: dict | None = None

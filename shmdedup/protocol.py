@@ -35,6 +35,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
@@ -44,6 +45,7 @@ import msgpack
 from shmdedup.errors import (
     ArgumentError,
     CoordinatorUnavailableError,
+    DescriptorShortageError,
     PeerRejectedError,
     ProtocolError,
 )
@@ -63,7 +65,7 @@ _MAX_TEXT = 1000
 _MAX_NAME = 64
 _MAX_TIMEOUT = 86400
 _MAX_DEPTH = 32  # reply data nests a few levels; deeper is hostile, not useful
-_BACKLOG = 64
+_BACKLOG = 1024  # a flood of connects must not leave others EAGAIN (capped by somaxconn)
 _RUNTIME_FALLBACK = "/tmp"  # overridable by tests
 _DOMAIN_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the NUL
@@ -233,9 +235,12 @@ def _close_fds(fds: Iterable[int]) -> None:
             pass
 
 
-def encode(msg: dict[str, Any]) -> bytes:
-    """Validate *msg* and pack it; raise ProtocolError if invalid or too large."""
+def encode(msg: dict[str, Any], nfds: int | None = None) -> bytes:
+    """Validate *msg* (and, if given, the number of fds it travels with) and
+    pack it; raise ProtocolError if invalid or too large."""
     _validate(msg)
+    if nfds is not None:
+        _check_fd_count(msg["t"], nfds)
     try:
         data = msgpack.packb(msg, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
@@ -254,22 +259,28 @@ def decode(data: bytes, fds: Sequence[int] = ()) -> dict[str, Any]:
     try:
         if not isinstance(data, (bytes, bytearray)):
             raise ProtocolError(f"message must be bytes, got {type(data).__name__}")
-        if len(data) > MAX_MESSAGE:
-            raise ProtocolError(f"message is {len(data)} bytes, max {MAX_MESSAGE}")
-        try:
-            msg = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, use_list=True,
-                max_bin_len=MAX_MESSAGE, max_str_len=MAX_MESSAGE,
-                max_array_len=MAX_MESSAGE, max_map_len=MAX_MESSAGE // 2, max_ext_len=0)
-        except Exception as e:  # any unpacker failure is the peer's fault
-            raise ProtocolError(f"not a msgpack message: {type(e).__name__}: "
-                                f"{str(e)[:100]}") from None
-        t = _validate(msg)
-        _check_fd_count(t, len(fds))
+        msg = _unpack(data)
+        _check_fd_count(msg["t"], len(fds))
         return msg
     except BaseException:
         _close_fds(fds)
         raise
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    """Unpack and validate a message, leaving its fds aside."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message is {len(data)} bytes, max {MAX_MESSAGE}")
+    try:
+        msg = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            max_bin_len=MAX_MESSAGE, max_str_len=MAX_MESSAGE,
+            max_array_len=MAX_MESSAGE, max_map_len=MAX_MESSAGE // 2, max_ext_len=0)
+    except Exception as e:  # any unpacker failure is the peer's fault
+        raise ProtocolError(f"not a msgpack message: {type(e).__name__}: "
+                            f"{str(e)[:100]}") from None
+    _validate(msg)
+    return msg
 
 
 # --- items ------------------------------------------------------------------
@@ -360,14 +371,26 @@ class Connection:
         ConnectionResetError); MSG_NOSIGNAL keeps SIGPIPE away even when the
         embedding program has not ignored it.
         """
-        data = encode(msg)
         fds = list(fds)
-        _check_fd_count(msg["t"], len(fds))
+        self._sendmsg(encode(msg, len(fds)), fds, 0)
+
+    def try_send(self, data: bytes, fds: Sequence[int] = ()) -> bool:
+        """Send one message already encoded (``encode(msg, len(fds))``) without
+        blocking; False, with nothing sent, when the socket's buffer or the
+        peer's receive queue is full.  A SEQPACKET message goes whole or not
+        at all, so framing and the attached fds stay together."""
+        try:
+            self._sendmsg(data, list(fds), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _sendmsg(self, data: bytes, fds: list[int], flags: int) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
         with self._send_lock:
             if self._closed:
                 raise ConnectionError("connection is closed")
-            n = self._sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+            n = self._sock.sendmsg([data], anc, socket.MSG_NOSIGNAL | flags)
         if n != len(data):  # SEQPACKET is all-or-nothing; this would be a kernel surprise
             raise ConnectionError(f"short send: {n} of {len(data)} bytes")
 
@@ -377,6 +400,9 @@ class Connection:
         Raises TimeoutError if nothing arrives within *timeout* seconds and
         ProtocolError (with every received fd closed) for a bad message. A
         zero-length message is indistinguishable from EOF and read as EOF.
+        When this process has no descriptors left for the fds that came with a
+        message, raises DescriptorShortageError (an OSError, EMFILE) holding
+        the checked message, its fds closed: the sender did nothing wrong.
         """
         with self._recv_lock:
             if self._closed:
@@ -397,6 +423,14 @@ class Connection:
                 fds.extend(a)
             else:
                 bad = f"unexpected control message ({level}, {kind})"
+        if flags & socket.MSG_CTRUNC and len(fds) < MAX_FDS and data and not flags & socket.MSG_TRUNC:
+            # Room for MAX_FDS was given, fewer came: the kernel could not
+            # install them (EMFILE).  Our shortage, not the peer's fault.
+            _close_fds(fds)
+            e = DescriptorShortageError(errno.EMFILE, "descriptors sent with a message were "
+                                                      "dropped: this process has none left")
+            e.message = _unpack(data)
+            raise e
         if flags & socket.MSG_CTRUNC:
             bad = f"more than {MAX_FDS} fds attached"
         elif flags & socket.MSG_TRUNC:
@@ -520,7 +554,7 @@ def _is_live(path: str) -> bool:
 
 
 def listen(path: str, mode: int = 0o600) -> socket.socket:
-    """Bind a listening SEQPACKET socket at *path* (mode 0600, backlog 64).
+    """Bind a listening SEQPACKET socket at *path* (mode 0600, backlog 1024).
 
     A stale socket file (nobody accepts on it) is replaced; a live one raises
     OSError(EADDRINUSE). A non-socket file at *path* is never removed. A wider
@@ -566,18 +600,27 @@ _UNAVAILABLE = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.ENOTDIR,
 def connect(path: str, timeout: float | None = 5.0) -> Connection:
     """Connect to the coordinator at *path*.
 
-    Raises CoordinatorUnavailableError when nobody listens there (missing or
-    stale file, full backlog, timeout).
+    A full listen backlog (EAGAIN: the coordinator is busy, or flooded with
+    connections) is retried until *timeout*.  Raises
+    CoordinatorUnavailableError when nobody listens there (missing or stale
+    file, a backlog still full at the timeout, timeout).
     """
-    sock = _new_socket()
-    try:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.settimeout(None)
-    except OSError as e:
-        sock.close()
-        if isinstance(e, TimeoutError) or e.errno in _UNAVAILABLE:
-            why = e.strerror or f"connect timed out after {timeout} s"
-            raise CoordinatorUnavailableError(f"no coordinator at {path}: {why}") from None
-        raise
-    return Connection(sock)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        sock = _new_socket()
+        try:
+            sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            sock.connect(path)
+            sock.settimeout(None)
+            return Connection(sock)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EAGAIN and (deadline is None or time.monotonic() + pause < deadline):
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            if isinstance(e, TimeoutError) or e.errno in _UNAVAILABLE:
+                why = e.strerror or f"connect timed out after {timeout} s"
+                raise CoordinatorUnavailableError(f"no coordinator at {path}: {why}") from None
+            raise

@@ -16,6 +16,17 @@ if the loop is busy longer (a long batch), it reports the latest snapshot,
 at most ``PUBLISH_INTERVAL`` plus one batch old.  With metrics off none of
 this exists.
 
+Any local user can reach the port, so the server is bounded on its own
+(prometheus_client's ``start_http_server`` takes no timeout and no connection
+cap, so this is a small ``wsgiref`` server around its WSGI app): at most
+``MAX_CONNECTIONS`` requests are served at once (one thread each; more are
+closed at accept), every read and write times out after ``IO_TIMEOUT``, and a
+connection is shut down ``REQUEST_DEADLINE`` seconds after accept whatever it
+does (a slow sender or reader cannot hold a thread and a descriptor).  Out of
+descriptors at accept, the server sleeps (up to ``ACCEPT_BACKOFF_MAX``)
+instead of spinning.  None of this counts against the coordinator's quotas;
+the coordinator sets ``MAX_CONNECTIONS`` descriptors aside for it.
+
 Names follow Prometheus conventions: counters end in ``_total``, byte values in
 ``_bytes``; controls are one gauge with a ``name`` label, per-worker values
 carry a ``pid`` label.
@@ -23,8 +34,12 @@ carry a ``pid`` label.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,10 +48,18 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from shmdedup.controls import CONTROLS
 from shmdedup.errors import ArgumentError, Error
+from shmdedup.coordinator.security import LogLimiter
 
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy
 SCRAPE_WAIT = 1.0        # how long a scrape waits for the loop to publish
 BIND_ADDRESS = "127.0.0.1"
+MAX_CONNECTIONS = 8      # requests served at once; more are closed at accept
+IO_TIMEOUT = 5.0         # s: one read or write of a connection
+REQUEST_DEADLINE = 10.0  # s from accept: then the connection is shut down
+ACCEPT_BACKOFF_MIN = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+log = logging.getLogger("shmdedup.metrics")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # stats() key -> (metric name without the shmdedup_ prefix, help); gauges.
@@ -50,6 +73,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "stable_pages_allocated": ("stable_pages", "Pages allocated in the stable segment"),
     "stable_node_chains": ("stable_node_chains", "Checksums with more than one stable page"),
     "rmap_items": ("rmap_items", "Worker pages the scanner tracks"),
+    "fds_held": ("descriptors_held", "Descriptors the coordinator holds for its peers"),
 }
 COUNTERS: dict[str, tuple[str, str]] = {
     "pages_scanned": ("pages_scanned", "Pages visited by the scanner"),
@@ -146,11 +170,78 @@ class StatsCollector:
             yield g
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request, at most ``max_connections`` at once, each shut
+    down ``REQUEST_DEADLINE`` seconds after accept; accept backs off when
+    descriptors run out (see the module docstring)."""
+
     daemon_threads = True
+    block_on_close = False
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[Any, float] = {}      # socket -> accepted at
+        self._backoff = ACCEPT_BACKOFF_MIN
+        self._warn = LogLimiter(log, rate=1.0, burst=10)
+        self.refused = 0                          # connections closed at the cap
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> Any:
+        try:
+            got = super().get_request()
+        except OSError as e:
+            if e.errno in _SHORTAGE:
+                # The listener stays readable: sleep in this thread, not spin.
+                self._warn.warning("accept", "metrics: accept failed: %s; pausing %.2f s",
+                                   e, self._backoff)
+                time.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+            raise
+        self._backoff = ACCEPT_BACKOFF_MIN
+        return got
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._lock:
+            if len(self._active) >= self.max_connections:
+                self.refused += 1
+                return False                      # closed by the caller
+            self._active[request] = time.monotonic()
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._active.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback per failed request: any local user
+        # could fill the log with them.  One line, rate limited.
+        self._warn.warning("request", "metrics: a request from %s failed: %s",
+                           client_address[0], sys.exc_info()[1])
+
+    def service_actions(self) -> None:
+        """Every poll of serve_forever: end connections past their deadline
+        (a shut-down socket wakes the handler thread blocked on it)."""
+        self.end_connections(time.monotonic() - REQUEST_DEADLINE)
+
+    def end_connections(self, accepted_before: float = float("inf")) -> None:
+        with self._lock:
+            late = [s for s, t in self._active.items() if t <= accepted_before]
+        for s in late:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = IO_TIMEOUT   # socket timeout of every read and write
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a scrape every 15 s is not news
 
@@ -176,13 +267,14 @@ class MetricsServer:
         registry.register(self.collector)
         try:
             self.httpd = make_server(BIND_ADDRESS, port, make_wsgi_app(registry),
-                                     _ThreadingServer, handler_class=_QuietHandler)
+                                     _BoundedServer, handler_class=_QuietHandler)
         except OSError as e:
             raise MetricsBindError(e.errno, f"cannot serve metrics on {BIND_ADDRESS}:{port}: "
                                             f"{e.strerror or e}") from e
         self.port: int = self.httpd.server_port
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="shmdedup-metrics",
-                                        daemon=True)
+        self.max_connections = self.httpd.max_connections
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.5,),
+                                        name="shmdedup-metrics", daemon=True)
         self._thread.start()
 
     @property
@@ -210,6 +302,7 @@ class MetricsServer:
             self._wake_fd = -1
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.end_connections()   # requests in flight end now, not at their deadline
         self._thread.join(10)
 
 

@@ -4,17 +4,53 @@ A ``Peer`` is one connection (worker or client) with what it registered and
 what it was asked.  A ``Ghost`` is a worker that disconnected while perhaps
 still alive: its slots stay held until its pidfd says the process exited
 (DESIGN invariants 6-7: a slot is freed only when no live process can map it).
+An ``Outbox`` holds the messages a peer has not read yet: the coordinator's one
+thread never waits for a peer (connections.py).
 """
 
 from __future__ import annotations
 
 import os
 import select
+from collections import deque
 from dataclasses import dataclass, field
 
 from shmdedup import protocol
 from shmdedup.coordinator.security import TokenBucket
 from shmdedup.coordinator.scan.tracking import RegionState
+
+
+class Outbox:
+    """Encoded messages (with the fds they carry, owned here) waiting for a
+    peer's socket to take them, in order."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[bytes, list[int]]] = deque()
+        self.bytes = 0
+        self.fds = 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def push(self, data: bytes, fds: list[int]) -> None:
+        self.queue.append((data, fds))
+        self.bytes += len(data)
+        self.fds += len(fds)
+
+    def pop(self) -> None:
+        """Forget the head (sent): close the fds it carried."""
+        data, fds = self.queue.popleft()
+        self.bytes -= len(data)
+        self.fds -= len(fds)
+        for fd in fds:
+            os.close(fd)
+
+    def clear(self) -> int:
+        """Drop everything (the peer is gone); the number of fds closed."""
+        n = self.fds
+        while self.queue:
+            self.pop()
+        return n
 
 
 @dataclass(eq=False)
@@ -31,6 +67,9 @@ class Peer:
     pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
     held: bool = False           # a client request awaits its reply (a wait, a run=2)
     queued: list = field(default_factory=list)  # (msg, fds) sent behind it, handled after it
+    accepted_at: float = 0.0     # time.monotonic() at accept: the hello deadline runs from it
+    client_only: bool = False    # admitted past max_connections: may only be a client
+    outbox: Outbox = field(default_factory=Outbox)
 
 
 @dataclass(eq=False)
@@ -43,6 +82,7 @@ class Ghost:
     pidfd: int
     regions: list[RegionState]
     merges: list
+    uid: int = -1                # whose quota its pidfd and regions are charged to
 
 
 def _open_pidfd(pid: int) -> int | None:

@@ -14,7 +14,9 @@ the coordinator uses at its boundaries:
   the whole domain.  A pread past the end just comes back short, and the
   missing bytes read as 0 (PRIVATE), the same as a lie the worker could tell
   anyway: it only hurts that worker's own accounting.
-* :class:`TokenBucket` bounds the message rate of each connection.
+* :class:`TokenBucket` bounds the message rate of each connection, and
+  :class:`LogLimiter` the coordinator's log lines about peers, per kind: a
+  flood of bad connections must not turn into a flood of log lines.
 * :func:`set_dumpable` (prctl PR_SET_DUMPABLE) keeps same-uid processes from
   ptrace / process_vm_writev into a standalone coordinator and from opening
   its descriptors (the writable stable segment) through /proc/<pid>/fd.
@@ -140,6 +142,31 @@ class TokenBucket:
         return True
 
 
+class LogLimiter:
+    """Warnings of one kind at ``rate`` lines a second on average, bursts of
+    ``burst``; lines past that are counted, and the count is added to the next
+    line of that kind that passes."""
+
+    def __init__(self, logger: Any, rate: float = 20.0, burst: float = 200.0) -> None:
+        self.logger = logger
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, TokenBucket] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, fmt: str, *args: Any) -> None:
+        bucket = self.buckets.get(kind)
+        if bucket is None:
+            bucket = self.buckets[kind] = TokenBucket(self.burst)
+        if not bucket.take(self.rate, self.burst):
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return
+        n = self.suppressed.pop(kind, 0)
+        if n:
+            fmt += " (%d more like it not logged)"
+            args += (n,)
+        self.logger.warning(fmt, *args)
+
+
 def set_dumpable(dumpable: bool) -> None:
     """prctl(PR_SET_DUMPABLE): with False, only root may ptrace this process,
     write its memory (process_vm_writev) or open /proc/<pid>/fd/*; no core dumps."""
@@ -152,4 +179,4 @@ def is_dumpable() -> bool:
     return bool(_lib().prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
-__all__ = ["StateBytes", "TokenBucket", "check_worker_object", "is_dumpable", "set_dumpable"]
+__all__ = ["LogLimiter", "StateBytes", "TokenBucket", "check_worker_object", "is_dumpable", "set_dumpable"]

@@ -26,11 +26,19 @@ and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
 
-Layout: this module holds the event loop, connections, ghosts and the
-worker's region messages.  ``CoordinatorServer`` inherits two parts kept in
-their own modules: ``inflight.py`` (merge/unmerge requests in flight and
-their replies, waits for full_scans, run=2) and ``surface.py``
-(``set_control``, ``stats`` and the client messages that reach them).
+No peer can stop the loop or lock others out (``connections.py``,
+``quotas.py``): sends never block (a peer that stops reading is dropped when
+its queue is full), connections must say hello within a deadline, accept
+backs off when descriptors run out, and what each uid may hold (connections,
+regions, pages, descriptors) is capped, with room always kept for the
+coordinator's own uid.
+
+Layout: this module holds the event loop, ghosts and the worker's region
+messages.  ``CoordinatorServer`` inherits three parts kept in their own
+modules: ``connections.py`` (accept, admission, hello deadlines, sends and
+drops), ``inflight.py`` (merge/unmerge requests in flight and their replies,
+waits for full_scans, run=2) and ``surface.py`` (``set_control``, ``stats``
+and the client messages that reach them).
 """
 
 from __future__ import annotations
@@ -45,22 +53,22 @@ from typing import Any
 from shmdedup import _native, protocol
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
-from shmdedup.errors import PeerRejectedError, ProtocolError
+from shmdedup.errors import DescriptorShortageError, ProtocolError
+from shmdedup.coordinator.connections import ConnectionsMixin
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
 from shmdedup.coordinator.inflight import RequestsMixin
+from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
 from shmdedup.coordinator.scan.scanner import Scanner, RegionState
-from shmdedup.coordinator.security import TokenBucket
 from shmdedup.coordinator.surface import ControlsMixin
 
 log = logging.getLogger("shmdedup.coordinator")
 
-SEND_TIMEOUT = 5.0
 MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 
 
-class CoordinatorServer(RequestsMixin, ControlsMixin):
+class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
@@ -105,6 +113,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.batches = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
+        self._init_connections()
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -117,6 +126,13 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
                 self._shutdown()
                 raise
             self.metrics_port = self.metrics.port
+        # Descriptors for peers: what RLIMIT_NOFILE leaves now (the metrics
+        # server is up, an embedding application's own fds are open) minus a
+        # reserve for the loop, the clients admitted past max_connections and
+        # the metrics server's connections.
+        reserve = FD_RESERVE + 3 * CLIENT_RESERVE + (self.metrics.max_connections
+                                                     if self.metrics is not None else 0)
+        self.quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
 
     # -- life cycle --------------------------------------------------------
 
@@ -167,10 +183,14 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             timeout = max(0.0, self._next_batch - now)
         deadlines = [w[2] for w in self._waiters]
         deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
+        hello = self._expire_hello(now)
+        deadlines += [d for d in (hello, self._accept_paused_until) if d is not None]
+        if self._drop:
+            deadlines.append(now)
         if deadlines:
             t = max(0.0, min(deadlines) - now)
             timeout = t if timeout is None else min(timeout, t)
-        for key, _ in self.sel.select(timeout):
+        for key, mask in self.sel.select(timeout):
             if key.data == "parent":
                 log.warning("parent process %d exited: stopping", self._parent[0])
                 self._stopping = True
@@ -184,9 +204,13 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             elif isinstance(key.data, Ghost):
                 self._bury(key.data)
             else:
-                self._readable(key.data)
+                if mask & selectors.EVENT_WRITE:
+                    self._writable(key.data)
+                if mask & selectors.EVENT_READ:
+                    self._readable(key.data)
             self._flush_drops()
         now = time.monotonic()
+        self._resume_accept(now)
         if self._scanning() and now >= self._next_batch:
             before = self.scanner.full_scans
             self.scanner.batch(self.controls["pages_to_scan"])
@@ -223,33 +247,6 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
 
     # -- connections -------------------------------------------------------
 
-    def _accept(self) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.warning("accept failed: %s", e)
-            return
-        sock.setblocking(True)
-        sock.settimeout(SEND_TIMEOUT)
-        conn = protocol.Connection(sock)
-        try:
-            pid, uid, _ = protocol.check_peer(conn, self.allow_uids, self.allow_gids)
-        except (PeerRejectedError, OSError) as e:
-            log.warning("rejected a connection: %s", e)
-            conn.close()
-            return
-        if len(self.peers) >= self.controls["max_connections"]:
-            log.warning("rejected pid %d: %d connections already (max_connections)",
-                        pid, len(self.peers))
-            conn.close()
-            return
-        peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]),
-                    pidfd=_open_pidfd(pid) if pid > 0 else None)
-        self.peers[conn.fileno()] = peer
-        self.sel.register(conn.fileno(), selectors.EVENT_READ, peer)
-
     def _readable(self, peer: Peer) -> None:
         """Take every message queued on this connection, in order.
 
@@ -281,6 +278,14 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             got = peer.conn.recv(timeout=0)
         except TimeoutError:
             return None
+        except DescriptorShortageError as e:
+            # Our shortage: a registration gets a clean refusal (_on_register
+            # sees its fds missing); fds on any other message do not belong.
+            if e.message is None or e.message["t"] != "register":
+                self._schedule_drop(peer, f"bad message: fds attached to a "
+                                          f"{e.message and e.message['t']} message")
+                return None
+            got = (e.message, [])
         except ProtocolError as e:
             self._schedule_drop(peer, f"bad message: {e}")
             return None
@@ -340,15 +345,6 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
                 self._handle(peer, msg, fds)
             self._flush_drops()
 
-    def _schedule_drop(self, peer: Peer, why: str) -> None:
-        if all(p is not peer for p, _ in self._drop):
-            self._drop.append((peer, why))
-
-    def _flush_drops(self) -> None:
-        while self._drop:
-            peer, why = self._drop.pop()
-            self._drop_peer(peer, why)
-
     def _drop_peer(self, peer: Peer, why: str, release: bool = True) -> None:
         """Forget a connection.  A worker's slots are released now only if it
         has exited; if it may still be alive (it closed the connection, or
@@ -358,17 +354,22 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         if fd is None or self.peers.get(fd) is not peer:
             return
         if why:
-            log.warning("closing connection of pid %d (%s): %s", peer.pid, peer.role or "no hello", why)
+            self.warn.warning("closing", "closing connection of pid %d (%s): %s", peer.pid,
+                              peer.role or "no hello", why)
         try:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
             pass
         del self.peers[fd]
+        self._extra -= peer.client_only
         peer.conn.close()
         for _, fds in peer.queued:
             for qfd in fds:
                 _close_quietly(qfd)
         peer.queued.clear()
+        q = self.quotas
+        q.charge(peer.uid, connections=-1, fds=-1 - peer.outbox.clear())
+        held = _held(peer.regions.values())
         merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
         if self._run2 is not None:
             self._run2["reqs"].difference_update(peer.requests)
@@ -376,14 +377,19 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         if not release:
             for reg in peer.regions.values():
                 reg.close()
+            _uncharge(q, peer.uid, held)
         elif peer.pidfd is not None and (peer.regions or merges) and not _exited(peer.pidfd):
-            # One ghost per process, however often it reconnects.
+            # One ghost per process, however often it reconnects.  It keeps
+            # its pidfd and regions' descriptors charged to its uid.
             ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
             if ghost is None:
-                ghost = Ghost(peer.pid, peer.pidfd, [], [])
+                ghost = Ghost(peer.pid, peer.pidfd, [], [], peer.uid)
                 peer.pidfd = None
                 self.ghosts[ghost.pidfd] = ghost
                 self.sel.register(ghost.pidfd, selectors.EVENT_READ, ghost)
+            if ghost.uid != peer.uid:   # the process changed uid meanwhile
+                _uncharge(q, peer.uid, held)
+                q.charge(ghost.uid, regions=held.regions, pages=held.pages, fds=held.fds)
             ghost.regions += peer.regions.values()
             ghost.merges += merges
             for reg in peer.regions.values():
@@ -393,9 +399,11 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
                 self.scanner.forget_request(items)
             for reg in peer.regions.values():
                 self.scanner.remove_region(reg)
+            _uncharge(q, peer.uid, held)
         if peer.pidfd is not None:
             os.close(peer.pidfd)
             peer.pidfd = None
+            q.charge(peer.uid, fds=-1)
         peer.regions.clear()
         self._waiters = [w for w in self._waiters if w[0] is not peer]
         if self._run2 is not None:
@@ -409,21 +417,12 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.sel.unregister(ghost.pidfd)
         del self.ghosts[ghost.pidfd]
         os.close(ghost.pidfd)
+        self.quotas.charge(ghost.uid, fds=-1)
+        _uncharge(self.quotas, ghost.uid, _held(ghost.regions))
         for items in ghost.merges:
             self.scanner.forget_request(items)
         for reg in ghost.regions:
             self.scanner.release_detached(reg)
-
-    def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
-        try:
-            peer.conn.send(msg, fds or [])
-            return True
-        except (OSError, ProtocolError) as e:
-            self._schedule_drop(peer, f"send failed: {e}")
-            return False
-
-    def _reply(self, peer: Peer, ok: bool, data: Any = None, error: str = "") -> None:
-        self._send(peer, {"t": "reply", "ok": ok, "data": data, "error": error[:1000]})
 
     # -- messages ----------------------------------------------------------
 
@@ -432,6 +431,10 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         if peer.role is None:
             if t != "hello":
                 raise ProtocolError(f"expected hello, got {t}")
+            if peer.client_only and msg["role"] != "client":
+                self._schedule_drop(peer, f"max_connections ({self.controls['max_connections']}) "
+                                          f"reached: only a client may connect past it")
+                return
             peer.role = msg["role"]
             if peer.role == "worker":
                 ro = self.scanner.stable.readonly_fd()
@@ -451,34 +454,48 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
 
     def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
         rid, npages = msg["rid"], msg["npages"]
-        if rid in peer.regions or rid in peer.refused:
+        if rid in peer.regions:
             raise ProtocolError(f"region {rid} is already registered")
+        peer.refused.discard(rid)   # a refused region offered again (agent.py retries)
+        # The same live process registering the same region again (it
+        # reconnected) takes its slot references back from its ghost, and the
+        # ghost's descriptors for it are given back at once.
+        ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+        again = None
+        if ghost is not None and ghost.uid == peer.uid:
+            again = next((g for g in ghost.regions if g.rid == rid and g.npages == npages), None)
+        if self.quotas.fds_full(2):
+            self._evict_silent(peer.uid)   # a connection still without hello needs none
         cap = None
-        if len(peer.regions) >= self.controls["max_regions_per_worker"]:
+        if len(fds) < 2:
+            cap = "the coordinator has no descriptors left for its objects"
+        elif len(peer.regions) >= self.controls["max_regions_per_worker"]:
             cap = f"{len(peer.regions)} regions already (max_regions_per_worker)"
         elif peer.pages + npages > self.controls["max_pages_per_worker"]:
             cap = (f"{peer.pages} + {npages} pages is over max_pages_per_worker "
                    f"{self.controls['max_pages_per_worker']}")
+        else:
+            cap = self.quotas.region_refusal(peer.uid, npages,
+                                             _held([again]) if again is not None else None)
         if cap is not None:
             # A cap is not an offence: refuse this region, keep the worker.
             for fd in fds:
                 _close_quietly(fd)
             peer.refused.add(rid)
-            log.warning("refused region %d of pid %d: %s", rid, peer.pid, cap)
+            self.warn.warning("refused", "refused region %d of pid %d: %s", rid, peer.pid, cap)
             self._reply(peer, False, rid, f"register {rid}: {cap}")
             return
         reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
         peer.regions[rid] = reg
         peer.pages += npages
+        self.quotas.charge(peer.uid, regions=1, pages=npages, fds=2)
         self.scanner.add_region(reg)
-        # The same live process registering the same region again (it
-        # reconnected): take its slot references back from its ghost.
-        ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
         if ghost is not None and not _exited(ghost.pidfd):
             for old in ghost.regions:
                 if old.rid == rid and old.npages == npages and _same_file(old.backing_fd, reg.backing_fd):
                     ghost.regions.remove(old)
-                    self.scanner.reattach_region(reg, old)
+                    self.scanner.reattach_region(reg, old)   # closes old's descriptors
+                    _uncharge(self.quotas, ghost.uid, _held([old]))
                     break
             if not ghost.regions and not ghost.merges:
                 self._bury(ghost)
@@ -511,6 +528,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         del peer.regions[reg.rid]
         peer.pages -= reg.npages
         self.scanner.remove_region(reg)
+        _uncharge(self.quotas, peer.uid, _held([reg]))
 
 
 _WORKER = {
@@ -529,6 +547,16 @@ _CLIENT = {
 
 def protocol_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
+
+
+def _held(regions: Any) -> Usage:
+    """What *regions* hold against a quota: themselves, pages, 2 descriptors each."""
+    regions = list(regions)
+    return Usage(regions=len(regions), pages=sum(r.npages for r in regions), fds=2 * len(regions))
+
+
+def _uncharge(quotas: Quotas, uid: int, held: Usage) -> None:
+    quotas.charge(uid, regions=-held.regions, pages=-held.pages, fds=-held.fds)
 
 
 def _close_quietly(fd: int) -> None:

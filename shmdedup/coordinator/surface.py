@@ -16,7 +16,8 @@ and ``_start_run2`` (``inflight.py``).
   merge and read statistics, and see only their own uid's workers in them,
   as ``/proc/<pid>/ksm_stat`` shows only one's own processes.
 * ``stats()`` is KSM's counters (from the scanner) plus the controls, this
-  coordinator's identity and one entry per worker; it reads, never changes.
+  coordinator's identity, one entry per worker and one per uid holding
+  something (its quota usage); it reads, never changes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from shmdedup.controls import check_control
 from shmdedup.errors import ControlError
 from shmdedup.coordinator.peers import Peer
+from shmdedup.coordinator.quotas import Quotas
 from shmdedup.coordinator.scan.scanner import Scanner
 
 
@@ -39,6 +41,7 @@ class ControlsMixin:
     controls: dict[str, int]
     scanner: Scanner
     peers: dict[int, Peer]
+    quotas: Quotas
     socket_path: str
     metrics_port: int | None
     last_error: str
@@ -52,6 +55,7 @@ class ControlsMixin:
         if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
             mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
             out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
+            out["uids"] = self.quotas.stats(peer.uid)
         self._reply(peer, True, out)
 
     def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
@@ -118,5 +122,9 @@ class ControlsMixin:
                 w.update(self.scanner.worker_stats(peer))
                 workers.append(w)
         out["workers"] = workers
+        # Quotas per uid (quotas.py): what each uid's peers and ghosts hold.
+        out["uids"] = self.quotas.stats()
+        out["fds_held"] = self.quotas.total.fds
+        out["fds_budget"] = self.quotas.max_fds()
         return out
 

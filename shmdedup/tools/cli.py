@@ -49,12 +49,16 @@ def _parse_mode(text: str) -> int:
 def format_stats(stats: dict[str, Any]) -> str:
     lines = []
     for k in sorted(stats):
-        if k != "workers":
+        if k not in ("workers", "uids"):
             lines.append(f"{k}:{stats[k]}")
     for w in stats.get("workers", []):
         for k in sorted(w):
             if k != "pid":
                 lines.append(f"workers/{w['pid']}/{k}:{w[k]}")
+    for u in stats.get("uids", []):
+        for k in sorted(u):
+            if k != "uid":
+                lines.append(f"uids/{u['uid']}/{k}:{u[k]}")
     return "\n".join(lines)
 
 
@@ -69,6 +73,10 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     # (docs/security.md).  --dumpable sets it explicitly, since a change of
     # uid on the way here would have cleared it.
     set_dumpable(args.dumpable)
+    # A process of its own: room for every peer's descriptors (quotas.py); an
+    # embedded coordinator leaves its application's limit alone.
+    from shmdedup.coordinator.quotas import raise_nofile_limit
+    raise_nofile_limit()
     path = args.socket or resolve_socket_path(None, args.domain)
     try:
         server = CoordinatorServer(path, dict(args.set or []), set(args.allow_uid or ()),

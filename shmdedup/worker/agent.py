@@ -27,6 +27,11 @@ thread stuck longer to the exit (a process may die at any instant, invariant
 holds (``region.acquire_unless_finalizing``).  The coordinator learns of the
 exit from the closed connection and the process's pidfd, and releases what the
 worker held.
+
+A region the coordinator refuses (a cap, a quota, no descriptors left) works
+unmerged and is offered again later, with backoff (``REFUSED_RETRY_MIN``
+doubling to ``REFUSED_RETRY_MAX``): a refusal for a shortage that passes is
+never a lockout.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import logging
 import os
 import threading
 import warnings
+import time
 import weakref
 from typing import Any
 
@@ -53,6 +59,8 @@ BACKOFF_MAX = 1.0
 # How long interpreter exit waits for the agent to finish what it is doing
 # (a merge or unmerge batch takes milliseconds) before leaving it behind.
 EXIT_JOIN_TIMEOUT = 1.0
+REFUSED_RETRY_MIN = 1.0      # s before a refused region is offered again
+REFUSED_RETRY_MAX = 60.0
 # Test-only fault point (native/sd_fault.h): a test arms it with
 # _native._test_arm_fault("agent_merged", n) to die with a batch merged but
 # not yet acknowledged; a no-op costing one C call per batch otherwise.
@@ -81,6 +89,7 @@ class Agent:
         # welcomed or not, so that stop() can shut it down.
         self._stopping = False
         self._current: protocol.Connection | None = None
+        self._refused: dict[int, tuple[float, float]] = {}   # rid -> (retry at, backoff)
 
     # -- called by regions (any thread) -------------------------------------
 
@@ -269,13 +278,17 @@ class Agent:
         with self.lock:
             self.conn = conn
             self.registered.clear()
+            self._refused.clear()
             for region in list(self.regions.values()):
                 if not region.closed:
                     self._register(region)
             _native._fault_point(_FAULT_AGENT_REGISTERED)
             self.connected.set()
         while True:
-            got = conn.recv()
+            try:
+                got = conn.recv(timeout=self._retry_refused())
+            except TimeoutError:
+                continue
             if got is None:
                 return
             msg, fds = got
@@ -290,13 +303,39 @@ class Agent:
                 err, text = self._unmerge(msg["items"])
                 conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
             elif msg["t"] == "reply" and not msg["ok"]:
-                # A cap (max_regions_per_worker, max_pages_per_worker) refused a region.
-                log.warning("coordinator refused a region: %s; it keeps working, unmerged",
-                            msg["error"])
+                # A cap, a quota or a shortage refused a region: offered again later.
+                self._on_refused(msg["data"], msg["error"])
                 continue
             else:
                 raise ProtocolError(f"unexpected {msg['t']} from the coordinator")
             self.batches += 1
+
+    def _on_refused(self, rid: Any, error: str) -> None:
+        with self.lock:
+            if not isinstance(rid, int) or rid not in self.registered:
+                return
+            self.registered.discard(rid)
+            _, backoff = self._refused.get(rid, (0.0, 0.0))
+            (log.debug if backoff else log.warning)(
+                "coordinator refused a region: %s; it keeps working, unmerged (offered "
+                "again in %.0f s)", error, backoff or REFUSED_RETRY_MIN)
+            backoff = min(backoff * 2, REFUSED_RETRY_MAX) if backoff else REFUSED_RETRY_MIN
+            self._refused[rid] = (time.monotonic() + backoff, backoff)
+
+    def _retry_refused(self) -> float | None:
+        """Register again the refused regions that are due; seconds until the
+        next one is (None: none waits)."""
+        with self.lock:
+            now = time.monotonic()
+            for rid, (at, _) in list(self._refused.items()):
+                region = self.regions.get(rid)
+                if region is None or region.closed:
+                    del self._refused[rid]
+                elif at <= now and rid not in self.registered:
+                    self._register(region)
+            waits = [at - now for rid, (at, _) in self._refused.items()
+                     if rid not in self.registered and at > now]
+            return min(waits) if waits else None
 
     def _groups(self, items: bytes) -> list[tuple[Any, np.ndarray]]:
         rows = np.frombuffer(items, "<i8").reshape(-1, 4)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from shmdedup import protocol
 from shmdedup.errors import ProtocolError
+from shmdedup.coordinator.quotas import CLIENT_RESERVE
 from tests.helpers import REPO_ROOT, Worker, child_env, no_shm_leftovers, reaper, wait_for  # noqa: F401
 from tests.integration.hostile import (
     PAGE,
@@ -296,18 +297,32 @@ def capped(request: pytest.FixtureRequest, no_shm_leftovers: None) -> Iterator[D
 
 @pytest.mark.parametrize("capped", [{"max_connections": 3}], indirect=True)
 def test_connection_cap(capped: Domain) -> None:
+    """Past max_connections a worker is refused; the coordinator's own uid may
+    still connect as a client (CLIENT_RESERVE of them), so its CLI gets in."""
     peers = [RawPeer(capped.path) for _ in range(3)]
     for p in peers:
         p.hello()
     extra = RawPeer(capped.path)
+    extra.send(hello_msg())
     assert extra.wait_closed()
-    capped.wait_logged("3 connections already (max_connections)")
+    capped.wait_logged("max_connections (3) reached: only a client may connect past it")
     extra.close()
+    assert capped.stats()["max_connections"] == 3       # the Domain's client: past the cap
+    clients = [RawPeer(capped.path) for _ in range(CLIENT_RESERVE - 1)]
+    for c in clients:
+        c.hello("client")
+    refused = RawPeer(capped.path)
+    assert refused.wait_closed()
+    capped.wait_logged(f"{3 + CLIENT_RESERVE} connections already (max_connections)")
+    refused.close()
+    for c in clients:
+        c.close()
     peers.pop().close()
-    # a freed place is taken again, by the real client this time
-    wait_for(lambda: len(capped.server.peers) == 2, what="the closed peer to be dropped")
-    assert capped.stats()["max_connections"] == 3
-    for p in peers:
+    # a freed place is taken again
+    wait_for(lambda: len(capped.server.peers) == 3, what="the closed peers to be dropped")
+    again = RawPeer(capped.path)
+    again.hello()
+    for p in peers + [again]:
         p.close()
 
 
