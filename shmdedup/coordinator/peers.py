@@ -29,6 +29,20 @@ class Peer:
     bucket: TokenBucket | None = None
     refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
     pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
+    # merge_now calls in progress: the worker's token -> what it waits for
+    inline: dict[int, InlineCall] = field(default_factory=dict)
+    merged_inline: int = 0       # pages merged by its merge_now calls (pages_merged_inline)
+
+
+@dataclass(eq=False)
+class InlineCall:
+    """One merge_now call of a worker: the merge requests it waits for (its
+    own, and scan merges already in flight for pages of its range), which of
+    them it sent, and the error to report (ENOSPC) when it is answered."""
+    waits: set[int]
+    own: set[int]
+    err: int = 0
+    msg: str = ""
 
 
 @dataclass(eq=False)
