@@ -30,8 +30,9 @@ shared-memory filesystem is full stays private; the request reports ENOSPC.
 
 A stable page created here starts with one sharer (the worker that asked); the
 scan would give it back at once ("break cow once unshared"), before the next
-process with the same bytes arrives.  So it is kept until ``keep_until`` (now
-+ ``inline_keep_millisecs``): only then does the give-back rule apply.
+process with the same bytes arrives.  So its creation time is recorded
+(``born_inline``), and the give-back rule applies to it only once
+``inline_keep_millisecs`` have passed since (then within a full scan).
 
 Concurrent requests for the same content converge on one stable copy: the
 coordinator handles one message at a time, and a new slot is in the stable
@@ -232,7 +233,7 @@ class Inliner:
             if s is None:
                 break
             slots = np.arange(s, s + len(sel), dtype=np.int64)
-            self.sidx.keep_until[slots] = now + self.inline_keep
+            self.sidx.born_inline[slots] = now
             self._last_inline = (reg, int(pages[sel[-1]]), s + len(sel) - 1)
             self._queue(merges, reg, pages[sel], slots, checked=True)
             made += len(sel)

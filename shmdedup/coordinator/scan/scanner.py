@@ -313,10 +313,10 @@ class Scanner(Matcher, Inliner):
         merged = np.flatnonzero(st == MERGED) + p0
         if len(merged):
             slots = reg.slot[merged]
-            # A stable page merge_now created is kept until its keep_until
-            # (the next loader of the same bytes is usually close behind).
+            # A stable page merge_now created is kept for inline_keep (the
+            # next loader of the same bytes is usually close behind).
             lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)
-                            & (self.sidx.keep_until[slots] <= self._now)]
+                            & (self.sidx.born_inline[slots] + self.inline_keep <= self._now)]
             if len(lonely):
                 reg.status[lonely] = UNMERGING
                 self.sidx.retire(reg.slot[lonely])
