@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from shmdedup import _native, _shm
-from shmdedup.errors import ArgumentError, RegionClosedError
+from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
@@ -110,6 +110,20 @@ class Region(_native.Mapping):
             meta = _shm.create(pages_for(npages) * PAGE_SIZE, "meta")
         except BaseException:
             os.close(backing)
+            raise
+        try:
+            # The state bytes are written by merges and the trap, through a
+            # mapping: a page of them still a hole when /dev/shm is full would
+            # end the process with SIGBUS at its first merge.  Allocate them
+            # now, where running out is a clear error.
+            os.posix_fallocate(meta, 0, pages_for(npages) * PAGE_SIZE)
+        except OSError as e:
+            os.close(backing)
+            os.close(meta)
+            raise ShmError(e.errno, f"cannot allocate the region's page states: {e.strerror}") from e
+        except BaseException:
+            os.close(backing)
+            os.close(meta)
             raise
         try:
             super().__init__(backing, meta, npages)
