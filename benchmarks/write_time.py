@@ -69,13 +69,15 @@ def loader(mode: str, path: str, size: int, chunk: int) -> None:
         sys.stdout.flush()
 
     region = None
+    fds: list[int] = []
     if mode != "fromfile":
         region = Region(size)
+        fds = [region.backing_fd, region.meta_fd]
         if mode == "merge_now":
             # Connect the agent before the go (a real loader pays this once).
             region.merge_now(0, 0)
             shmdedup.agent.get_agent()._wait_connected(5.0)
-    say({"ready": os.getpid()})
+    say({"ready": os.getpid(), "fds": fds})
     if sys.stdin.readline().strip() != "go":
         return
     t0, c0 = time.perf_counter(), time.process_time()
@@ -122,23 +124,51 @@ def meminfo_kib() -> int:
     return shmem + anon
 
 
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def cpu_ns(pid: int) -> int:
     with open(f"/proc/{pid}/schedstat") as f:
         return int(f.read().split()[0])
 
 
+def attributed_kib(pids: list[int], objects: list[str]) -> int:
+    """What the run's own processes hold: their anonymous memory, and the
+    blocks of the shm objects they hold (paths under /proc/<pid>/fd)."""
+    total = sum(_status_kib(pid, "RssAnon") for pid in pids)
+    for path in objects:
+        try:
+            total += os.stat(path).st_blocks // 2
+        except OSError:
+            pass
+    return total
+
+
 class Sampler(threading.Thread):
-    def __init__(self) -> None:
+    """/proc/meminfo Shmem + AnonPages (system-wide, as the issue measures it)
+    and the attributed footprint (immune to other processes on a shared
+    machine), every 10 ms."""
+
+    def __init__(self, pids: list[int], objects: list[str]) -> None:
         super().__init__(daemon=True)
+        self.pids, self.objects = pids, objects
         self.base = meminfo_kib()
-        self.peak = 0
-        self.last = 0
+        self.abase = attributed_kib(pids, objects)
+        self.peak = self.apeak = 0
+        self.last = self.alast = 0
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             self.last = meminfo_kib() - self.base
             self.peak = max(self.peak, self.last)
+            self.alast = attributed_kib(self.pids, self.objects) - self.abase
+            self.apeak = max(self.apeak, self.alast)
             self._halt.wait(SAMPLE_S)
 
     def stop(self) -> None:
@@ -173,12 +203,25 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(n)]
     try:
+        objects = []
         for p in procs:
             line = p.stdout.readline()
             if not line:
                 raise SystemExit(f"loader {p.pid} failed to start")
+            objects += [f"/proc/{p.pid}/fd/{fd}" for fd in json.loads(line)["fds"]]
+        pids = [p.pid for p in procs]
+        if coord is not None:
+            pids.append(coord.pid)
+            for fd in os.listdir(f"/proc/{coord.pid}/fd"):
+                try:
+                    if "shmdedup-stable" in os.readlink(f"/proc/{coord.pid}/fd/{fd}"):
+                        objects.append(f"/proc/{coord.pid}/fd/{fd}")
+                except OSError:
+                    pass
         time.sleep(0.5)               # let the start-up settle before the baseline
-        sampler = Sampler()
+        anon0 = sum(_status_kib(p.pid, "RssAnon") for p in procs) / 1024
+        canon0 = _status_kib(coord.pid, "RssAnon") / 1024 if coord else 0
+        sampler = Sampler(pids, objects)
         sampler.start()
         stats0 = coord.stats() if coord else None
         cpu0 = cpu_ns(coord.pid) if coord else 0
@@ -198,6 +241,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             out["coord_cpu_s"] = (cpu1 - cpu0) / 1e9
             if inline:
                 out["coord_us_per_page"] = (cpu1 - cpu0) / 1e3 / inline
+                out["coord_inline_us_per_page"] = (s["merge_now_cpu_usecs"]
+                                                   - stats0["merge_now_cpu_usecs"]) / inline
             out["pages_sharing"] = s["pages_sharing"]
         if mode == "merge_now":
             out["in_merge_us_per_page"] = 1e6 * float(np.mean([r["in_merge"] for r in results])) / pages
@@ -211,8 +256,16 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             out["pages_sharing"] = coord.stats()["pages_sharing"]
         time.sleep(0.1)
         out["end_mib"] = sampler.last / 1024
+        out["attributed_end_mib"] = sampler.alast / 1024
+        # Where the memory is: each process's anonymous memory and the
+        # shared-memory objects it holds, and the coordinator's.
+        out["loaders_anon_rise_mib"] = sum(_status_kib(p.pid, "RssAnon") for p in procs) / 1024 - anon0
+        if coord is not None:
+            out["coord_anon_rise_mib"] = _status_kib(coord.pid, "RssAnon") / 1024 - canon0
+            out["stable_mib"] = coord.stats()["stable_pages_allocated"] * shmdedup.PAGE_SIZE / MIB
         sampler.stop()
         out["peak_mib"] = sampler.peak / 1024
+        out["attributed_peak_mib"] = sampler.apeak / 1024
         out["after_load_s"] = loaded - go
         return out
     finally:
@@ -236,14 +289,18 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     size, chunk, n = args.size_mib, args.chunk_mib, args.procs
     lines = [f"{n} processes load the same {size} MiB file, chunks of {chunk} MiB "
              f"(load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)",
-             f"{'mode':10} {'load s':>7} {'merged s':>8} {'peak MiB':>8} {'end MiB':>8} "
-             f"{'worker us/pg':>12} {'in merge_now':>12} {'coord us/pg':>11} {'inline pages':>12}"]
+             f"{'':27} {'meminfo MiB':>17} {'attributed MiB':>17}",
+             f"{'mode':10} {'load s':>7} {'merged s':>8} {'peak':>8} {'end':>8} {'peak':>8} {'end':>8} "
+             f"{'worker us/pg':>12} {'in merge_now':>12} {'coord us/pg':>11} {'of which inline':>15} "
+             f"{'inline pages':>12}"]
     for r in rows:
         lines.append(
             f"{r['mode']:10} {r['load_s']:7.2f} {r.get('merged_s', float('nan')):8.2f} "
-            f"{r['peak_mib']:8.0f} {r['end_mib']:8.0f} {r['worker_us_per_page']:12.2f} "
+            f"{r['peak_mib']:8.0f} {r['end_mib']:8.0f} {r['attributed_peak_mib']:8.0f} "
+            f"{r['attributed_end_mib']:8.0f} {r['worker_us_per_page']:12.2f} "
             f"{r.get('in_merge_us_per_page', float('nan')):12.2f} "
-            f"{r.get('coord_us_per_page', float('nan')):11.2f} {r.get('pages_merged_inline', 0):12d}")
+            f"{r.get('coord_us_per_page', float('nan')):11.2f} "
+            f"{r.get('coord_inline_us_per_page', float('nan')):15.2f} {r.get('pages_merged_inline', 0):12d}")
     base = [r["load_s"] for r in rows if r["mode"] == "fromfile"]
     mn = [r for r in rows if r["mode"] == "merge_now"]
     if base and mn:
@@ -251,11 +308,15 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         b = min(base)
         for r in mn:
             lim = 1.3 * size + n * chunk
-            lines.append(f"  peak {r['peak_mib']:.0f} MiB <= {lim:.0f}: {'ok' if r['peak_mib'] <= lim else 'MISSED'};"
+            lines.append(f"  peak {r['peak_mib']:.0f} MiB (attributed {r['attributed_peak_mib']:.0f}) <= {lim:.0f}: "
+                         f"{'ok' if r['peak_mib'] <= lim else 'MISSED'} "
+                         f"({'ok' if r['attributed_peak_mib'] <= lim else 'MISSED'});"
                          f"  load {r['load_s']:.2f} s <= 1.5 x {b:.2f}: "
                          f"{'ok' if r['load_s'] <= 1.5 * b else 'MISSED'} ({r['load_s'] / b:.2f}x);"
-                         f"  coordinator {r.get('coord_us_per_page', float('nan')):.2f} us/page <= 1: "
-                         f"{'ok' if r.get('coord_us_per_page', 9) <= 1 else 'MISSED'}")
+                         f"  coordinator {r.get('coord_us_per_page', float('nan')):.2f} us/page "
+                         f"(merge_now requests alone {r.get('coord_inline_us_per_page', float('nan')):.2f}) <= 1: "
+                         f"{'ok' if r.get('coord_us_per_page', 9) <= 1 else 'MISSED'} "
+                         f"({'ok' if r.get('coord_inline_us_per_page', 9) <= 1 else 'MISSED'})")
     return "\n".join(lines)
 
 

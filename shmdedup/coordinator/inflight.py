@@ -23,7 +23,8 @@ state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
   (``merged_now``) when they, and any scan merge already in flight for pages
   of the range, are settled.  Nothing is merged while ``run`` is not 1: the
   answer then comes at once.  ``pages_merged_inline`` counts the pages the
-  worker confirms, globally and per worker.
+  worker confirms, globally and per worker; ``merge_now_cpu_usecs`` the
+  coordinator's CPU time spent on these requests (the scan's is apart).
 * run=2 (seed semantics): unmerge every merged page and keep the advice;
   merges still in flight are unmerged when they land.  It ends when no
   unmerge or merge is outstanding; a failed unmerge leaves run at 0 and
@@ -64,6 +65,7 @@ class RequestsMixin:
     _waiters: list[tuple[Peer, int, float]]
     _run2: dict[str, Any] | None
     pages_merged_inline: int
+    merge_now_cpu_ns: int
 
     # -- replies from workers --------------------------------------------
 
@@ -82,9 +84,11 @@ class RequestsMixin:
             for reg, first, n, _ in items:
                 reg.status[first:first + n] = 1  # VOLATILE: visit again
             raise ProtocolError("merged: result does not match the request")
+        t0 = time.thread_time_ns() if peer.inline else 0
         self.scanner.merge_done(items, result)
         if peer.inline:
             self._settle_inline(peer, msg["req"], result)
+            self.merge_now_cpu_ns += time.thread_time_ns() - t0
         if self.controls["run"] == 2 and self._run2 is not None:
             again = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
             if again:
@@ -106,6 +110,13 @@ class RequestsMixin:
     # -- merge at write time (merge_now) ------------------------------------
 
     def _on_merge_now(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        t0 = time.thread_time_ns()
+        try:
+            self._merge_now(peer, msg)
+        finally:
+            self.merge_now_cpu_ns += time.thread_time_ns() - t0
+
+    def _merge_now(self, peer: Peer, msg: dict) -> None:
         token = msg["req"]
         if token in peer.inline:
             raise ProtocolError(f"merge_now {token} is already in progress")

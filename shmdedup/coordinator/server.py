@@ -100,6 +100,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self._next_batch = 0.0
         self.last_error = ""
         self.pages_merged_inline = 0     # pages merged by merge_now, ever
+        self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
         self.batches = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0

@@ -40,6 +40,7 @@ class ControlsMixin:
     metrics_port: int | None
     last_error: str
     pages_merged_inline: int
+    merge_now_cpu_ns: int
     _next_batch: float
     _run2: dict[str, Any] | None
 
@@ -96,6 +97,7 @@ class ControlsMixin:
         out: dict[str, Any] = dict(self.controls)
         out.update(self.scanner.stats())
         out["pages_merged_inline"] = self.pages_merged_inline
+        out["merge_now_cpu_usecs"] = self.merge_now_cpu_ns // 1000
         out["last_error"] = self.last_error
         out["coordinator_pid"] = os.getpid()
         out["socket"] = self.socket_path

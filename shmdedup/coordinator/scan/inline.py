@@ -51,7 +51,7 @@ from shmdedup import _native
 from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
 from shmdedup.coordinator.scan.tracking import (
-    CHUNK_PAGES, PENDING, UNMERGING, VOLATILE, ZERO_CHECKSUM, RegionState, _coalesce)
+    CHUNK_PAGES, PENDING, UNMERGING, VOLATILE, ZERO_CHECKSUM, RegionState, _coalesce, _first_of_each)
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
@@ -151,8 +151,7 @@ class Inliner:
             # 4. New stable pages: the first page of each checksum; equal pages
             # after it find that slot at the next round (or, past
             # max_page_sharing, get the next slot).
-            _, firsts = np.unique(hashes[idx], return_index=True)
-            firsts = np.sort(firsts)
+            firsts = _first_of_each(hashes[idx])
             made = self._new_stable(reg, pages, hashes, rows, idx[firsts], merges)
             out.created += made
             if made < len(firsts):
@@ -186,11 +185,15 @@ class Inliner:
                                np.uint8).astype(bool)
         else:
             eq = np.ones(len(ci), bool)
-        order = np.argsort(cs, kind="stable")
-        srt = cs[order]
-        rank = np.empty(len(cs), np.int64)
-        rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
-        ok = eq & (self.sharers[cs] + self.pending[cs] + rank < self.max_page_sharing)
+        room = self.sharers[cs] + self.pending[cs]
+        if len(cs) > 1 and not (cs[1:] > cs[:-1]).all():
+            # The same slot more than once: each counts the ones before it.
+            order = np.argsort(cs, kind="stable")
+            srt = cs[order]
+            rank = np.empty(len(cs), np.int64)
+            rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
+            room = room + rank
+        ok = eq & (room < self.max_page_sharing)
         if ok.any():
             # Past the mapping budget _queue leaves pages VOLATILE: done too.
             self._queue(merges, reg, pages[ci[ok]], cs[ok])
