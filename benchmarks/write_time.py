@@ -19,7 +19,13 @@ merged).  Time: "load s" from the go to the last loader's end; for scan also
 "merged s", until pages_sharing reaches (N - 1) copies.  The coordinator is a
 process of its own at its default pacing (a fresh one per mode); its CPU time
 (/proc/<pid>/schedstat) over the load, divided by the pages merged inline
-(``pages_merged_inline``), is "coord us/page".  "worker us/page" is a loader's
+(``pages_merged_inline``), is "coord us/page" (for scan: its CPU from the go
+until merged, per merged page); "of which inline" counts only the CPU the
+coordinator spent on merge_now requests (``merge_now_cpu_usecs``), without the
+scan running beside them at its default pacing.  "attributed" is the run's own
+footprint, sampled likewise: the RssAnon of the loaders and the coordinator
+plus the blocks of the shm objects they hold (regions and stable segment),
+which other processes on a shared machine cannot disturb.  "worker us/page" is a loader's
 process CPU time for its load divided by its pages (readinto, merge_now and
 its agent thread; for fromfile the read alone), the mean over the loaders;
 "in merge_now" the wall time a loader spent inside merge_now calls, per page.
@@ -253,7 +259,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             while coord.stats()["pages_sharing"] < want and time.monotonic() < deadline:
                 time.sleep(0.1)
             out["merged_s"] = time.perf_counter() - go
-            out["pages_sharing"] = coord.stats()["pages_sharing"]
+            s = coord.stats()
+            out["pages_sharing"] = s["pages_sharing"]
+            merged = s["pages_sharing"] + s["pages_shared"]
+            if merged:   # the scan's CPU from the go until merged, per merged page
+                out["coord_us_per_page"] = (cpu_ns(coord.pid) - cpu0) / 1e3 / merged
         time.sleep(0.1)
         out["end_mib"] = sampler.last / 1024
         out["attributed_end_mib"] = sampler.alast / 1024
