@@ -69,6 +69,7 @@ def loader(mode: str, path: str, size: int, chunk: int) -> None:
     (holding what it loaded, so the end state can be measured)."""
     import shmdedup
     from shmdedup import Region
+    from shmdedup.worker.agent import get_agent
 
     def say(obj: Any) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -82,7 +83,7 @@ def loader(mode: str, path: str, size: int, chunk: int) -> None:
         if mode == "merge_now":
             # Connect the agent before the go (a real loader pays this once).
             region.merge_now(0, 0)
-            shmdedup.agent.get_agent()._wait_connected(5.0)
+            get_agent()._wait_connected(5.0)
     say({"ready": os.getpid(), "fds": fds})
     if sys.stdin.readline().strip() != "go":
         return

@@ -277,8 +277,9 @@ class Region(_native.Mapping):
         when they all were merged already).  Returns 0 at once, the data
         untouched, when no coordinator answers or its ``run`` is not 1.  A
         page another thread writes meanwhile ends private with its new bytes.
-        If the coordinator dies or stops answering (``agent.MERGE_NOW_TIMEOUT``)
-        it returns what merged until then.  Raises ``ShmError`` (an OSError,
+        If the coordinator dies, or stops answering for
+        ``shmdedup.worker.agent.MERGE_NOW_TIMEOUT`` seconds, it returns what
+        merged until then.  Raises ``ShmError`` (an OSError,
         errno ENOSPC, with the count in ``.merged``) when the shared-memory
         filesystem is full and some pages could not become stable; those stay
         private with their bytes, the others are merged.

@@ -27,7 +27,8 @@ SETUP = r"""
 import os, threading, time
 import numpy as np
 import shmdedup
-from shmdedup import Region, PAGE_SIZE as P, _native, agent
+from shmdedup import Region, PAGE_SIZE as P, _native
+from shmdedup.worker import agent
 
 def content(npages, seed):
     # Distinct pages (equal across workers with the same seed).
