@@ -157,32 +157,35 @@ class Agent:
         # Our own checksums, so that the coordinator need not read the pages
         # that equal a stable page (it reads and hashes the others itself).
         hashes = region._checksums(first, n)
-        waits = []
-        with self.lock:
-            if self.conn is None:
-                return 0
-            if region.id not in self.registered:
-                self._register(region)
-            for a in range(first, first + n, MERGE_NOW_PAGES):
-                m = min(MERGE_NOW_PAGES, first + n - a)
+        # One message per MERGE_NOW_PAGES, one at a time: the coordinator
+        # caps the calls in progress per worker, and a huge range must not
+        # reach that cap by itself.
+        deadline = time.monotonic() + MERGE_NOW_TIMEOUT
+        merged = 0
+        err: _InlineWait | None = None
+        for a in range(first, first + n, MERGE_NOW_PAGES):
+            m = min(MERGE_NOW_PAGES, first + n - a)
+            w = _InlineWait(region, a, m)
+            with self.lock:
+                if self.conn is None:
+                    break
+                if region.id not in self.registered:
+                    self._register(region)
                 token = next(self._tokens)
-                w = _InlineWait(region, a, m)
                 self._inline[token] = w
-                waits.append((token, w))
-                h = hashes[(a - first) * 8:(a - first + m) * 8] if hashes else b""
+                h = hashes[(a - first) * 8:(a - first + m) * 8]
                 self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
                             "npages": m, "hashes": h})
-        deadline = time.monotonic() + MERGE_NOW_TIMEOUT
-        for token, w in waits:
-            if not w.done.wait(max(0.0, deadline - time.monotonic())):
+            answered = w.done.wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                self._inline.pop(token, None)
+            merged += w.merged
+            if w.err and err is None:
+                err = w
+            if not answered:
                 log.warning("merge_now: no answer from the coordinator within %.0f s; "
                             "returning what merged", MERGE_NOW_TIMEOUT)
                 break
-        with self.lock:
-            for token, _ in waits:
-                self._inline.pop(token, None)
-        merged = sum(w.merged for _, w in waits)
-        err = next((w for _, w in waits if w.err), None)
         if err is not None:
             e = ShmError(err.err, f"{err.msg} ({merged} of {n} pages merged)")
             e.merged = merged

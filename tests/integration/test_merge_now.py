@@ -249,6 +249,18 @@ def test_page_written_by_another_thread_during_merge_now_keeps_its_bytes(coordin
     assert during > 0, "the writer did not run during the call"
 
 
+def test_a_range_of_many_messages_stays_under_the_per_worker_cap(coordinator, workers) -> None:
+    """A range longer than one message (MERGE_NOW_PAGES, 64 MiB) goes out
+    one message at a time: 128 of them here, twice the coordinator's cap on
+    merge_now calls in progress per worker, which would drop the worker."""
+    c = coordinator(sleep_millisecs=3_600_000)
+    (w,) = workers(1)
+    w.call("setattr(agent, 'MERGE_NOW_PAGES', 16)")
+    assert w.call("r.merge_now()") == NPAGES
+    s = c.stats()
+    assert s["pages_merged_inline"] == NPAGES and len(s["workers"]) == 1
+
+
 # ---- keeping a new stable page for the next loader ----------------------------
 
 def test_new_stable_page_is_kept_then_given_back_by_the_scan(coordinator, workers) -> None:
