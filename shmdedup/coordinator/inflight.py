@@ -118,6 +118,14 @@ class RequestsMixin:
 
     def _merge_now(self, peer: Peer, msg: dict) -> None:
         token = msg["req"]
+        reg = peer.regions.get(msg["rid"])
+        start, n = msg["start"], msg["npages"]
+        if reg is not None and start + n > reg.npages:
+            raise ProtocolError(f"merge_now [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
+        if reg is not None:
+            # merge_now advises the range (without waking the scan, as an
+            # advise message does: these pages are merged right here).
+            reg.advice[start:start + n] = True
         if token in peer.inline:
             raise ProtocolError(f"merge_now {token} is already in progress")
         if len(peer.inline) >= MAX_INLINE_PER_WORKER:
@@ -126,12 +134,8 @@ class RequestsMixin:
             # A region refused by a cap, or merging stopped: nothing merges now.
             self._send(peer, {"t": "merged_now", "req": token, "err": 0, "msg": ""})
             return
-        reg = peer.regions.get(msg["rid"])
         if reg is None:
             raise ProtocolError(f"region {msg['rid']} is not registered by this worker")
-        start, n = msg["start"], msg["npages"]
-        if start + n > reg.npages:
-            raise ProtocolError(f"merge_now [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
         hints = np.frombuffer(msg["hashes"], "<u8") if msg["hashes"] else None
         res = self.scanner.merge_inline(reg, start, n, hints)
         self.scanner.budget.end_batch({peer: len(res.runs)} if res.runs else {})

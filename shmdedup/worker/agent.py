@@ -47,9 +47,11 @@ BACKOFF_MAX = 1.0
 # _native._test_arm_fault("agent_merged", n) to die with a batch merged but
 # not yet acknowledged; a no-op costing one C call per batch otherwise.
 _FAULT_AGENT_MERGED = _native._FAULT_POINTS.index("agent_merged")
-# merge_now: the longest wait for a connection attempt, and for the answer
-# (a coordinator that is alive answers within milliseconds per MiB).
-MERGE_NOW_CONNECT_TIMEOUT = 5.0
+# merge_now: the longest wait for a connection attempt (none at the socket
+# fails it at once; a live but busy coordinator may take seconds to welcome
+# us, one that does not answer fails it after the welcome's 10 s), and for
+# the answer (a coordinator that is alive answers within milliseconds per MiB).
+MERGE_NOW_CONNECT_TIMEOUT = 30.0
 MERGE_NOW_TIMEOUT = 60.0
 # Pages per merge_now message (its checksums must fit one message).
 MERGE_NOW_PAGES = 16384
@@ -152,6 +154,12 @@ class Agent:
         Region.merge_now); returns the pages of the range merged during the
         call.  Raises ShmError (ENOSPC) when stable pages could not be created,
         after merging what could be."""
+        with self.lock:
+            new = region.id not in self.regions
+            self.regions[region.id] = region    # registered with its advice when we connect
+            self._ensure_thread()
+        if new and self.conn is None:
+            self._wake.set()
         if not self._wait_connected(MERGE_NOW_CONNECT_TIMEOUT):
             return 0
         # Our own checksums, so that the coordinator need not read the pages

@@ -287,7 +287,9 @@ class Region(_native.Mapping):
         first, n = self._page_range(offset, length)
         if n == 0:
             return 0
-        self.advise(MERGEABLE, first * PAGE_SIZE, n * PAGE_SIZE)
+        # The advice travels with the request (an advise message would also
+        # wake the scan for a batch, each chunk of a streaming load).
+        self._advice[first:first + n] = True
         if _listener is None:
             return 0
         return _listener.merge_now(self, first, n)
