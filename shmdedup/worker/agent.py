@@ -162,9 +162,6 @@ class Agent:
             self._wake.set()
         if not self._wait_connected(MERGE_NOW_CONNECT_TIMEOUT):
             return 0
-        # Our own checksums, so that the coordinator need not read the pages
-        # that equal a stable page (it reads and hashes the others itself).
-        hashes = region._checksums(first, n)
         # One message per MERGE_NOW_PAGES, one at a time: the coordinator
         # caps the calls in progress per worker, and a huge range must not
         # reach that cap by itself.
@@ -174,6 +171,9 @@ class Agent:
         for a in range(first, first + n, MERGE_NOW_PAGES):
             m = min(MERGE_NOW_PAGES, first + n - a)
             w = _InlineWait(region, a, m)
+            # Our own checksums, so that the coordinator need not read the
+            # pages that equal a stable page (it reads and hashes the others).
+            h = region._checksums(a, m)
             with self.lock:
                 if self.conn is None:
                     break
@@ -181,7 +181,6 @@ class Agent:
                     self._register(region)
                 token = next(self._tokens)
                 self._inline[token] = w
-                h = hashes[(a - first) * 8:(a - first + m) * 8]
                 self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
                             "npages": m, "hashes": h})
             answered = w.done.wait(max(0.0, deadline - time.monotonic()))
