@@ -333,6 +333,37 @@ Mapping_break_range(MappingObject *self, PyObject *args)
     return PyLong_FromLong(broken);
 }
 
+/* checksums(first, n) -> bytes: sd_merge_hints, 8 bytes (uint64, native
+ * order) a page. */
+static PyObject *
+Mapping_checksums(MappingObject *self, PyObject *args)
+{
+    Py_ssize_t first, n;
+    if (!PyArg_ParseTuple(args, "nn", &first, &n))
+        return NULL;
+    if (mapping_check_open(self) < 0)
+        return NULL;
+    if (first < 0 || n < 0 || (size_t)first + (size_t)n > self->npages) {
+        PyErr_Format(PyExc_ValueError, "pages [%zd, +%zd) outside the region of %zu pages", first, n, self->npages);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (!out || n == 0)
+        return out;
+    uint64_t *h = (uint64_t *)PyBytes_AS_STRING(out);
+    long got;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    got = sd_merge_hints(sd_region_get(self->idx), (size_t)first, (size_t)n, h);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (got < 0) {
+        Py_DECREF(out);
+        return sd_raise_errno("mincore");
+    }
+    return out;
+}
+
 static PyObject *
 Mapping_states(MappingObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -383,6 +414,8 @@ static PyMethodDef Mapping_methods[] = {
      "break_range(first, npages) -> int: copy merged pages back to private ones; returns pages broken.\n"
      "Checks for signals every 256 pages; on an error or exception every page is merged or private."},
     {"states", (PyCFunction)Mapping_states, METH_NOARGS, "states() -> bytes: one state byte per page."},
+    {"checksums", (PyCFunction)Mapping_checksums, METH_VARARGS,
+     "checksums(first, npages) -> bytes: XXH64 (uint64) of each private page with data, 0 for others (holes are not read)."},
     {NULL},
 };
 

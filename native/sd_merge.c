@@ -16,6 +16,9 @@
  * backing still holds the bytes until the punch, and after it the stable slot
  * holds them; tests kill a worker exactly there (sd_fault.h: merge_protected,
  * merge_mapped, merge_punched).
+ *
+ * sd_merge_hints checksums a range for the coordinator to look up (a hint,
+ * like every checksum: the proof above decides).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,7 +27,9 @@
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22      /* Linux 5.14; older kernels fail it with EINVAL: harmless */
 #endif
+#include <stdlib.h>
 #include "sd_fault.h"
+#include "sd_hash.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
 
@@ -140,4 +145,38 @@ long sd_merge_run(struct sd_region *r, size_t first, size_t n, int stable_fd,
         i = j;
     }
     return merged;
+}
+
+long sd_merge_hints(struct sd_region *r, size_t first, size_t n, uint64_t *out)
+{
+    uint8_t *base = (uint8_t *)atomic_load(&r->base);
+    uint8_t *addr = base + first * sd_page_size;
+    unsigned char *vec = malloc(n ? n : 1);
+    if (!vec)
+        return -1;
+    /* Residency of the backing's pages (a shm mapping reports its page
+     * cache): a hole is not resident. */
+    if (mincore(addr, n * sd_page_size, vec) != 0) {
+        int e = errno;
+        free(vec);
+        errno = e;
+        return -1;
+    }
+    long hashed = 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i;
+        while (j < n && (vec[j] & 1) &&
+               atomic_load_explicit(&r->state[first + j], memory_order_acquire) == SD_PRIVATE)
+            j++;
+        if (j > i) {
+            sd_xxh64_pages(addr + i * sd_page_size, j - i, sd_page_size, 0, out + i);
+            hashed += (long)(j - i);
+            i = j;
+        } else {
+            out[i++] = 0;
+        }
+    }
+    free(vec);
+    return hashed;
 }

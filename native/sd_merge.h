@@ -14,6 +14,13 @@
 long sd_merge_run(struct sd_region *r, size_t first, size_t n, int stable_fd,
                   const uint8_t *stable_view, int64_t slot, uint8_t *result);
 
+/* Checksum hints for a merge at write time (Region.merge_now): out[i] is
+ * the page checksum (XXH64) of page first + i if it is PRIVATE and holds
+ * data, else 0.  Holes are told apart with mincore, never read: reading a
+ * hole through the mapping would allocate it.  Returns the number of pages
+ * hashed, or -1 with errno set (mincore failed). */
+long sd_merge_hints(struct sd_region *r, size_t first, size_t n, uint64_t *out);
+
 /* Fault-injection hook for tests: if set, called after the pages of a run
  * are write-protected and before they are compared. */
 extern void (*sd_merge_test_hook)(struct sd_region *r, size_t first, size_t n);

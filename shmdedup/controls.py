@@ -39,6 +39,10 @@ CONTROLS: dict[str, tuple[int, int, int]] = {
     "advisor_max_cpu": (50, 1, 100),
     "advisor_min_pages_to_scan": (500, 1, 10_000_000),
     "advisor_max_pages_to_scan": (100_000, 1, 10_000_000),
+    # Merging at write time (Region.merge_now): a stable page it created is
+    # not given back to its only sharer for this long (the next process
+    # loading the same bytes is usually close behind); then the scan's rule.
+    "inline_keep_millisecs": (30_000, 0, 86_400_000),
     # Security (docs/security.md): 1 merges all-zero pages only, never a stable slot.
     "merge_zero_pages_only": (0, 0, 1),
     # Resource caps: a peer past one is refused with a logged reason.

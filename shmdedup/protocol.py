@@ -151,6 +151,12 @@ _SCHEMA: dict[str, dict[str, Check]] = {
     "welcome": {"v": _int(PROTOCOL_VERSION, PROTOCOL_VERSION), "page_size": _page_size},
     "merge": {"req": _int(0), "items": _bytes},
     "unmerge": {"req": _int(0), "items": _bytes},
+    # merge at write time (Region.merge_now): the worker asks, the coordinator
+    # answers once every merge it sent for the range is settled.  hashes: the
+    # worker's XXH64 of each page (8 bytes a page, or empty), lookup hints only.
+    "merge_now": {"req": _int(0), "rid": _int(0, _I31), "start": _int(0, _I31),
+                  "npages": _int(1, 2**31), "hashes": _bytes},
+    "merged_now": {"req": _int(0), "err": _int(0, _I31), "msg": _str(0, _MAX_TEXT)},
     "reply": {"ok": _bool, "data": _data, "error": _str(0, _MAX_TEXT)},
 }
 MESSAGE_TYPES = frozenset(_SCHEMA)
@@ -209,6 +215,12 @@ def _validate(msg: Any) -> str:
     if t == "advise" and msg["start"] + msg["npages"] > 2**31:
         raise ProtocolError(f"advise: start + npages must be <= 2**31, got "
                             f"{msg['start'] + msg['npages']}")
+    elif t == "merge_now" and msg["start"] + msg["npages"] > 2**31:
+        raise ProtocolError(f"merge_now: start + npages must be <= 2**31, got "
+                            f"{msg['start'] + msg['npages']}")
+    elif t == "merge_now" and len(msg["hashes"]) not in (0, 8 * msg["npages"]):
+        raise ProtocolError(f"merge_now: hashes must be empty or 8 bytes a page "
+                            f"({8 * msg['npages']}), got {len(msg['hashes'])}")
     elif t == "merged" and msg["result"].translate(None, b"\x00\x01"):
         raise ProtocolError("merged: result bytes must each be 0 or 1")
     elif t == "merge":

@@ -24,6 +24,13 @@ state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
   run=2 of it is outstanding, the coordinator holds its later requests
   (``CoordinatorServer._hold``, at most ``MAX_QUEUED_REQUESTS``) until that
   reply is sent.
+* merge_now (``inline.py``): a worker's request to merge a range now becomes
+  merge requests like the scan's, sent at once; the worker is answered
+  (``merged_now``) when they, and any scan merge already in flight for pages
+  of the range, are settled.  Nothing is merged while ``run`` is not 1: the
+  answer then comes at once.  ``pages_merged_inline`` counts the pages the
+  worker confirms, globally and per worker; ``merge_now_cpu_usecs`` the
+  coordinator's CPU time spent on these requests (the scan's is apart).
 * run=2 (seed semantics): unmerge every merged page and keep the advice;
   merges still in flight are unmerged when they land.  It ends when no
   unmerge or merge is outstanding; a failed unmerge leaves run at 0 and
@@ -32,6 +39,7 @@ state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -41,12 +49,13 @@ import numpy as np
 
 from shmdedup import protocol
 from shmdedup.errors import ProtocolError
-from shmdedup.coordinator.peers import Peer
+from shmdedup.coordinator.peers import InlineCall, Peer
 from shmdedup.coordinator.scan.scanner import Scanner, _coalesce
 
 log = logging.getLogger("shmdedup.coordinator")
 
 MAX_PAGES_PER_REQUEST = 65536
+MAX_INLINE_PER_WORKER = 64      # merge_now calls in progress per worker
 REQUEST_TIMEOUT = 60.0          # a worker that does not answer is dropped
 
 
@@ -61,6 +70,8 @@ class RequestsMixin:
     _waiters: list[list]            # [peer, target full_scans, deadline, barrier or None]
     _run2: dict[str, Any] | None
     _last_req: int                  # the id of the last request sent to a worker
+    pages_merged_inline: int
+    merge_now_cpu_ns: int
 
     # -- replies from workers --------------------------------------------
 
@@ -79,7 +90,11 @@ class RequestsMixin:
             for reg, first, n, _ in items:
                 reg.status[first:first + n] = 1  # VOLATILE: visit again
             raise ProtocolError("merged: result does not match the request")
+        t0 = time.thread_time_ns() if peer.inline else 0
         self.scanner.merge_done(items, result)
+        if peer.inline:
+            self._settle_inline(peer, msg["req"], result)
+            self.merge_now_cpu_ns += time.thread_time_ns() - t0
         if self.controls["run"] == 2 and self._run2 is not None:
             again = [t for reg in peer.regions.values() for t in self.scanner.merged_items(reg)]
             if again:
@@ -97,6 +112,74 @@ class RequestsMixin:
         if self._run2 is not None:
             self._run2["reqs"].discard(msg["req"])
             self._check_run2()
+
+    # -- merge at write time (merge_now) ------------------------------------
+
+    def _on_merge_now(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+        t0 = time.thread_time_ns()
+        try:
+            self._merge_now(peer, msg)
+        finally:
+            self.merge_now_cpu_ns += time.thread_time_ns() - t0
+
+    def _merge_now(self, peer: Peer, msg: dict) -> None:
+        token = msg["req"]
+        reg = peer.regions.get(msg["rid"])
+        start, n = msg["start"], msg["npages"]
+        if reg is not None and start + n > reg.npages:
+            raise ProtocolError(f"merge_now [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
+        if reg is not None:
+            # merge_now advises the range (without waking the scan, as an
+            # advise message does: these pages are merged right here).
+            reg.advice[start:start + n] = True
+        if token in peer.inline:
+            raise ProtocolError(f"merge_now {token} is already in progress")
+        if len(peer.inline) >= MAX_INLINE_PER_WORKER:
+            raise ProtocolError(f"more than {MAX_INLINE_PER_WORKER} merge_now calls in progress")
+        if msg["rid"] in peer.refused or self.controls["run"] != 1 or self._run2 is not None:
+            # A region refused by a cap, or merging stopped: nothing merges now.
+            self._send(peer, {"t": "merged_now", "req": token, "err": 0, "msg": ""})
+            return
+        if reg is None:
+            raise ProtocolError(f"region {msg['rid']} is not registered by this worker")
+        hints = np.frombuffer(msg["hashes"], "<u8") if msg["hashes"] else None
+        res = self.scanner.merge_inline(reg, start, n, hints)
+        self.scanner.budget.end_batch({peer: len(res.runs)} if res.runs else {})
+        own = set(self._send_request(peer, "merge", res.runs)) if res.runs else set()
+        waits = set(own)
+        if res.waiting:
+            # Scan merges in flight for pages of the range: answer after them.
+            for req, (kind, runs, _) in peer.requests.items():
+                if kind == "merge" and any(r[0] is reg and r[1] < start + n and r[1] + r[2] > start
+                                           for r in runs):
+                    waits.add(req)
+        call = InlineCall(waits, own)
+        if res.enospc:
+            call.err, call.msg = errno.ENOSPC, (
+                f"merge_now: no new stable page could be created ({res.enospc}); "
+                f"the pages that needed one stay private")
+        if waits:
+            peer.inline[token] = call
+        else:
+            self._answer_inline(peer, token, call)
+
+    def _settle_inline(self, peer: Peer, req: int, result: bytes) -> None:
+        """A merge reply: count it if a merge_now sent it, and answer each
+        call that waited for nothing else."""
+        for token, call in list(peer.inline.items()):
+            if req not in call.waits:
+                continue
+            call.waits.discard(req)
+            if req in call.own:
+                n = result.count(1)
+                peer.merged_inline += n
+                self.pages_merged_inline += n
+            if not call.waits:
+                del peer.inline[token]
+                self._answer_inline(peer, token, call)
+
+    def _answer_inline(self, peer: Peer, token: int, call: InlineCall) -> None:
+        self._send(peer, {"t": "merged_now", "req": token, "err": call.err, "msg": call.msg[:1000]})
 
     # -- waits for full_scans ---------------------------------------------
 

@@ -78,6 +78,7 @@ GAUGES: dict[str, tuple[str, str]] = {
 COUNTERS: dict[str, tuple[str, str]] = {
     "pages_scanned": ("pages_scanned", "Pages visited by the scanner"),
     "full_scans": ("full_scans", "Completed passes over every advised page"),
+    "pages_merged_inline": ("pages_merged_inline", "Pages merged at write time (Region.merge_now)"),
 }
 WORKER_GAUGES: dict[str, tuple[str, str]] = {
     "ksm_merging_pages": ("worker_merging_pages", "Pages of the worker mapped to stable pages"),

@@ -70,6 +70,20 @@ class Peer:
     accepted_at: float = 0.0     # time.monotonic() at accept: the hello deadline runs from it
     client_only: bool = False    # admitted past max_connections: may only be a client
     outbox: Outbox = field(default_factory=Outbox)
+    # merge_now calls in progress: the worker's token -> what it waits for
+    inline: dict[int, InlineCall] = field(default_factory=dict)
+    merged_inline: int = 0       # pages merged by its merge_now calls (pages_merged_inline)
+
+
+@dataclass(eq=False)
+class InlineCall:
+    """One merge_now call of a worker: the merge requests it waits for (its
+    own, and scan merges already in flight for pages of its range), which of
+    them it sent, and the error to report (ENOSPC) when it is answered."""
+    waits: set[int]
+    own: set[int]
+    err: int = 0
+    msg: str = ""
 
 
 @dataclass(eq=False)

@@ -110,6 +110,8 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._stopping = False
         self._next_batch = 0.0
         self.last_error = ""
+        self.pages_merged_inline = 0     # pages merged by merge_now, ever
+        self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
         self.batches = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
@@ -536,6 +538,7 @@ _WORKER = {
     "advise": CoordinatorServer._on_advise,
     "unregister": CoordinatorServer._on_unregister,
     "merged": CoordinatorServer._on_merged,
+    "merge_now": CoordinatorServer._on_merge_now,
     "unmerged": CoordinatorServer._on_unmerged,
 }
 _CLIENT = {

@@ -45,6 +45,8 @@ class ControlsMixin:
     socket_path: str
     metrics_port: int | None
     last_error: str
+    pages_merged_inline: int
+    merge_now_cpu_ns: int
     _next_batch: float
     _run2: dict[str, Any] | None
 
@@ -85,6 +87,7 @@ class ControlsMixin:
         self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
         self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
         self.scanner.budget.max_mappings = self.controls["max_mappings"]
+        self.scanner.inline_keep = self.controls["inline_keep_millisecs"] / 1000
 
     def set_control(self, name: str, value: int, client: Peer | None = None) -> bool:
         """Apply a control.  Returns True when it started a run=2 unmerge,
@@ -109,6 +112,8 @@ class ControlsMixin:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.controls)
         out.update(self.scanner.stats())
+        out["pages_merged_inline"] = self.pages_merged_inline
+        out["merge_now_cpu_usecs"] = self.merge_now_cpu_ns // 1000
         out["last_error"] = self.last_error
         out["coordinator_pid"] = os.getpid()
         out["socket"] = self.socket_path
@@ -118,7 +123,8 @@ class ControlsMixin:
         for peer in self.peers.values():
             if peer.role == "worker":
                 w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages,
-                     "requests": len(peer.requests)}   # merges and unmerges in flight
+                     "requests": len(peer.requests),   # merges and unmerges in flight
+                     "pages_merged_inline": peer.merged_inline}
                 w.update(self.scanner.worker_stats(peer))
                 workers.append(w)
         out["workers"] = workers

@@ -32,17 +32,26 @@ A region the coordinator refuses (a cap, a quota, no descriptors left) works
 unmerged and is offered again later, with backoff (``REFUSED_RETRY_MIN``
 doubling to ``REFUSED_RETRY_MAX``): a refusal for a shortage that passes is
 never a lockout.
+
+``merge_now`` (``Region.merge_now``) runs in the caller's thread: it makes
+sure a connection is up (one prompt attempt, bounded), sends the request and
+waits for the answer; the merges themselves arrive as ordinary merge batches
+and run here, in the agent thread, which counts the pages of each waiting
+call's range that merge.  A lost connection, or no answer within
+``MERGE_NOW_TIMEOUT``, ends the wait with what merged so far.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
 import warnings
 import time
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,7 +59,7 @@ import numpy as np
 from shmdedup import _native, protocol
 from shmdedup.worker import region as _region
 from shmdedup.paths import resolve_socket_path
-from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError
+from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError, ShmError
 
 log = logging.getLogger("shmdedup.agent")
 
@@ -67,6 +76,26 @@ REFUSED_RETRY_MAX = 60.0
 _FAULT_AGENT_MERGED = _native._FAULT_POINTS.index("agent_merged")
 # The same for a connection's regions registered, the agent's lock still held.
 _FAULT_AGENT_REGISTERED = _native._FAULT_POINTS.index("agent_registered")
+# merge_now: the longest wait for a connection attempt (none at the socket
+# fails it at once; a live but busy coordinator may take seconds to welcome
+# us, one that does not answer fails it after the welcome's 10 s), and for
+# the answer (a coordinator that is alive answers within milliseconds per MiB).
+MERGE_NOW_CONNECT_TIMEOUT = 30.0
+MERGE_NOW_TIMEOUT = 60.0
+# Pages per merge_now message (its checksums must fit one message).
+MERGE_NOW_PAGES = 16384
+
+
+@dataclass(eq=False)
+class _InlineWait:
+    """One merge_now message in flight, as the agent sees it."""
+    region: Any
+    first: int
+    n: int
+    done: threading.Event = field(default_factory=threading.Event)
+    merged: int = 0          # pages of [first, first + n) merged meanwhile
+    err: int = 0
+    msg: str = ""
 
 
 class Agent:
@@ -90,6 +119,12 @@ class Agent:
         self._stopping = False
         self._current: protocol.Connection | None = None
         self._refused: dict[int, tuple[float, float]] = {}   # rid -> (retry at, backoff)
+        # merge_now: calls waiting for their answer, by token; and connection
+        # attempts that failed, so a caller can wait for the next one.
+        self._inline: dict[int, _InlineWait] = {}
+        self._tokens = itertools.count(1)
+        self._attempts = 0
+        self._attempt_cv = threading.Condition()
 
     # -- called by regions (any thread) -------------------------------------
 
@@ -148,6 +183,78 @@ class Agent:
         else:
             self._send({"t": "advise", "rid": region.id, "start": first, "npages": n,
                         "mergeable": mergeable})
+
+    def _attempt_failed(self) -> None:
+        with self._attempt_cv:
+            self._attempts += 1
+            self._attempt_cv.notify_all()
+
+    def _wait_connected(self, timeout: float) -> bool:
+        """Connected, or connected after one prompt attempt (the thread is
+        woken from its backoff); False when that attempt fails."""
+        if self.connected.is_set():
+            return True
+        self._ensure_thread()
+        deadline = time.monotonic() + timeout
+        with self._attempt_cv:
+            seen = self._attempts
+            self._wake.set()
+            while not self.connected.is_set() and self._attempts == seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._attempt_cv.wait(min(left, 0.05))   # connected is an Event: poll it
+        return self.connected.is_set()
+
+    def merge_now(self, region: Any, first: int, n: int) -> int:
+        """Merge pages [first, first + n) of an advised region now (see
+        Region.merge_now); returns the pages of the range merged during the
+        call.  Raises ShmError (ENOSPC) when stable pages could not be created,
+        after merging what could be."""
+        with self.lock:
+            new = region.id not in self.regions
+            self.regions[region.id] = region    # registered with its advice when we connect
+            self._ensure_thread()
+        if new and self.conn is None:
+            self._wake.set()
+        if not self._wait_connected(MERGE_NOW_CONNECT_TIMEOUT):
+            return 0
+        # One message per MERGE_NOW_PAGES, one at a time: the coordinator
+        # caps the calls in progress per worker, and a huge range must not
+        # reach that cap by itself.
+        deadline = time.monotonic() + MERGE_NOW_TIMEOUT
+        merged = 0
+        err: _InlineWait | None = None
+        for a in range(first, first + n, MERGE_NOW_PAGES):
+            m = min(MERGE_NOW_PAGES, first + n - a)
+            w = _InlineWait(region, a, m)
+            # Our own checksums, so that the coordinator need not read the
+            # pages that equal a stable page (it reads and hashes the others).
+            h = region._checksums(a, m)
+            with self.lock:
+                if self.conn is None:
+                    break
+                if region.id not in self.registered:
+                    self._register(region)
+                token = next(self._tokens)
+                self._inline[token] = w
+                self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
+                            "npages": m, "hashes": h})
+            answered = w.done.wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                self._inline.pop(token, None)
+            merged += w.merged
+            if w.err and err is None:
+                err = w
+            if not answered:
+                log.warning("merge_now: no answer from the coordinator within %.0f s; "
+                            "returning what merged", MERGE_NOW_TIMEOUT)
+                break
+        if err is not None:
+            e = ShmError(err.err, f"{err.msg} ({merged} of {n} pages merged)")
+            e.merged = merged
+            raise e
+        return merged
 
     def _send(self, msg: dict, fds: list[int] | None = None) -> None:
         conn = self.conn
@@ -212,6 +319,7 @@ class Agent:
                 conn = protocol.connect(path, timeout=2.0)
             except (OSError, ValueError) as e:
                 log.debug("no coordinator at %s (%s); retrying in %.2f s", path, e, backoff)
+                self._attempt_failed()
                 self._wake.wait(backoff)
                 self._wake.clear()
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -245,7 +353,11 @@ class Agent:
                     self.conn = None
                     self.registered.clear()
                     self.connected.clear()
+                    lost, self._inline = self._inline, {}
                 self._current = None
+                for w in lost.values():      # merge_now calls: return what merged
+                    w.done.set()
+                self._attempt_failed()
                 conn.close()
                 if self.view is not None:
                     self.view.close()
@@ -284,6 +396,8 @@ class Agent:
                     self._register(region)
             _native._fault_point(_FAULT_AGENT_REGISTERED)
             self.connected.set()
+        with self._attempt_cv:
+            self._attempt_cv.notify_all()    # a merge_now waiting for the connection
         while True:
             try:
                 got = conn.recv(timeout=self._retry_refused())
@@ -302,6 +416,13 @@ class Agent:
             elif msg["t"] == "unmerge":
                 err, text = self._unmerge(msg["items"])
                 conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
+            elif msg["t"] == "merged_now":
+                with self.lock:
+                    w = self._inline.pop(msg["req"], None)
+                if w is not None:            # else: its caller gave up waiting
+                    w.err, w.msg = msg["err"], msg["msg"]
+                    w.done.set()
+                continue
             elif msg["t"] == "reply" and not msg["ok"]:
                 # A cap, a quota or a shortage refused a region: offered again later.
                 self._on_refused(msg["data"], msg["error"])
@@ -362,7 +483,21 @@ class Agent:
                 except (ValueError, BufferError) as e:
                     log.debug("merge refused: %s", e)
                     parts.append(bytes(npages))
+            if self._inline:
+                self._count_inline(region, rows, parts[-1])
         return b"".join(parts)
+
+    def _count_inline(self, region: Any, rows: np.ndarray, result: bytes) -> None:
+        """Credit each waiting merge_now call of this region with the pages
+        of its range that this batch merged."""
+        with self.lock:
+            waits = [w for w in self._inline.values() if w.region is region]
+        if not waits:
+            return
+        ok = np.frombuffer(result, np.uint8).astype(bool)
+        pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])[ok]
+        for w in waits:
+            w.merged += int(np.count_nonzero((pages >= w.first) & (pages < w.first + w.n)))
 
     def _merge_advised(self, region: Any, rows: np.ndarray) -> bytes:
         """Merge the (first, n, slot) runs, refusing pages no longer advised.

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from shmdedup import _native, _shm
-from shmdedup.errors import ArgumentError, RegionClosedError
+from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
@@ -128,6 +128,20 @@ class Region(_native.Mapping):
             meta = _shm.create(pages_for(npages) * PAGE_SIZE, "meta")
         except BaseException:
             os.close(backing)
+            raise
+        try:
+            # The state bytes are written by merges and the trap, through a
+            # mapping: a page of them still a hole when /dev/shm is full would
+            # end the process with SIGBUS at its first merge.  Allocate them
+            # now, where running out is a clear error.
+            os.posix_fallocate(meta, 0, pages_for(npages) * PAGE_SIZE)
+        except OSError as e:
+            os.close(backing)
+            os.close(meta)
+            raise ShmError(e.errno, f"cannot allocate the region's page states: {e.strerror}") from e
+        except BaseException:
+            os.close(backing)
+            os.close(meta)
             raise
         try:
             super().__init__(backing, meta, npages)
@@ -263,6 +277,49 @@ class Region(_native.Mapping):
         self._advice[first:first + n] = True
         if _listener is not None:
             _listener.region_event(self, "advise", first, n, True)
+
+    def merge_now(self, offset: int = 0, length: int | None = None) -> int:
+        """Merge a range whose content is final, now: no scan, no two-visit wait.
+
+        Same argument rules and errors as :meth:`advise`.  The range is advised
+        MERGEABLE first (so the scan keeps it merged afterwards, and the
+        advice outlives the call, as for advise).  Before it returns, every
+        page of the range that equals a stable page is mapped onto it and its
+        private copy punched out of the region's shm object, and every other
+        page is made a stable page at once (the coordinator copies it) and
+        mapped the same way, so the next process with the same bytes finds
+        it.  Within ``max_kernel_pages``, ``max_page_sharing`` and the mapping
+        budget: pages past them stay private (the scan tries them later).
+        Never-written pages (holes) cost nothing and are left alone.
+
+        Returns the number of pages of the range merged during the call (0
+        when they all were merged already).  Returns 0 at once, the data
+        untouched, when no coordinator answers or its ``run`` is not 1.  A
+        page another thread writes meanwhile ends private with its new bytes.
+        If the coordinator dies, or stops answering for
+        ``shmdedup.worker.agent.MERGE_NOW_TIMEOUT`` seconds, it returns what
+        merged until then.  Raises ``ShmError`` (an OSError,
+        errno ENOSPC, with the count in ``.merged``) when the shared-memory
+        filesystem is full and some pages could not become stable; those stay
+        private with their bytes, the others are merged.
+        """
+        first, n = self._page_range(offset, length)
+        if n == 0:
+            return 0
+        # The advice travels with the request (an advise message would also
+        # wake the scan for a batch, each chunk of a streaming load).
+        self._advice[first:first + n] = True
+        if _listener is None:
+            return 0
+        return _listener.merge_now(self, first, n)
+
+    def _checksums(self, first: int, n: int) -> bytes:
+        """Little-endian XXH64 of each private page with data (0 for the
+        others): merge_now's lookup hints for the coordinator."""
+        h = self.checksums(first, n)
+        if sys.byteorder != "little":
+            h = np.frombuffer(h, np.uint64).astype("<u8").tobytes()
+        return h
 
     def advice_runs(self) -> list[tuple[int, int]]:
         """The mergeable ranges as (first page, page count) runs."""

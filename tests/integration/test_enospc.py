@@ -230,6 +230,38 @@ SCENARIOS = {
         wait_stats(lambda s: s["pages_sharing"] == NPAGES // 2, "merging once there is room")
         out["after_room"] = w.call("result = layout()")
     """,
+    # (f) merge_now when no new stable page can be created: ShmError
+    # (ENOSPC) after merging what could be (a page equal to an existing stable
+    # page needs no new one); the others stay private with their bytes; with
+    # room again the same call makes them stable.
+    "merge_now": """
+        c.set("sleep_millisecs", 3_600_000)   # the scan out of the way
+        w.call('''
+            r2 = Region(64 * P)
+            b = r2.ndarray(np.uint8, (64, P))
+            fresh = np.random.default_rng(11).integers(0, 256, (64, P), dtype=np.uint8)
+            fresh[0] = expected[0]       # the bytes of a stable page
+            b[:] = fresh
+            def layout2():
+                s = np.frombuffer(r2.states(), np.uint8)
+                return {"merged": int(np.count_nonzero(s == _native.MERGED)),
+                        "private": int(np.count_nonzero(s == _native.PRIVATE)),
+                        "intact": bool(np.array_equal(b, fresh))}
+        ''')
+        before = stats()["stable_pages_allocated"]
+        fd = fill(0)
+        out["merge_now"] = w.call('''
+            try:
+                result = ["returned", r2.merge_now()]
+            except OSError as e:
+                result = [e.errno, str(e), getattr(e, "merged", None), isinstance(e, shmdedup.ShmError)]
+        ''')
+        out["after_merge_now"] = w.call("result = layout2()")
+        out["new_stable_while_full"] = stats()["stable_pages_allocated"] - before
+        unfill(fd)
+        out["after_room"] = w.call("result = r2.merge_now()")
+        out["after_room_layout"] = w.call("result = layout2()")
+    """,
 }
 
 
@@ -385,3 +417,16 @@ def test_unmerge_interrupted_by_sigint_leaves_every_page_merged_or_private() -> 
     assert int(allocated) == private and int(counted) == merged, res.stdout
     assert private % 256 == 0, res.stdout                     # whole chunks
     assert after == "after True 0 0", res.stdout
+
+
+@needs_namespace
+def test_merge_now_with_tmpfs_full_raises_enospc_and_keeps_pages_private() -> None:
+    out, _ = run_scenario("merge_now")
+    err, text, merged, is_shm_error = out["merge_now"]
+    assert err == 28 and is_shm_error, out["merge_now"]                 # ENOSPC
+    assert "no new stable page could be created" in text and "1 of 64 pages merged" in text, text
+    assert merged == 1
+    assert out["after_merge_now"] == {"merged": 1, "private": 63, "intact": True}
+    assert out["new_stable_while_full"] == 0
+    assert out["after_room"] == 63
+    assert out["after_room_layout"] == {"merged": 64, "private": 0, "intact": True}

@@ -96,6 +96,8 @@ _VALID = [
     {"t": "welcome", "v": 1, "page_size": 4096},
     {"t": "merge", "req": 1, "items": protocol.items_pack([(1, 0, 1, 0)])},
     {"t": "unmerge", "req": 1, "items": protocol.items_pack([(1, 0, 1, 0)])},
+    {"t": "merge_now", "req": 1, "rid": 1, "start": 0, "npages": 2, "hashes": b"\x01" * 16},
+    {"t": "merged_now", "req": 1, "err": 0, "msg": ""},
     {"t": "reply", "ok": True, "data": None, "error": ""},
 ]
 _EDGE_INTS = [-(2**63), -(2**31) - 1, -1, 0, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**64 - 1]
@@ -209,6 +211,11 @@ def test_message_before_hello_closes(domain: Domain, bystanders) -> None:
     ({"t": "hello", "v": 1, "role": "worker", "pid": 1}, 0, "a worker may not send hello"),
     ({"t": "nonsense"}, 0, "unknown message type 'nonsense'"),
     ({"t": "merged", "req": 1, "result": b"\x02"}, 0, "result bytes must each be 0 or 1"),
+    ({"t": "merge_now", "req": 1, "rid": 77, "start": 0, "npages": 1, "hashes": b""}, 0,
+     "region 77 is not registered by this worker"),
+    ({"t": "merge_now", "req": 1, "rid": 1, "start": 0, "npages": 2, "hashes": b"\x00" * 8}, 0,
+     "hashes must be empty or 8 bytes a page"),
+    ({"t": "merged_now", "req": 1, "err": 0, "msg": ""}, 0, "a worker may not send merged_now"),
 ])
 def test_bad_worker_message_closes_with_reason(domain: Domain, msg: dict, fds: int, reason: str) -> None:
     peer = RawPeer(domain.path)
@@ -283,6 +290,40 @@ def test_duplicate_and_forged_merge_replies(domain: Domain, bystanders) -> None:
     peer.close()
     os.close(backing), os.close(meta)
     assert domain.stats()["stable_pages_allocated"] >= 0
+    check_bystanders(domain, bystanders)
+
+
+def test_hostile_merge_now(domain: Domain, bystanders) -> None:
+    """merge_now from a raw worker: a range outside its region, the same
+    call twice while the first waits for its merge, and lying checksums
+    (naming the bystanders' stable pages) each close that connection or
+    merge nothing; the coordinator and the real workers go on."""
+    page = os.urandom(PAGE)
+    peer = RawPeer(domain.path)
+    peer.hello()
+    backing, meta = register_raw(peer, 3, page * 2 + os.urandom(2 * PAGE), advise=False)
+    peer.send({"t": "merge_now", "req": 9, "rid": 3, "start": 2, "npages": 4, "hashes": b""})
+    closes(domain, peer, "merge_now [2, +4) is outside region 3 of 4 pages")
+    peer.close()
+    os.close(backing), os.close(meta)
+
+    peer = RawPeer(domain.path)
+    peer.hello()
+    backing, meta = register_raw(peer, 4, page * 4)
+    # Checksums that are not the pages': the coordinator reads the pages
+    # itself; what it makes stable is what it read.
+    peer.send({"t": "merge_now", "req": 5, "rid": 4, "start": 0, "npages": 4, "hashes": b"\x07" * 32})
+    req = peer.recv(timeout=30)
+    while req is not None and req["t"] != "merge":
+        req = peer.recv(timeout=30)
+    assert req is not None, "no merge request for the merge_now"
+    slots = {r[3] for r in protocol.items_unpack(req["items"])}
+    assert len(slots) == 1, req          # four equal pages: one new stable page
+    peer.send({"t": "merge_now", "req": 5, "rid": 4, "start": 0, "npages": 4, "hashes": b""})
+    closes(domain, peer, "merge_now 5 is already in progress")
+    peer.close()
+    os.close(backing), os.close(meta)
+    assert domain.alive()
     check_bystanders(domain, bystanders)
 
 

@@ -182,6 +182,49 @@ def test_advise_argument_rules(region: Region, offset: object, length: object) -
     assert region.advice_runs() == []  # nothing recorded
 
 
+@pytest.mark.parametrize("offset, length", [
+    (1, P), (P // 2, None), (0, 4 * P + 1), (5 * P, 0), (5 * P, None), (-P, P), (0, -1),
+    (True, P), (0, False), ("0", P), (0.0, P),
+])
+def test_merge_now_argument_rules_are_advises(region: Region, offset: object, length: object) -> None:
+    """merge_now checks its range as advise does, before anything else: no
+    advice recorded, no coordinator asked."""
+    with pytest.raises(ArgumentError) as e:
+        region.merge_now(offset, length)  # type: ignore[arg-type]
+    assert isinstance(e.value, ValueError)
+    assert region.advice_runs() == []
+
+
+def test_merge_now_of_nothing_is_zero(region: Region) -> None:
+    assert region.merge_now(4 * P, 0) == 0
+    assert region.merge_now(P, 0) == 0
+    assert region.advice_runs() == []
+
+
+def test_checksums_are_hints_of_private_pages_with_data() -> None:
+    """The worker's lookup hints for merge_now: XXH64 of each private page
+    that holds data, 0 for holes, which are not read (reading one through
+    the mapping would allocate it)."""
+    r = Region(8 * P)
+    a = r.ndarray(np.uint8, (8, P))
+    pages = {1: np.full(P, 7, np.uint8), 2: np.zeros(P, np.uint8),      # written zeros: data
+             5: np.arange(P, dtype=np.uint8), 6: np.arange(P, dtype=np.uint8)[::-1].copy()}
+    for i, v in pages.items():
+        a[i] = v
+    del a
+    h = np.frombuffer(r.checksums(0, 8), np.uint64)
+    assert r.allocated_bytes() == 4 * P          # the holes stayed holes
+    for i, v in pages.items():
+        assert h[i] == np.frombuffer(_native.hash_pages(v.tobytes()), np.uint64)[0]
+    assert not h[[0, 3, 4, 7]].any()
+    assert np.frombuffer(r.checksums(5, 2), np.uint64).tolist() == h[5:7].tolist()
+    assert r.checksums(8, 0) == b""
+    for bad in ((7, 2), (-1, 1), (0, -1)):
+        with pytest.raises(ValueError):
+            r.checksums(*bad)
+    r.close()
+
+
 @pytest.mark.parametrize("advice", [0, 11, 14, -12, True, False, "MERGEABLE", 12.0, None, b"\x0c"])
 def test_advise_bad_advice(region: Region, advice: object) -> None:
     with pytest.raises(ArgumentError):
@@ -281,6 +324,8 @@ CLOSED_CALLS = {
     "break_range": lambda r, sv: r.break_range(0, 1),
     "merge": lambda r, sv: r.merge(sv, np.array([0, 1, 0], dtype=np.int64).tobytes()),
     "address": lambda r, sv: r.address,
+    "merge_now": lambda r, sv: r.merge_now(),
+    "checksums": lambda r, sv: r.checksums(0, 1),
 }
 
 

@@ -7,8 +7,11 @@ checksum and used in batches: the steady state keeps no Python object per page.
   older slots with the same checksum (a full ``max_page_sharing`` chain, or a
   checksum collision) are linked through ``chain_prev``.  It also owns the
   stable segment and the per-slot accounting: ``sharers`` (worker pages whose
-  merge was confirmed), ``pending`` (merges in flight) and ``slot_hash``.  A
-  slot is freed (punched) only when both counts are zero (DESIGN invariant 6).
+  merge was confirmed), ``pending`` (merges in flight), ``slot_hash`` and
+  ``born_inline`` (when ``merge_now`` created the slot, -inf for the scan's:
+  such a page is not given back to its only sharer before
+  ``inline_keep_millisecs`` have passed, see ``inline.py``).  A slot is freed (punched)
+  only when both counts are zero (DESIGN invariant 6).
 * :class:`UnstableIndex` — checksum -> (region uid, page) of a unique page seen
   in this full scan; reset at every full scan.  Entries are hints: the scanner
   re-checks that the page is still private, advised and unchanged.
@@ -42,8 +45,10 @@ class StableIndex:
         self.pending = np.zeros(cap, np.int32)
         self.slot_hash = np.zeros(cap, np.uint64)
         self.chain_prev = np.full(cap, -1, np.int64)
+        self.born_inline = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
         self.max_pages = 0       # max_kernel_pages; 0 = no cap
         self.write_error = ""    # why the last new stable page could not be written
+        self.write_failures = 0  # new stable pages that could not be written, ever
 
     @property
     def fd(self) -> int:
@@ -55,7 +60,7 @@ class StableIndex:
 
     def nbytes(self) -> int:
         return self.ix.nbytes + sum(a.nbytes for a in (self.sharers, self.pending, self.slot_hash,
-                                                        self.chain_prev))
+                                                        self.chain_prev, self.born_inline))
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """The newest slot for each checksum, or -1."""
@@ -74,7 +79,8 @@ class StableIndex:
         if n <= len(self.sharers):
             return
         cap = max(n, 2 * len(self.sharers))
-        for name, fill in (("sharers", 0), ("pending", 0), ("slot_hash", 0), ("chain_prev", -1)):
+        for name, fill in (("sharers", 0), ("pending", 0), ("slot_hash", 0), ("chain_prev", -1),
+                           ("born_inline", -np.inf)):
             old = getattr(self, name)
             new = np.full(cap, fill, old.dtype)
             new[:len(old)] = old
@@ -119,6 +125,7 @@ class StableIndex:
         """The shared-memory filesystem is full (ENOSPC) or the object cannot
         grow: no new stable page now.  The pages stay unmerged and the scan
         goes on; merging must never stop the coordinator."""
+        self.write_failures += 1
         if not self.write_error:
             log.warning("cannot write new stable pages (%s); merges that need one are "
                         "skipped until there is room", e)
@@ -141,6 +148,7 @@ class StableIndex:
             self._unindex(s)
             self.segment.free(s)
             self.sharers[s] = 0
+            self.born_inline[s] = -np.inf
 
     def retire(self, slots: np.ndarray) -> None:
         """Take slots out of the index while they stay mapped: a slot being

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -51,6 +52,7 @@ from shmdedup import _native
 from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.controls import default_max_mappings
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
+from shmdedup.coordinator.scan.inline import Inliner
 from shmdedup.coordinator.scan.matching import Matcher
 from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
@@ -61,9 +63,10 @@ log = logging.getLogger("shmdedup.coordinator")
 PAGE_SIZE: int = _native.PAGE_SIZE
 
 
-class Scanner(Matcher):
+class Scanner(Matcher, Inliner):
     """The cursor, the two indexes, and the slot accounting; candidate
-    matching (steps 3-5) comes from :class:`Matcher`.
+    matching (steps 3-5) comes from :class:`Matcher`, merging at write time
+    (``merge_now``) from :class:`~shmdedup.coordinator.scan.inline.Inliner`.
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
     with lists of (reg, first, npages, slot) runs; the coordinator sends them
@@ -101,6 +104,11 @@ class Scanner(Matcher):
         self.budget = MappingBudget(default_max_mappings())
         # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
+        # The same for merge_now, and how long its new stable pages are kept
+        # from the give-back rule (inline_keep_millisecs, in seconds).
+        self._last_inline: tuple[RegionState, int, int] | None = None
+        self.inline_keep = 30.0
+        self._now = 0.0          # time.monotonic() at the start of the batch
 
     @property
     def sharers(self) -> np.ndarray:
@@ -165,6 +173,8 @@ class Scanner(Matcher):
         self.settle()
 
     def _unlink(self, reg: RegionState) -> None:
+        if self._last_inline is not None and self._last_inline[0] is reg:
+            self._last_inline = None
         i = self.regions.index(reg)
         del self.regions[i]
         self.by_uid.pop(reg.uid, None)
@@ -229,6 +239,7 @@ class Scanner(Matcher):
         visited = 0
         merges: dict[Any, list] = {}
         unmerges: dict[Any, list] = {}
+        self._now = time.monotonic()
         while visited < budget and self.regions:
             if self.cursor >= len(self.regions):
                 self._end_full_scan()
@@ -324,7 +335,10 @@ class Scanner(Matcher):
         merged = np.flatnonzero(st == MERGED) + p0
         if len(merged):
             slots = reg.slot[merged]
-            lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)]
+            # A stable page merge_now created is kept for inline_keep (the
+            # next loader of the same bytes is usually close behind).
+            lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)
+                            & (self.sidx.born_inline[slots] + self.inline_keep <= self._now)]
             if len(lonely):
                 reg.status[lonely] = UNMERGING
                 self.sidx.retire(reg.slot[lonely])

@@ -133,10 +133,11 @@ def _coalesce(items: list) -> list:
         e[2].append(slots)
     runs: list = []
     for reg, pl, sl in by_reg.values():
-        pages = np.concatenate(pl)
-        slots = np.concatenate(sl)
-        order = np.argsort(pages, kind="stable")
-        pages, slots = pages[order], slots[order]
+        pages = np.concatenate(pl) if len(pl) > 1 else pl[0]
+        slots = np.concatenate(sl) if len(sl) > 1 else sl[0]
+        if len(pages) > 1 and not (pages[1:] > pages[:-1]).all():
+            order = np.argsort(pages, kind="stable")
+            pages, slots = pages[order], slots[order]
         zero = slots < 0
         cut = np.flatnonzero((np.diff(pages) != 1) | (zero[1:] != zero[:-1])
                              | (~zero[1:] & (np.diff(slots) != 1))) + 1
@@ -154,6 +155,16 @@ def _unique(a: np.ndarray) -> np.ndarray:
     if len(s) < 2:
         return s
     return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
+def _first_of_each(a: np.ndarray) -> np.ndarray:
+    """Ascending indexes of the first occurrence of each value of a 1-D array
+    (np.unique's return_index, without its cost)."""
+    if len(a) < 2:
+        return np.arange(len(a))
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    return np.sort(order[np.concatenate(([True], s[1:] != s[:-1]))])
 
 
 def _repeated(a: np.ndarray) -> np.ndarray:

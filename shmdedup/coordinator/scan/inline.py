@@ -1,0 +1,245 @@
+"""Merging at write time: the coordinator's side of ``Region.merge_now``.
+
+The scan merges what already exists, two visits apart; a worker that declares
+a range final asks for it to be merged now.  :class:`Inliner` (a mixin of the
+:class:`~shmdedup.coordinator.scan.scanner.Scanner`, like :class:`~shmdedup.coordinator.scan.matching.Matcher`)
+turns one such request into merges, in one pass over the range:
+
+1. the candidates: advised, PRIVATE pages with data (holes are never read),
+   not already in a merge or an unmerge, within the worker's mapping budget;
+2. pages whose worker-sent checksum (a hint) names a stable page with room
+   under ``max_page_sharing``: a merge onto it is queued without a read (the
+   worker proves equality under write protection, invariant 1; a wrong hint
+   only makes that proof fail, and the page stays private);
+3. the others are read with pread and checksummed here (invariant 4), then
+   looked up in the stable index again and confirmed by a compare;
+4. each remaining page becomes a stable page at once: its bytes, as read here,
+   are written into a new stable slot (runs of pages into runs of slots, one
+   pwrite each, continuing the slots of the pages before them so that a
+   streaming load maps onto one long run), indexed by the checksum computed
+   here, and a merge onto it is queued.  Pages with equal bytes inside the
+   range share one new slot.  What enters the stable index is what the
+   coordinator read and hashed itself, never a checksum a worker sent.
+
+The two-visit rule is waived for these pages only, for this request.  Limits
+apply as to the scan: ``max_kernel_pages`` (no new slot past it),
+``max_page_sharing`` (a full slot gets a twin), the mapping budget (merges past
+it are skipped and counted in ``pages_skipped_budget``), ``use_zero_pages`` and
+``merge_zero_pages_only``.  A page that cannot get a stable slot because the
+shared-memory filesystem is full stays private; the request reports ENOSPC.
+
+A stable page created here starts with one sharer (the worker that asked); the
+scan would give it back at once ("break cow once unshared"), before the next
+process with the same bytes arrives.  So its creation time is recorded
+(``born_inline``), and the give-back rule applies to it only once
+``inline_keep_millisecs`` have passed since (then within a full scan).
+
+Concurrent requests for the same content converge on one stable copy: the
+coordinator handles one message at a time, and a new slot is in the stable
+index (with a pending merge holding it, invariant 6) before the next request
+is looked at.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from shmdedup import _native
+from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
+from shmdedup.coordinator.scan.indexes import StableIndex
+from shmdedup.coordinator.scan.tracking import (
+    CHUNK_PAGES, PENDING, UNMERGING, VOLATILE, ZERO_CHECKSUM, RegionState, _coalesce, _first_of_each)
+
+PAGE_SIZE: int = _native.PAGE_SIZE
+
+
+@dataclass
+class InlineResult:
+    """What one merge_now request queued and met."""
+    runs: list                  # (reg, first, n, slot) merge runs for the worker
+    queued: int = 0             # pages queued for a merge
+    created: int = 0            # of which onto stable pages created for them
+    waiting: bool = False       # pages of the range have a merge in flight already
+    enospc: str = ""            # why stable pages could not be written, if they could not
+
+
+class Inliner:
+    """``merge_inline`` for :class:`~shmdedup.coordinator.scan.scanner.Scanner`."""
+
+    # Provided by the Scanner.
+    sidx: StableIndex
+    budget: MappingBudget
+    sharers: np.ndarray
+    pending: np.ndarray
+    max_page_sharing: int
+    use_zero_pages: bool
+    zero_pages_only: bool
+    inline_keep: float                  # seconds (inline_keep_millisecs)
+    _scratch: np.ndarray | None
+    _last_inline: tuple[RegionState, int, int] | None   # (region, last page, its new slot)
+
+    def merge_inline(self, reg: RegionState, first: int, n: int,
+                     hints: np.ndarray | None = None) -> InlineResult:
+        """Queue merges for the pages of [first, first + n) of ``reg`` (see
+        the module docstring); returns the runs to send and what happened.
+        ``hints``: the worker's checksum of each page of the range, or None."""
+        merges: dict = {}
+        out = InlineResult([])
+        failures = self.sidx.write_failures
+        end = first + n
+        for p0 in range(first, end, CHUNK_PAGES):
+            p1 = min(end, p0 + CHUNK_PAGES)
+            st = reg.status[p0:p1]
+            out.waiting |= bool((st == PENDING).any())
+            cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
+            cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
+            if cand.any() and self.budget.full(reg.worker):
+                self.budget.pages_skipped += int(np.count_nonzero(cand))
+                cand[:] = False
+            if cand.any():
+                cand &= reg.present(p0, p1)
+            pages = np.flatnonzero(cand) + p0
+            if len(pages):
+                h = None if hints is None else hints[pages - first]
+                self._inline_chunk(reg, pages, h, merges, out)
+        if self.sidx.write_failures != failures:
+            out.enospc = self.sidx.write_error
+        items = merges.get(reg.worker, [])
+        if items:
+            out.runs = _coalesce(items)
+            out.queued = sum(r[2] for r in out.runs)
+        return out
+
+    def _inline_chunk(self, reg: RegionState, pages: np.ndarray, hints: np.ndarray | None,
+                      merges: dict, out: InlineResult) -> None:
+        # 2. Hints that name a stable page: merge without reading (0: the
+        # worker saw no data or no private page there).
+        if hints is not None and not self.zero_pages_only:
+            hinted = np.flatnonzero(hints != 0)
+            hit = np.zeros(len(pages), bool)
+            hit[hinted] = self._queue_onto_heads(reg, pages[hinted], hints[hinted], None, merges)
+            pages = pages[~hit]
+            if not len(pages):
+                return
+        # 3. Read and checksum the rest here.
+        nn = len(pages)
+        if self._scratch is None:
+            self._scratch = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
+        buf = self._scratch[:nn * PAGE_SIZE]
+        hashes = np.empty(nn, np.uint64)
+        _native.read_pages(reg.backing_fd, pages.astype(np.int64), buf, hashes)
+        reg.checksum[pages] = hashes
+        rows = buf.reshape(-1, PAGE_SIZE)
+        todo = np.ones(nn, bool)
+        if self.use_zero_pages or self.zero_pages_only:
+            zi = [i for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist() if _native.is_zero(rows[i])]
+            if zi:
+                self._queue(merges, reg, pages[zi], np.full(len(zi), -1))
+                todo[zi] = False
+        if self.zero_pages_only:    # no stable page, ever: the rest stays private
+            reg.status[pages[todo]] = VOLATILE
+            return
+        idx = np.flatnonzero(todo)
+        while len(idx):
+            hit = self._queue_onto_heads(reg, pages[idx], hashes[idx], (buf, idx), merges)
+            idx = idx[~hit]
+            if not len(idx):
+                break
+            # 4. New stable pages: the first page of each checksum; equal pages
+            # after it find that slot at the next round (or, past
+            # max_page_sharing, get the next slot).
+            firsts = _first_of_each(hashes[idx])
+            made = self._new_stable(reg, pages, hashes, rows, idx[firsts], merges)
+            out.created += made
+            if made < len(firsts):
+                # No slot (max_kernel_pages, the budget, a full tmpfs): pages
+                # with those checksums stay private this time.
+                lost = np.isin(hashes[idx], hashes[idx[firsts]][made:])
+                reg.status[pages[idx[lost]]] = VOLATILE
+                keep = np.ones(len(idx), bool)
+                keep[firsts] = False
+                idx = idx[keep & ~lost]
+            else:
+                keep = np.ones(len(idx), bool)
+                keep[firsts] = False
+                idx = idx[keep]
+
+    def _queue_onto_heads(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
+                          content: tuple[np.ndarray, np.ndarray] | None, merges: dict) -> np.ndarray:
+        """Queue merges of pages onto the stable page their checksum names
+        (the newest of its chain) while it has room; with ``content`` (the
+        read buffer and each page's index in it) only where the bytes compare
+        equal.  Returns which pages were queued."""
+        head = self.sidx.lookup(hashes)
+        ci = np.flatnonzero(head >= 0)
+        done = np.zeros(len(pages), bool)
+        if not len(ci):
+            return done
+        cs = head[ci]
+        if content is not None:
+            buf, bidx = content
+            eq = np.frombuffer(_native.compare_slots(buf, bidx[ci].astype(np.int64), self.sidx.fd, cs),
+                               np.uint8).astype(bool)
+        else:
+            eq = np.ones(len(ci), bool)
+        room = self.sharers[cs] + self.pending[cs]
+        if len(cs) > 1 and not (cs[1:] > cs[:-1]).all():
+            # The same slot more than once: each counts the ones before it.
+            order = np.argsort(cs, kind="stable")
+            srt = cs[order]
+            rank = np.empty(len(cs), np.int64)
+            rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
+            room = room + rank
+        ok = eq & (room < self.max_page_sharing)
+        if ok.any():
+            # Past the mapping budget _queue leaves pages VOLATILE: done too.
+            self._queue(merges, reg, pages[ci[ok]], cs[ok])
+            done[ci[ok]] = True
+        return done
+
+    def _new_stable(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
+                    rows: np.ndarray, ii: np.ndarray, merges: dict) -> int:
+        """Copy pages[ii] (ascending, distinct checksums) into new stable slots,
+        runs of consecutive pages into runs of consecutive slots, and queue
+        their merges.  Returns how many of them, from the start, got a slot."""
+        # The runs: consecutive pages that also sit side by side in the buffer.
+        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(ii) != 1)) + 1
+        starts = np.concatenate(([0], cut))
+        ends = np.concatenate((cut, [len(ii)]))
+        # The mapping budget, all runs at once: each run a stretch of its own.
+        keys = FRESH_KEY + 8 * np.repeat(np.arange(len(starts)), ends - starts)
+        fit, cost = self.budget.room(reg, pages[ii], keys)
+        self.budget.commit(reg.worker, cost)
+        self.budget.pages_skipped += len(ii) - fit
+        made = 0
+        now = time.monotonic()
+        for a, e in zip(starts.tolist(), ends.tolist()):
+            b = min(e, fit)
+            b = a + self.sidx.room(b - a)          # max_kernel_pages
+            if b <= a:
+                break
+            sel = ii[a:b]
+            p0 = int(pages[sel[0]])
+            # Continue the slots of the page before, so that a streaming load
+            # (and every process that maps the same pages later) gets one run.
+            hint = None
+            last = self._last_inline
+            if last is not None and last[0] is reg and last[1] == p0 - 1:
+                hint = last[2] + 1
+            elif p0 > 0 and reg.slot[p0 - 1] >= 0:
+                hint = int(reg.slot[p0 - 1]) + 1
+            r0 = int(sel[0])
+            s = self.sidx.add(rows[r0:r0 + len(sel)], hashes[sel], hint)
+            if s is None:
+                break
+            slots = np.arange(s, s + len(sel), dtype=np.int64)
+            self.sidx.born_inline[slots] = now
+            self._last_inline = (reg, int(pages[sel[-1]]), s + len(sel) - 1)
+            self._queue(merges, reg, pages[sel], slots, checked=True)
+            made += len(sel)
+            if b < e:
+                break
+        return made
