@@ -46,6 +46,7 @@ from shmdedup import _native, protocol
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import PeerRejectedError, ProtocolError
+from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
 from shmdedup.coordinator.inflight import RequestsMixin
 from shmdedup.coordinator.scan.scanner import Scanner, RegionState
@@ -102,6 +103,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.batches = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
+        self.activity = Activity()   # what -v logs (activity.py)
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -216,6 +218,8 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
                 c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
                 c["advisor_target_scan_time"], c["advisor_max_cpu"],
                 c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
+        self.activity.full_scan(self.scanner.full_scans, now - t0, self.scanner.stats,
+                                c["pages_to_scan"], c["advisor_mode"] == 1)
 
     # -- connections -------------------------------------------------------
 
@@ -303,8 +307,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         fd = peer.conn.fileno() if not peer.conn.closed else None
         if fd is None or self.peers.get(fd) is not peer:
             return
-        if why:
-            log.warning("closing connection of pid %d (%s): %s", peer.pid, peer.role or "no hello", why)
+        self.activity.disconnected(peer, why, stopping=not release)
         try:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
@@ -375,6 +378,7 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             if t != "hello":
                 raise ProtocolError(f"expected hello, got {t}")
             peer.role = msg["role"]
+            self.activity.connected(peer)
             if peer.role == "worker":
                 ro = self.scanner.stable.readonly_fd()
                 try:

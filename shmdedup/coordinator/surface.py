@@ -24,6 +24,7 @@ from typing import Any
 
 from shmdedup.controls import check_control
 from shmdedup.errors import ControlError
+from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.scan.scanner import Scanner
 
@@ -39,6 +40,7 @@ class ControlsMixin:
     socket_path: str
     metrics_port: int | None
     last_error: str
+    activity: Activity
     _next_batch: float
     _run2: dict[str, Any] | None
 
@@ -84,6 +86,7 @@ class ControlsMixin:
         if name == "pages_to_scan":
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self._apply_scanner_controls()
+        self.activity.control(name, old, value, client)
         if name == "run" and value == 2 and old != 2:
             self._start_run2(client)
         self._next_batch = time.monotonic()
