@@ -220,8 +220,15 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from shmdedup.paths import resolve_socket_path
     from shmdedup.tools.client import Client
-    return Client(args.socket, domain=args.domain)
+    path = resolve_socket_path(args.socket, args.domain)
+    try:
+        return Client(path)
+    except OSError as e:   # e.g. EACCES: say which socket
+        if not isinstance(e, Error) and e.filename is None:
+            e.filename = path
+        raise
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

@@ -135,6 +135,20 @@ def test_runtime_failures_exit_1(start_coordinator, socket_dir: str) -> None:
     assert cli("stats", "--socket", co.path).returncode == 0
 
 
+def test_a_socket_we_may_not_open_is_named(monkeypatch, capsys, socket_dir: str) -> None:
+    """EACCES from connect() (another user's socket directory; as root here,
+    simulated in-process): status 1, and the message says which socket."""
+    from shmdedup import protocol
+    from shmdedup.tools import cli as cli_module
+
+    def refuse(path: str, timeout: float | None = 5.0) -> None:
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(protocol, "connect", refuse)
+    path = os.path.join(socket_dir, "theirs.sock")
+    assert cli_module.main(["stats", "--socket", path]) == 1
+    assert capsys.readouterr().err == f"shmdedup: {path}: Permission denied\n"
+
+
 def test_metrics_port_in_use_exits_1_and_names_the_port(socket_dir: str) -> None:
     pytest.importorskip("prometheus_client")
     busy = socket.socket()
