@@ -3,6 +3,7 @@
 ``server`` (event loop, connections), ``peers`` (connections and ghosts),
 ``inflight`` (merge and unmerge requests in flight, full-scan waits, run=2),
 ``surface`` (controls and statistics as served), ``security`` (vetting what
-peers send), ``metrics`` (Prometheus), and ``scan/`` (the algorithm).
+peers send), ``activity`` (what ``-v`` logs), ``metrics`` (Prometheus), and
+``scan/`` (the algorithm).
 Importing this package imports none of them: tools stay light.
 """

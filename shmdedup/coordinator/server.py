@@ -54,6 +54,7 @@ from shmdedup import _native, protocol
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import DescriptorShortageError, ProtocolError
+from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.connections import ConnectionsMixin
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
 from shmdedup.coordinator.inflight import RequestsMixin
@@ -116,6 +117,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
         self._init_connections()
+        self.activity = Activity()   # what -v logs (activity.py)
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -246,6 +248,8 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
                 c["advisor_target_scan_time"], c["advisor_max_cpu"],
                 c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
+        self.activity.full_scan(self.scanner.full_scans, now - t0, self.scanner.stats,
+                                c["pages_to_scan"], c["advisor_mode"] == 1)
 
     # -- connections -------------------------------------------------------
 
@@ -356,8 +360,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if fd is None or self.peers.get(fd) is not peer:
             return
         if why:
-            self.warn.warning("closing", "closing connection of pid %d (%s): %s", peer.pid,
-                              peer.role or "no hello", why)
+            self.warn.warning("closing", "closing connection of pid %d uid %d (%s): %s", peer.pid,
+                              peer.uid, peer.role or "no hello", why)
+        else:
+            self.activity.disconnected(peer, "", stopping=not release)
         try:
             self.sel.unregister(fd)
         except (KeyError, ValueError):
@@ -438,6 +444,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                                           f"reached: only a client may connect past it")
                 return
             peer.role = msg["role"]
+            self.activity.connected(peer)
             if peer.role == "worker":
                 ro = self.scanner.stable.readonly_fd()
                 try:

@@ -28,6 +28,7 @@ from typing import Any
 
 from shmdedup.controls import check_control
 from shmdedup.errors import ControlError
+from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.quotas import Quotas
 from shmdedup.coordinator.scan.scanner import Scanner
@@ -47,6 +48,7 @@ class ControlsMixin:
     last_error: str
     pages_merged_inline: int
     merge_now_cpu_ns: int
+    activity: Activity
     _next_batch: float
     _run2: dict[str, Any] | None
 
@@ -102,6 +104,7 @@ class ControlsMixin:
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self._apply_scanner_controls()
         self._next_batch = time.monotonic()
+        self.activity.control(name, old, value, client)
         if name == "run" and value == 2 and old != 2:
             self._start_run2(client)
             return True

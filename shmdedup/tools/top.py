@@ -282,7 +282,7 @@ def run_top(socket_path: str | None = None, *, domain: str | None = None, interv
     path = resolve_socket_path(socket_path, domain)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("shmdedup top: needs a terminal (try: shmdedup stats)", file=sys.stderr)
-        return 2
+        return 1
     try:
         locale.setlocale(locale.LC_ALL, "")
     except locale.Error:
@@ -297,7 +297,7 @@ def run_top(socket_path: str | None = None, *, domain: str | None = None, interv
     except curses.error as e:
         print(f"shmdedup top: cannot use this terminal (TERM={os.environ.get('TERM', '')!r}): {e}",
               file=sys.stderr)
-        return 2
+        return 1
     finally:
         view.close()
         signal.signal(signal.SIGTERM, old_term)

@@ -165,7 +165,7 @@ def test_bad_set_exits_nonzero_with_a_clear_message_and_changes_nothing(start_co
     co = start_coordinator()
     before = co.controls()
     r = cli("set", "--socket", co.path, *assignments)
-    assert r.returncode != 0
+    assert r.returncode == 2   # a usage error: checked before anything is sent
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stdout == ""
@@ -184,7 +184,7 @@ def test_coordinator_takes_initial_controls(start_coordinator):
 def test_coordinator_with_a_bad_initial_control_exits_nonzero(socket_dir, bad, message):
     path = os.path.join(socket_dir, "bad.sock")
     r = cli("coordinator", "--socket", path, "--set", bad)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert not os.path.exists(path)
@@ -194,7 +194,7 @@ def test_stats_without_a_coordinator_fails_clearly(socket_dir):
     path = os.path.join(socket_dir, "nobody.sock")
     for args in (["stats", "--socket", path], ["set", "--socket", path, "run=1"]):
         r = cli(*args)
-        assert r.returncode != 0
+        assert r.returncode == 3
         assert f"no coordinator at {path}" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr, r.stderr
 
@@ -205,7 +205,7 @@ def test_sigterm_stops_the_coordinator_cleanly(start_coordinator):
     assert co.stop() == 0
     assert not os.path.exists(co.path)
     r = cli("stats", "--socket", co.path)
-    assert r.returncode != 0 and "no coordinator at" in r.stderr
+    assert r.returncode == 3 and "no coordinator at" in r.stderr
 
 
 def test_cli_coordinator_merges_workers_and_run2_unmerges(monkeypatch, start_coordinator, spawn_workers):
@@ -252,7 +252,7 @@ def test_cli_coordinator_merges_workers_and_run2_unmerges(monkeypatch, start_coo
 def test_second_coordinator_on_a_live_socket_exits_with_a_message(start_coordinator):
     co = start_coordinator()
     r = cli("coordinator", "--socket", co.path)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert "already listening" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     # The first one keeps its socket and keeps answering.
@@ -262,7 +262,7 @@ def test_second_coordinator_on_a_live_socket_exits_with_a_message(start_coordina
 def test_coordinator_socket_in_a_missing_directory_exits_with_a_message(socket_dir):
     path = os.path.join(socket_dir, "missing", "c.sock")
     r = cli("coordinator", "--socket", path)
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert path in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

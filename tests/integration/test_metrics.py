@@ -154,18 +154,20 @@ def test_standalone_coordinator_serves_metrics(sockdir: str) -> None:
 
 
 def test_cli_metrics_errors_are_clear(sockdir: str) -> None:
-    """A bad or busy port: one line on stderr, exit 2, no traceback, no socket left."""
+    """A bad port is a usage error (exit 2), a busy one a failure (exit 1): one
+    line on stderr, no traceback, no socket left."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     try:
-        for port, expect in [("70000", "metrics_port must be an int in [0, 65535]"),
-                             (str(busy.getsockname()[1]), "cannot serve metrics on 127.0.0.1:")]:
+        for port, expect, code in [
+                ("70000", "argument --metrics-port: expected a TCP port between 0 and 65535", 2),
+                (str(busy.getsockname()[1]), "cannot serve metrics on 127.0.0.1:", 1)]:
             path = os.path.join(sockdir, "c.sock")
             r = subprocess.run([sys.executable, "-m", "shmdedup", "coordinator", "--socket", path,
                                 "--metrics-port", port], capture_output=True, text=True,
                                env=child_env(), cwd=str(REPO_ROOT), timeout=60)
-            assert r.returncode == 2, r.stderr
+            assert r.returncode == code, r.stderr
             assert expect in r.stderr and "Traceback" not in r.stderr, r.stderr
             assert not os.path.exists(path)
     finally:
