@@ -26,6 +26,9 @@ and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
 
+The listening socket is bound here, or inherited from a service manager
+(``activation.py``: systemd socket activation).
+
 Layout: this module holds the event loop, connections, ghosts and the
 worker's region messages.  ``CoordinatorServer`` inherits two parts kept in
 their own modules: ``inflight.py`` (merge/unmerge requests in flight and
@@ -43,6 +46,7 @@ import time
 from typing import Any
 
 from shmdedup import _native, protocol
+from shmdedup.coordinator import activation
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import PeerRejectedError, ProtocolError
@@ -73,7 +77,11 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
         self.allow_uids, self.allow_gids = allow_uids, allow_gids
-        self.listener = protocol.listen(socket_path, socket_mode)
+        # Socket activation (activation.py): the service manager's socket, kept
+        # on our way out; else our own, bound here and unlinked at shutdown.
+        inherited = activation.inherited_listener(socket_path)
+        self.socket_activated = inherited is not None
+        self.listener = inherited or protocol.listen(socket_path, socket_mode)
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
@@ -144,10 +152,11 @@ class CoordinatorServer(RequestsMixin, ControlsMixin):
         self.ghosts.clear()
         self.sel.close()
         self.listener.close()
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
+        if not self.socket_activated:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._parent is not None:
