@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import no_shm_leftovers, reaper, wait_for  # noqa: F401
-from tests.integration.namespaces import (
+from tests.integration.isolation import (
     NAMESPACES,
     PID_NS,
     UNSHARE,

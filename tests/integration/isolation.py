@@ -1,6 +1,6 @@
 """Harness for the namespace and cgroup tests (docs/deploy.md): coordinators and
 workers started in namespaces of their own with util-linux ``unshare``, or in a
-memory cgroup, talking over one socket.
+memory cgroup (``MemoryCgroup``), talking over one socket.
 
 * ``Coordinator``: ``python -m shmdedup coordinator --socket PATH`` under a
   command prefix (``unshare ...``, a cgroup launcher), statistics read from
@@ -250,6 +250,9 @@ for line in sys.stdin:
         for p in cmd["pages"]:
             a[p * P] ^= 0xFF
         reply(digest=digest())
+    elif op == "advise":
+        region.advise(shmdedup.MERGEABLE)
+        reply(ok=True)
     elif op == "disconnect":                     # alive, but away from this coordinator
         shmdedup.set_socket(path + ".elsewhere")
         reply(ok=True)
@@ -326,3 +329,96 @@ class NsWorker:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._log.close()
+
+
+# ---- memory cgroups ----------------------------------------------------------------
+
+def _memory_cgroup_dir() -> tuple[str, int] | None:
+    """This process's memory cgroup directory and the cgroup version (2 or 1)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            with open("/sys/fs/cgroup/cgroup.controllers") as f:
+                if "memory" in f.read().split():
+                    return "/sys/fs/cgroup" + path.rstrip("/"), 2
+        if "memory" in controllers.split(","):
+            base = "/sys/fs/cgroup/memory"
+            if os.path.isdir(base):
+                return base + path.rstrip("/"), 1
+    return None
+
+
+class MemoryCgroup:
+    """A child memory cgroup of ours (v2 or v1), removed at ``close()``.
+
+    ``prefix`` starts a command in it (the launcher moves itself in before
+    exec, so every page the program touches is charged here).  ``shmem()``
+    and ``anon()`` read the cgroup's own memory.stat (v1: this cgroup only,
+    not its children), ``current()`` memory.current (v1 usage_in_bytes);
+    ``set_limit()`` writes memory.max (v1 limit_in_bytes).
+    """
+
+    _count = 0
+
+    def __init__(self, name: str) -> None:
+        found = _memory_cgroup_dir()
+        if found is None:
+            raise OSError("no memory cgroup controller")
+        parent, self.version = found
+        if self.version == 2:
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                if "memory" not in f.read().split():
+                    with open(os.path.join(parent, "cgroup.subtree_control"), "w") as w:
+                        w.write("+memory")   # EBUSY if the parent holds processes
+        MemoryCgroup._count += 1
+        self.path = os.path.join(parent, f"shmdedup-test-{os.getpid()}-{MemoryCgroup._count}-{name}")
+        os.mkdir(self.path)
+        self.prefix = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.path, "cgroup.procs")]
+
+    def stat(self) -> dict[str, int]:
+        with open(os.path.join(self.path, "memory.stat")) as f:
+            return {k: int(v) for k, v in (line.split() for line in f)}
+
+    def shmem(self) -> int:
+        return self.stat()["shmem"]
+
+    def anon(self) -> int:
+        return self.stat()["anon" if self.version == 2 else "rss"]
+
+    def current(self) -> int:
+        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        with open(os.path.join(self.path, name)) as f:
+            return int(f.read())
+
+    def set_limit(self, nbytes: int) -> None:
+        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(str(nbytes))
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        with open(os.path.join(self.path, name)) as f:
+            return {k: int(v) for k, v in (line.split() for line in f)}.get("oom_kill", 0)
+
+    def procs(self) -> list[int]:
+        with open(os.path.join(self.path, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+
+    def close(self) -> None:
+        """Remove it once its processes are gone (their charges move up)."""
+        wait_for(lambda: not self.procs(), 30, f"{self.path} to have no process left")
+        os.rmdir(self.path)
+
+
+def memory_cgroup_problem() -> str | None:
+    """Why no child memory cgroup can be made here (None: one can)."""
+    try:
+        MemoryCgroup("probe").close()
+    except OSError as e:
+        return f"cannot create a memory cgroup: {e}"
+    return None
