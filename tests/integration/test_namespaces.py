@@ -13,6 +13,11 @@ be reachable.  What changes is what ``SO_PEERCRED`` tells the coordinator:
   uid 65534 to a coordinator outside, and a uid that the coordinator's own user
   namespace does not map is the overflow uid (65534).
 
+The last test is the Kubernetes recipe (deploy/k8s) in miniature: a
+coordinator "pod" in the host's pid namespace (hostPID) and worker "pods" in
+namespaces of their own (pid, mount, ipc, net, uts) that reach the socket
+through a read-only mount of its directory (a hostPath volume).
+
 Each case checks merging from outside (st_blocks of the workers' objects and
 of the coordinator's stable object) and with the counters, copy-on-write, and
 that a worker's exit frees its slots.  Needs root and util-linux ``unshare``;
@@ -222,3 +227,50 @@ def test_coordinator_in_a_user_namespace_sees_uids_through_its_map(socket_path: 
     procs.append(w)
     wait_for(lambda: f"uid {overflow} gid {overflow} is not allowed" in coord.log(), 30,
              "the coordinator to see uid 1000 as the overflow uid")
+
+
+# ---- the Kubernetes recipe (deploy/k8s), in namespaces --------------------------------
+
+def pod(*, pid_ns: bool, socket_dir: str | None = None) -> list[str]:
+    """A pod-like sandbox: new mount, ipc, net and uts namespaces (and pid
+    unless the pod shares the host's, as the coordinator's hostPID does), its
+    own /dev/shm, and socket_dir mounted read-only at /mnt/shmdedup (a
+    hostPath volume with readOnly: true)."""
+    setup = "mount -t tmpfs -o size=512m,mode=1777 shm /dev/shm"
+    if socket_dir:
+        setup += (" && mount -t tmpfs -o size=1m tmp /mnt && mkdir /mnt/shmdedup"
+                  f" && mount --bind -o ro {socket_dir} /mnt/shmdedup")
+    return [UNSHARE or "unshare", "--mount", "--ipc", "--net", "--uts",
+            *(PID_NS if pid_ns else []), "--", "sh", "-c", setup + ' && exec "$0" "$@"']
+
+
+def test_kubernetes_recipe_coordinator_pod_and_worker_pods(socket_path: str, procs: list) -> None:
+    """deploy/k8s: one coordinator pod with the host's pid namespace (hostPID)
+    and the socket directory of the host (hostPath); worker pods in pid
+    namespaces of their own that mount that directory read-only.  Merging,
+    copy-on-write, a live worker losing its connection (keeps its slots: the
+    coordinator has a pidfd for it) and an exit (frees them)."""
+    needs("--mount", "--ipc", "--net", "--uts", *PID_NS)
+    coord = Coordinator(socket_path, pod(pid_ns=False))
+    procs.append(coord)
+    inside = "/mnt/shmdedup/" + os.path.basename(socket_path)
+    a, b, c = (NsWorker(inside, pod(pid_ns=True, socket_dir=os.path.dirname(socket_path)),
+                        seed=7, npages=N) for _ in range(3))
+    procs += [a, b, c]
+    assert os.readlink(f"/proc/{a.pid}/ns/net") != os.readlink(f"/proc/{coord.host_pid}/ns/net")
+    s = coord.wait_stats(lambda s: s["pages_shared"] == N and s["pages_sharing"] == 2 * N,
+                         "every page to merge")
+    assert sorted(w["pid"] for w in s["workers"]) == sorted([a.pid, b.pid, c.pid])
+    wait_for(lambda: all_merged([a, b, c]), 30, "every worker to see every page merged")
+    assert a.blocks() == b.blocks() == c.blocks() == 0 and stable_blocks(coord) == N
+
+    a.ask("disconnect")                       # alive, still mapping the slots
+    coord.wait_stats(lambda s: len(s["workers"]) == 2, "a's connection to go")
+    b.exit()
+    c.exit()                                  # a is the last one mapping them
+    s = coord.wait_stats(lambda s: s["workers"] == [], "b's and c's exits to be seen")
+    assert a.status()["digest"] == a.digest
+    assert s["stable_pages_allocated"] == N and stable_blocks(coord) == N
+    a.exit()                                  # now they can go
+    coord.wait_stats(lambda s: s["stable_pages_allocated"] == 0, "a's slots to be freed")
+    wait_for(lambda: stable_blocks(coord) == 0, 30, "the stable object to be punched")
