@@ -129,12 +129,13 @@ class Coordinator:
     """``shmdedup coordinator`` under *prefix* (an unshare or cgroup launcher)."""
 
     def __init__(self, path: str, prefix: list[str] | tuple[str, ...] = (),
-                 args: list[str] | tuple[str, ...] = (), wait: bool = True) -> None:
+                 args: list[str] | tuple[str, ...] = (), wait: bool = True,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.path = path
         self.proc, self._log = _spawn([*prefix, sys.executable, "-m", "shmdedup", "coordinator",
                                        "--socket", path, "--set", "sleep_millisecs=0",
                                        "--set", "pages_to_scan=2000", *args],
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, pass_fds=pass_fds)
         self._client: Client | None = None
         if wait:
             wait_for(self._answers, DEFAULT_TIMEOUT, f"the coordinator at {path} to answer")
