@@ -29,7 +29,7 @@ from shmdedup import _native
 from shmdedup.tools.client import Client
 from tests import helpers
 from tests.cluster import digest, start_worker
-from tests.helpers import child_env, no_shm_leftovers, reaper, run_python, wait_for  # noqa: F401
+from tests.helpers import child_env, no_shm_leftovers, reaper, wait_for  # noqa: F401
 
 P = _native.PAGE_SIZE
 N = 32
