@@ -1,6 +1,7 @@
 """The coordinator wing: the ksmd of a domain.
 
-``server`` (event loop, connections), ``peers`` (connections and ghosts),
+``server`` (event loop, connections), ``activation`` (a listening socket
+passed by systemd), ``peers`` (connections and ghosts),
 ``inflight`` (merge and unmerge requests in flight, full-scan waits, run=2),
 ``surface`` (controls and statistics as served), ``security`` (vetting what
 peers send), ``activity`` (what ``-v`` logs), ``metrics`` (Prometheus), and

@@ -39,6 +39,9 @@ modules: ``connections.py`` (accept, admission, hello deadlines, sends and
 drops), ``inflight.py`` (merge/unmerge requests in flight and their replies,
 waits for full_scans, run=2) and ``surface.py`` (``set_control``, ``stats``
 and the client messages that reach them).
+
+The listening socket is bound here, or inherited from a service manager
+(``activation.py``: systemd socket activation).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import time
 from typing import Any
 
 from shmdedup import _native, protocol
+from shmdedup.coordinator import activation
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import DescriptorShortageError, ProtocolError
@@ -83,7 +87,11 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
         self.allow_uids, self.allow_gids = allow_uids, allow_gids
-        self.listener = protocol.listen(socket_path, socket_mode)
+        # Socket activation (activation.py): the service manager's socket, kept
+        # on our way out; else our own, bound here and unlinked at shutdown.
+        inherited = activation.inherited_listener(socket_path)
+        self.socket_activated = inherited is not None
+        self.listener = inherited or protocol.listen(socket_path, socket_mode)
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
@@ -167,10 +175,11 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.ghosts.clear()
         self.sel.close()
         self.listener.close()
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
+        if not self.socket_activated:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._parent is not None:
