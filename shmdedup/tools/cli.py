@@ -65,6 +65,14 @@ CONTROL_HELP = {
     "max_msgs_burst": "per-connection message burst",
     "max_mappings": "most mappings a worker may reach through merges (default: 3/4 of "
                     "vm.max_map_count)",
+    "inline_keep_millisecs": "milliseconds a stable page made by merge_now is kept for its only "
+                             "sharer before the give-back rule applies",
+    "max_connections_per_uid": "connections one uid other than the coordinator's may hold",
+    "max_regions_per_uid": "regions one uid other than the coordinator's may register",
+    "max_pages_per_uid": "pages one uid other than the coordinator's may register",
+    "max_fds": "descriptors the coordinator may hold for peers (0: from RLIMIT_NOFILE)",
+    "max_fds_per_uid": "descriptors held for one uid other than the coordinator's (0: a quarter "
+                       "of max_fds)",
 }
 
 

@@ -33,7 +33,7 @@ def test_guide_api_example_prints_what_its_comment_says():
 
 
 def test_guide_says_debugger_writes_fail_with_eio():
-    io = " ".join(_section("## 4. The I/O caveat").split())
+    io = " ".join(_section("## 5. The I/O caveat").split())
     assert re.search(r"`/proc/<pid>/mem` fails with \*\*`EIO`\*\*", io), io
     assert re.search(r"`ptrace\(PTRACE_POKEDATA\)`[^.;]* fails with \*\*`EIO`\*\*", io), io
     assert re.search(r"`process_vm_writev`[^.;]* fails with \*\*`EFAULT`\*\*", io), io
