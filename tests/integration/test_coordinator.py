@@ -691,6 +691,9 @@ def test_run0_stops_scanning_and_keeps_merged_pages(coordinator, spawn_workers):
     for w in (a, b):
         assert w.status()["merged"] == npages - K
     c.set("run", 1)
+    # The counters still show the merges of before the writes (no scan has
+    # seen the breaks yet): they only mean something once scans have run.
+    c.wait_full_scans(2, timeout=60)
     wait_stats(c, lambda s: counts(s) == want and s["stable_pages_allocated"] == npages, 60,
                f"{want} again, the K old slots freed")
     for w in (a, b):
