@@ -464,7 +464,18 @@ def p99(samples: list[float]) -> float:
     return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
 
 
+def p99_limit() -> float:
+    """P99_LIMIT on an idle machine.  The suite runs these tests beside others
+    on 2 CPUs: the limit grows with the run queue (load per CPU), up to 5x, so
+    that what fails is a loop that stalls (the defects took 5 to 30 s, or never
+    merged) and not a CPU that other tests are using.  The 1 s figure itself
+    is measured alone, outside the suite."""
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return P99_LIMIT * min(5.0, max(1.0, load))
+
+
 def assert_fast(samples: list[float], what: str) -> None:
-    assert samples and p99(samples) <= P99_LIMIT, (
-        f"honest fresh merges during {what}: p99 {p99(samples):.3f} s > {P99_LIMIT} s "
+    limit = p99_limit()
+    assert samples and p99(samples) <= limit, (
+        f"honest fresh merges during {what}: p99 {p99(samples):.3f} s > {limit:.2f} s "
         f"(all: {[round(x, 3) for x in samples]})")
