@@ -191,7 +191,7 @@ class ConnectionsMixin:
 
     # -- sending -------------------------------------------------------------
 
-    def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
+    def _send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None) -> bool:
         """Send now, or queue behind what is already waiting; never block.
         The caller keeps its *fds* (a queued message carries duplicates)."""
         if peer.conn.closed:

@@ -140,7 +140,7 @@ class StatsCollector:
             self._cond.wait_for(lambda: self._generation > start, SCRAPE_WAIT)
             return self.snapshot
 
-    def describe(self) -> list:
+    def describe(self) -> list[Any]:
         return []  # names are dynamic (per worker): nothing to check at registration
 
     def collect(self) -> Iterator[Any]:

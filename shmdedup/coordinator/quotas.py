@@ -39,6 +39,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shmdedup.stats import UidStats
+
 log = logging.getLogger("shmdedup.coordinator")
 
 FD_RESERVE = 64          # the loop's own: listener, selector, wake pipe, stable segment, logs
@@ -218,10 +220,11 @@ class Quotas:
             return f"the coordinator holds {self.total.fds} descriptors for its peers (max_fds {self.max_fds()})"
         return None
 
-    def stats(self, uid: int | None = None) -> list[dict[str, int]]:
+    def stats(self, uid: int | None = None) -> list[UidStats]:
         """One line per uid with usage (only *uid*'s if given)."""
-        return [{"uid": u, **usage.as_dict()} for u, usage in sorted(self.by_uid.items())
-                if uid is None or u == uid]
+        return [UidStats(uid=u, connections=usage.connections, regions=usage.regions,
+                         pages=usage.pages, fds=usage.fds)
+                for u, usage in sorted(self.by_uid.items()) if uid is None or u == uid]
 
 
 __all__ = ["CLIENT_RESERVE", "FD_RESERVE", "Quotas", "Usage", "descriptor_budget",

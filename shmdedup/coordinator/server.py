@@ -51,6 +51,7 @@ import logging
 import os
 import selectors
 import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shmdedup import _native, protocol
@@ -63,7 +64,8 @@ from shmdedup.coordinator.connections import ConnectionsMixin
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
 from shmdedup.coordinator.inflight import RequestsMixin
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
-from shmdedup.coordinator.scan.scanner import Scanner, RegionState
+from shmdedup.coordinator.scan.scanner import Scanner
+from shmdedup.coordinator.scan.tracking import RegionState
 from shmdedup.coordinator.surface import ControlsMixin
 
 log = logging.getLogger("shmdedup.coordinator")
@@ -76,7 +78,7 @@ TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
-    def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
+    def __init__(self, socket_path: str, controls: Mapping[str, object] | None = None,
                  allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
                  socket_mode: int = 0o600, metrics_port: int | None = None,
                  parent_pid: int | None = None) -> None:
@@ -111,7 +113,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.peers: dict[int, Peer] = {}
         self._req = itertools.count(1)
         self._last_req = 0                   # id of the last request sent to a worker
-        self._waiters: list[list] = []       # see inflight.py
+        self._waiters: list[list[Any]] = []  # see inflight.py
         self._resume: list[Peer] = []        # clients whose held requests can go on
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []
@@ -205,7 +207,8 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             timeout = t if timeout is None else min(timeout, t)
         for key, mask in self.sel.select(timeout):
             if key.data == "parent":
-                log.warning("parent process %d exited: stopping", self._parent[0])
+                log.warning("parent process %s exited: stopping",
+                            self._parent[0] if self._parent is not None else "?")
                 self._stopping = True
             elif key.data == "wake":
                 try:
@@ -286,7 +289,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             else:
                 self._handle(peer, msg, fds)
 
-    def _read_one(self, peer: Peer) -> tuple[dict, list[int]] | None:
+    def _read_one(self, peer: Peer) -> tuple[dict[str, Any], list[int]] | None:
         """One message off the connection, or None (nothing queued, or the
         connection is being dropped: the reason is scheduled)."""
         try:
@@ -323,7 +326,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             return None
         return msg, fds
 
-    def _handle(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _handle(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         try:
             self._dispatch(peer, msg, fds)
         except (ProtocolError, ValueError, OSError, MemoryError) as e:
@@ -443,7 +446,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
 
     # -- messages ----------------------------------------------------------
 
-    def _dispatch(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _dispatch(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         t = msg["t"]
         if peer.role is None:
             if t != "hello":
@@ -470,7 +473,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             raise ProtocolError(f"a {peer.role} may not send {t}")
         handler(self, peer, msg, fds)
 
-    def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_register(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         rid, npages = msg["rid"], msg["npages"]
         if rid in peer.regions:
             raise ProtocolError(f"region {rid} is already registered")
@@ -524,7 +527,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             raise ProtocolError(f"region {rid} is not registered by this worker")
         return reg
 
-    def _on_advise(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_advise(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         if msg["rid"] in peer.refused:
             return  # sent before the worker heard of the refusal
         reg = self._region(peer, msg["rid"])
@@ -538,7 +541,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             self.scanner.settle()
         self._next_batch = min(self._next_batch, time.monotonic())
 
-    def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_unregister(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         if msg["rid"] in peer.refused:
             peer.refused.discard(msg["rid"])
             return
@@ -549,7 +552,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         _uncharge(self.quotas, peer.uid, _held([reg]))
 
 
-_WORKER = {
+# Message handlers by message type, for each role.
+_Handler = Callable[[CoordinatorServer, Peer, dict[str, Any], list[int]], None]
+_WORKER: dict[str, _Handler] = {
     "register": CoordinatorServer._on_register,
     "advise": CoordinatorServer._on_advise,
     "unregister": CoordinatorServer._on_unregister,
@@ -557,7 +562,7 @@ _WORKER = {
     "merge_now": CoordinatorServer._on_merge_now,
     "unmerged": CoordinatorServer._on_unmerged,
 }
-_CLIENT = {
+_CLIENT: dict[str, _Handler] = {
     "stats": CoordinatorServer._on_stats,
     "set": CoordinatorServer._on_set,
     "wait": CoordinatorServer._on_wait,
@@ -568,7 +573,7 @@ def protocol_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def _held(regions: Any) -> Usage:
+def _held(regions: Iterable[RegionState]) -> Usage:
     """What *regions* hold against a quota: themselves, pages, 2 descriptors each."""
     regions = list(regions)
     return Usage(regions=len(regions), pages=sum(r.npages for r in regions), fds=2 * len(regions))

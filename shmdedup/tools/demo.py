@@ -16,6 +16,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
 from typing import Any
 
 import numpy as np
@@ -89,14 +92,15 @@ def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: fl
     npages = mib * 1024 * 1024 // PAGE
     shared, unique, volatile = layout(npages)
     expect_sharing = (workers - 1) * shared
-    say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
+    say: Callable[..., None] = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
     ctx = mp.get_context("spawn")
     shmem0 = meminfo_kib()
     # Scanning starts once every worker is ready and "before" is measured:
     # otherwise the first workers' pages merge while the last ones start.
     with shmdedup.Coordinator(run=0, pages_to_scan=10000, sleep_millisecs=0) as coord:
         stop = ctx.Event()
-        pipes, procs = [], []
+        pipes: list[Connection[Any, Any]] = []
+        procs: list[SpawnProcess] = []
         for i in range(workers):
             a, b = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(i, npages, b, stop), daemon=True)

@@ -24,10 +24,19 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+
+if TYPE_CHECKING:   # imported when used: loading the plugin stays cheap
+    from typing_extensions import Buffer   # collections.abc.Buffer from 3.12 on
+
+    from shmdedup.controls import ControlSettings
+    from shmdedup.stats import Stats
+    from shmdedup.tools.client import Client
+    from shmdedup.worker.region import Region
 
 _INI = "shmdedup"
 _SAMPLE_SECONDS = 0.1
@@ -37,7 +46,18 @@ _active = False
 
 # ---- the helpers tests use -----------------------------------------------------
 
-def share(array: Any) -> Any:
+_ShapeT = TypeVar("_ShapeT", bound=tuple[int, ...])
+_DTypeT = TypeVar("_DTypeT", bound=np.dtype[Any])
+_BufferT = TypeVar("_BufferT", bound="Buffer")
+
+
+@overload
+def share(array: np.ndarray[_ShapeT, _DTypeT]) -> np.ndarray[_ShapeT, _DTypeT]: ...
+@overload
+def share(array: _BufferT) -> _BufferT | npt.NDArray[np.uint8]: ...
+
+
+def share(array: np.ndarray[Any, Any] | Buffer) -> np.ndarray[Any, Any] | Buffer:
     """A copy of ``array`` (a numpy array, or any buffer: returned as a uint8
     array) in a mergeable region, with the same shape and dtype; the region
     lives as long as the returned array.  When the plugin is not active in this
@@ -49,15 +69,15 @@ def share(array: Any) -> Any:
         return array
     out = _region_array(src.shape, src.dtype)
     out[...] = src
-    region_of(out).advise(_region_mod().MERGEABLE)
+    _advise(out)
     return out
 
 
-def region_of(array: np.ndarray) -> Any:
+def region_of(array: np.ndarray[Any, Any]) -> Region | None:
     """The shmdedup Region behind an array made by :func:`share` or
     ``shmdedup_array`` (None for any other array)."""
-    Region = _region_mod().Region
-    base = array
+    from shmdedup.worker.region import Region
+    base: object = array
     while base is not None:
         if isinstance(base, Region):
             return base
@@ -65,33 +85,37 @@ def region_of(array: np.ndarray) -> Any:
     return None
 
 
-def _region_mod() -> Any:
-    from shmdedup.worker import region
-    return region
+def _advise(array: np.ndarray[Any, Any]) -> None:
+    """Advise the region of an array made by _region_array mergeable."""
+    from shmdedup.worker.region import MERGEABLE
+    region = region_of(array)
+    assert region is not None   # _region_array made it
+    region.advise(MERGEABLE)
 
 
-def _region_array(shape: Any, dtype: Any) -> np.ndarray:
-    Region = _region_mod().Region
+def _region_array(shape: int | tuple[int, ...] | list[int], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    from shmdedup.worker.region import Region
     dt = np.dtype(dtype)
-    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    return Region(max(nbytes, 1)).ndarray(dt, shape)
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    return Region(max(nbytes, 1)).ndarray(dt, dims)
 
 
 @pytest.fixture(scope="session")
-def shmdedup_array() -> Callable[..., np.ndarray]:
+def shmdedup_array() -> Callable[..., npt.NDArray[Any]]:
     """``shmdedup_array(shape, dtype=float64, fill_fn=None)``: a zeroed array in a
     mergeable region (a plain numpy array when the plugin is not active),
     filled in place by ``fill_fn(array)``.  The region is advised mergeable
     before the fill, so what a slow fill has finished can merge while it goes
     on (pages never written are skipped; pages still changing are volatile)."""
 
-    def make(shape: Any, dtype: Any = np.float64, fill_fn: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
+    def make(shape: int | tuple[int, ...] | list[int], dtype: npt.DTypeLike = np.float64,
+             fill_fn: Callable[[npt.NDArray[Any]], object] | None = None) -> npt.NDArray[Any]:
         if not _active:
-            arr = np.zeros(shape, dtype)
+            arr: npt.NDArray[Any] = np.zeros(shape, dtype)
         else:
             arr = _region_array(shape, dtype)
-            region_of(arr).advise(_region_mod().MERGEABLE)
+            _advise(arr)
         if fill_fn is not None:
             fill_fn(arr)
         return arr
@@ -116,9 +140,9 @@ def _is_active(config: pytest.Config) -> bool:
     return bool(opt) if opt is not None else bool(config.getini(_INI))
 
 
-def _controls(config: pytest.Config) -> dict[str, int]:
+def _controls(config: pytest.Config) -> ControlSettings:
     from shmdedup.controls import check_control
-    out = {}
+    out: dict[str, int] = {}
     for text in config.getoption("shmdedup_set") or []:
         name, sep, value = text.partition("=")
         try:
@@ -127,13 +151,13 @@ def _controls(config: pytest.Config) -> dict[str, int]:
             out[name.strip()] = check_control(name.strip(), int(value, 0))
         except ValueError as e:
             raise pytest.UsageError(f"--shmdedup-set: {e}") from None
-    return out
+    return cast("ControlSettings", out)   # every name checked by check_control
 
 
 class _Run:
     """The controller's side: the coordinator and the sampler of its stats."""
 
-    def __init__(self, controls: dict[str, int]) -> None:
+    def __init__(self, controls: ControlSettings) -> None:
         from shmdedup.tools.embedded import Coordinator
         # The coordinator's stderr (its banner, and warnings such as a dropped
         # worker) goes to a log that the summary counts (and shows with -v).
@@ -147,7 +171,8 @@ class _Run:
         self.peak: dict[str, int] = {"pages_sharing": 0, "pages_shared": 0}
         self.workers: set[int] = set()
         self._lock = threading.Lock()
-        self.page_size = _region_mod().PAGE_SIZE
+        from shmdedup.worker.region import PAGE_SIZE
+        self.page_size = PAGE_SIZE
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_loop, name="shmdedup-sampler", daemon=True)
         self._thread.start()
@@ -159,13 +184,13 @@ class _Run:
             if snap["pages_sharing"] > self.peak["pages_sharing"]:
                 self.peak = {k: snap[k] for k in ("pages_sharing", "pages_shared")}
 
-    def _take(self, client: Any) -> None:
+    def _take(self, client: Client) -> None:
         self.add(_snapshot(client.stats()))
 
     def _sample_loop(self) -> None:
         from shmdedup.tools.client import Client
         from shmdedup.errors import Error
-        client = None
+        client: Client | None = None
         while True:
             stopping = self._stop.wait(_SAMPLE_SECONDS)
             try:
@@ -210,7 +235,7 @@ class _Run:
             self.log.close()
 
 
-def _snapshot(stats: dict[str, Any]) -> dict[str, Any]:
+def _snapshot(stats: Stats) -> dict[str, Any]:
     return {"pages_sharing": stats["pages_sharing"], "pages_shared": stats["pages_shared"],
             "workers": [w["pid"] for w in stats["workers"] if w["regions"]]}
 

@@ -90,7 +90,7 @@ class MappingBudget:
         self.pages_skipped = 0                       # cumulative, like pages_scanned
         self._maps: dict[Any, _RegionMaps] = {}      # RegionState -> counts
         self._total: dict[Any, int] = {}             # worker -> sum over its regions (as last counted)
-        self._dirty: dict[Any, set] = {}             # worker -> its regions with chunks to recount
+        self._dirty: dict[Any, set[Any]] = {}             # worker -> its regions with chunks to recount
         self._inflight: dict[Any, int] = {}          # worker -> merge runs sent, unanswered
         self._planned: dict[Any, int] = {}           # worker -> cost queued in this batch
         self._warned: set[int] = set()

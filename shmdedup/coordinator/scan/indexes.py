@@ -92,7 +92,7 @@ class StableIndex:
             return n
         return max(0, min(n, self.max_pages - self.segment.pages_in_use))
 
-    def add(self, content: np.ndarray | memoryview, hashes: np.ndarray, hint: int | None = None) -> int | None:
+    def add(self, content: np.ndarray, hashes: np.ndarray, hint: int | None = None) -> int | None:
         """Copy len(hashes) pages into a run of new slots and index them;
         returns the first slot, or None past max_kernel_pages (the caller
         trims runs with room()) or when the segment cannot grow."""
@@ -108,7 +108,7 @@ class StableIndex:
             return None
         self._grow_arrays(s + n)
         try:
-            self.segment.write(s, content)   # unshared yet: invariant 5
+            self.segment.write(s, content.data)   # unshared yet: invariant 5
         except OSError as e:
             self.segment.free(s, n)
             self._cannot_write(e)
@@ -134,15 +134,15 @@ class StableIndex:
     def read(self, slot: int) -> bytes:
         return os.pread(self.segment.fd, PAGE_SIZE, slot * PAGE_SIZE)
 
-    def free_unused(self, slots: np.ndarray) -> None:
+    def free_unused(self, slots: np.ndarray | list[int]) -> None:
         """Free each of these slots that nobody shares or awaits."""
-        slots = np.asarray(slots, np.int64)
-        if not len(slots):
+        todo = np.asarray(slots, np.int64)
+        if not len(todo):
             return
-        slots = _unique(slots)
-        slots = slots[(slots >= 0) & (slots < len(self.sharers))]
-        slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
-        for s in slots.tolist():
+        todo = _unique(todo)
+        todo = todo[(todo >= 0) & (todo < len(self.sharers))]
+        todo = todo[(self.sharers[todo] <= 0) & (self.pending[todo] <= 0)]
+        for s in todo.tolist():
             if not self.segment._slots.is_allocated(s, 1):
                 continue
             self._unindex(s)
