@@ -168,3 +168,6 @@ class ControlSettings(TypedDict, total=False):
     max_fds: int
     max_fds_per_uid: int
     max_mappings: int
+
+
+__all__ = ["CONTROLS", "ControlSettings", "Controls", "check_control"]

@@ -51,3 +51,16 @@ class DescriptorShortageError(Error, OSError):
     came with a message (``message`` holds the message, checked, or None)."""
 
     message: dict[str, Any] | None = None
+
+
+__all__ = [
+    "ArgumentError",
+    "ControlError",
+    "CoordinatorUnavailableError",
+    "DescriptorShortageError",
+    "Error",
+    "PeerRejectedError",
+    "ProtocolError",
+    "RegionClosedError",
+    "ShmError",
+]

@@ -636,3 +636,7 @@ def connect(path: str, timeout: float | None = 5.0) -> Connection:
                 why = e.strerror or f"connect timed out after {timeout} s"
                 raise CoordinatorUnavailableError(f"no coordinator at {path}: {why}") from None
             raise
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -54,7 +54,7 @@ from shmdedup.coordinator.peers import InlineCall, Peer
 from shmdedup.coordinator.scan.scanner import Scanner
 from shmdedup.coordinator.scan.tracking import Run, _coalesce
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 MAX_PAGES_PER_REQUEST = 65536
 MAX_INLINE_PER_WORKER = 64      # merge_now calls in progress per worker
@@ -306,3 +306,6 @@ class RequestsMixin:
                 self._reply(r["client"], False, None, r["error"])
             self._unhold(r["client"])
 
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -27,8 +27,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self.queue: deque[tuple[bytes, list[int]]] = deque()
-        self.bytes = 0
-        self.fds = 0
+        self.bytes: int = 0
+        self.fds: int = 0
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -118,3 +118,7 @@ def _exited(pidfd: int) -> bool:
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return bool(p.poll(0))
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

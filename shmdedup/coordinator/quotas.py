@@ -41,7 +41,7 @@ from typing import Any
 
 from shmdedup.stats import UidStats
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 FD_RESERVE = 64          # the loop's own: listener, selector, wake pipe, stable segment, logs
 CLIENT_RESERVE = 8       # owner connections past max_connections, for clients only
@@ -134,8 +134,8 @@ class Quotas:
         self.owner = owner
         self.auto_fds = auto_fds
         self.by_uid: dict[int, Usage] = {}
-        self.total = Usage()
-        self.others = Usage()          # every uid but the owner's
+        self.total: Usage = Usage()
+        self.others: Usage = Usage()          # every uid but the owner's
 
     # -- limits ---------------------------------------------------------------
 
@@ -227,5 +227,5 @@ class Quotas:
                 for u, usage in sorted(self.by_uid.items()) if uid is None or u == uid]
 
 
-__all__ = ["CLIENT_RESERVE", "FD_RESERVE", "Quotas", "Usage", "descriptor_budget",
-           "raise_nofile_limit", "recount"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -50,6 +50,7 @@ import itertools
 import logging
 import os
 import selectors
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -68,7 +69,7 @@ from shmdedup.coordinator.scan.scanner import Scanner
 from shmdedup.coordinator.scan.tracking import RegionState
 from shmdedup.coordinator.surface import ControlsMixin
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
@@ -82,20 +83,21 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                  allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
                  socket_mode: int = 0o600, metrics_port: int | None = None,
                  parent_pid: int | None = None) -> None:
-        self.controls = {k: v[0] for k, v in CONTROLS.items()}
+        self.controls: dict[str, int] = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
         if "pages_to_scan" in (controls or {}) and "advisor_mode" not in (controls or {}):
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
-        self.allow_uids, self.allow_gids = allow_uids, allow_gids
+        self.allow_uids: set[int] | None = allow_uids
+        self.allow_gids: set[int] | None = allow_gids
         # Socket activation (activation.py): the service manager's socket, kept
         # on our way out; else our own, bound here and unlinked at shutdown.
         inherited = activation.inherited_listener(socket_path)
-        self.socket_activated = inherited is not None
-        self.listener = inherited or protocol.listen(socket_path, socket_mode)
+        self.socket_activated: bool = inherited is not None
+        self.listener: socket.socket = inherited or protocol.listen(socket_path, socket_mode)
         self.listener.setblocking(False)
-        self.sel = selectors.DefaultSelector()
+        self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -108,7 +110,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 raise OSError(f"parent process {parent_pid} is gone")
             self._parent = (parent_pid, pidfd)
             self.sel.register(pidfd, selectors.EVENT_READ, "parent")
-        self.scanner = Scanner(self._send_merge, self._send_unmerge)
+        self.scanner: Scanner = Scanner(self._send_merge, self._send_unmerge)
         self._apply_scanner_controls()
         self.peers: dict[int, Peer] = {}
         self._req = itertools.count(1)
@@ -123,11 +125,11 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.last_error = ""
         self.pages_merged_inline = 0     # pages merged by merge_now, ever
         self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
-        self.batches = 0
+        self.batches: int = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
         self._init_connections()
-        self.activity = Activity()   # what -v logs (activity.py)
+        self.activity: Activity = Activity()   # what -v logs (activity.py)
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -146,7 +148,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         # the metrics server's connections.
         reserve = FD_RESERVE + 3 * CLIENT_RESERVE + (self.metrics.max_connections
                                                      if self.metrics is not None else 0)
-        self.quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
+        self.quotas: Quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
 
     # -- life cycle --------------------------------------------------------
 
@@ -590,4 +592,5 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-__all__ = ["CONTROLS", "CoordinatorServer", "check_control"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -146,3 +146,6 @@ class ControlsMixin:
         # tests/test_typing.py checks its keys and types against Stats.
         return cast(Stats, out)
 
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

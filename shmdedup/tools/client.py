@@ -20,7 +20,7 @@ class Client:
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
                  timeout: float = 10.0) -> None:
-        self.socket_path = resolve_socket_path(socket_path, domain)
+        self.socket_path: str = resolve_socket_path(socket_path, domain)
         self.timeout = timeout
         self._conn = protocol.connect(self.socket_path, timeout=timeout)
         try:
@@ -94,3 +94,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["Client"]

@@ -64,8 +64,8 @@ class Coordinator:
         from shmdedup.controls import check_control
         for k, v in controls.items():
             check_control(k, v)
-        self.allow_uids = {_check_id("allow_uids", u) for u in allow_uids}
-        self.allow_gids = {_check_id("allow_gids", g) for g in allow_gids}
+        self.allow_uids: set[int] = {_check_id("allow_uids", u) for u in allow_uids}
+        self.allow_gids: set[int] = {_check_id("allow_gids", g) for g in allow_gids}
         if isinstance(socket_mode, bool) or not isinstance(socket_mode, int) \
                 or not 0 <= socket_mode <= 0o777:
             raise ArgumentError(f"socket_mode must be an int in [0, 0o777], got {socket_mode!r}")
@@ -210,3 +210,6 @@ class Coordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+__all__ = ["Coordinator"]

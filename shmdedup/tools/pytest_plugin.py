@@ -315,3 +315,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         run.stop()
     if _is_active(config):
         _active = False
+
+
+__all__ = ["region_of", "share", "shmdedup_array"]

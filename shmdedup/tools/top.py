@@ -216,7 +216,7 @@ class TopView:
         self.client: Client | None = None
         self.stats: Stats | None = None
         self.error: str | None = None
-        self.history = History()
+        self.history: History = History()
 
     def poll(self) -> None:
         try:
@@ -306,4 +306,5 @@ def run_top(socket_path: str | None = None, *, domain: str | None = None, interv
     return 0
 
 
-__all__ = ["History", "TopView", "render", "run_top", "sparkline"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

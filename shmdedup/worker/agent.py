@@ -62,7 +62,7 @@ from shmdedup.worker.region import Region
 from shmdedup.paths import resolve_socket_path
 from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError, ShmError
 
-log = logging.getLogger("shmdedup.agent")
+log: logging.Logger = logging.getLogger("shmdedup.agent")
 
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
@@ -101,18 +101,18 @@ class _InlineWait:
 
 class Agent:
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.lock = threading.RLock()
+        self.pid: int = os.getpid()
+        self.lock: threading.RLock = threading.RLock()
         self.regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
         self.registered: set[int] = set()
         self.conn: protocol.Connection | None = None
         self.view: _native.StableView | None = None
         self.socket_path: str | None = None
-        self.process_merging = _process_merging_from_env()
+        self.process_merging: bool = _process_merging_from_env()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self.connected = threading.Event()
-        self.batches = 0
+        self.connected: threading.Event = threading.Event()
+        self.batches: int = 0
         self._rejected = False
         # Set once by stop() (interpreter exit): the thread ends and no new
         # one starts.  _current is the connection the thread is using,
@@ -686,3 +686,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_stop_at_exit)
 get_agent()
+
+
+__all__ = ["MERGE_NOW_TIMEOUT", "enable_process_merging", "process_merging", "set_socket"]

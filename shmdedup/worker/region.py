@@ -175,9 +175,9 @@ class Region(_native.Mapping):
             os.close(meta)
             raise
         self.id: int = next(_ids)
-        self.backing_fd = backing
-        self.meta_fd = meta
-        self.pid = os.getpid()
+        self.backing_fd: int = backing
+        self.meta_fd: int = meta
+        self.pid: int = os.getpid()
         # Advice per page, the truth the agent registers with a coordinator.
         self._advice = np.zeros(npages, dtype=bool)
         # Held by the agent while it merges or breaks this region, and by
@@ -449,3 +449,13 @@ class Region(_native.Mapping):
 
 
 _fault_around_from_env()
+
+
+__all__ = [
+    "MERGEABLE",
+    "PAGE_SIZE",
+    "UNMERGEABLE",
+    "Region",
+    "SupportsReadinto",
+    "cow_fault_around",
+]

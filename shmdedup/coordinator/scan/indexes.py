@@ -29,7 +29,7 @@ from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
 
 PAGE_SIZE: int = _native.PAGE_SIZE
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 
 def _one(v: int, dtype: type) -> np.ndarray:
@@ -38,17 +38,17 @@ def _one(v: int, dtype: type) -> np.ndarray:
 
 class StableIndex:
     def __init__(self) -> None:
-        self.segment = StableSegment()
-        self.ix = _native.HashIndex()
+        self.segment: StableSegment = StableSegment()
+        self.ix: _native.HashIndex = _native.HashIndex()
         cap = 1024
-        self.sharers = np.zeros(cap, np.int32)
-        self.pending = np.zeros(cap, np.int32)
-        self.slot_hash = np.zeros(cap, np.uint64)
-        self.chain_prev = np.full(cap, -1, np.int64)
-        self.born_inline = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
+        self.sharers: np.ndarray = np.zeros(cap, np.int32)
+        self.pending: np.ndarray = np.zeros(cap, np.int32)
+        self.slot_hash: np.ndarray = np.zeros(cap, np.uint64)
+        self.chain_prev: np.ndarray = np.full(cap, -1, np.int64)
+        self.born_inline: np.ndarray = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
         self.max_pages = 0       # max_kernel_pages; 0 = no cap
-        self.write_error = ""    # why the last new stable page could not be written
-        self.write_failures = 0  # new stable pages that could not be written, ever
+        self.write_error: str = ""    # why the last new stable page could not be written
+        self.write_failures: int = 0  # new stable pages that could not be written, ever
 
     @property
     def fd(self) -> int:
@@ -200,7 +200,7 @@ class StableIndex:
 
 class UnstableIndex:
     def __init__(self) -> None:
-        self.ix = _native.HashIndex()
+        self.ix: _native.HashIndex = _native.HashIndex()
 
     def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(region uid, page) per checksum; uid -1 where absent."""
@@ -225,3 +225,7 @@ class UnstableIndex:
     @property
     def nbytes(self) -> int:
         return self.ix.nbytes
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

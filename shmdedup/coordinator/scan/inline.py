@@ -252,3 +252,7 @@ class Inliner:
             if b < e:
                 break
         return made
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

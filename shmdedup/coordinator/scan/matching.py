@@ -234,3 +234,7 @@ class Matcher:
                 return
         self.unstable.insert(h, reg.uid, one)
         reg.status[page] = UNSHARED
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -54,11 +54,12 @@ from shmdedup.controls import default_max_mappings
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
 from shmdedup.coordinator.scan.inline import Inliner
 from shmdedup.coordinator.scan.matching import Matcher
+from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
     ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _inherited, _repeated, _unique)
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
@@ -77,23 +78,23 @@ class Scanner(Matcher, Inliner):
                  send_unmerge: Callable[[Any, list[Run]], None]) -> None:
         self.send_merge = send_merge
         self.send_unmerge = send_unmerge
-        self.sidx = StableIndex()
-        self.stable = self.sidx.segment
-        self.unstable = UnstableIndex()
+        self.sidx: StableIndex = StableIndex()
+        self.stable: StableSegment = self.sidx.segment
+        self.unstable: UnstableIndex = UnstableIndex()
         self.regions: list[RegionState] = []
         self.by_uid: dict[int, RegionState] = {}
         self._uids = itertools.count()
         # Regions of workers that disconnected while perhaps still alive; they
         # hold sharer references but are not scanned (see detach_region).
         self.detached: list[RegionState] = []
-        self.cursor = 0          # index into regions
-        self.cursor_page = 0
+        self.cursor: int = 0          # index into regions
+        self.cursor_page: int = 0
         # Full scans still owed to reconciliation although nothing may be
         # advised (see settle()).
-        self.settle_scans = 0
-        self.full_scans = 0
-        self.pages_scanned = 0
-        self.pages_skipped = 0
+        self.settle_scans: int = 0
+        self.full_scans: int = 0
+        self.pages_scanned: int = 0
+        self.pages_skipped: int = 0
         self._scratch: np.ndarray | None = None
         # Controls the scanner reads (the coordinator validates them).
         self.max_page_sharing = 256
@@ -101,13 +102,13 @@ class Scanner(Matcher, Inliner):
         self.smart_scan = True
         self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
-        self.budget = MappingBudget(default_max_mappings())
+        self.budget: MappingBudget = MappingBudget(default_max_mappings())
         # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
         # The same for merge_now, and how long its new stable pages are kept
         # from the give-back rule (inline_keep_millisecs, in seconds).
         self._last_inline: tuple[RegionState, int, int] | None = None
-        self.inline_keep = 30.0
+        self.inline_keep: float = 30.0
         self._now = 0.0          # time.monotonic() at the start of the batch
 
     @property
@@ -497,3 +498,7 @@ class Scanner(Matcher, Inliner):
         self.regions.clear()
         self.detached.clear()
         self.sidx.close()
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

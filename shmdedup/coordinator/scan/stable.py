@@ -30,7 +30,8 @@ from types import TracebackType
 from shmdedup import _shm
 from shmdedup.errors import ArgumentError, ShmError
 
-__all__ = ["SlotAllocator", "StableSegment"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []
 
 PAGE_SIZE = _shm.PAGE_SIZE
 

@@ -189,3 +189,7 @@ def _repeated(a: np.ndarray) -> np.ndarray:
     out = np.empty(len(a), bool)
     out[order] = mark
     return out
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []
