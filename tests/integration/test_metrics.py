@@ -515,3 +515,17 @@ def test_mapping_budget_skips_are_counted(sockdir: str) -> None:
         [w] = stats["workers"]
         assert value(m, "shmdedup_worker_mappings", pid=str(pid)) == w["mappings_estimate"] > 1
         worker.close()
+
+
+def test_guide_lists_every_family(sockdir: str) -> None:
+    """docs/guide.md's Prometheus tables name exactly the shmdedup_* families a
+    scrape has (counters with their _total)."""
+    section = (REPO_ROOT / "docs" / "guide.md").read_text().split("### Prometheus", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("`")[1].split("{")[0] for line in section.splitlines()
+              if line.startswith("| `shmdedup_")}
+    path = os.path.join(sockdir, "c.sock")
+    with shmdedup.Coordinator(path, export_env=False, metrics_port=0) as coord:
+        families = scrape_families(coord.metrics_port)
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in families
+                if f.name.startswith("shmdedup_")}
+    assert listed == exported, (listed - exported, exported - listed)
