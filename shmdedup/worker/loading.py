@@ -1,0 +1,527 @@
+"""Merging at write time: load, copy or compute data into a region chunk by chunk.
+
+Scanning merges what already exists, so N processes that load the same data
+first hold N copies.  The helpers here write a region in bounded chunks
+(:data:`chunk_bytes`, 4 MiB by default) and declare each chunk final with
+``Region.merge_now`` before they write the next: a page equal to a stable page
+is mapped onto it at once, any other becomes a stable page the next process
+finds.  At the peak a process holds one chunk of private pages, not a copy.
+
+- :func:`fromfile`: ``numpy.fromfile`` (binary files) into a region;
+- :func:`share`: a copy of an array (or bytes) in a region, same type, dtype,
+  shape, memory order and read-only flag;
+- :func:`fill`: an array computed in place, one block of rows at a time;
+- ``load_npy`` and ``load_safetensors`` (in ``formats``) build on the same
+  reader.
+
+Reading keeps the I/O caveat (DESIGN, failure semantics): the kernel never
+writes into a merged page, because every read goes into a range pinned private
+(``Region.pinned``) for the duration of the system call.  A file that changes
+while it is read is detected (size, mtime and ctime before, after every chunk,
+and at the end) and raises :class:`~shmdedup.errors.FileChangedError`; the
+region is dropped, nothing half-read is returned.
+
+Without a coordinator (or with ``run`` other than 1) ``merge_now`` returns 0
+at once and the data is intact: the helpers then only save the temporary copy
+a caller would otherwise make, and the pages merge by scanning when a
+coordinator appears (merge_now advises them mergeable).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import numpy as np
+
+from shmdedup.errors import ArgumentError, FileChangedError, ShortFileError
+from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, Region, _check_int, pages_for
+
+# Bytes written between two merge_now calls (rounded down to whole pages).
+# Settable per process; every helper also takes chunk_bytes=.
+chunk_bytes: int = 4 * 2**20
+
+_ArrayT = TypeVar("_ArrayT", bound="np.ndarray[Any, Any]")
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
+
+# What this process declared final and what merge_now merged (the pytest
+# plugin's summary reports them): pages, cumulative.
+_counts_lock = threading.Lock()
+_counts = {"pages_loaded": 0, "pages_merged_at_write": 0}
+
+
+def write_time_stats() -> dict[str, int]:
+    """Pages this process wrote through these helpers (``pages_loaded``) and
+    how many of them ``merge_now`` merged or made stable at once
+    (``pages_merged_at_write``); the rest are left to the scan."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+# ---- TEMPORARY SHIM: Region.merge_now ------------------------------------------
+# Region.merge_now(offset, length) -> pages merged or made stable comes from the
+# merge-at-write-time core.  Until it is in this tree, fall back to what it
+# implies for the range (MERGEABLE advice: the scan merges it later) and
+# report 0 pages merged at once.  This is the only place that calls it; remove
+# the fallback when merge_now lands.
+def _merge_now(region: Region, offset: int, length: int) -> int:
+    merge_now = getattr(region, "merge_now", None)
+    if merge_now is not None:
+        return int(merge_now(offset, length))
+    region.advise(MERGEABLE, offset, length)
+    return 0
+# ---- end of the temporary shim ---------------------------------------------------
+
+
+def _chunk(value: int | None) -> int:
+    """The chunk in bytes: whole pages, at least one."""
+    if value is None:
+        value = chunk_bytes
+    value = _check_int("chunk_bytes", value, PAGE_SIZE)
+    return value - value % PAGE_SIZE
+
+
+class _Merger:
+    """Declares a region's bytes final, front to back, in page-aligned chunks.
+
+    ``final(upto)``: bytes [0, upto) will not be written again; once a chunk's
+    worth of whole pages has accumulated they are merged now.  ``finish(end)``
+    merges the rest (a last partial page included: its tail is never written).
+    """
+
+    def __init__(self, region: Region, chunk: int) -> None:
+        self.region = region
+        self.chunk = chunk
+        self.done = 0  # bytes [0, done) declared; always page-aligned
+
+    def final(self, upto: int) -> None:
+        if upto - self.done >= self.chunk:
+            self._declare(upto - upto % PAGE_SIZE)
+
+    def finish(self, end: int) -> None:
+        if end > self.done:
+            self._declare(end)
+
+    def _declare(self, end: int) -> None:
+        length = end - self.done
+        merged = _merge_now(self.region, self.done, length)
+        with _counts_lock:
+            _counts["pages_loaded"] += pages_for(length)
+            _counts["pages_merged_at_write"] += merged
+        self.done = pages_for(end) * PAGE_SIZE
+
+
+def _new_region(nbytes: int) -> Region:
+    # Not advised at creation (even with process-wide merging on): a chunk is
+    # advised by merge_now once written, so no scan reads half-written pages.
+    return Region(max(nbytes, 1), mergeable=False)
+
+
+def _discard(region: Region) -> None:
+    """Close a region a helper failed to fill.  While a view of it is still
+    alive (in the traceback of a fill function) it goes with its last view."""
+    try:
+        region.close()
+    except BufferError:
+        pass
+
+
+def _check_dtype(dtype: Any) -> np.dtype[Any]:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise ArgumentError(f"dtype: {e}") from e
+    if dt.hasobject:
+        raise ArgumentError(f"dtype {dt} holds Python objects, which cannot live in shared memory")
+    if dt.itemsize == 0:
+        raise ArgumentError(f"dtype {dt} has no size")
+    return dt
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if isinstance(shape, (tuple, list)):
+        return tuple(_check_int("shape", d) for d in shape)
+    return (_check_int("shape", shape),)
+
+
+def _end_of(view: np.ndarray, base: int) -> int:
+    """Offset in the region just past a C-contiguous view whose region starts at address base."""
+    return int(view.__array_interface__["data"][0]) - base + view.nbytes
+
+
+# ---- reading files ------------------------------------------------------------
+
+class _Source:
+    """A file being read front to back: a path opened here (read with pread at
+    our own position), or a caller's binary file object (read with its own
+    readinto, from its current position, which ends after the data read, as
+    numpy.fromfile leaves it).  Remembers the file's size, mtime and ctime to
+    tell whether it changes while it is read."""
+
+    def __init__(self, file: Any) -> None:
+        self.f: Any = None
+        self.fd: int | None = None
+        self.owned = False
+        self.pos = 0
+        if isinstance(file, (str, bytes, os.PathLike)):
+            self.name = os.fsdecode(file)
+            self.fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            self.owned = True
+        elif callable(getattr(file, "readinto", None)):
+            self.f = file
+            self.name = str(getattr(file, "name", type(file).__name__))
+            try:
+                self.fd = file.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.fd = None  # io.BytesIO and the like: nothing can change it behind our back
+        else:
+            raise ArgumentError(f"file must be a path or a binary file object (with readinto), "
+                                f"got {type(file).__name__}")
+        try:
+            st = os.fstat(self.fd) if self.fd is not None else None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.name)
+            self.regular = st is not None and stat.S_ISREG(st.st_mode)
+            self.seekable = st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
+            self._seen = self._identity(st) if self.regular and st is not None else None
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int, int]:
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.owned and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def bytes_left(self) -> int | None:
+        """Bytes from the current position to the end (negative: past it), or
+        None when the size cannot be known (a pipe)."""
+        if self.f is None:
+            assert self.fd is not None
+            return os.fstat(self.fd).st_size - self.pos if self.seekable else None
+        try:
+            if not self.f.seekable():
+                return None
+            here = self.f.tell()
+            end = self.f.seek(0, os.SEEK_END)
+            self.f.seek(here)
+            return int(end - here)
+        except (OSError, ValueError):
+            return None
+
+    def skip(self, nbytes: int) -> None:
+        if nbytes == 0:
+            return
+        if self.f is None and self.seekable:
+            self.pos += nbytes
+            return
+        try:
+            if self.f is not None and self.f.seekable():
+                self.f.seek(nbytes, os.SEEK_CUR)
+                return
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"cannot seek {nbytes} bytes ahead in {self.name}: {e}") from e
+        data = self.read_bytes(nbytes)  # a pipe: read and drop
+        if len(data) < nbytes:
+            raise ShortFileError(f"{self.name} ended {len(data)} bytes into an offset of {nbytes}")
+
+    def read_bytes(self, nbytes: int) -> bytes:
+        """Up to nbytes as bytes (short only at the end of the file): headers."""
+        out = bytearray()
+        while len(out) < nbytes:
+            if self.f is not None:
+                part = self.f.read(nbytes - len(out))
+            elif self.seekable:
+                assert self.fd is not None
+                part = os.pread(self.fd, nbytes - len(out), self.pos)
+            else:
+                assert self.fd is not None
+                part = os.read(self.fd, nbytes - len(out))
+            if not part:
+                break
+            out += part
+            self.pos += len(part)
+        return bytes(out)
+
+    def readinto(self, region: Region, offset: int, nbytes: int) -> int:
+        """Read up to nbytes into region[offset:]: short only at the end of the file."""
+        got = 0
+        while got < nbytes:
+            off, n = offset + got, min(nbytes - got, 1 << 30)
+            if self.f is not None:
+                r = region.readinto(self.f, off, n)
+            elif not self.seekable:
+                r = region.readinto(self.fd, off, n)
+            else:
+                assert self.fd is not None
+                with region.pinned(off, n), memoryview(region)[off:off + n] as view:
+                    r = os.preadv(self.fd, [view], self.pos)
+            if r is None:  # a non-blocking file object with nothing to read yet
+                raise BlockingIOError(f"{self.name} is non-blocking and had no data")
+            if r == 0:
+                break
+            got += r
+            self.pos += r
+        return got
+
+    def check_unchanged(self) -> None:
+        """Raise FileChangedError if the file's size, mtime or ctime moved since it was opened."""
+        if self._seen is None or self.fd is None:
+            return
+        now = self._identity(os.fstat(self.fd))
+        if now != self._seen:
+            raise FileChangedError(
+                f"{self.name} changed while it was read (size {self._seen[0]} -> {now[0]}, "
+                f"mtime or ctime moved): the bytes read may mix old and new content; read it again")
+
+    def read_pieces(self, region: Region, pieces: list[tuple[int, int]], chunk: int) -> None:
+        """Read consecutive stretches of the file into region ranges (offset,
+        nbytes), in increasing region order, each starting on a page boundary;
+        merge every chunk once it is read, and the rest at the end."""
+        merger = _Merger(region, chunk)
+        for offset, nbytes in pieces:
+            done = 0
+            while done < nbytes:
+                n = min(chunk - (offset + done) % chunk, nbytes - done)
+                got = self.readinto(region, offset + done, n)
+                self.check_unchanged()
+                done += got
+                if got < n:
+                    raise ShortFileError(f"{self.name} ended early: {done} of the {nbytes} bytes asked for")
+                merger.final(offset + done)
+            merger.final(pages_for(offset + nbytes) * PAGE_SIZE)  # its last page's tail stays zero
+        self.check_unchanged()
+        merger.finish(pieces[-1][0] + pieces[-1][1] if pieces else 0)
+
+
+def fromfile(file: Any, dtype: Any = float, count: int = -1, sep: str = "", offset: int = 0, *,
+             chunk_bytes: int | None = None) -> np.ndarray[Any, Any]:
+    """``numpy.fromfile`` for binary files, into a region merged chunk by chunk.
+
+    file is a path or a binary file object (read from its current position,
+    which ends just after the data, as numpy leaves it); count -1 reads every
+    whole item to the end of the file; offset is in bytes (from the file
+    object's current position).  Unlike numpy, a file shorter than asked
+    raises ShortFileError instead of returning fewer items, and a file that
+    changes while it is read raises FileChangedError.  Text files (sep) are
+    not supported.  Bad arguments raise ArgumentError.
+    """
+    dt = _check_dtype(dtype)
+    count = _check_int("count", count, -1)
+    offset = _check_int("offset", offset)
+    if sep != "":
+        raise ArgumentError("text files (sep=...) are not supported: read them with numpy.fromfile, then share()")
+    chunk = _chunk(chunk_bytes)
+    with _Source(file) as src:
+        src.skip(offset)
+        left = src.bytes_left()
+        if left is not None and left < 0:
+            raise ShortFileError(f"offset {offset} is past the end of {src.name} ({left + offset} bytes left)")
+        if count == -1:
+            if left is None:
+                raise ArgumentError(f"count=-1 needs a file whose size is known; {src.name} is not "
+                                    f"seekable: give count")
+            count = left // dt.itemsize
+        nbytes = count * dt.itemsize
+        if left is not None and nbytes > left:
+            raise ShortFileError(f"{src.name} holds {left} bytes after offset {offset}; count={count} of "
+                                 f"{dt} needs {nbytes}")
+        region = _new_region(nbytes)
+        try:
+            src.read_pieces(region, [(0, nbytes)], chunk)
+        except BaseException:
+            _discard(region)
+            raise
+    return region.ndarray(dt, (count,))
+
+
+# ---- copying -------------------------------------------------------------------
+
+@overload
+def share(obj: _ArrayT, *, chunk_bytes: int | None = None) -> _ArrayT: ...
+@overload
+def share(obj: _ScalarT, *, chunk_bytes: int | None = None) -> _ScalarT: ...
+@overload
+def share(obj: bytes | bytearray | memoryview, *, chunk_bytes: int | None = None) -> memoryview: ...
+
+
+def share(obj: Any, *, chunk_bytes: int | None = None) -> Any:
+    """A copy of obj in a region, merged chunk by chunk as it is copied.
+
+    - a numpy array: an array of the same dtype, shape, memory order (C, F or
+      any other axis order; a strided view becomes contiguous in that order,
+      as ``np.copy(order="K")`` does) and read-only flag;
+    - bytes, bytearray, memoryview: a memoryview of the same format, shape and
+      read-only flag (bytes: read-only).  It compares equal (``==``) and works
+      wherever a buffer does, but has no str-like methods: ``bytes(view)``
+      makes a private copy;
+    - a numpy scalar, or anything empty: returned unchanged (nothing to save).
+
+    Anything else (a subclass of ndarray, object arrays, a list...) raises
+    ArgumentError: what share() cannot keep, it refuses.
+    """
+    kind = check_shareable(obj)
+    if kind == "unchanged":
+        return obj
+    chunk = _chunk(chunk_bytes)
+    if kind == "array":
+        return _copy(obj, chunk)
+    view = memoryview(obj)
+    out = _copy(np.asarray(view), chunk, keep_order=False)
+    region = region_of(out)
+    assert region is not None
+    del out
+    # A memoryview of the region itself, not of a numpy array: a read-only
+    # one of bytes is then hashable like bytes (memoryview hashes its exporter).
+    result = memoryview(region)[:view.nbytes]
+    if view.readonly:
+        result = result.toreadonly()
+    if view.format != "B" or view.ndim != 1:
+        try:
+            result = result.cast(view.format, view.shape)
+        except (TypeError, ValueError):  # a format cast() does not take: numpy's equivalent one
+            arr = region.ndarray(np.asarray(view).dtype, view.shape)
+            arr.flags.writeable = not view.readonly
+            result = memoryview(arr)
+    return result
+
+
+def check_shareable(obj: Any) -> str:
+    """"array", "buffer" or "unchanged" for what share() takes, else ArgumentError."""
+    if isinstance(obj, np.generic):
+        return "unchanged"
+    if isinstance(obj, np.ndarray):
+        if type(obj) is not np.ndarray:
+            raise ArgumentError(f"share() cannot keep the type {type(obj).__name__} (a subclass of "
+                                f"numpy.ndarray); pass np.asarray(x) to share its data as a plain array")
+        if obj.dtype.hasobject:
+            raise ArgumentError(f"share() cannot put an array of dtype {obj.dtype} (Python objects) in "
+                                f"shared memory")
+        return "array" if obj.nbytes else "unchanged"
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        view = memoryview(obj)
+        if view.nbytes == 0:
+            return "unchanged"
+        try:
+            arr = np.asarray(view)
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise ArgumentError(f"share() cannot copy a buffer of format {view.format!r}: {e}") from e
+        if arr.dtype.hasobject:
+            raise ArgumentError(f"share() cannot copy a buffer of format {view.format!r} (Python objects)")
+        return "buffer"
+    raise ArgumentError(f"share() takes a numpy array, a numpy scalar, bytes, bytearray or a memoryview, "
+                        f"got {type(obj).__name__}")
+
+
+def _copy(src: np.ndarray[Any, Any], chunk: int, keep_order: bool = True) -> np.ndarray[Any, Any]:
+    """src copied into a new region in src's axis order (C order unless
+    keep_order), merged chunk by chunk."""
+    if src.flags.c_contiguous or not keep_order:
+        perm = list(range(src.ndim))
+    elif src.flags.f_contiguous:
+        perm = list(range(src.ndim))[::-1]
+    else:  # outermost axis first, as np.copy(order="K")
+        perm = sorted(range(src.ndim), key=lambda i: -abs(src.strides[i]))
+    region = _new_region(src.nbytes)
+    dst = region.ndarray(src.dtype, tuple(src.shape[i] for i in perm))
+    try:
+        base = int(dst.__array_interface__["data"][0])
+        merger = _Merger(region, chunk)
+        _copy_blocks(dst, src.transpose(perm), chunk, lambda view: merger.final(_end_of(view, base)))
+        merger.finish(src.nbytes)
+    except BaseException:
+        del dst
+        _discard(region)
+        raise
+    out = dst.transpose(np.argsort(perm))
+    if not src.flags.writeable:
+        out.flags.writeable = False
+    return out
+
+
+def _copy_blocks(dst: np.ndarray[Any, Any], src: np.ndarray[Any, Any], chunk: int,
+                 done: Callable[[np.ndarray[Any, Any]], None]) -> None:
+    """dst[...] = src (dst C-contiguous) in blocks of about chunk bytes along the
+    leading axes, calling done(block) after each."""
+    if dst.ndim == 0 or dst.nbytes <= chunk:
+        dst[...] = src
+        done(dst)
+        return
+    row = dst.nbytes // dst.shape[0]
+    if row > chunk and dst.ndim > 1:
+        for i in range(dst.shape[0]):
+            _copy_blocks(dst[i], src[i], chunk, done)
+        return
+    step = max(1, chunk // row)
+    for i in range(0, dst.shape[0], step):
+        dst[i:i + step] = src[i:i + step]
+        done(dst[i:i + step])
+
+
+# ---- computing in place ------------------------------------------------------------
+
+def fill(shape: int | tuple[int, ...], dtype: Any, fill_fn: Callable[[np.ndarray[Any, Any], int], Any], *,
+         rows: int | None = None, chunk_bytes: int | None = None) -> np.ndarray[Any, Any]:
+    """An array in a region, computed in place one block of rows at a time.
+
+    ``fill_fn(block, start)`` is called for consecutive blocks along the first
+    axis, ``block`` being the (zeroed, writable) rows ``[start, start +
+    len(block))`` of the result; once it returns, the block is final and its
+    whole pages are merged.  ``rows`` per block defaults to about chunk_bytes
+    worth.  A process never holds more than a block or two of private pages::
+
+        def features(block, start):
+            block[...] = compute_rows(start, len(block))
+
+        table = shmdedup.fill((1 << 20, 256), np.float32, features, rows=4096)
+    """
+    dims = _check_shape(shape)
+    if not dims:
+        raise ArgumentError("fill() needs at least one dimension (blocks are runs of rows)")
+    dt = _check_dtype(dtype)
+    chunk = _chunk(chunk_bytes)
+    if not callable(fill_fn):
+        raise ArgumentError(f"fill_fn must be callable, got {type(fill_fn).__name__}")
+    nrows = dims[0]
+    row_bytes = int(np.prod(dims[1:], dtype=np.int64)) * dt.itemsize
+    if rows is None:
+        rows = max(1, chunk // max(row_bytes, 1))
+    rows = _check_int("rows", rows, 1)
+    region = _new_region(nrows * row_bytes)
+    arr = region.ndarray(dt, dims)
+    try:
+        merger = _Merger(region, chunk)
+        for start in range(0, nrows, rows):
+            fill_fn(arr[start:start + rows], start)
+            merger.final(min(start + rows, nrows) * row_bytes)
+        merger.finish(nrows * row_bytes)
+    except BaseException:
+        del arr
+        _discard(region)
+        raise
+    return arr
+
+
+def region_of(obj: Any) -> Region | None:
+    """The Region behind an array or memoryview made by these helpers (or by
+    ``Region.ndarray``), or None."""
+    base = obj
+    while base is not None:
+        if isinstance(base, Region):
+            return base
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return None
