@@ -480,9 +480,11 @@ def fill(shape: int | tuple[int, ...], dtype: Any, fill_fn: Callable[[np.ndarray
 
     ``fill_fn(block, start)`` is called for consecutive blocks along the first
     axis, ``block`` being the (zeroed, writable) rows ``[start, start +
-    len(block))`` of the result; once it returns, the block is final and its
-    whole pages are merged.  ``rows`` per block defaults to about chunk_bytes
-    worth.  A process never holds more than a block or two of private pages::
+    len(block))`` of the result; once it returns, the block is final: whole
+    pages are merged as soon as a chunk (chunk_bytes) of them is final, so
+    with blocks of about a chunk (the default ``rows``) every block is merged
+    as soon as it returns.  A process never holds more than a chunk and a
+    block of private pages::
 
         def features(block, start):
             block[...] = compute_rows(start, len(block))
