@@ -37,7 +37,7 @@ SETUP = """
 import hashlib, os, time
 import numpy as np
 import shmdedup
-from shmdedup import loading
+from shmdedup.worker import loading
 shmdedup.set_socket(socket)
 P = shmdedup.PAGE_SIZE
 """

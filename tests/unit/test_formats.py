@@ -17,7 +17,7 @@ import pytest
 
 import shmdedup
 from shmdedup.errors import FormatError, ShortFileError
-from shmdedup.region import PAGE_SIZE
+from shmdedup.worker.region import PAGE_SIZE
 from tests.helpers import no_shm_leftovers, reaper  # noqa: F401
 
 P = PAGE_SIZE

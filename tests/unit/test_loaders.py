@@ -1,4 +1,4 @@
-"""shmdedup.loading without a coordinator: fromfile, share and fill give numpy's
+"""shmdedup.worker.loading without a coordinator: fromfile, share and fill give numpy's
 answers byte for byte (dtype, shape, order, flags), refuse bad input clearly and
 leak nothing; the merger declares each chunk final before the next is written.
 Merging itself, across processes, is in tests/integration/test_loading.py."""
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import shmdedup
-from shmdedup import loading
+from shmdedup.worker import loading
 from shmdedup.errors import ArgumentError, Error, ShortFileError
-from shmdedup.region import PAGE_SIZE
+from shmdedup.worker.region import PAGE_SIZE
 from tests.helpers import no_shm_leftovers, reaper  # noqa: F401
 
 P = PAGE_SIZE
