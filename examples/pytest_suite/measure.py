@@ -3,7 +3,9 @@
 Memory is sampled from outside every 50 ms while each run lasts: the Pss of
 every process of the run (pytest's controller, its xdist workers, the
 coordinator), from /proc/<pid>/smaps_rollup.  Reported: its peak, its time
-average and its course, and each run's duration; ``--json`` adds Shmem from
+average and its course, each run's duration and the CPU time of its processes
+(user + system, the last value sampled: on a machine shared with other jobs,
+wall time varies from run to run much more than CPU time); ``--json`` adds Shmem from
 /proc/meminfo (system-wide, less its value before the run; other processes
 on the machine move it too, so it is only telling on a quiet machine).
 
@@ -59,6 +61,16 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def shmem_kib() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -82,11 +94,14 @@ def run_suite(workers: int, mib: int, shmdedup: bool, controls: list[str]) -> di
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     base = shmem_kib()
     samples: list[tuple[float, int, int]] = []
+    cpu: dict[int, float] = {}  # the last CPU time seen of every process of the run
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=SUITE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         while proc.poll() is None:
             pids = tree(proc.pid)
+            for p in pids:
+                cpu[p] = max(cpu.get(p, 0.0), cpu_seconds(p))
             samples.append((time.monotonic() - t0, sum(pss_kib(p) for p in pids), shmem_kib() - base))
             time.sleep(0.05)
         out = proc.stdout.read() if proc.stdout else ""
@@ -100,6 +115,7 @@ def run_suite(workers: int, mib: int, shmdedup: bool, controls: list[str]) -> di
     mean = (lambda i: sum(s[i] for s in samples) / max(len(samples), 1) / 1024)
     return {
         "shmdedup": shmdedup, "exit_status": proc.returncode, "seconds": round(took, 1),
+        "cpu_seconds": round(sum(cpu.values()), 1),
         "passed": int(passed.group(1)) if passed else 0, "summary": summary,
         "peak_pss_mib": round(max((s[1] for s in samples), default=0) / 1024, 1),
         "mean_pss_mib": round(mean(1), 1),
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"pytest -n {args.workers}, a {args.mib} MiB session table in every worker; Pss of all the "
               f"run's processes (MiB):")
-        print(f"  {'':17}{'seconds':>8}{'peak':>8}{'mean':>8}   every 2 s")
+        print(f"  {'':17}{'seconds':>8}{'CPU s':>8}{'peak':>8}{'mean':>8}   every 2 s")
         for r in runs:
             name = "with --shmdedup" if r["shmdedup"] else "without"
             timeline, next_t = [], 0.0
@@ -135,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                 if t >= next_t:
                     timeline.append(f"{pss:>5}")
                     next_t += 2.0
-            print(f"  {name:17}{r['seconds']:>8}{r['peak_pss_mib']:>8.0f}{r['mean_pss_mib']:>8.0f}   "
+            print(f"  {name:17}{r['seconds']:>8}{r['cpu_seconds']:>8}{r['peak_pss_mib']:>8.0f}{r['mean_pss_mib']:>8.0f}   "
                   + "".join(timeline))
         off, on = runs
         if off["peak_pss_mib"] and off["seconds"]:
             print(f"  with / without: peak {on['peak_pss_mib'] / off['peak_pss_mib']:.2f}x (target <= 0.5x), "
-                  f"seconds {on['seconds'] / off['seconds']:.2f}x (target <= 1.1x)")
+                  f"seconds {on['seconds'] / off['seconds']:.2f}x (target <= 1.1x), "
+                  f"CPU {on['cpu_seconds'] / max(off['cpu_seconds'], 0.1):.2f}x")
         for r in runs:
             for line in r["summary"]:
                 print(f"  {line}")
