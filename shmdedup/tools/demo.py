@@ -92,7 +92,7 @@ def _worker(index: int, npages: int, way: str, conn: Any, go: Any, stop: Any) ->
 
     def build(rows: np.ndarray, start: int) -> None:
         rows[...] = content(index, start, len(rows), npages)
-        digests.append(hashlib.blake2b(rows).digest())
+        digests.append(hashlib.blake2b(rows.data).digest())
 
     conn.send(os.getpid())
     go.wait()
@@ -111,7 +111,9 @@ def _worker(index: int, npages: int, way: str, conn: Any, go: Any, stop: Any) ->
         vol = scratch.ndarray(np.uint8, (max(volatile, 1), PAGE))[:volatile]
         mark(vol, index)
         scratch.advise(shmdedup.MERGEABLE)
-        regions = [shmdedup.region_of(pages), scratch]
+        built = shmdedup.region_of(pages)
+        assert built is not None
+        regions = [built, scratch]
     conn.send("built")
 
     def churn() -> None:
@@ -122,7 +124,7 @@ def _worker(index: int, npages: int, way: str, conn: Any, go: Any, stop: Any) ->
             time.sleep(0.002)
 
     def intact() -> bool:
-        return all(hashlib.blake2b(pages[s:min(s + BLOCK, final)]).digest() == d
+        return all(hashlib.blake2b(pages[s:min(s + BLOCK, final)].data).digest() == d
                    for s, d in zip(range(0, final, BLOCK), digests))
 
     t = threading.Thread(target=churn, daemon=True)
@@ -266,7 +268,10 @@ def run_way(way: str, workers: int, npages: int, timeout: float,
 def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: float = 120.0) -> int:
     npages = mib * 1024 * 1024 // PAGE
     shared, unique, volatile = layout(npages)
-    say = (lambda *a, **k: None) if as_json else (lambda *a, **k: print(*a, flush=True, **k))
+    def say(line: str) -> None:
+        if not as_json:
+            print(line, flush=True)
+
     say(f"shmdedup demo: {workers} workers x {mib} MiB each: {shared} pages the same in every worker, "
         f"{unique} of its own, {volatile} it keeps rewriting; two ways to merge them")
     progress = None if as_json or not sys.stdout.isatty() else (

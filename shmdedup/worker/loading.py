@@ -34,7 +34,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import numpy as np
 
@@ -139,7 +139,7 @@ def _check_dtype(dtype: Any) -> np.dtype[Any]:
         raise ArgumentError(f"dtype {dt} holds Python objects, which cannot live in shared memory")
     if dt.itemsize == 0:
         raise ArgumentError(f"dtype {dt} has no size")
-    return dt
+    return cast("np.dtype[Any]", dt)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -391,12 +391,13 @@ def share(obj: Any, *, chunk_bytes: int | None = None) -> Any:
     if view.readonly:
         result = result.toreadonly()
     if view.format != "B" or view.ndim != 1:
+        fmt: Any = view.format  # any struct format: cast() says which it takes
         try:
-            result = result.cast(view.format, view.shape)
+            result = result.cast(fmt, tuple(view.shape or ()))
         except (TypeError, ValueError):  # a format cast() does not take: numpy's equivalent one
             arr = region.ndarray(np.asarray(view).dtype, view.shape)
             arr.flags.writeable = not view.readonly
-            result = memoryview(arr)
+            result = arr.data
     return result
 
 
