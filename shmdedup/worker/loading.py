@@ -39,7 +39,7 @@ from typing import Any, TypeVar, cast, overload
 import numpy as np
 
 from shmdedup.errors import ArgumentError, FileChangedError, ShortFileError
-from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, Region, _check_int, pages_for
+from shmdedup.worker.region import PAGE_SIZE, Region, _check_int, pages_for
 
 # Bytes written between two merge_now calls (rounded down to whole pages).
 # Settable per process; every helper also takes chunk_bytes=.
@@ -60,21 +60,6 @@ def write_time_stats() -> dict[str, int]:
     (``pages_merged_at_write``); the rest are left to the scan."""
     with _counts_lock:
         return dict(_counts)
-
-
-# ---- TEMPORARY SHIM: Region.merge_now ------------------------------------------
-# Region.merge_now(offset, length) -> pages merged or made stable comes from the
-# merge-at-write-time core.  Until it is in this tree, fall back to what it
-# implies for the range (MERGEABLE advice: the scan merges it later) and
-# report 0 pages merged at once.  This is the only place that calls it; remove
-# the fallback when merge_now lands.
-def _merge_now(region: Region, offset: int, length: int) -> int:
-    merge_now = getattr(region, "merge_now", None)
-    if merge_now is not None:
-        return int(merge_now(offset, length))
-    region.advise(MERGEABLE, offset, length)
-    return 0
-# ---- end of the temporary shim ---------------------------------------------------
 
 
 def _chunk(value: int | None) -> int:
@@ -108,7 +93,7 @@ class _Merger:
 
     def _declare(self, end: int) -> None:
         length = end - self.done
-        merged = _merge_now(self.region, self.done, length)
+        merged = self.region.merge_now(self.done, length)
         with _counts_lock:
             _counts["pages_loaded"] += pages_for(length)
             _counts["pages_merged_at_write"] += merged

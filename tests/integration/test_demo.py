@@ -3,7 +3,7 @@
 The demo runs as the CLI runs it, in a child process, with ``--json``; the test
 asserts on what it measured from outside (st_blocks of the workers' regions
 and of the coordinator's stable object) and on every worker's own check of its
-bytes.  The write-time peak is checked only where ``Region.merge_now`` exists.
+bytes.
 """
 
 from __future__ import annotations
@@ -41,11 +41,10 @@ def test_demo_shows_both_ways_and_every_copy_merges() -> None:
     # At write time the pages of its own a worker declared final became stable pages too (kept for
     # inline_keep_millisecs in case another process loads them): at most that many more.
     assert shared <= write["pages_shared"] <= shared + workers * unique
-    if hasattr(shmdedup.Region, "merge_now"):
-        assert write["pages_merged_inline"] >= workers * shared
-        # The copies never existed: a worker held at most a block of its final data privately,
-        # besides the pages it keeps rewriting; scanning, each held its whole copy first.
-        own = workers * (volatile + 2 * BLOCK) * page_mib
-        assert write["peak_objects_mib"] <= own, write
-        assert scan["peak_objects_mib"] >= mib > own / workers
+    assert write["pages_merged_inline"] >= workers * shared
+    # The copies never existed: a worker held at most a block of its final data privately,
+    # besides the pages it keeps rewriting; scanning, each held its whole copy first.
+    own = workers * (volatile + 2 * BLOCK) * page_mib
+    assert write["peak_objects_mib"] <= own, write
+    assert scan["peak_objects_mib"] >= mib > own / workers
 

@@ -2,10 +2,10 @@
 that load the same file (or copy, or compute, the same array), and faults.
 
 Every test checks the bytes each worker ends with, and looks from outside at
-the workers' region objects (st_blocks through /proc/<pid>/fd).  The tests
-marked ``needs_merge_now`` check that each chunk is merged before the next is
-read (no scan involved: the coordinator's scanning is as good as off); the
-others hold whether merging happens at once or by the scan.
+the workers' region objects (st_blocks through /proc/<pid>/fd).  One test
+checks that each chunk is merged before the next is read with the
+coordinator's scanning as good as off (merge_now, not the scan); the others
+hold whichever merges.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ P = shmdedup.PAGE_SIZE
 CHUNK = 16 * P
 # Scanning as good as off: one page a batch, then an hour's sleep.
 NO_SCAN = {"pages_to_scan": 1, "sleep_millisecs": 3_600_000}
-needs_merge_now = pytest.mark.skipif(not hasattr(shmdedup.Region, "merge_now"),
-                                     reason="needs Region.merge_now")
 
 SETUP = """
 import hashlib, os, time
@@ -136,7 +134,6 @@ def test_workers_loading_the_same_data_end_with_one_copy(coordinator, tmp_path: 
     assert got == (np.load(path).tobytes() if loader == "load_npy" else path.read_bytes()[-nbytes:])
 
 
-@needs_merge_now
 def test_each_chunk_merges_before_the_next_is_read(coordinator, tmp_path: Path) -> None:
     """With the scan as good as off, three workers loading the same 8 MiB file
     at once hold at most a couple of chunks of private pages each at any

@@ -16,7 +16,6 @@ import json
 
 import pytest
 
-import shmdedup
 from tests.helpers import REPO_ROOT, ChildResult, run_python, shm_names
 
 EXAMPLE = REPO_ROOT / "examples" / "ml_fleet.py"
@@ -71,8 +70,8 @@ def test_fleet_serves_correct_answers_from_merged_weights() -> None:
 @pytest.mark.skipif(not HAVE_WEIGHTS, reason="weights package not installed")
 def test_fleet_loading_at_write_time_never_holds_two_copies() -> None:
     """Each worker loads with shmdedup.load_safetensors: the answers are right,
-    the weights end as one copy, and (with merge_now) they are one copy from
-    the moment they are loaded: the fleet's peak while loading stays under 1.5
+    the weights end as one copy, and they are one copy from the moment they
+    are loaded: the fleet's peak while loading stays under 1.5
     copies, measured from outside."""
     res = run_example("--small", "--json", timeout=300)
     res.check()
@@ -82,9 +81,8 @@ def test_fleet_loading_at_write_time_never_holds_two_copies() -> None:
         assert c["ok"] and c["max_abs_diff"] <= 1e-5, (name, c)
     loaded, merged = r["phases"]["loaded"], r["phases"]["merged"]
     assert merged["backing_mib"] < 1 and merged["pages_sharing"] >= r["pages_per_worker"]
-    if hasattr(shmdedup.Region, "merge_now"):
-        assert loaded["backing_mib"] < 1 and loaded["pages_sharing"] >= r["pages_per_worker"]
-        assert r["peak_while_loading_copies"] <= 1.5, r["phases"]["loaded"]
+    assert loaded["backing_mib"] < 1 and loaded["pages_sharing"] >= r["pages_per_worker"]
+    assert r["peak_while_loading_copies"] <= 1.5, r["phases"]["loaded"]
     assert shm_names(set(r["worker_pids"]) | {r["coordinator_pid"]}) == set()
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-import shmdedup
 from tests.helpers import ChildResult, child_env, run_python, shm_names
 
 SUMMARY = re.compile(r"^shmdedup: (\d+) workers? shared ([\d.]+) MiB \(peak pages_sharing (\d+), "
@@ -362,7 +361,6 @@ def test_summary_when_workers_finish_before_two_full_scans(tmp_path: Path) -> No
     assert "finished before the coordinator's second full scan (full_scans 0)" in res.stdout
 
 
-@pytest.mark.skipif(not hasattr(shmdedup.Region, "merge_now"), reason="needs Region.merge_now")
 def test_summary_reports_merges_at_write_time(tmp_path: Path) -> None:
     """share() merges as it copies: with scanning as good as off, the two
     workers' tables are merged the moment they are built, and the summary

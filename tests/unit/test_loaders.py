@@ -19,7 +19,7 @@ import pytest
 import shmdedup
 from shmdedup.worker import loading
 from shmdedup.errors import ArgumentError, Error, ShortFileError
-from shmdedup.worker.region import PAGE_SIZE
+from shmdedup.worker.region import PAGE_SIZE, Region
 from tests.helpers import no_shm_leftovers, reaper  # noqa: F401
 
 P = PAGE_SIZE
@@ -32,13 +32,13 @@ def declared(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     """Every range the helpers declare final, in order, interleaved with
     ("write", ...) events the tests add."""
     events: list[tuple[Any, ...]] = []
-    real = loading._merge_now
+    real = Region.merge_now
 
-    def spy(region: Any, offset: int, length: int) -> int:
+    def spy(region: Region, offset: int = 0, length: int | None = None) -> int:
         events.append(("merge", offset, length))
         return real(region, offset, length)
 
-    monkeypatch.setattr(loading, "_merge_now", spy)
+    monkeypatch.setattr(Region, "merge_now", spy)
     return events
 
 
