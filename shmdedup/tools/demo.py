@@ -187,17 +187,19 @@ those with the (embedded) coordinator's stable pages, every 10 ms."""
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
+    def sample(self) -> None:
+        self.peak_shmem_kib = max(self.peak_shmem_kib, meminfo_kib() - self.shmem0)
+        self.peak_objects = max(self.peak_objects, shm_bytes(self.pids, ("region",)))
+        self.peak_all = max(self.peak_all, shm_bytes(self.pids + [os.getpid()]))
+
     def _loop(self) -> None:
-        while True:
-            self.peak_shmem_kib = max(self.peak_shmem_kib, meminfo_kib() - self.shmem0)
-            self.peak_objects = max(self.peak_objects, shm_bytes(self.pids, ("region",)))
-            self.peak_all = max(self.peak_all, shm_bytes(self.pids + [os.getpid()]))
-            if self._stop.wait(0.01):
-                return
+        while not self._stop.wait(0.01):
+            self.sample()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
 
 
 def run_way(way: str, workers: int, npages: int, timeout: float,
@@ -208,6 +210,7 @@ def run_way(way: str, workers: int, npages: int, timeout: float,
     expect_sharing = (workers - 1) * shared
     ctx = mp.get_context("spawn")
     mib = 1024 * 1024
+    sampler: _Sampler | None = None
     with shmdedup.Coordinator(pages_to_scan=10000, sleep_millisecs=0) as coord:
         go, stop = ctx.Event(), ctx.Event()
         pipes, procs = [], []
@@ -237,17 +240,19 @@ def run_way(way: str, workers: int, npages: int, timeout: float,
                 coord.wait_full_scans(1, timeout=timeout)
                 stats = coord.stats()
             took = time.monotonic() - t0
-            sampler.stop()
             coord.wait_full_scans(2, timeout=timeout)
             stats = coord.stats()
             shmem_end = meminfo_kib() - sampler.shmem0
             objects_end = shm_bytes(pids, ("region",))
             all_end = shm_bytes(pids + [os.getpid()])
         finally:
+            if sampler is not None:
+                sampler.stop()  # the peak is over the whole run, its end state included
             stop.set()
             mismatches = [_last_word(a) for a in pipes]
             for p in procs:
                 p.join(30)
+    assert sampler is not None
     return {
         "seconds_to_build": round(built, 3), "seconds_to_merge": round(took, 3),
         "peak_shmem_mib": round(sampler.peak_shmem_kib / 1024, 1),
