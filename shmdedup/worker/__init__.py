@@ -4,5 +4,6 @@
 side) and ``agent`` (the background thread that carries out the coordinator's
 merge and unmerge requests on this process's own mappings); ``loading`` and
 ``formats`` (writing regions chunk by chunk, each chunk merged at write time:
-fromfile, share, fill, .npy and safetensors).
+fromfile, share, fill, .npy and safetensors), on ``reading`` (files read into
+pinned ranges, watched for changes).
 """

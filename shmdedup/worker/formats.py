@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from shmdedup.errors import FormatError, ShortFileError
-from shmdedup.worker.loading import _chunk, _discard, _new_region, _Source
+from shmdedup.worker.loading import _chunk, _discard, _new_region, read_pieces
+from shmdedup.worker.reading import Source
 from shmdedup.worker.region import PAGE_SIZE, pages_for
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -42,7 +43,7 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def _exact(src: _Source, nbytes: int, what: str) -> bytes:
+def _exact(src: Source, nbytes: int, what: str) -> bytes:
     data = src.read_bytes(nbytes)
     if len(data) < nbytes:
         raise ShortFileError(f"{src.name} ends inside its {what} ({len(data)} of {nbytes} bytes)")
@@ -51,7 +52,7 @@ def _exact(src: _Source, nbytes: int, what: str) -> bytes:
 
 # ---- .npy --------------------------------------------------------------------
 
-def _npy_header(src: _Source) -> tuple[np.dtype[Any], tuple[int, ...], bool]:
+def _npy_header(src: Source) -> tuple[np.dtype[Any], tuple[int, ...], bool]:
     magic = _exact(src, 8, ".npy header")
     if magic[:6] != NPY_MAGIC:
         raise FormatError(f"{src.name} is not a .npy file (no \\x93NUMPY magic)")
@@ -95,7 +96,7 @@ def load_npy(file: Any, *, chunk_bytes: int | None = None) -> np.ndarray[Any, An
     shape and memory order (C or Fortran) of ``numpy.load``.  A writable array,
     like numpy's (writes are copy-on-write)."""
     chunk = _chunk(chunk_bytes)
-    with _Source(file) as src:
+    with Source(file) as src:
         dt, shape, fortran = _npy_header(src)
         count = math.prod(shape)
         nbytes = count * dt.itemsize
@@ -105,7 +106,7 @@ def load_npy(file: Any, *, chunk_bytes: int | None = None) -> np.ndarray[Any, An
                                  f"says {nbytes}")
         region = _new_region(nbytes)
         try:
-            src.read_pieces(region, [(0, nbytes)], chunk)
+            read_pieces(src, region, [(0, nbytes)], chunk)
         except BaseException:
             _discard(region)
             raise
@@ -115,7 +116,7 @@ def load_npy(file: Any, *, chunk_bytes: int | None = None) -> np.ndarray[Any, An
 
 # ---- safetensors ----------------------------------------------------------------
 
-def _tensor_entry(src: _Source, name: str, info: Any) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+def _tensor_entry(src: Source, name: str, info: Any) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise FormatError(f"{src.name}: tensor {name!r} needs dtype, shape and data_offsets")
     kind, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
@@ -138,7 +139,7 @@ def load_safetensors(file: Any, *, chunk_bytes: int | None = None) -> dict[str, 
     every tensor in one region at a page-aligned offset, merged chunk by chunk
     as it is read.  ``__metadata__`` is checked and dropped."""
     chunk = _chunk(chunk_bytes)
-    with _Source(file) as src:
+    with Source(file) as src:
         hlen = int.from_bytes(_exact(src, 8, "safetensors header size"), "little")
         if hlen > SAFETENSORS_MAX_HEADER:
             raise FormatError(f"{src.name}: safetensors header of {hlen} bytes (more than {SAFETENSORS_MAX_HEADER})")
@@ -168,7 +169,7 @@ def load_safetensors(file: Any, *, chunk_bytes: int | None = None) -> dict[str, 
             size += pages_for(entries[name][3] - entries[name][2]) * PAGE_SIZE
         region = _new_region(size)
         try:
-            src.read_pieces(region, [(offsets[n], entries[n][3] - entries[n][2]) for n in in_file], chunk)
+            read_pieces(src, region, [(offsets[n], entries[n][3] - entries[n][2]) for n in in_file], chunk)
         except BaseException:
             _discard(region)
             raise

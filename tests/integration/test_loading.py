@@ -35,7 +35,7 @@ SETUP = """
 import hashlib, os, time
 import numpy as np
 import shmdedup
-from shmdedup.worker import loading
+from shmdedup.worker import loading, reading
 shmdedup.set_socket(socket)
 P = shmdedup.PAGE_SIZE
 """
@@ -204,7 +204,7 @@ def test_a_file_shorter_than_asked_loads_nothing(coordinator, tmp_path: Path) ->
 
 # The reader pauses after its first chunk until the writer has changed the file.
 PAUSING_READER = """
-real = loading._Source.readinto
+real = reading.Source.readinto
 def pausing(self, region, offset, n):
     got = real(self, region, offset, n)
     if offset == 0:
@@ -214,7 +214,7 @@ def pausing(self, region, offset, n):
             assert time.monotonic() < deadline, "the writer did not change the file"
             time.sleep(0.005)
     return got
-loading._Source.readinto = pausing
+reading.Source.readinto = pausing
 """
 
 CHANGES = {
@@ -258,7 +258,7 @@ def test_a_file_changed_while_read_raises_and_loads_nothing(coordinator, tmp_pat
         t.join(60)
     assert outcome and "changed while it was read" in outcome[0], outcome
     assert region_fds(reader.pid) == 0
-    reader.call("loading._Source.readinto = real")
+    reader.call("reading.Source.readinto = real")
     again = reader.call("a = shmdedup.fromfile(path, np.uint8); result = a.tobytes(); del a", path=str(path))
     assert again == path.read_bytes()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shmdedup
-from shmdedup.worker import loading
+from shmdedup.worker import loading, reading
 from shmdedup.errors import ArgumentError, Error, ShortFileError
 from shmdedup.worker.region import PAGE_SIZE, Region
 from tests.helpers import no_shm_leftovers, reaper  # noqa: F401
@@ -165,13 +165,13 @@ def test_fromfile_declares_each_chunk_before_reading_the_next(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     nbytes = 10 * P + 123
     f = write(tmp_path / "d.bin", np.random.default_rng(2).bytes(nbytes))
-    real = loading._Source.readinto
+    real = reading.Source.readinto
 
     def spy(self: Any, region: Any, offset: int, n: int) -> int:
         declared.append(("read", offset, n))
         return real(self, region, offset, n)
 
-    monkeypatch.setattr(loading._Source, "readinto", spy)
+    monkeypatch.setattr(reading.Source, "readinto", spy)
     got = shmdedup.fromfile(f, np.uint8, chunk_bytes=3 * P)
     assert got.tobytes() == f.read_bytes()
     assert_tiles(merged_ranges(declared), nbytes, 3 * P)
