@@ -4,8 +4,8 @@ Workers allocate :class:`Region` objects and advise them mergeable; a
 :class:`Coordinator` (the ksmd of a domain) merges identical pages onto
 read-only stable copies; a write to a merged page gets a private copy back
 through a SIGSEGV copy-on-write trap.  :class:`Stats` names what a
-coordinator's ``stats()`` holds.  ``__all__`` is the public API, with
-``shmdedup.errors`` and ``shmdedup.tools.pytest_plugin`` (``share``).
+coordinator's ``stats()`` holds.  ``__all__`` is the public API (each
+module's own ``__all__`` says which of its names belong to it).
 """
 
 import sys as _sys
@@ -18,10 +18,13 @@ from shmdedup.errors import (  # noqa: E402
     ControlError,
     CoordinatorUnavailableError,
     Error,
+    FileChangedError,
+    FormatError,
     PeerRejectedError,
     ProtocolError,
     RegionClosedError,
     ShmError,
+    ShortFileError,
 )
 from shmdedup.controls import ControlSettings, Controls  # noqa: E402
 from shmdedup.stats import Stats, UidStats, WorkerStats  # noqa: E402
@@ -29,6 +32,8 @@ from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, co
 from shmdedup.tools.client import Client  # noqa: E402
 from shmdedup.tools.embedded import Coordinator  # noqa: E402
 from shmdedup.worker.agent import enable_process_merging, process_merging, set_socket  # noqa: E402
+from shmdedup.worker.loading import fill, fromfile, region_of, share  # noqa: E402
+from shmdedup.worker.formats import load_npy, load_safetensors  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,6 +46,8 @@ __all__ = [
     "Coordinator",
     "CoordinatorUnavailableError",
     "Error",
+    "FileChangedError",
+    "FormatError",
     "MERGEABLE",
     "PAGE_SIZE",
     "PeerRejectedError",
@@ -48,12 +55,19 @@ __all__ = [
     "Region",
     "RegionClosedError",
     "ShmError",
+    "ShortFileError",
     "Stats",
     "UNMERGEABLE",
     "UidStats",
     "WorkerStats",
     "cow_fault_around",
     "enable_process_merging",
+    "fill",
+    "fromfile",
+    "load_npy",
+    "load_safetensors",
     "process_merging",
+    "region_of",
     "set_socket",
+    "share",
 ]

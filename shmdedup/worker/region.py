@@ -32,7 +32,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,13 @@ class SupportsReadinto(Protocol):
     """A binary file, as :meth:`Region.readinto` reads it (``open(path, "rb")``)."""
 
     def readinto(self, buffer: memoryview, /) -> int: ...
+
+
+class SupportsRawReadinto(Protocol):
+    """A raw binary file (``io.RawIOBase``): its readinto returns None when it
+    is non-blocking and has no data yet."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 # Set by the agent module: called with (region, event, *args) so regions do not
@@ -381,8 +388,14 @@ class Region(_native.Mapping):
         finally:
             self._pins[first:first + n] -= 1
 
-    def readinto(self, f: SupportsReadinto | int, offset: int = 0, length: int | None = None) -> int:
-        """Read from a binary file (or raw fd) into the region; returns bytes read."""
+    @overload
+    def readinto(self, f: SupportsReadinto | int, offset: int = 0, length: int | None = None) -> int: ...
+    @overload
+    def readinto(self, f: SupportsRawReadinto, offset: int = 0, length: int | None = None) -> int | None: ...
+
+    def readinto(self, f: SupportsRawReadinto | int, offset: int = 0, length: int | None = None) -> int | None:
+        """Read from a binary file (or raw fd) into the region; returns bytes read
+        (None: a non-blocking raw file had no data)."""
         if length is None:
             length = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
         with self.pinned(offset, length), memoryview(self)[offset:offset + length] as view:
@@ -456,6 +469,7 @@ __all__ = [
     "PAGE_SIZE",
     "UNMERGEABLE",
     "Region",
+    "SupportsRawReadinto",
     "SupportsReadinto",
     "cow_fault_around",
 ]

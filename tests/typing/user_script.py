@@ -8,8 +8,10 @@ collects ``test_*.py`` only).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import struct
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -30,18 +32,20 @@ def build_table() -> npt.NDArray[np.float32]:
     return np.random.default_rng(0).random(2**16, dtype=np.float32)
 
 
-def compute_features(out: npt.NDArray[Any]) -> None:
-    out[:] = 1.0
+def compute_rows(start: int, n: int) -> npt.NDArray[np.float32]:
+    return np.full((n, 1024), start, np.float32)
 
 
 @pytest.fixture(scope="session")
 def table() -> npt.NDArray[np.float32]:
-    return share(build_table())          # a copy in a mergeable region, same shape and dtype
+    return share(build_table())          # a copy, merged as it is copied: same type, dtype, shape, order
 
 
 @pytest.fixture(scope="session")
 def features(shmdedup_array: Callable[..., npt.NDArray[Any]]) -> npt.NDArray[Any]:
-    return shmdedup_array((64, 1024), np.float32, fill_fn=compute_features)
+    def rows(block: npt.NDArray[Any], start: int) -> None:   # merged once written
+        block[...] = compute_rows(start, len(block))
+    return shmdedup_array((64, 1024), np.float32, rows, rows=16)
 
 
 # -- the API -------------------------------------------------------------------
@@ -76,6 +80,43 @@ def readme_example() -> int:
         del copies
         region.close()
         return sharing
+
+
+def write_time_helpers(dirname: str) -> int:
+    """The README's helpers: every worker runs the same call, each chunk merged as written."""
+    path = os.path.join(dirname, "table.f32")
+    np.random.default_rng(0).random(2**16, dtype=np.float32).tofile(path)
+    a: npt.NDArray[Any] = shmdedup.fromfile(path, np.float32)
+    b = shmdedup.fromfile(path, np.float32)      # as a second worker would load it
+    assert np.array_equal(a, b)
+    region: shmdedup.Region | None = shmdedup.region_of(a)
+    assert region is not None
+    npy = os.path.join(dirname, "vectors.npy")
+    np.save(npy, np.asfortranarray(np.ones((64, 32), np.float64)))
+    vectors = shmdedup.load_npy(npy)
+    st = os.path.join(dirname, "model.safetensors")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1024], "data_offsets": [0, 4096]}}).encode()
+    with open(st, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + np.ones(1024, np.float32).tobytes())
+    weights: dict[str, npt.NDArray[Any]] = shmdedup.load_safetensors(st)
+    copy = shmdedup.share(a)                     # a copy of an array (or bytes)
+    view: memoryview = shmdedup.share(b"x" * PAGE)
+
+    def rows(block: npt.NDArray[Any], start: int) -> None:
+        block[...] = start
+    features = shmdedup.fill((64, 256), np.float32, rows)
+    try:
+        shmdedup.fromfile(path, np.float32, count=2**20)
+    except shmdedup.ShortFileError:              # numpy would return fewer items
+        pass
+    try:
+        shmdedup.load_npy(path)
+    except shmdedup.FormatError:                 # not an .npy file
+        pass
+    assert issubclass(shmdedup.FileChangedError, OSError)   # a file changed while it was read
+    print(f"helpers: {a.shape} {vectors.flags.f_contiguous} {sorted(weights)} {copy.dtype} "
+          f"{len(view)} {features.shape}")
+    return len(a)
 
 
 def merge_at_write_time(coord: shmdedup.Coordinator) -> int:
@@ -167,7 +208,8 @@ def main() -> None:
     region: shmdedup.Region | None = region_of(arr)   # None: not in a region
     assert region is None
     readme_example()
-    with shmdedup.Coordinator(sleep_millisecs=0) as coord:
+    with shmdedup.Coordinator(sleep_millisecs=0) as coord, tempfile.TemporaryDirectory() as d:
+        write_time_helpers(d)
         merge_at_write_time(coord)
         standalone(coord.socket_path)
     process_wide()
