@@ -3,7 +3,9 @@
 Workers allocate :class:`Region` objects and advise them mergeable; a
 :class:`Coordinator` (the ksmd of a domain) merges identical pages onto
 read-only stable copies; a write to a merged page gets a private copy back
-through a SIGSEGV copy-on-write trap.
+through a SIGSEGV copy-on-write trap.  :class:`Stats` names what a
+coordinator's ``stats()`` holds.  ``__all__`` is the public API (each
+module's own ``__all__`` says which of its names belong to it).
 """
 
 import sys as _sys
@@ -24,6 +26,8 @@ from shmdedup.errors import (  # noqa: E402
     ShmError,
     ShortFileError,
 )
+from shmdedup.controls import ControlSettings, Controls  # noqa: E402
+from shmdedup.stats import Stats, UidStats, WorkerStats  # noqa: E402
 from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, cow_fault_around  # noqa: E402
 from shmdedup.tools.client import Client  # noqa: E402
 from shmdedup.tools.embedded import Coordinator  # noqa: E402
@@ -37,6 +41,8 @@ __all__ = [
     "ArgumentError",
     "Client",
     "ControlError",
+    "ControlSettings",
+    "Controls",
     "Coordinator",
     "CoordinatorUnavailableError",
     "Error",
@@ -50,7 +56,10 @@ __all__ = [
     "RegionClosedError",
     "ShmError",
     "ShortFileError",
+    "Stats",
     "UNMERGEABLE",
+    "UidStats",
+    "WorkerStats",
     "cow_fault_around",
     "enable_process_merging",
     "fill",

@@ -2,9 +2,16 @@
 the meaning is the same (``/sys/kernel/mm/ksm/*``), and their validation.
 Everything that sets a control (constructor, CLI, protocol ``set``, the
 pytest plugin) checks it here first, so a bad name or value changes nothing.
+
+For type checkers, :class:`Controls` names every control with its meaning (a
+coordinator's ``stats()`` holds them all) and :class:`ControlSettings` is any
+subset of them, as ``Coordinator(**settings)`` takes them; both list exactly
+the names of ``CONTROLS`` (tests/test_typing.py).
 """
 
 from __future__ import annotations
+
+from typing import TypedDict
 
 from shmdedup.errors import ControlError
 
@@ -74,3 +81,93 @@ def check_control(name: object, value: object) -> int:
     if not lo <= value <= hi:
         raise ControlError(f"{name} must be between {lo} and {hi}, got {value}")
     return value
+
+
+class Controls(TypedDict):
+    """Every control of a coordinator, as its ``stats()`` reports them (ints;
+    ``CONTROLS`` has each one's default and range)."""
+
+    run: int
+    """0 stop, 1 merge, 2 stop and unmerge everything (the advice is kept)."""
+    pages_to_scan: int
+    """Advised pages the cursor passes per batch, merged ones included."""
+    sleep_millisecs: int
+    """Pause between batches."""
+    max_page_sharing: int
+    """Most worker pages mapped to one stable page."""
+    max_kernel_pages: int
+    """Cap on stable pages in use (0: none)."""
+    use_zero_pages: int
+    """1: all-zero pages map to anonymous read-only memory, no stable page."""
+    smart_scan: int
+    """1: pages that keep failing to merge are skipped for 1, 2, 4, then 8 full scans."""
+    advisor_mode: int
+    """1: the scan-time advisor sets pages_to_scan after every full scan; 0: manual."""
+    advisor_target_scan_time: int
+    """Seconds one full scan should take (advisor)."""
+    advisor_max_cpu: int
+    """Percent of one CPU the coordinator may use (advisor)."""
+    advisor_min_pages_to_scan: int
+    """Lower bound of the advisor's pages_to_scan."""
+    advisor_max_pages_to_scan: int
+    """Upper bound of the advisor's pages_to_scan."""
+    inline_keep_millisecs: int
+    """How long a stable page made by merge_now is kept from going back to its only sharer."""
+    merge_zero_pages_only: int
+    """1: merge all-zero pages only, never make a stable page."""
+    max_connections: int
+    """Connections beyond it are closed at accept."""
+    max_regions_per_worker: int
+    """Registrations past it are refused."""
+    max_pages_per_worker: int
+    """Registrations past it (in pages) are refused."""
+    max_msgs_per_sec: int
+    """Per-connection message rate; a faster peer is disconnected."""
+    max_msgs_burst: int
+    """Per-connection message burst."""
+    max_connections_per_uid: int
+    """Quota of each uid other than the coordinator's own."""
+    max_regions_per_uid: int
+    """Quota of each uid other than the coordinator's own."""
+    max_pages_per_uid: int
+    """Quota of each uid other than the coordinator's own."""
+    max_fds: int
+    """Descriptors the coordinator may hold for peers (0: what RLIMIT_NOFILE leaves)."""
+    max_fds_per_uid: int
+    """Descriptors per other uid (0: a quarter of max_fds)."""
+    max_mappings: int
+    """Most mappings a worker may reach through merges (estimated); merges past it are skipped."""
+
+
+class ControlSettings(TypedDict, total=False):
+    """Any of the controls (see :class:`Controls`), as keyword arguments:
+    ``Coordinator(pages_to_scan=10000, sleep_millisecs=0)``."""
+
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    max_page_sharing: int
+    max_kernel_pages: int
+    use_zero_pages: int
+    smart_scan: int
+    advisor_mode: int
+    advisor_target_scan_time: int
+    advisor_max_cpu: int
+    advisor_min_pages_to_scan: int
+    advisor_max_pages_to_scan: int
+    inline_keep_millisecs: int
+    merge_zero_pages_only: int
+    max_connections: int
+    max_regions_per_worker: int
+    max_pages_per_worker: int
+    max_msgs_per_sec: int
+    max_msgs_burst: int
+    max_connections_per_uid: int
+    max_regions_per_uid: int
+    max_pages_per_uid: int
+    max_fds: int
+    max_fds_per_uid: int
+    max_mappings: int
+
+
+__all__ = ["CONTROLS", "ControlSettings", "Controls", "check_control"]

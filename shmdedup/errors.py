@@ -5,6 +5,10 @@ can catch either (``except ValueError`` works for a bad argument, ``except
 shmdedup.Error`` for anything of ours).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class Error(Exception):
     """Base class of every exception shmdedup raises on purpose."""
@@ -37,12 +41,16 @@ class ControlError(Error, ValueError):
 class ShmError(Error, OSError):
     """A shared-memory object could not be created, sized or opened."""
 
+    merged: int
+    """Set on the ShmError (ENOSPC) that ``Region.merge_now`` raises only: the
+    pages of the range merged nonetheless."""
+
 
 class DescriptorShortageError(Error, OSError):
     """This process ran out of descriptors: the kernel dropped descriptors that
     came with a message (``message`` holds the message, checked, or None)."""
 
-    message: dict | None = None
+    message: dict[str, Any] | None = None
 
 
 class FormatError(Error, ValueError):
@@ -55,3 +63,19 @@ class ShortFileError(Error, EOFError):
 
 class FileChangedError(Error, OSError):
     """A file changed (size, mtime or ctime) while it was being read: its bytes may be a mix."""
+
+
+__all__ = [
+    "ArgumentError",
+    "ControlError",
+    "CoordinatorUnavailableError",
+    "DescriptorShortageError",
+    "Error",
+    "FileChangedError",
+    "FormatError",
+    "PeerRejectedError",
+    "ProtocolError",
+    "RegionClosedError",
+    "ShmError",
+    "ShortFileError",
+]

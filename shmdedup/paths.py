@@ -21,3 +21,7 @@ def resolve_socket_path(socket_path: str | None = None, domain: str | None = Non
     if domain is None and os.environ.get(ENV_SOCKET):
         return os.environ[ENV_SOCKET]
     return protocol.default_socket_path(domain or "default")
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -254,7 +254,7 @@ def encode(msg: dict[str, Any], nfds: int | None = None) -> bytes:
     if nfds is not None:
         _check_fd_count(msg["t"], nfds)
     try:
-        data = msgpack.packb(msg, use_bin_type=True)
+        data: bytes = msgpack.packb(msg, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError(f"{msg['t']}: cannot pack: {e}") from None
     if len(data) > MAX_MESSAGE:
@@ -284,7 +284,7 @@ def _unpack(data: bytes) -> dict[str, Any]:
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message is {len(data)} bytes, max {MAX_MESSAGE}")
     try:
-        msg = msgpack.unpackb(
+        msg: dict[str, Any] = msgpack.unpackb(   # a map: _validate checks it below
             data, raw=False, strict_map_key=True, use_list=True,
             max_bin_len=MAX_MESSAGE, max_str_len=MAX_MESSAGE,
             max_array_len=MAX_MESSAGE, max_map_len=MAX_MESSAGE // 2, max_ext_len=0)
@@ -636,3 +636,7 @@ def connect(path: str, timeout: float | None = 5.0) -> Connection:
                 why = e.strerror or f"connect timed out after {timeout} s"
                 raise CoordinatorUnavailableError(f"no coordinator at {path}: {why}") from None
             raise
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -8,3 +8,7 @@ peers send), ``activity`` (what ``-v`` logs), ``metrics`` (Prometheus), and
 ``scan/`` (the algorithm).
 Importing this package imports none of them: tools stay light.
 """
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 _ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -84,3 +84,7 @@ def inherited_listener(path: str) -> socket.socket | None:
     log.warning("LISTEN_FDS=%d passed no listening SOCK_SEQPACKET socket bound at %s; "
                 "binding it here", count, path)
     return None
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

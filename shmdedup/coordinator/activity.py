@@ -28,7 +28,7 @@ from typing import Any, Callable
 from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.security import TokenBucket
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 CONN_LINES_PER_SEC = 20
 CONN_BURST = 100
@@ -119,4 +119,5 @@ class Activity:
         self._scan_line_at, self._scan_line_n, self._scan_line_counts = now, full_scans, counts
 
 
-__all__ = ["Activity"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

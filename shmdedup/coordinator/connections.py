@@ -44,7 +44,7 @@ from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, Quotas
 from shmdedup.coordinator.security import LogLimiter, TokenBucket
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 HELLO_TIMEOUT = 5.0             # s from accept to hello
 EVICT_AFTER = 1.0               # s without hello before a newcomer may take the place
@@ -76,7 +76,7 @@ class ConnectionsMixin:
         self._accept_backoff = ACCEPT_BACKOFF_MIN
         self._accept_paused_until: float | None = None
         self._extra = 0                           # client_only peers (past max_connections)
-        self.warn = LogLimiter(log)
+        self.warn: LogLimiter = LogLimiter(log)
 
     # -- accepting -----------------------------------------------------------
 
@@ -191,7 +191,7 @@ class ConnectionsMixin:
 
     # -- sending -------------------------------------------------------------
 
-    def _send(self, peer: Peer, msg: dict, fds: list[int] | None = None) -> bool:
+    def _send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None) -> bool:
         """Send now, or queue behind what is already waiting; never block.
         The caller keeps its *fds* (a queued message carries duplicates)."""
         if peer.conn.closed:
@@ -260,3 +260,7 @@ class ConnectionsMixin:
         while self._drop:
             peer, why = self._drop.pop()
             self._drop_peer(peer, why)
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

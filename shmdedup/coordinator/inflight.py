@@ -40,19 +40,21 @@ state (``peers``, ``scanner``, ``controls``, ``_req``, ``_waiters``,
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shmdedup import protocol
 from shmdedup.errors import ProtocolError
 from shmdedup.coordinator.peers import InlineCall, Peer
-from shmdedup.coordinator.scan.scanner import Scanner, _coalesce
+from shmdedup.coordinator.scan.scanner import Scanner
+from shmdedup.coordinator.scan.tracking import Run, _coalesce
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 MAX_PAGES_PER_REQUEST = 65536
 MAX_INLINE_PER_WORKER = 64      # merge_now calls in progress per worker
@@ -67,22 +69,31 @@ class RequestsMixin:
     scanner: Scanner
     peers: dict[int, Peer]
     last_error: str
-    _waiters: list[list]            # [peer, target full_scans, deadline, barrier or None]
+    _waiters: list[list[Any]]       # [peer, target full_scans, deadline, barrier or None]
     _run2: dict[str, Any] | None
+    _req: itertools.count[int]      # request ids
     _last_req: int                  # the id of the last request sent to a worker
     pages_merged_inline: int
     merge_now_cpu_ns: int
 
+    if TYPE_CHECKING:   # CoordinatorServer's (connections.py, server.py)
+        def _send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None) -> bool: ...
+        def _reply(self, peer: Peer, ok: bool, data: Any = None, error: str = "") -> None: ...
+        def _schedule_drop(self, peer: Peer, why: str) -> None: ...
+        def _flush_drops(self) -> None: ...
+        def _hold(self, peer: Peer) -> None: ...
+        def _unhold(self, peer: Peer) -> None: ...
+
     # -- replies from workers --------------------------------------------
 
-    def _take_request(self, peer: Peer, req: int, kind: str) -> list:
+    def _take_request(self, peer: Peer, req: int, kind: str) -> list[Run]:
         r = peer.requests.get(req)
         if r is None or r[0] != kind:
             raise ProtocolError(f"no {kind} request {req} is outstanding for this worker")
         del peer.requests[req]
         return r[1]
 
-    def _on_merged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_merged(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         items = self._take_request(peer, msg["req"], "merge")
         result = msg["result"]
         if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
@@ -101,7 +112,7 @@ class RequestsMixin:
                 self._send_unmerge(peer, _coalesce(again), run2=True)
         self._check_run2()
 
-    def _on_unmerged(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_unmerged(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         items = self._take_request(peer, msg["req"], "unmerge")
         self.scanner.unmerge_done(items)
         if msg["err"]:
@@ -115,14 +126,14 @@ class RequestsMixin:
 
     # -- merge at write time (merge_now) ------------------------------------
 
-    def _on_merge_now(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_merge_now(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         t0 = time.thread_time_ns()
         try:
             self._merge_now(peer, msg)
         finally:
             self.merge_now_cpu_ns += time.thread_time_ns() - t0
 
-    def _merge_now(self, peer: Peer, msg: dict) -> None:
+    def _merge_now(self, peer: Peer, msg: dict[str, Any]) -> None:
         token = msg["req"]
         reg = peer.regions.get(msg["rid"])
         start, n = msg["start"], msg["npages"]
@@ -183,7 +194,7 @@ class RequestsMixin:
 
     # -- waits for full_scans ---------------------------------------------
 
-    def _on_wait(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_wait(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         self._waiters.append([peer, msg["full_scans"], time.monotonic() + msg["timeout"], None])
         self._hold(peer)
         self._settle_waiters()
@@ -232,11 +243,12 @@ class RequestsMixin:
 
     # -- merge and unmerge requests ---------------------------------------
 
-    def _send_request(self, peer: Peer, kind: str, runs: list) -> list[int]:
+    def _send_request(self, peer: Peer, kind: str, runs: list[Run]) -> list[int]:
         reqs = []
         i = 0
         while i < len(runs) and not peer.conn.closed:
-            chunk, pages = [], 0
+            chunk: list[Run] = []
+            pages = 0
             while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i][2] <= MAX_PAGES_PER_REQUEST:
                 chunk.append(runs[i])
                 pages += runs[i][2]
@@ -255,10 +267,10 @@ class RequestsMixin:
             reqs.append(req)
         return reqs
 
-    def _send_merge(self, peer: Peer, runs: list) -> None:
+    def _send_merge(self, peer: Peer, runs: list[Run]) -> None:
         self._send_request(peer, "merge", runs)
 
-    def _send_unmerge(self, peer: Peer, runs: list, run2: bool = False) -> None:
+    def _send_unmerge(self, peer: Peer, runs: list[Run], run2: bool = False) -> None:
         reqs = self._send_request(peer, "unmerge", runs)
         if run2 and self._run2 is not None:
             self._run2["reqs"].update(reqs)
@@ -294,3 +306,6 @@ class RequestsMixin:
                 self._reply(r["client"], False, None, r["error"])
             self._unhold(r["client"])
 
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

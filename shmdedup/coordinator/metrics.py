@@ -77,7 +77,7 @@ REQUEST_DEADLINE = 10.0  # s from accept: then the connection is shut down
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 _SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-log = logging.getLogger("shmdedup.metrics")
+log: logging.Logger = logging.getLogger("shmdedup.metrics")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # stats() key -> (metric name without the shmdedup_ prefix, help); gauges.
@@ -196,8 +196,8 @@ class StatsCollector:
 
     def __init__(self, wake: Any = None) -> None:
         self.snapshot: dict[str, Any] | None = None
-        self.published_at = 0.0
-        self.requested = False
+        self.published_at: float = 0.0
+        self.requested: bool = False
         self._wake = wake
         self._generation = 0
         self._cond = threading.Condition()
@@ -294,7 +294,7 @@ class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
         self._active: dict[Any, float] = {}      # socket -> accepted at
         self._backoff = ACCEPT_BACKOFF_MIN
         self._warn = LogLimiter(log, rate=1.0, burst=10)
-        self.refused = 0                          # connections closed at the cap
+        self.refused: int = 0                         # connections closed at the cap
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> Any:
@@ -374,7 +374,7 @@ class MetricsServer:
                 "metrics need prometheus_client: pip install 'shmdedup[prometheus]'") from e
         self._wake_fd = wake_fd
         self._wake_lock = threading.Lock()   # no write to the fd once close() returned
-        self.collector = StatsCollector(self._wake)
+        self.collector: StatsCollector = StatsCollector(self._wake)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.collector)
         # What the default registry would carry (prometheus_client's own
@@ -383,13 +383,13 @@ class MetricsServer:
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         try:
-            self.httpd = make_server(BIND_ADDRESS, port, make_wsgi_app(registry),
-                                     _BoundedServer, handler_class=_QuietHandler)
+            self.httpd: _BoundedServer = make_server(BIND_ADDRESS, port, make_wsgi_app(registry),
+                                                     _BoundedServer, handler_class=_QuietHandler)
         except OSError as e:
             raise MetricsBindError(e.errno, f"cannot serve metrics on {BIND_ADDRESS}:{port}: "
                                             f"{e.strerror or e}") from e
         self.port: int = self.httpd.server_port
-        self.max_connections = self.httpd.max_connections
+        self.max_connections: int = self.httpd.max_connections
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.5,),
                                         name="shmdedup-metrics", daemon=True)
         self._thread.start()
@@ -423,5 +423,5 @@ class MetricsServer:
         self._thread.join(10)
 
 
-__all__ = ["LEFT_OUT", "MetricsBindError", "MetricsServer", "MetricsUnavailableError", "StatsCollector",
-           "build_info", "check_port"]
+# Internal to shmdedup, but for the errors a Coordinator(metrics_port=...) may raise.
+__all__ = ["MetricsBindError", "MetricsUnavailableError"]

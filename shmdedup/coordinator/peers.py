@@ -14,10 +14,11 @@ import os
 import select
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from shmdedup import protocol
 from shmdedup.coordinator.security import TokenBucket
-from shmdedup.coordinator.scan.tracking import RegionState
+from shmdedup.coordinator.scan.tracking import RegionState, Run
 
 
 class Outbox:
@@ -26,8 +27,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self.queue: deque[tuple[bytes, list[int]]] = deque()
-        self.bytes = 0
-        self.fds = 0
+        self.bytes: int = 0
+        self.fds: int = 0
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -60,13 +61,15 @@ class Peer:
     uid: int
     role: str | None = None
     regions: dict[int, RegionState] = field(default_factory=dict)
-    requests: dict[int, tuple[str, list, float]] = field(default_factory=dict)
+    # request id -> (kind: "merge" or "unmerge", its runs, deadline)
+    requests: dict[int, tuple[str, list[Run], float]] = field(default_factory=dict)
     pages: int = 0
     bucket: TokenBucket | None = None
     refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
     pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
     held: bool = False           # a client request awaits its reply (a wait, a run=2)
-    queued: list = field(default_factory=list)  # (msg, fds) sent behind it, handled after it
+    # (msg, fds) sent behind it, handled after it
+    queued: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
     accepted_at: float = 0.0     # time.monotonic() at accept: the hello deadline runs from it
     client_only: bool = False    # admitted past max_connections: may only be a client
     outbox: Outbox = field(default_factory=Outbox)
@@ -95,7 +98,7 @@ class Ghost:
     pid: int
     pidfd: int
     regions: list[RegionState]
-    merges: list
+    merges: list[list[Run]]      # its merge requests in flight, each a list of runs
     uid: int = -1                # whose quota its pidfd and regions are charged to
 
 
@@ -115,3 +118,7 @@ def _exited(pidfd: int) -> bool:
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return bool(p.poll(0))
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -39,7 +39,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
-log = logging.getLogger("shmdedup.coordinator")
+from shmdedup.stats import UidStats
+
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 FD_RESERVE = 64          # the loop's own: listener, selector, wake pipe, stable segment, logs
 CLIENT_RESERVE = 8       # owner connections past max_connections, for clients only
@@ -132,8 +134,8 @@ class Quotas:
         self.owner = owner
         self.auto_fds = auto_fds
         self.by_uid: dict[int, Usage] = {}
-        self.total = Usage()
-        self.others = Usage()          # every uid but the owner's
+        self.total: Usage = Usage()
+        self.others: Usage = Usage()          # every uid but the owner's
 
     # -- limits ---------------------------------------------------------------
 
@@ -218,11 +220,12 @@ class Quotas:
             return f"the coordinator holds {self.total.fds} descriptors for its peers (max_fds {self.max_fds()})"
         return None
 
-    def stats(self, uid: int | None = None) -> list[dict[str, int]]:
+    def stats(self, uid: int | None = None) -> list[UidStats]:
         """One line per uid with usage (only *uid*'s if given)."""
-        return [{"uid": u, **usage.as_dict()} for u, usage in sorted(self.by_uid.items())
-                if uid is None or u == uid]
+        return [UidStats(uid=u, connections=usage.connections, regions=usage.regions,
+                         pages=usage.pages, fds=usage.fds)
+                for u, usage in sorted(self.by_uid.items()) if uid is None or u == uid]
 
 
-__all__ = ["CLIENT_RESERVE", "FD_RESERVE", "Quotas", "Usage", "descriptor_budget",
-           "raise_nofile_limit", "recount"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

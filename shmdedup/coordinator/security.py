@@ -124,8 +124,8 @@ class TokenBucket:
     """``rate`` messages per second on average, bursts of up to ``burst``."""
 
     def __init__(self, burst: float) -> None:
-        self.tokens = float(burst)
-        self.last = time.monotonic()
+        self.tokens: float = float(burst)
+        self.last: float = time.monotonic()
 
     def take(self, rate: float, burst: float, now: float | None = None) -> bool:
         """Spend one token; False when the bucket is empty (the peer is too fast).
@@ -149,7 +149,8 @@ class LogLimiter:
 
     def __init__(self, logger: Any, rate: float = 20.0, burst: float = 200.0) -> None:
         self.logger = logger
-        self.rate, self.burst = rate, burst
+        self.rate: float = rate
+        self.burst: float = burst
         self.buckets: dict[str, TokenBucket] = {}
         self.suppressed: dict[str, int] = {}
 
@@ -179,4 +180,5 @@ def is_dumpable() -> bool:
     return bool(_lib().prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
-__all__ = ["LogLimiter", "StateBytes", "TokenBucket", "check_worker_object", "is_dumpable", "set_dumpable"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

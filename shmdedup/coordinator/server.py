@@ -50,7 +50,9 @@ import itertools
 import logging
 import os
 import selectors
+import socket
 import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shmdedup import _native, protocol
@@ -63,10 +65,11 @@ from shmdedup.coordinator.connections import ConnectionsMixin
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
 from shmdedup.coordinator.inflight import RequestsMixin
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
-from shmdedup.coordinator.scan.scanner import Scanner, RegionState
+from shmdedup.coordinator.scan.scanner import Scanner
+from shmdedup.coordinator.scan.tracking import RegionState
 from shmdedup.coordinator.surface import ControlsMixin
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
@@ -76,24 +79,25 @@ TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
-    def __init__(self, socket_path: str, controls: dict[str, int] | None = None,
+    def __init__(self, socket_path: str, controls: Mapping[str, object] | None = None,
                  allow_uids: set[int] | None = None, allow_gids: set[int] | None = None,
                  socket_mode: int = 0o600, metrics_port: int | None = None,
                  parent_pid: int | None = None) -> None:
-        self.controls = {k: v[0] for k, v in CONTROLS.items()}
+        self.controls: dict[str, int] = {k: v[0] for k, v in CONTROLS.items()}
         for k, v in (controls or {}).items():
             self.controls[k] = check_control(k, v)
         if "pages_to_scan" in (controls or {}) and "advisor_mode" not in (controls or {}):
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
-        self.allow_uids, self.allow_gids = allow_uids, allow_gids
+        self.allow_uids: set[int] | None = allow_uids
+        self.allow_gids: set[int] | None = allow_gids
         # Socket activation (activation.py): the service manager's socket, kept
         # on our way out; else our own, bound here and unlinked at shutdown.
         inherited = activation.inherited_listener(socket_path)
-        self.socket_activated = inherited is not None
-        self.listener = inherited or protocol.listen(socket_path, socket_mode)
+        self.socket_activated: bool = inherited is not None
+        self.listener: socket.socket = inherited or protocol.listen(socket_path, socket_mode)
         self.listener.setblocking(False)
-        self.sel = selectors.DefaultSelector()
+        self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -106,12 +110,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 raise OSError(f"parent process {parent_pid} is gone")
             self._parent = (parent_pid, pidfd)
             self.sel.register(pidfd, selectors.EVENT_READ, "parent")
-        self.scanner = Scanner(self._send_merge, self._send_unmerge)
+        self.scanner: Scanner = Scanner(self._send_merge, self._send_unmerge)
         self._apply_scanner_controls()
         self.peers: dict[int, Peer] = {}
         self._req = itertools.count(1)
         self._last_req = 0                   # id of the last request sent to a worker
-        self._waiters: list[list] = []       # see inflight.py
+        self._waiters: list[list[Any]] = []  # see inflight.py
         self._resume: list[Peer] = []        # clients whose held requests can go on
         self._run2: dict[str, Any] | None = None
         self._drop: list[tuple[Peer, str]] = []
@@ -121,11 +125,11 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.last_error = ""
         self.pages_merged_inline = 0     # pages merged by merge_now, ever
         self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
-        self.batches = 0
+        self.batches: int = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
         self._init_connections()
-        self.activity = Activity()   # what -v logs (activity.py)
+        self.activity: Activity = Activity()   # what -v logs (activity.py)
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -144,7 +148,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         # the metrics server's connections.
         reserve = FD_RESERVE + 3 * CLIENT_RESERVE + (self.metrics.max_connections
                                                      if self.metrics is not None else 0)
-        self.quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
+        self.quotas: Quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
 
     # -- life cycle --------------------------------------------------------
 
@@ -205,7 +209,8 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             timeout = t if timeout is None else min(timeout, t)
         for key, mask in self.sel.select(timeout):
             if key.data == "parent":
-                log.warning("parent process %d exited: stopping", self._parent[0])
+                log.warning("parent process %s exited: stopping",
+                            self._parent[0] if self._parent is not None else "?")
                 self._stopping = True
             elif key.data == "wake":
                 try:
@@ -286,7 +291,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             else:
                 self._handle(peer, msg, fds)
 
-    def _read_one(self, peer: Peer) -> tuple[dict, list[int]] | None:
+    def _read_one(self, peer: Peer) -> tuple[dict[str, Any], list[int]] | None:
         """One message off the connection, or None (nothing queued, or the
         connection is being dropped: the reason is scheduled)."""
         try:
@@ -323,7 +328,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             return None
         return msg, fds
 
-    def _handle(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _handle(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         try:
             self._dispatch(peer, msg, fds)
         except (ProtocolError, ValueError, OSError, MemoryError) as e:
@@ -443,7 +448,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
 
     # -- messages ----------------------------------------------------------
 
-    def _dispatch(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _dispatch(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         t = msg["t"]
         if peer.role is None:
             if t != "hello":
@@ -470,7 +475,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             raise ProtocolError(f"a {peer.role} may not send {t}")
         handler(self, peer, msg, fds)
 
-    def _on_register(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_register(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         rid, npages = msg["rid"], msg["npages"]
         if rid in peer.regions:
             raise ProtocolError(f"region {rid} is already registered")
@@ -524,7 +529,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             raise ProtocolError(f"region {rid} is not registered by this worker")
         return reg
 
-    def _on_advise(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_advise(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         if msg["rid"] in peer.refused:
             return  # sent before the worker heard of the refusal
         reg = self._region(peer, msg["rid"])
@@ -538,7 +543,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             self.scanner.settle()
         self._next_batch = min(self._next_batch, time.monotonic())
 
-    def _on_unregister(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_unregister(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         if msg["rid"] in peer.refused:
             peer.refused.discard(msg["rid"])
             return
@@ -549,7 +554,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         _uncharge(self.quotas, peer.uid, _held([reg]))
 
 
-_WORKER = {
+# Message handlers by message type, for each role.
+_Handler = Callable[[CoordinatorServer, Peer, dict[str, Any], list[int]], None]
+_WORKER: dict[str, _Handler] = {
     "register": CoordinatorServer._on_register,
     "advise": CoordinatorServer._on_advise,
     "unregister": CoordinatorServer._on_unregister,
@@ -557,7 +564,7 @@ _WORKER = {
     "merge_now": CoordinatorServer._on_merge_now,
     "unmerged": CoordinatorServer._on_unmerged,
 }
-_CLIENT = {
+_CLIENT: dict[str, _Handler] = {
     "stats": CoordinatorServer._on_stats,
     "set": CoordinatorServer._on_set,
     "wait": CoordinatorServer._on_wait,
@@ -568,7 +575,7 @@ def protocol_page_size() -> int:
     return os.sysconf("SC_PAGE_SIZE")
 
 
-def _held(regions: Any) -> Usage:
+def _held(regions: Iterable[RegionState]) -> Usage:
     """What *regions* hold against a quota: themselves, pages, 2 descriptors each."""
     regions = list(regions)
     return Usage(regions=len(regions), pages=sum(r.npages for r in regions), fds=2 * len(regions))
@@ -585,4 +592,5 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-__all__ = ["CONTROLS", "CoordinatorServer", "check_control"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

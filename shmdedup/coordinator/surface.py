@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from shmdedup.controls import check_control
 from shmdedup.errors import ControlError
+from shmdedup.stats import Stats
 from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.quotas import Quotas
@@ -52,9 +53,14 @@ class ControlsMixin:
     _next_batch: float
     _run2: dict[str, Any] | None
 
+    if TYPE_CHECKING:   # CoordinatorServer's (connections.py, inflight.py, server.py)
+        def _reply(self, peer: Peer, ok: bool, data: Any = None, error: str = "") -> None: ...
+        def _hold(self, peer: Peer) -> None: ...
+        def _start_run2(self, client: Peer | None) -> None: ...
+
     # -- client messages --------------------------------------------------
 
-    def _on_stats(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_stats(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         out = self.stats()
         if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
             mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
@@ -62,7 +68,7 @@ class ControlsMixin:
             out["uids"] = self.quotas.stats(peer.uid)
         self._reply(peer, True, out)
 
-    def _on_set(self, peer: Peer, msg: dict, fds: list[int]) -> None:
+    def _on_set(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         if peer.uid != os.getuid():
             # Allow-listed uids may merge and read statistics; controls stay ours.
             self._reply(peer, False, None, f"uid {peer.uid} may not set controls "
@@ -112,7 +118,8 @@ class ControlsMixin:
 
     # -- statistics --------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Stats:
+        """Every control and statistic (``shmdedup.stats.Stats`` names each key)."""
         out: dict[str, Any] = dict(self.controls)
         out.update(self.scanner.stats())
         out["pages_merged_inline"] = self.pages_merged_inline
@@ -135,5 +142,10 @@ class ControlsMixin:
         out["uids"] = self.quotas.stats()
         out["fds_held"] = self.quotas.total.fds
         out["fds_budget"] = self.quotas.max_fds()
-        return out
+        # Assembled from the controls and the scanner's counters, as dicts:
+        # tests/test_typing.py checks its keys and types against Stats.
+        return cast(Stats, out)
 
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -4,3 +4,7 @@
 coordinator an application starts), ``cli``, ``top``, ``demo``, ``pytest_plugin``.
 None of them imports the coordinator's server unless it starts one.
 """
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

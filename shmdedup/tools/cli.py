@@ -18,7 +18,7 @@ import shlex
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from shmdedup import __version__
@@ -161,7 +161,7 @@ def _parse_domain(text: str) -> str:
     return text
 
 
-def format_stats(stats: dict[str, Any]) -> str:
+def format_stats(stats: Mapping[str, Any]) -> str:
     lines = []
     for k in sorted(stats):
         if k not in ("workers", "uids"):
@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)   # exits 2 on a usage error
     try:
         try:
-            return args.func(args)
+            func: Callable[[argparse.Namespace], int] = args.func
+            return func(args)
         finally:
             sys.stdout.flush()
     except CoordinatorUnavailableError as e:
@@ -419,3 +420,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["main"]

@@ -12,6 +12,7 @@ from typing import Any
 from shmdedup import protocol
 from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
 from shmdedup.paths import resolve_socket_path
+from shmdedup.stats import Stats
 
 
 class Client:
@@ -19,7 +20,7 @@ class Client:
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
                  timeout: float = 10.0) -> None:
-        self.socket_path = resolve_socket_path(socket_path, domain)
+        self.socket_path: str = resolve_socket_path(socket_path, domain)
         self.timeout = timeout
         self._conn = protocol.connect(self.socket_path, timeout=timeout)
         try:
@@ -30,7 +31,7 @@ class Client:
             self._conn.close()
             raise
 
-    def _expect(self, t: str, timeout: float | None) -> dict:
+    def _expect(self, t: str, timeout: float | None) -> dict[str, Any]:
         try:
             got = self._conn.recv(timeout=timeout)
         except TimeoutError as e:
@@ -48,7 +49,7 @@ class Client:
             raise ProtocolError(f"expected {t}, got {msg['t']}")
         return msg
 
-    def _call(self, msg: dict, timeout: float | None = None) -> Any:
+    def _call(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
         if self._conn.closed:
             raise CoordinatorUnavailableError(
                 f"connection to the coordinator at {self.socket_path} is closed (a request timed out?)")
@@ -58,9 +59,11 @@ class Client:
             raise ControlError(r["error"])
         return r["data"]
 
-    def stats(self) -> dict[str, Any]:
-        """Every control and statistic, plus per-worker ``ksm_stat`` lines."""
-        return self._call({"t": "stats"})
+    def stats(self) -> Stats:
+        """Every control and statistic, plus per-worker ``ksm_stat`` lines
+        (:class:`shmdedup.Stats` names each key)."""
+        stats: Stats = self._call({"t": "stats"})   # the coordinator's stats()
+        return stats
 
     def set(self, name: str, value: int) -> None:
         """Set a control (run=2 returns once everything is unmerged)."""
@@ -79,8 +82,9 @@ class Client:
         from shmdedup.worker import agent
         agent.wait_advice_sent(self.socket_path, min(timeout, 10.0))
         target = self.stats()["full_scans"] + n
-        return self._call({"t": "wait", "full_scans": target, "timeout": timeout},
-                          timeout=timeout + 5)
+        full_scans: int = self._call({"t": "wait", "full_scans": target, "timeout": timeout},
+                                     timeout=timeout + 5)
+        return full_scans
 
     def close(self) -> None:
         self._conn.close()
@@ -90,3 +94,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["Client"]

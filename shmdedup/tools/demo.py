@@ -317,3 +317,7 @@ def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: fl
 
 if __name__ == "__main__":
     sys.exit(run_demo())
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -14,12 +14,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from shmdedup import protocol
+from shmdedup.controls import ControlSettings
 from shmdedup.errors import ArgumentError, ControlError, CoordinatorUnavailableError
 from shmdedup.paths import ENV_SOCKET
+from shmdedup.stats import Stats
 from shmdedup.tools.client import Client
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from shmdedup.coordinator.server import CoordinatorServer
 
 
 def _check_id(name: str, value: object) -> int:
@@ -52,13 +59,13 @@ class Coordinator:
                  process: bool = False, export_env: bool = True,
                  allow_uids: Iterable[int] = (), allow_gids: Iterable[int] = (),
                  socket_mode: int = 0o600, dumpable: bool = False,
-                 metrics_port: int | None = None, stderr: Any = None,
-                 **controls: int) -> None:
+                 metrics_port: int | None = None, stderr: int | IO[Any] | None = None,
+                 **controls: Unpack[ControlSettings]) -> None:
         from shmdedup.controls import check_control
         for k, v in controls.items():
             check_control(k, v)
-        self.allow_uids = {_check_id("allow_uids", u) for u in allow_uids}
-        self.allow_gids = {_check_id("allow_gids", g) for g in allow_gids}
+        self.allow_uids: set[int] = {_check_id("allow_uids", u) for u in allow_uids}
+        self.allow_gids: set[int] = {_check_id("allow_gids", g) for g in allow_gids}
         if isinstance(socket_mode, bool) or not isinstance(socket_mode, int) \
                 or not 0 <= socket_mode <= 0o777:
             raise ArgumentError(f"socket_mode must be an int in [0, 0o777], got {socket_mode!r}")
@@ -76,9 +83,9 @@ class Coordinator:
         if socket_path is None and domain is not None:
             socket_path = protocol.default_socket_path(domain)
         self._path = socket_path
-        self._server: Any = None
+        self._server: CoordinatorServer | None = None
         self._thread: threading.Thread | None = None
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._old_env: str | None = None
         self._client: Client | None = None
         self._started_by: int | None = None   # pid
@@ -160,7 +167,8 @@ class Coordinator:
             self._client = Client(self.socket_path)
         return self._client
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Stats:
+        """Every control and statistic (:class:`shmdedup.Stats` names each key)."""
         return self.client().stats()
 
     def set(self, name: str, value: int) -> None:
@@ -202,3 +210,6 @@ class Coordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+__all__ = ["Coordinator"]

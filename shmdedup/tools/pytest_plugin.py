@@ -28,10 +28,14 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:   # imported when used: loading the plugin stays cheap
+    from shmdedup.controls import ControlSettings
+    from shmdedup.stats import Stats
 
 _ArrayT = TypeVar("_ArrayT", bound="np.ndarray[Any, Any]")
 _ScalarT = TypeVar("_ScalarT", bound=np.generic)
@@ -131,9 +135,9 @@ def _is_active(config: pytest.Config) -> bool:
     return bool(opt) if opt is not None else bool(config.getini(_INI))
 
 
-def _controls(config: pytest.Config) -> dict[str, int]:
+def _controls(config: pytest.Config) -> ControlSettings:
     from shmdedup.controls import check_control
-    out = {}
+    out: dict[str, int] = {}
     for text in config.getoption("shmdedup_set") or []:
         name, sep, value = text.partition("=")
         try:
@@ -142,13 +146,13 @@ def _controls(config: pytest.Config) -> dict[str, int]:
             out[name.strip()] = check_control(name.strip(), int(value, 0))
         except ValueError as e:
             raise pytest.UsageError(f"--shmdedup-set: {e}") from None
-    return out
+    return cast("ControlSettings", out)   # every name checked by check_control
 
 
 class _Run:
     """The controller's side: the coordinator and the sampler of its stats."""
 
-    def __init__(self, controls: dict[str, int]) -> None:
+    def __init__(self, controls: ControlSettings) -> None:
         from shmdedup.tools.embedded import Coordinator
         # The coordinator's stderr (its banner, and warnings such as a dropped
         # worker) goes to a log that the summary counts (and shows with -v).
@@ -263,13 +267,13 @@ def summary_lines(workers: int, peak: dict[str, int], full_scans: int, loaded: i
     return lines
 
 
-def _snapshot(stats: dict[str, Any]) -> dict[str, Any]:
+def _snapshot(stats: Stats) -> dict[str, Any]:
     return {"pages_sharing": stats["pages_sharing"], "pages_shared": stats["pages_shared"],
             "full_scans": stats["full_scans"],
             "workers": [w["pid"] for w in stats["workers"] if w["regions"]]}
 
 
-def _last_look(stats: dict[str, Any]) -> dict[str, Any]:
+def _last_look(stats: Stats) -> dict[str, Any]:
     """A worker's snapshot before its session fixtures go: the coordinator's
     view plus what this process wrote at write time."""
     import os
@@ -352,3 +356,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         run.stop()
     if _is_active(config):
         _active = False
+
+
+__all__ = ["region_of", "share", "shmdedup_array"]

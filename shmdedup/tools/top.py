@@ -29,12 +29,14 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from shmdedup.tools.client import Client
 from shmdedup.paths import resolve_socket_path
 from shmdedup.controls import CONTROLS
 from shmdedup.errors import Error
+from shmdedup.stats import Stats
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIN_COLS, MIN_LINES = 30, 4
@@ -85,7 +87,7 @@ class History:
         self.saved: deque[int] = deque(maxlen=HISTORY)
         self.coordinator: Any = None
 
-    def add(self, t: float, stats: dict[str, Any]) -> None:
+    def add(self, t: float, stats: Mapping[str, Any]) -> None:
         scanned, full = int(stats.get("pages_scanned", 0)), int(stats.get("full_scans", 0))
         ident = (stats.get("coordinator_pid"), stats.get("socket"))
         if self.samples:
@@ -115,7 +117,7 @@ class History:
         return (f1 - f0) * 60.0 / (t1 - t0) if t1 > t0 else None
 
 
-def _counter_text(key: str, stats: dict[str, Any], hist: History) -> str:
+def _counter_text(key: str, stats: Mapping[str, Any], hist: History) -> str:
     v = stats.get(key)
     if v is None:
         return "-"
@@ -130,7 +132,7 @@ def _counter_text(key: str, stats: dict[str, Any], hist: History) -> str:
     return str(v)
 
 
-def _controls_lines(stats: dict[str, Any], width: int) -> list[Line]:
+def _controls_lines(stats: Mapping[str, Any], width: int) -> list[Line]:
     parts = [f"{k}={stats[k]}" for k in CONTROLS if k in stats]
     lines, cur = [], "controls:"
     for p in parts:
@@ -142,7 +144,7 @@ def _controls_lines(stats: dict[str, Any], width: int) -> list[Line]:
     return lines
 
 
-def _counter_lines(stats: dict[str, Any], hist: History, width: int) -> list[Line]:
+def _counter_lines(stats: Mapping[str, Any], hist: History, width: int) -> list[Line]:
     def cell(key: str, label: str, vw: int) -> str:
         return f"  {label:<16}{_counter_text(key, stats, hist):>{vw}}"
     if width >= 30 + 2 + 38:
@@ -150,7 +152,7 @@ def _counter_lines(stats: dict[str, Any], hist: History, width: int) -> list[Lin
     return [(cell(*a, 12), "") for a in LEFT + RIGHT]
 
 
-def _worker_lines(stats: dict[str, Any], room: int) -> list[Line]:
+def _worker_lines(stats: Mapping[str, Any], room: int) -> list[Line]:
     workers = sorted(stats.get("workers", []), key=lambda w: -w.get("ksm_process_profit", 0))
     out: list[Line] = [(f"workers: {len(workers)}", "head")]
     if not workers or room < 3:
@@ -168,7 +170,7 @@ def _worker_lines(stats: dict[str, Any], room: int) -> list[Line]:
     return out
 
 
-def render(stats: dict[str, Any] | None, hist: History, *, path: str, interval: float,
+def render(stats: Mapping[str, Any] | None, hist: History, *, path: str, interval: float,
            error: str | None, width: int, height: int, ascii_only: bool = True,
            clock: str = "") -> list[Line]:
     """The screen as lines (each at most width-1 characters, at most height lines)."""
@@ -212,9 +214,9 @@ class TopView:
         self.path = path
         self.interval = interval
         self.client: Client | None = None
-        self.stats: dict[str, Any] | None = None
+        self.stats: Stats | None = None
         self.error: str | None = None
-        self.history = History()
+        self.history: History = History()
 
     def poll(self) -> None:
         try:
@@ -304,4 +306,5 @@ def run_top(socket_path: str | None = None, *, domain: str | None = None, interv
     return 0
 
 
-__all__ = ["History", "TopView", "render", "run_top", "sparkline"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

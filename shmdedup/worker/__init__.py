@@ -7,3 +7,7 @@ merge and unmerge requests on this process's own mappings); ``loading`` and
 fromfile, share, fill, .npy and safetensors), on ``reading`` (files read into
 pinned ranges, watched for changes).
 """
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -58,10 +58,11 @@ import numpy as np
 
 from shmdedup import _native, protocol
 from shmdedup.worker import region as _region
+from shmdedup.worker.region import Region
 from shmdedup.paths import resolve_socket_path
 from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError, ShmError
 
-log = logging.getLogger("shmdedup.agent")
+log: logging.Logger = logging.getLogger("shmdedup.agent")
 
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 1.0
@@ -89,7 +90,7 @@ MERGE_NOW_PAGES = 16384
 @dataclass(eq=False)
 class _InlineWait:
     """One merge_now message in flight, as the agent sees it."""
-    region: Any
+    region: Region
     first: int
     n: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -100,18 +101,18 @@ class _InlineWait:
 
 class Agent:
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.lock = threading.RLock()
-        self.regions: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.pid: int = os.getpid()
+        self.lock: threading.RLock = threading.RLock()
+        self.regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
         self.registered: set[int] = set()
         self.conn: protocol.Connection | None = None
-        self.view: Any = None
+        self.view: _native.StableView | None = None
         self.socket_path: str | None = None
-        self.process_merging = _process_merging_from_env()
+        self.process_merging: bool = _process_merging_from_env()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self.connected = threading.Event()
-        self.batches = 0
+        self.connected: threading.Event = threading.Event()
+        self.batches: int = 0
         self._rejected = False
         # Set once by stop() (interpreter exit): the thread ends and no new
         # one starts.  _current is the connection the thread is using,
@@ -128,7 +129,7 @@ class Agent:
 
     # -- called by regions (any thread) -------------------------------------
 
-    def region_event(self, region: Any, event: str, *args: Any) -> None:
+    def region_event(self, region: Region, event: str, *args: Any) -> None:
         # During finalization (a Region freed at module teardown) the lock
         # may be held by a daemon thread that will never run again: then the
         # coordinator is not told (the process is exiting: it learns that
@@ -168,7 +169,7 @@ class Agent:
                     finally:
                         self.lock.release()
 
-    def _advise(self, region: Any, first: int, n: int, mergeable: bool) -> None:
+    def _advise(self, region: Region, first: int, n: int, mergeable: bool) -> None:
         if not mergeable and region.id not in self.registered:
             return
         new = region.id not in self.regions
@@ -206,7 +207,7 @@ class Agent:
                 self._attempt_cv.wait(min(left, 0.05))   # connected is an Event: poll it
         return self.connected.is_set()
 
-    def merge_now(self, region: Any, first: int, n: int) -> int:
+    def merge_now(self, region: Region, first: int, n: int) -> int:
         """Merge pages [first, first + n) of an advised region now (see
         Region.merge_now); returns the pages of the range merged during the
         call.  Raises ShmError (ENOSPC) when stable pages could not be created,
@@ -256,7 +257,7 @@ class Agent:
             raise e
         return merged
 
-    def _send(self, msg: dict, fds: list[int] | None = None) -> None:
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
         conn = self.conn
         if conn is None:
             return
@@ -266,7 +267,7 @@ class Agent:
             log.debug("send to coordinator failed: %s", e)
             conn.close()  # the agent thread notices and reconnects
 
-    def _register(self, region: Any) -> None:
+    def _register(self, region: Region) -> None:
         self.registered.add(region.id)
         self._send({"t": "register", "rid": region.id, "npages": region.npages},
                    [region.backing_fd, region.meta_fd])
@@ -458,7 +459,7 @@ class Agent:
                      if rid not in self.registered and at > now]
             return min(waits) if waits else None
 
-    def _groups(self, items: bytes) -> list[tuple[Any, np.ndarray]]:
+    def _groups(self, items: bytes) -> list[tuple[Region | None, np.ndarray]]:
         rows = np.frombuffer(items, "<i8").reshape(-1, 4)
         out = []
         i = 0
@@ -487,7 +488,7 @@ class Agent:
                 self._count_inline(region, rows, parts[-1])
         return b"".join(parts)
 
-    def _count_inline(self, region: Any, rows: np.ndarray, result: bytes) -> None:
+    def _count_inline(self, region: Region, rows: np.ndarray, result: bytes) -> None:
         """Credit each waiting merge_now call of this region with the pages
         of its range that this batch merged."""
         with self.lock:
@@ -499,7 +500,7 @@ class Agent:
         for w in waits:
             w.merged += int(np.count_nonzero((pages >= w.first) & (pages < w.first + w.n)))
 
-    def _merge_advised(self, region: Any, rows: np.ndarray) -> bytes:
+    def _merge_advised(self, region: Region, rows: np.ndarray) -> bytes:
         """Merge the (first, n, slot) runs, refusing pages no longer advised.
 
         The coordinator may ask before it hears of an advise(UNMERGEABLE);
@@ -510,10 +511,13 @@ class Agent:
         """
         if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
             raise ValueError("merge request outside the region")
+        view = self.view
+        if view is None:    # merges come within a session, after its welcome set it
+            raise ValueError("no stable segment to merge onto")
         pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
         advised = region._advice[pages] & (region._pins[pages] == 0)   # pinned(): never
         if advised.all():
-            return region.merge(self.view, np.ascontiguousarray(rows).tobytes())
+            return region.merge(view, np.ascontiguousarray(rows).tobytes())
         slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)
                                 for _, n, s in rows.tolist()])
         keep = np.flatnonzero(advised)
@@ -525,7 +529,7 @@ class Agent:
                                  | ((s[1:] < 0) != (s[:-1] < 0))) + 1
             sub = np.array([(q[0], len(q), t[0]) for q, t in zip(np.split(p, cut), np.split(s, cut))],
                            dtype="<i8")
-            res[keep] = np.frombuffer(region.merge(self.view, sub.tobytes()), np.uint8)
+            res[keep] = np.frombuffer(region.merge(view, sub.tobytes()), np.uint8)
         return res.tobytes()
 
     def _unmerge(self, items: bytes) -> tuple[int, str]:
@@ -682,3 +686,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_stop_at_exit)
 get_agent()
+
+
+__all__ = ["MERGE_NOW_TIMEOUT", "enable_process_merging", "process_merging", "set_socket"]

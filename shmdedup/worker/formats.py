@@ -174,3 +174,6 @@ def load_safetensors(file: Any, *, chunk_bytes: int | None = None) -> dict[str, 
             _discard(region)
             raise
     return {name: region.ndarray(entries[name][0], entries[name][1], offsets[name]) for name in entries}
+
+
+__all__ = ["load_npy", "load_safetensors"]

@@ -298,7 +298,7 @@ def _copy(src: np.ndarray[Any, Any], chunk: int, keep_order: bool = True) -> np.
         del dst
         _discard(region)
         raise
-    out = dst.transpose(np.argsort(perm))
+    out: np.ndarray[Any, Any] = dst.transpose(np.argsort(perm))
     if not src.flags.writeable:
         out.flags.writeable = False
     return out
@@ -378,3 +378,7 @@ def region_of(obj: Any) -> Region | None:
             return base
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     return None
+
+
+# The helpers are re-exported by shmdedup; chunk_bytes is their default chunk.
+__all__ = ["chunk_bytes", "fill", "fromfile", "region_of", "share"]

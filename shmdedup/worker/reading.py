@@ -31,10 +31,10 @@ class Source:
     def __init__(self, file: Any) -> None:
         self.f: Any = None
         self.fd: int | None = None
-        self.owned = False
-        self.pos = 0
+        self.owned: bool = False
+        self.pos: int = 0
         if isinstance(file, (str, bytes, os.PathLike)):
-            self.name = os.fsdecode(file)
+            self.name: str = os.fsdecode(file)
             self.fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
             self.owned = True
         elif callable(getattr(file, "readinto", None)):
@@ -51,8 +51,8 @@ class Source:
             st = os.fstat(self.fd) if self.fd is not None else None
             if st is not None and stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.name)
-            self.regular = st is not None and stat.S_ISREG(st.st_mode)
-            self.seekable = st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
+            self.regular: bool = st is not None and stat.S_ISREG(st.st_mode)
+            self.seekable: bool = st is not None and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode))
             self._seen = self._identity(st) if self.regular and st is not None else None
         except BaseException:
             self.close()
@@ -131,6 +131,7 @@ class Source:
             if self.f is not None:
                 r = region.readinto(self.f, off, n)
             elif not self.seekable:
+                assert self.fd is not None
                 r = region.readinto(self.fd, off, n)
             else:
                 assert self.fd is not None
@@ -153,3 +154,7 @@ class Source:
             raise FileChangedError(
                 f"{self.name} changed while it was read (size {self._seen[0]} -> {now[0]}, "
                 f"mtime or ctime moved): the bytes read may mix old and new content; read it again")
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

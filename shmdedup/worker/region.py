@@ -26,13 +26,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import sys
 import threading
 import warnings
 import weakref
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from shmdedup import _native, _shm
 from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
@@ -45,12 +48,41 @@ _ids = itertools.count(1)
 # Every region of this process, open or not (weakly): enable_process_merging()
 # advises or unadvises them all, as PR_SET_MEMORY_MERGE does every VMA.
 _all: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
+
+
+class _Listener(Protocol):
+    """What a region asks of this process's agent (agent.py)."""
+
+    process_merging: bool
+
+    def region_event(self, region: Region, event: str, *args: Any) -> None: ...
+
+    def merge_now(self, region: Region, first: int, n: int) -> int: ...
+
+
+class _Lock(Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+
+class SupportsReadinto(Protocol):
+    """A binary file, as :meth:`Region.readinto` reads it (``open(path, "rb")``)."""
+
+    def readinto(self, buffer: memoryview, /) -> int: ...
+
+
+class SupportsRawReadinto(Protocol):
+    """A raw binary file (``io.RawIOBase``): its readinto returns None when it
+    is non-blocking and has no data yet."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
 # Set by the agent module: called with (region, event, *args) so regions do not
 # import the agent (and work without any coordinator at all).
-_listener: Any = None
+_listener: _Listener | None = None
 
 
-def acquire_unless_finalizing(lock: Any) -> bool:
+def acquire_unless_finalizing(lock: _Lock) -> bool:
     """Take ``lock``, waiting as long as it takes, except during interpreter
     finalization: then only if it is free, and False if not.
 
@@ -150,9 +182,9 @@ class Region(_native.Mapping):
             os.close(meta)
             raise
         self.id: int = next(_ids)
-        self.backing_fd = backing
-        self.meta_fd = meta
-        self.pid = os.getpid()
+        self.backing_fd: int = backing
+        self.meta_fd: int = meta
+        self.pid: int = os.getpid()
         # Advice per page, the truth the agent registers with a coordinator.
         self._advice = np.zeros(npages, dtype=bool)
         # Held by the agent while it merges or breaks this region, and by
@@ -217,8 +249,8 @@ class Region(_native.Mapping):
 
     # -- views -----------------------------------------------------------
 
-    def ndarray(self, dtype: Any = np.uint8, shape: int | tuple[int, ...] | None = None,
-                offset: int = 0) -> np.ndarray:
+    def ndarray(self, dtype: npt.DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None,
+                offset: int = 0) -> npt.NDArray[Any]:
         """A numpy array over the region's memory (no copy).
 
         shape None means as many items as fit after offset.  Writes to merged
@@ -246,7 +278,7 @@ class Region(_native.Mapping):
             raise ArgumentError(
                 f"an array of shape {dims} and dtype {dt} at offset {offset} needs "
                 f"{count * dt.itemsize} bytes; the region has {self.size - offset} after it")
-        return np.frombuffer(self, dtype=dt, count=count, offset=offset).reshape(dims)
+        return np.frombuffer(memoryview(self), dtype=dt, count=count, offset=offset).reshape(dims)
 
     # -- advice ----------------------------------------------------------
 
@@ -338,7 +370,7 @@ class Region(_native.Mapping):
         return self.break_range(first, n)
 
     @contextlib.contextmanager
-    def pinned(self, offset: int = 0, length: int | None = None) -> Any:
+    def pinned(self, offset: int = 0, length: int | None = None) -> Iterator[None]:
         """Break the merged pages overlapping the range and keep them private
         until the block ends: for a system call that writes there and may
         block (a recv waiting for data), which prepare_write alone cannot
@@ -356,8 +388,14 @@ class Region(_native.Mapping):
         finally:
             self._pins[first:first + n] -= 1
 
-    def readinto(self, f: Any, offset: int = 0, length: int | None = None) -> int:
-        """Read from a binary file (or raw fd) into the region; returns bytes read."""
+    @overload
+    def readinto(self, f: SupportsReadinto | int, offset: int = 0, length: int | None = None) -> int: ...
+    @overload
+    def readinto(self, f: SupportsRawReadinto, offset: int = 0, length: int | None = None) -> int | None: ...
+
+    def readinto(self, f: SupportsRawReadinto | int, offset: int = 0, length: int | None = None) -> int | None:
+        """Read from a binary file (or raw fd) into the region; returns bytes read
+        (None: a non-blocking raw file had no data)."""
         if length is None:
             length = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
         with self.pinned(offset, length), memoryview(self)[offset:offset + length] as view:
@@ -365,7 +403,7 @@ class Region(_native.Mapping):
                 return os.readv(f, [view])
             return f.readinto(view)
 
-    def recv_into(self, sock: Any, offset: int = 0, nbytes: int | None = None, flags: int = 0) -> int:
+    def recv_into(self, sock: socket.socket, offset: int = 0, nbytes: int | None = None, flags: int = 0) -> int:
         """socket.recv_into into the region, its pages pinned private meanwhile."""
         if nbytes is None:
             nbytes = self.size - offset if isinstance(offset, int) and 0 <= offset <= self.size else -1
@@ -424,3 +462,14 @@ class Region(_native.Mapping):
 
 
 _fault_around_from_env()
+
+
+__all__ = [
+    "MERGEABLE",
+    "PAGE_SIZE",
+    "UNMERGEABLE",
+    "Region",
+    "SupportsRawReadinto",
+    "SupportsReadinto",
+    "cow_fault_around",
+]

@@ -6,3 +6,7 @@ time: the coordinator's side of ``Region.merge_now``), ``tracking`` (per-region 
 arrays), ``indexes`` (stable and unstable indexes), ``stable`` (stable segments
 and slots), ``budget`` (each worker's mapping budget), ``advisor`` (pacing).
 """
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -40,3 +40,7 @@ def advise(pages_to_scan: int, sample: ScanSample, target_scan_time: float, max_
         want = min(want, pages_to_scan * max_cpu_percent / cpu_percent)
     smoothed = (1 - EWMA_WEIGHT) * pages_to_scan + EWMA_WEIGHT * want
     return int(max(min_pages, min(max_pages, round(smoothed))))
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

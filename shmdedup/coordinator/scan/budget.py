@@ -52,7 +52,7 @@ import numpy as np
 
 from shmdedup import _native
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 # Mappings a worker process has besides its regions: a Python process with
 # numpy has ~300-600, one with a big framework a few thousand at most.
@@ -87,10 +87,10 @@ class MappingBudget:
 
     def __init__(self, max_mappings: int) -> None:
         self.max_mappings = max_mappings
-        self.pages_skipped = 0                       # cumulative, like pages_scanned
+        self.pages_skipped: int = 0                       # cumulative, like pages_scanned
         self._maps: dict[Any, _RegionMaps] = {}      # RegionState -> counts
         self._total: dict[Any, int] = {}             # worker -> sum over its regions (as last counted)
-        self._dirty: dict[Any, set] = {}             # worker -> its regions with chunks to recount
+        self._dirty: dict[Any, set[Any]] = {}             # worker -> its regions with chunks to recount
         self._inflight: dict[Any, int] = {}          # worker -> merge runs sent, unanswered
         self._planned: dict[Any, int] = {}           # worker -> cost queued in this batch
         self._warned: set[int] = set()
@@ -324,3 +324,7 @@ class MappingBudget:
             log.warning("pid %s: mapping budget reached (~%d of max_mappings %d); merges that "
                         "would add mappings are skipped (pages_skipped_budget)",
                         getattr(worker, "pid", "?"), est, self.max_mappings)
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

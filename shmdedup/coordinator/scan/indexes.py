@@ -29,7 +29,7 @@ from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
 
 PAGE_SIZE: int = _native.PAGE_SIZE
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 
 def _one(v: int, dtype: type) -> np.ndarray:
@@ -38,17 +38,17 @@ def _one(v: int, dtype: type) -> np.ndarray:
 
 class StableIndex:
     def __init__(self) -> None:
-        self.segment = StableSegment()
-        self.ix = _native.HashIndex()
+        self.segment: StableSegment = StableSegment()
+        self.ix: _native.HashIndex = _native.HashIndex()
         cap = 1024
-        self.sharers = np.zeros(cap, np.int32)
-        self.pending = np.zeros(cap, np.int32)
-        self.slot_hash = np.zeros(cap, np.uint64)
-        self.chain_prev = np.full(cap, -1, np.int64)
-        self.born_inline = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
+        self.sharers: np.ndarray = np.zeros(cap, np.int32)
+        self.pending: np.ndarray = np.zeros(cap, np.int32)
+        self.slot_hash: np.ndarray = np.zeros(cap, np.uint64)
+        self.chain_prev: np.ndarray = np.full(cap, -1, np.int64)
+        self.born_inline: np.ndarray = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
         self.max_pages = 0       # max_kernel_pages; 0 = no cap
-        self.write_error = ""    # why the last new stable page could not be written
-        self.write_failures = 0  # new stable pages that could not be written, ever
+        self.write_error: str = ""    # why the last new stable page could not be written
+        self.write_failures: int = 0  # new stable pages that could not be written, ever
 
     @property
     def fd(self) -> int:
@@ -92,7 +92,7 @@ class StableIndex:
             return n
         return max(0, min(n, self.max_pages - self.segment.pages_in_use))
 
-    def add(self, content: np.ndarray | memoryview, hashes: np.ndarray, hint: int | None = None) -> int | None:
+    def add(self, content: np.ndarray, hashes: np.ndarray, hint: int | None = None) -> int | None:
         """Copy len(hashes) pages into a run of new slots and index them;
         returns the first slot, or None past max_kernel_pages (the caller
         trims runs with room()) or when the segment cannot grow."""
@@ -108,7 +108,7 @@ class StableIndex:
             return None
         self._grow_arrays(s + n)
         try:
-            self.segment.write(s, content)   # unshared yet: invariant 5
+            self.segment.write(s, content.data)   # unshared yet: invariant 5
         except OSError as e:
             self.segment.free(s, n)
             self._cannot_write(e)
@@ -134,15 +134,15 @@ class StableIndex:
     def read(self, slot: int) -> bytes:
         return os.pread(self.segment.fd, PAGE_SIZE, slot * PAGE_SIZE)
 
-    def free_unused(self, slots: np.ndarray) -> None:
+    def free_unused(self, slots: np.ndarray | list[int]) -> None:
         """Free each of these slots that nobody shares or awaits."""
-        slots = np.asarray(slots, np.int64)
-        if not len(slots):
+        todo = np.asarray(slots, np.int64)
+        if not len(todo):
             return
-        slots = _unique(slots)
-        slots = slots[(slots >= 0) & (slots < len(self.sharers))]
-        slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
-        for s in slots.tolist():
+        todo = _unique(todo)
+        todo = todo[(todo >= 0) & (todo < len(self.sharers))]
+        todo = todo[(self.sharers[todo] <= 0) & (self.pending[todo] <= 0)]
+        for s in todo.tolist():
             if not self.segment._slots.is_allocated(s, 1):
                 continue
             self._unindex(s)
@@ -200,7 +200,7 @@ class StableIndex:
 
 class UnstableIndex:
     def __init__(self) -> None:
-        self.ix = _native.HashIndex()
+        self.ix: _native.HashIndex = _native.HashIndex()
 
     def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(region uid, page) per checksum; uid -1 where absent."""
@@ -225,3 +225,7 @@ class UnstableIndex:
     @property
     def nbytes(self) -> int:
         return self.ix.nbytes
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

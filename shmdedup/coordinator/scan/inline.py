@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,7 +52,8 @@ from shmdedup import _native
 from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
 from shmdedup.coordinator.scan.tracking import (
-    CHUNK_PAGES, PENDING, UNMERGING, VOLATILE, ZERO_CHECKSUM, RegionState, _coalesce, _first_of_each)
+    CHUNK_PAGES, PENDING, UNMERGING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
+    _coalesce, _first_of_each)
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
@@ -59,7 +61,7 @@ PAGE_SIZE: int = _native.PAGE_SIZE
 @dataclass
 class InlineResult:
     """What one merge_now request queued and met."""
-    runs: list                  # (reg, first, n, slot) merge runs for the worker
+    runs: list[Run]             # (reg, first, n, slot) merge runs for the worker
     queued: int = 0             # pages queued for a merge
     created: int = 0            # of which onto stable pages created for them
     waiting: bool = False       # pages of the range have a merge in flight already
@@ -72,8 +74,6 @@ class Inliner:
     # Provided by the Scanner.
     sidx: StableIndex
     budget: MappingBudget
-    sharers: np.ndarray
-    pending: np.ndarray
     max_page_sharing: int
     use_zero_pages: bool
     zero_pages_only: bool
@@ -81,12 +81,21 @@ class Inliner:
     _scratch: np.ndarray | None
     _last_inline: tuple[RegionState, int, int] | None   # (region, last page, its new slot)
 
+    if TYPE_CHECKING:
+        @property
+        def sharers(self) -> np.ndarray: ...
+        @property
+        def pending(self) -> np.ndarray: ...
+        # Matcher's (the Scanner inherits both).
+        def _queue(self, merges: QueuedByWorker, reg: RegionState, pages: np.ndarray,
+                   slots: np.ndarray, checked: bool = False) -> None: ...
+
     def merge_inline(self, reg: RegionState, first: int, n: int,
                      hints: np.ndarray | None = None) -> InlineResult:
         """Queue merges for the pages of [first, first + n) of ``reg`` (see
         the module docstring); returns the runs to send and what happened.
         ``hints``: the worker's checksum of each page of the range, or None."""
-        merges: dict = {}
+        merges: QueuedByWorker = {}
         out = InlineResult([])
         failures = self.sidx.write_failures
         end = first + n
@@ -114,7 +123,7 @@ class Inliner:
         return out
 
     def _inline_chunk(self, reg: RegionState, pages: np.ndarray, hints: np.ndarray | None,
-                      merges: dict, out: InlineResult) -> None:
+                      merges: QueuedByWorker, out: InlineResult) -> None:
         # 2. Hints that name a stable page: merge without reading (0: the
         # worker saw no data or no private page there).
         if hints is not None and not self.zero_pages_only:
@@ -168,7 +177,7 @@ class Inliner:
                 idx = idx[keep]
 
     def _queue_onto_heads(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                          content: tuple[np.ndarray, np.ndarray] | None, merges: dict) -> np.ndarray:
+                          content: tuple[np.ndarray, np.ndarray] | None, merges: QueuedByWorker) -> np.ndarray:
         """Queue merges of pages onto the stable page their checksum names
         (the newest of its chain) while it has room; with ``content`` (the
         read buffer and each page's index in it) only where the bytes compare
@@ -201,7 +210,7 @@ class Inliner:
         return done
 
     def _new_stable(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                    rows: np.ndarray, ii: np.ndarray, merges: dict) -> int:
+                    rows: np.ndarray, ii: np.ndarray, merges: QueuedByWorker) -> int:
         """Copy pages[ii] (ascending, distinct checksums) into new stable slots,
         runs of consecutive pages into runs of consecutive slots, and queue
         their merges.  Returns how many of them, from the start, got a slot."""
@@ -243,3 +252,7 @@ class Inliner:
             if b < e:
                 break
         return made
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -34,13 +34,15 @@ This is a mixin: the attributes it uses are the Scanner's (annotated below).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
-from shmdedup.coordinator.scan.tracking import PENDING, UNSHARED, VOLATILE, ZERO_CHECKSUM, RegionState, _repeated, _unique
+from shmdedup.coordinator.scan.tracking import (
+    PENDING, UNSHARED, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, _repeated, _unique)
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
@@ -53,15 +55,19 @@ class Matcher:
     unstable: UnstableIndex
     budget: MappingBudget
     by_uid: dict[int, RegionState]
-    sharers: np.ndarray
-    pending: np.ndarray
     max_page_sharing: int
     use_zero_pages: bool
     zero_pages_only: bool
     _last_new: tuple[RegionState, int, RegionState, int, int] | None
 
+    if TYPE_CHECKING:
+        @property
+        def sharers(self) -> np.ndarray: ...       # per slot: confirmed sharers
+        @property
+        def pending(self) -> np.ndarray: ...       # per slot: merges in flight
+
     def _cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                       k: np.ndarray, buf: np.ndarray, merges: dict) -> None:
+                       k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:
         """Steps 3-5 for a batch of steady pages of one region, vectorised:
         index lookups, compares and copies run in C or numpy over whole
         arrays.  Pages whose checksum repeats inside the batch take the
@@ -118,7 +124,7 @@ class Matcher:
 
     def _merge_with_mates(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                           k: np.ndarray, rows: np.ndarray, ii: np.ndarray, oreg: RegionState | None,
-                          op: np.ndarray, matched: np.ndarray, merges: dict) -> None:
+                          op: np.ndarray, matched: np.ndarray, merges: QueuedByWorker) -> None:
         """Confirm unstable matches with pages of ``oreg``, and copy each run of
         them into consecutive new stable slots (one pwrite; one mapping per
         worker later)."""
@@ -147,7 +153,7 @@ class Matcher:
 
     def _new_run(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
                  rows: np.ndarray, ii: np.ndarray, oreg: RegionState, opage0: int,
-                 matched: np.ndarray, merges: dict) -> None:
+                 matched: np.ndarray, merges: QueuedByWorker) -> None:
         ii = ii[:self.sidx.room(len(ii))]      # max_kernel_pages
         if not len(ii):
             return
@@ -173,7 +179,7 @@ class Matcher:
         self._queue(merges, reg, pages[ii], slots, checked=True)
         matched[ii] = True
 
-    def _queue(self, merges: dict, reg: RegionState, pages: np.ndarray, slots: np.ndarray,
+    def _queue(self, merges: QueuedByWorker, reg: RegionState, pages: np.ndarray, slots: np.ndarray,
                checked: bool = False) -> None:
         if not len(pages):
             return
@@ -194,7 +200,7 @@ class Matcher:
         merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
 
     def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
-                           merges: dict) -> None:
+                           merges: QueuedByWorker) -> None:
         """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
         one = np.array([page])
         if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
@@ -217,14 +223,18 @@ class Matcher:
                     and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
                 other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
                 if _native.pages_equal(content, other):
-                    s = self.sidx.add(content, h)
-                    if s is not None:
+                    new = self.sidx.add(content, h)
+                    if new is not None:
                         self.unstable.delete(h)
-                        self._queue(merges, oreg, np.array([op]), np.array([s]))
-                        self._queue(merges, reg, one, np.array([s]))
-                        self.sidx.free_unused([s])   # if the budget turned both away
+                        self._queue(merges, oreg, np.array([op]), np.array([new]))
+                        self._queue(merges, reg, one, np.array([new]))
+                        self.sidx.free_unused([new])   # if the budget turned both away
                         return
                 reg.status[page] = UNSHARED   # the mate stays the indexed one
                 return
         self.unstable.insert(h, reg.uid, one)
         reg.status[page] = UNSHARED
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -54,11 +54,12 @@ from shmdedup.controls import default_max_mappings
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
 from shmdedup.coordinator.scan.inline import Inliner
 from shmdedup.coordinator.scan.matching import Matcher
+from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
-    ZERO, ZERO_CHECKSUM, RegionState, _coalesce, _inherited, _repeated, _unique)
+    ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _inherited, _repeated, _unique)
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
@@ -73,27 +74,27 @@ class Scanner(Matcher, Inliner):
     and later calls :meth:`merge_done` / :meth:`unmerge_done`.
     """
 
-    def __init__(self, send_merge: Callable[[Any, list], None],
-                 send_unmerge: Callable[[Any, list], None]) -> None:
+    def __init__(self, send_merge: Callable[[Any, list[Run]], None],
+                 send_unmerge: Callable[[Any, list[Run]], None]) -> None:
         self.send_merge = send_merge
         self.send_unmerge = send_unmerge
-        self.sidx = StableIndex()
-        self.stable = self.sidx.segment
-        self.unstable = UnstableIndex()
+        self.sidx: StableIndex = StableIndex()
+        self.stable: StableSegment = self.sidx.segment
+        self.unstable: UnstableIndex = UnstableIndex()
         self.regions: list[RegionState] = []
         self.by_uid: dict[int, RegionState] = {}
         self._uids = itertools.count()
         # Regions of workers that disconnected while perhaps still alive; they
         # hold sharer references but are not scanned (see detach_region).
         self.detached: list[RegionState] = []
-        self.cursor = 0          # index into regions
-        self.cursor_page = 0
+        self.cursor: int = 0          # index into regions
+        self.cursor_page: int = 0
         # Full scans still owed to reconciliation although nothing may be
         # advised (see settle()).
-        self.settle_scans = 0
-        self.full_scans = 0
-        self.pages_scanned = 0
-        self.pages_skipped = 0
+        self.settle_scans: int = 0
+        self.full_scans: int = 0
+        self.pages_scanned: int = 0
+        self.pages_skipped: int = 0
         self._scratch: np.ndarray | None = None
         # Controls the scanner reads (the coordinator validates them).
         self.max_page_sharing = 256
@@ -101,13 +102,13 @@ class Scanner(Matcher, Inliner):
         self.smart_scan = True
         self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
-        self.budget = MappingBudget(default_max_mappings())
+        self.budget: MappingBudget = MappingBudget(default_max_mappings())
         # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
         # The same for merge_now, and how long its new stable pages are kept
         # from the give-back rule (inline_keep_millisecs, in seconds).
         self._last_inline: tuple[RegionState, int, int] | None = None
-        self.inline_keep = 30.0
+        self.inline_keep: float = 30.0
         self._now = 0.0          # time.monotonic() at the start of the batch
 
     @property
@@ -203,7 +204,7 @@ class Scanner(Matcher, Inliner):
                 reg.slot[gone] = -1
                 self.sidx.free_unused(slots)
 
-    def forget_request(self, items: list) -> None:
+    def forget_request(self, items: list[Run]) -> None:
         """A request that will never be answered (worker gone): release its slots."""
         for reg, first, n, slot in items:
             self.budget.settled(reg.worker, 1)
@@ -237,8 +238,8 @@ class Scanner(Matcher, Inliner):
             self.settle_scans = 0
             return 0
         visited = 0
-        merges: dict[Any, list] = {}
-        unmerges: dict[Any, list] = {}
+        merges: QueuedByWorker = {}
+        unmerges: QueuedByWorker = {}
         self._now = time.monotonic()
         while visited < budget and self.regions:
             if self.cursor >= len(self.regions):
@@ -319,7 +320,7 @@ class Scanner(Matcher, Inliner):
         self.unstable.clear()
         self._last_new = None
 
-    def _reconcile(self, reg: RegionState, p0: int, p1: int, unmerges: dict) -> None:
+    def _reconcile(self, reg: RegionState, p0: int, p1: int, unmerges: QueuedByWorker) -> None:
         self.budget.touch(reg, p0, p1 - p0)   # breaks show in the state bytes: recount
         st = reg.status[p0:p1]
         states = reg.states[p0:p1]
@@ -345,7 +346,7 @@ class Scanner(Matcher, Inliner):
                 unmerges.setdefault(reg.worker, []).append(
                     (reg, lonely.astype(np.int64), reg.slot[lonely].astype(np.int64)))
 
-    def _visit(self, reg: RegionState, pages: np.ndarray, merges: dict) -> None:
+    def _visit(self, reg: RegionState, pages: np.ndarray, merges: QueuedByWorker) -> None:
         n = len(pages)
         # One scratch buffer for the scanner's life (a chunk is at most
         # CHUNK_PAGES pages): nothing keeps a view of it past this call.
@@ -365,7 +366,7 @@ class Scanner(Matcher, Inliner):
 
     # -- replies -----------------------------------------------------------
 
-    def merge_done(self, items: list, result: bytes) -> None:
+    def merge_done(self, items: list[Run], result: bytes) -> None:
         """Settle a merge request: items are (reg, first, n, slot) runs, result
         one byte per page."""
         res = np.frombuffer(result, np.uint8)
@@ -398,7 +399,7 @@ class Scanner(Matcher, Inliner):
         for slots in touched:
             self.sidx.free_unused(slots)
 
-    def unmerge_done(self, items: list) -> None:
+    def unmerge_done(self, items: list[Run]) -> None:
         """Settle an unmerge request (successful or not: the state bytes tell
         which pages are private now)."""
         for reg, first, n, _ in items:
@@ -422,7 +423,7 @@ class Scanner(Matcher, Inliner):
                                          np.where(reg.states[still] == _native.ZERO, ZERO, NEW))
             self.sidx.free_unused(freed)
 
-    def merged_items(self, reg: RegionState) -> list:
+    def merged_items(self, reg: RegionState) -> list[Queued]:
         """(reg, pages, slots) of every merged page of a region (for run=2),
         inherited ones included: run=2 unmerges everything."""
         pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO) | _inherited(reg))
@@ -497,3 +498,7 @@ class Scanner(Matcher, Inliner):
         self.regions.clear()
         self.detached.clear()
         self.sidx.close()
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

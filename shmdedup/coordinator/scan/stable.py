@@ -30,7 +30,8 @@ from types import TracebackType
 from shmdedup import _shm
 from shmdedup.errors import ArgumentError, ShmError
 
-__all__ = ["SlotAllocator", "StableSegment"]
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []
 
 PAGE_SIZE = _shm.PAGE_SIZE
 
@@ -120,10 +121,10 @@ class SlotAllocator:
                 if start + self._length[start] >= hint + n:
                     self._take(start, hint, n)
                     return hint
-        start = self._first_fit(n)
-        if start is not None:
-            self._take(start, start, n)
-        return start
+        first = self._first_fit(n)
+        if first is not None:
+            self._take(first, first, n)
+        return first
 
     def free(self, start: int, n: int = 1) -> None:
         """Return ``[start, start+n)`` to the free pool.

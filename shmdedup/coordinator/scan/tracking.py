@@ -108,6 +108,16 @@ class RegionState:
         return mask
 
 
+# One run of a merge or unmerge request: (region, first page, pages, first slot),
+# page and slot both advancing by one (slot -1: the zero page throughout).
+Run = tuple[RegionState, int, int, int]
+# Pages queued for one request: (region, pages, slots or -1), int64 arrays;
+# _coalesce turns them into Runs.
+Queued = tuple[RegionState, np.ndarray, np.ndarray]
+# Queued pages of one batch, per worker (the scanner keys them by reg.worker).
+QueuedByWorker = dict[Any, list[Queued]]
+
+
 def _inherited(reg: RegionState) -> np.ndarray:
     """Pages merged by a previous coordinator (this one never tracked them).
 
@@ -120,18 +130,19 @@ def _inherited(reg: RegionState) -> np.ndarray:
     its own slots), and scans a page normally once a write breaks it.
     run=2 unmerges them like the rest."""
     s = reg.states[:]
-    return (reg.status == NEW) & ((s == _native.MERGED) | (s == _native.ZERO))
+    out: np.ndarray = (reg.status == NEW) & ((s == _native.MERGED) | (s == _native.ZERO))
+    return out
 
 
-def _coalesce(items: list) -> list:
+def _coalesce(items: list[Queued]) -> list[Run]:
     """(reg, pages, slots) array triples -> (reg, first, n, slot) runs where both
     the page and the slot advance by one (zero-page items: slot -1 throughout)."""
-    by_reg: dict[int, tuple[Any, list, list]] = {}
+    by_reg: dict[int, tuple[RegionState, list[np.ndarray], list[np.ndarray]]] = {}
     for reg, pages, slots in items:
         e = by_reg.setdefault(id(reg), (reg, [], []))
         e[1].append(pages)
         e[2].append(slots)
-    runs: list = []
+    runs: list[Run] = []
     for reg, pl, sl in by_reg.values():
         pages = np.concatenate(pl) if len(pl) > 1 else pl[0]
         slots = np.concatenate(sl) if len(sl) > 1 else sl[0]
@@ -178,3 +189,7 @@ def _repeated(a: np.ndarray) -> np.ndarray:
     out = np.empty(len(a), bool)
     out[order] = mark
     return out
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []
