@@ -32,6 +32,7 @@ from typing import TypeVar
 import posix_ipc
 
 from shmdedup.errors import ArgumentError, ShmError
+from shmdedup.pages import PAGE_SIZE
 
 _native_punch_hole: Callable[[int, int, int], None] | None
 try:
@@ -51,8 +52,6 @@ __all__ = [
 ]
 
 _E = TypeVar("_E", bound=OSError)
-
-PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
 
 # off_t is signed 64-bit: ftruncate and lseek cannot go past this.
 _MAX_OFFSET = 2**63 - 1

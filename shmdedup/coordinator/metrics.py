@@ -48,6 +48,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from shmdedup.controls import CONTROLS
 from shmdedup.errors import ArgumentError, Error
+from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.security import LogLimiter
 
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy
@@ -60,7 +61,6 @@ ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 _SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 log = logging.getLogger("shmdedup.metrics")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # stats() key -> (metric name without the shmdedup_ prefix, help); gauges.
 GAUGES: dict[str, tuple[str, str]] = {

@@ -58,6 +58,7 @@ from shmdedup.coordinator import activation
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import DescriptorShortageError, ProtocolError
+from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.connections import ConnectionsMixin
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
@@ -458,12 +459,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 ro = self.scanner.stable.readonly_fd()
                 try:
                     self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                      "page_size": protocol_page_size()}, [ro])
+                                      "page_size": PAGE_SIZE}, [ro])
                 finally:
                     os.close(ro)
             else:
                 self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                  "page_size": protocol_page_size()})
+                                  "page_size": PAGE_SIZE})
             return
         handler = (_WORKER if peer.role == "worker" else _CLIENT).get(t)
         if handler is None:
@@ -562,10 +563,6 @@ _CLIENT = {
     "set": CoordinatorServer._on_set,
     "wait": CoordinatorServer._on_wait,
 }
-
-
-def protocol_page_size() -> int:
-    return os.sysconf("SC_PAGE_SIZE")
 
 
 def _held(regions: Any) -> Usage:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from shmdedup.pages import PAGE_SIZE
+
 UNIQUE = 0.10
 VOLATILE = 0.05
 
@@ -43,23 +44,23 @@ def layout(npages: int) -> tuple[int, int, int]:
 def fill(arr: np.ndarray, index: int, npages: int) -> None:
     """The worker's content: shared pages from one seed, unique ones from its own."""
     shared, unique, _ = layout(npages)
-    pages = arr.reshape(npages, PAGE)
-    pages[:shared] = np.random.default_rng(12345).integers(0, 256, (shared, PAGE), dtype=np.uint8)
+    pages = arr.reshape(npages, PAGE_SIZE)
+    pages[:shared] = np.random.default_rng(12345).integers(0, 256, (shared, PAGE_SIZE), dtype=np.uint8)
     pages[shared:shared + unique] = np.random.default_rng(1000 + index).integers(
-        0, 256, (unique, PAGE), dtype=np.uint8)
+        0, 256, (unique, PAGE_SIZE), dtype=np.uint8)
     pages[shared + unique:] = index + 1
 
 
 def _worker(index: int, npages: int, conn: Any, stop: Any) -> None:
     import shmdedup
-    region = shmdedup.Region(npages * PAGE)
+    region = shmdedup.Region(npages * PAGE_SIZE)
     arr = region.ndarray(np.uint8)
     fill(arr, index, npages)
     shared, unique, volatile = layout(npages)
-    expect = arr[:(shared + unique) * PAGE].copy()
+    expect = arr[:(shared + unique) * PAGE_SIZE].copy()
     region.advise(shmdedup.MERGEABLE)
     conn.send((os.getpid(), region.backing_fd))
-    vol = arr.reshape(npages, PAGE)[shared + unique:]
+    vol = arr.reshape(npages, PAGE_SIZE)[shared + unique:]
 
     def churn(pages: np.ndarray) -> None:
         n = 0
@@ -86,7 +87,7 @@ def _blocks(pid: int, fd: int) -> int:
 
 def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: float = 120.0) -> int:
     import shmdedup
-    npages = mib * 1024 * 1024 // PAGE
+    npages = mib * 1024 * 1024 // PAGE_SIZE
     shared, unique, volatile = layout(npages)
     expect_sharing = (workers - 1) * shared
     say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
@@ -128,7 +129,7 @@ def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: fl
             stats = coord.stats()
             shmem_after = meminfo_kib()
             blocks_after = sum(_blocks(pid, fd) for pid, fd in backings)
-            stable = stats["stable_pages_allocated"] * PAGE
+            stable = stats["stable_pages_allocated"] * PAGE_SIZE
         finally:
             stop.set()
             mismatches = [a.recv() if p.is_alive() else -1 for a, p in zip(pipes, procs)]

@@ -36,8 +36,8 @@ import numpy as np
 
 from shmdedup import _native, _shm
 from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
+from shmdedup.pages import PAGE_SIZE, pages_for
 
-PAGE_SIZE: int = _native.PAGE_SIZE
 MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
 UNMERGEABLE = 13
 
@@ -104,11 +104,6 @@ def _fault_around_from_env() -> None:
     except ValueError:
         warnings.warn(f"${ENV_FAULT_AROUND}={value!r} ignored: it must be an int between 1 and "
                       f"{_native.FAULT_AROUND_LIMIT}", RuntimeWarning, stacklevel=2)
-
-
-def pages_for(nbytes: int) -> int:
-    """Pages needed to hold nbytes (rounded up)."""
-    return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
 
 
 class Region(_native.Mapping):

@@ -27,8 +27,8 @@ import numpy as np
 from shmdedup import _native
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
+from shmdedup.pages import PAGE_SIZE
 
-PAGE_SIZE: int = _native.PAGE_SIZE
 log = logging.getLogger("shmdedup.coordinator")
 
 

@@ -29,10 +29,9 @@ from types import TracebackType
 
 from shmdedup import _shm
 from shmdedup.errors import ArgumentError, ShmError
+from shmdedup.pages import PAGE_SIZE
 
 __all__ = ["SlotAllocator", "StableSegment"]
-
-PAGE_SIZE = _shm.PAGE_SIZE
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
