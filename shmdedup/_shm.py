@@ -32,7 +32,7 @@ from typing import TypeVar
 import posix_ipc
 
 from shmdedup.errors import ArgumentError, ShmError
-from shmdedup.pages import PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, check_int
 
 _native_punch_hole: Callable[[int, int, int], None] | None
 try:
@@ -84,15 +84,6 @@ _MESSAGE_ERRNOS = (
     ("no space", errno.ENOSPC),
     ("memory", errno.ENOMEM),
 )
-
-
-def _check_int(name: str, value: object, minimum: int = 0, maximum: int = _MAX_OFFSET) -> int:
-    # bool is an int subclass; True as a size is always a caller bug.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ArgumentError(f"{name} must be an int, not {type(value).__name__}")
-    if not minimum <= value <= maximum:
-        raise ArgumentError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return value
 
 
 def _os_error(cls: type[_E], err: int, call: str, filename: str | None = None) -> _E:
@@ -150,7 +141,7 @@ def create(size: int, tag: str = "obj") -> int:
     O_CLOEXEC; the object has mode 0600. Raises ``ArgumentError`` for a bad size
     or tag and ``ShmError`` (with errno) when the system refuses.
     """
-    _check_int("size", size)
+    check_int("size", size, 0, _MAX_OFFSET)
     if not isinstance(tag, str) or not 0 < len(tag) <= _MAX_TAG or not _TAG_CHARS.issuperset(tag):
         raise ArgumentError(f"tag must be 1-{_MAX_TAG} characters of [A-Za-z0-9_.], got {tag!r}")
     name = _new_name(tag)
@@ -179,7 +170,7 @@ def create(size: int, tag: str = "obj") -> int:
 
 def resize(fd: int, size: int) -> None:
     """Set the object's size to ``size`` bytes (ftruncate). Raises ``ShmError``."""
-    _check_int("size", size)
+    check_int("size", size, 0, _MAX_OFFSET)
     try:
         os.ftruncate(fd, size)
     except OSError as exc:
@@ -192,7 +183,7 @@ def reopen_readonly(fd: int) -> int:
     A process holding only this fd cannot map the object writable or mprotect
     such a mapping to PROT_WRITE (EACCES). The caller owns (and closes) the fd.
     """
-    _check_int("fd", fd, maximum=2**31 - 1)
+    check_int("fd", fd, 0, 2**31 - 1)
     path = f"/proc/self/fd/{fd}"
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -212,8 +203,8 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     zeroed rather than freed (kernel semantics), so callers pass whole pages.
     Raises ``OSError`` with errno on failure.
     """
-    _check_int("offset", offset)
-    _check_int("length", length, minimum=1, maximum=_MAX_OFFSET - offset)
+    check_int("offset", offset, 0, _MAX_OFFSET)
+    check_int("length", length, 1, _MAX_OFFSET - offset)
     if _native_punch_hole is not None:
         _native_punch_hole(fd, offset, length)
         return
@@ -229,8 +220,8 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     Moves the file offset of ``fd``'s open file description, which every
     user of these objects ignores (they use pread/pwrite/mmap).
     """
-    _check_int("start", start)
-    _check_int("end", end, minimum=start)
+    check_int("start", start, 0, _MAX_OFFSET)
+    check_int("end", end, start, _MAX_OFFSET)
     extents: list[tuple[int, int]] = []
     pos = start
     while pos < end:

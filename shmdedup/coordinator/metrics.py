@@ -47,8 +47,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from shmdedup.controls import CONTROLS
-from shmdedup.errors import ArgumentError, Error
-from shmdedup.pages import PAGE_SIZE
+from shmdedup.errors import Error
+from shmdedup.pages import PAGE_SIZE, check_int
 from shmdedup.coordinator.security import LogLimiter
 
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy
@@ -94,13 +94,6 @@ class MetricsUnavailableError(Error, ImportError):
 
 class MetricsBindError(Error, OSError):
     """The metrics port could not be bound."""
-
-
-def check_port(port: object) -> int:
-    """A TCP port for the metrics server (0: any free one)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ArgumentError(f"metrics_port must be an int in [0, 65535], got {port!r}")
-    return port
 
 
 class StatsCollector:
@@ -255,7 +248,7 @@ class MetricsServer:
     """
 
     def __init__(self, port: int, wake_fd: int) -> None:
-        port = check_port(port)
+        port = check_int("metrics_port", port, 0, 65535)   # 0: any free port
         try:
             from prometheus_client import CollectorRegistry, make_wsgi_app
         except ImportError as e:
@@ -307,4 +300,4 @@ class MetricsServer:
         self._thread.join(10)
 
 
-__all__ = ["MetricsBindError", "MetricsServer", "MetricsUnavailableError", "StatsCollector", "check_port"]
+__all__ = ["MetricsBindError", "MetricsServer", "MetricsUnavailableError", "StatsCollector"]

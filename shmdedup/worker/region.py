@@ -36,7 +36,7 @@ import numpy as np
 
 from shmdedup import _native, _shm
 from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
-from shmdedup.pages import PAGE_SIZE, pages_for
+from shmdedup.pages import PAGE_SIZE, check_int, pages_for
 
 MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
 UNMERGEABLE = 13
@@ -63,15 +63,6 @@ def acquire_unless_finalizing(lock: Any) -> bool:
     return bool(lock.acquire(blocking=not sys.is_finalizing()))
 
 
-def _check_int(name: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 ENV_FAULT_AROUND = "SHMDEDUP_COW_FAULT_AROUND"
 
 
@@ -89,9 +80,7 @@ def cow_fault_around(pages: int | None = None) -> int:
     """
     if pages is None:
         return _native.fault_around()
-    pages = _check_int("pages", pages, 1)
-    if pages > _native.FAULT_AROUND_LIMIT:
-        raise ArgumentError(f"pages must be <= {_native.FAULT_AROUND_LIMIT}, got {pages}")
+    pages = check_int("pages", pages, 1, _native.FAULT_AROUND_LIMIT)
     return _native.fault_around(pages)
 
 
@@ -116,7 +105,7 @@ class Region(_native.Mapping):
     """
 
     def __init__(self, size: int, *, mergeable: bool | None = None) -> None:
-        size = _check_int("size", size, 1)
+        size = check_int("size", size, 1)
         npages = pages_for(size)
         backing = _shm.create(npages * PAGE_SIZE, "region")
         try:
@@ -195,10 +184,10 @@ class Region(_native.Mapping):
         """(first page, page count) of a byte range, madvise style: offset must
         be page-aligned (unless round_out), length is rounded up."""
         self._check_open()
-        offset = _check_int("offset", offset)
+        offset = check_int("offset", offset)
         if length is None:
             length = self.size - offset if offset <= self.size else -1
-        length = _check_int("length", length)
+        length = check_int("length", length)
         if round_out:
             end = offset + length
             offset -= offset % PAGE_SIZE
@@ -226,7 +215,7 @@ class Region(_native.Mapping):
             raise ArgumentError(f"dtype: {e}") from e
         if dt.itemsize == 0 or dt.hasobject:
             raise ArgumentError(f"dtype {dt} cannot live in shared memory")
-        offset = _check_int("offset", offset)
+        offset = check_int("offset", offset)
         if offset > self.size:
             raise ArgumentError(f"offset {offset} is past the end of the region ({self.size} bytes)")
         if offset % dt.alignment:
@@ -235,7 +224,7 @@ class Region(_native.Mapping):
             shape = ((self.size - offset) // dt.itemsize,)
         elif not isinstance(shape, tuple):
             shape = (shape,)
-        dims = tuple(_check_int("shape", d) for d in shape)
+        dims = tuple(check_int("shape", d) for d in shape)
         count = int(np.prod(dims, dtype=np.int64)) if dims else 1
         if offset + count * dt.itemsize > self.size:
             raise ArgumentError(
