@@ -6,7 +6,8 @@
   unmerges travel between the scanner, the requests in flight and the wire.
 * :func:`cut_runs`: where sorted pages split into runs of consecutive pages
   (whose slots, if given, advance with them): the mapping budget's unit, one
-  mmap and one VMA per run in a worker (DESIGN, "Mapping budget").
+  mmap and one VMA per run in a worker (DESIGN, "Mapping budget");
+  :func:`mask_runs`, the same for the pages a mask selects.
 * :func:`check_int`: the argument check of every public entry point that
   takes a count, a size, an offset or an id: a bool is never an int, and a
   bad value is an ``ArgumentError`` (a ``ValueError``) naming the argument.
@@ -21,7 +22,7 @@ import numpy as np
 
 from shmdedup.errors import ArgumentError
 
-__all__ = ["PAGE_SIZE", "Run", "check_int", "cut_runs", "pages_for"]
+__all__ = ["PAGE_SIZE", "Run", "check_int", "cut_runs", "mask_runs", "pages_for"]
 
 PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
 
@@ -55,6 +56,15 @@ def cut_runs(pages: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.nda
         cut |= (zero[1:] != zero[:-1]) | (~zero[1:] & (np.diff(slots) != 1))
     cut = np.flatnonzero(cut) + 1
     return np.concatenate(([0], cut)), np.concatenate((cut, [len(pages)]))
+
+
+def mask_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)``: the runs of True of a 1-D bool mask, as index
+    ranges ``[starts[i], ends[i])``: ``cut_runs(np.flatnonzero(mask))`` in
+    pages, without an index per page (a mask of millions of pages costs a
+    byte of temporaries per page, not sixteen)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).view(np.int8)))
+    return edges[::2], edges[1::2]
 
 
 def check_int(name: str, value: object, minimum: int = 0, maximum: int | None = None) -> int:

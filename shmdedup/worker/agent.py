@@ -58,6 +58,7 @@ import numpy as np
 
 from shmdedup import _native, protocol
 from shmdedup.worker import region as _region
+from shmdedup.pages import cut_runs
 from shmdedup.paths import resolve_socket_path
 from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError, ShmError
 
@@ -521,10 +522,8 @@ class Agent:
         if len(keep):
             # Runs again, of the advised pages only: page and slot both advance by one.
             p, s = pages[keep], slots[keep]
-            cut = np.flatnonzero((np.diff(p) != 1) | ((np.diff(s) != 1) & (s[1:] >= 0))
-                                 | ((s[1:] < 0) != (s[:-1] < 0))) + 1
-            sub = np.array([(q[0], len(q), t[0]) for q, t in zip(np.split(p, cut), np.split(s, cut))],
-                           dtype="<i8")
+            starts, ends = cut_runs(p, s)
+            sub = np.stack((p[starts], ends - starts, s[starts]), axis=1).astype("<i8")
             res[keep] = np.frombuffer(region.merge(self.view, sub.tobytes()), np.uint8)
         return res.tobytes()
 

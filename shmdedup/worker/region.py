@@ -36,7 +36,7 @@ import numpy as np
 
 from shmdedup import _native, _shm
 from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
-from shmdedup.pages import PAGE_SIZE, check_int, pages_for
+from shmdedup.pages import PAGE_SIZE, check_int, mask_runs, pages_for
 
 MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
 UNMERGEABLE = 13
@@ -307,9 +307,8 @@ class Region(_native.Mapping):
 
     def advice_runs(self) -> list[tuple[int, int]]:
         """The mergeable ranges as (first page, page count) runs."""
-        a = np.concatenate(([False], self._advice, [False])).astype(np.int8)
-        edges = np.flatnonzero(np.diff(a))
-        return [(int(s), int(e - s)) for s, e in zip(edges[::2], edges[1::2])]
+        starts, ends = mask_runs(self._advice)
+        return [(s, e - s) for s, e in zip(starts.tolist(), ends.tolist())]
 
     # -- copy-on-write and I/O ------------------------------------------
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shmdedup.errors import ArgumentError, Error
-from shmdedup.pages import PAGE_SIZE, Run, check_int, cut_runs, pages_for
+from shmdedup.pages import PAGE_SIZE, Run, check_int, cut_runs, mask_runs, pages_for
 
 
 def _runs_by_loop(pages: list[int], slots: list[int] | None) -> list[tuple[int, int]]:
@@ -69,3 +69,13 @@ def test_check_int_refuses(value: object, lo: int, hi: int | None) -> None:
 def test_check_int_accepts(value: object, lo: int, hi: int | None) -> None:
     got = check_int("n", value, lo, hi)
     assert got == value and type(got) is int
+
+
+@given(st.lists(st.booleans(), max_size=50))
+def test_mask_runs_are_the_runs_of_its_pages(bits: list[bool]) -> None:
+    mask = np.array(bits, bool)
+    pages = np.flatnonzero(mask)
+    starts, ends = cut_runs(pages)
+    got = mask_runs(mask)
+    assert got[0].tolist() == pages[starts].tolist()
+    assert got[1].tolist() == (pages[ends - 1] + 1).tolist()
