@@ -26,7 +26,7 @@ import ctypes
 import errno
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import posix_ipc
@@ -43,8 +43,10 @@ except ImportError:  # an older or missing C core: ctypes does the same system c
 __all__ = [
     "PAGE_SIZE",
     "allocated_bytes",
+    "close_fds",
     "create",
     "data_extents",
+    "libc",
     "punch_hole",
     "reopen_readonly",
     "resize",
@@ -62,8 +64,10 @@ _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
+# The process's one handle on libc, for the calls os does not offer
+# (fallocate here; fstatfs and prctl in the coordinator's security checks).
+libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _fallocate.restype = ctypes.c_int
 
@@ -84,6 +88,16 @@ _MESSAGE_ERRNOS = (
     ("no space", errno.ENOSPC),
     ("memory", errno.ENOMEM),
 )
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each fd, ignoring failures: for descriptors being let go on a
+    path that has nothing better to do with an error (a reply, a drop)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _os_error(cls: type[_E], err: int, call: str, filename: str | None = None) -> _E:

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from shmdedup._shm import close_fds
 from shmdedup.errors import (
     ArgumentError,
     CoordinatorUnavailableError,
@@ -239,14 +240,6 @@ def _check_fd_count(t: str, n: int) -> None:
         raise ProtocolError(f"{t}: expects {want} fds, got {n}")
 
 
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def encode(msg: dict[str, Any], nfds: int | None = None) -> bytes:
     """Validate *msg* (and, if given, the number of fds it travels with) and
     pack it; raise ProtocolError if invalid or too large."""
@@ -275,7 +268,7 @@ def decode(data: bytes, fds: Sequence[int] = ()) -> dict[str, Any]:
         _check_fd_count(msg["t"], len(fds))
         return msg
     except BaseException:
-        _close_fds(fds)
+        close_fds(fds)
         raise
 
 
@@ -438,7 +431,7 @@ class Connection:
         if flags & socket.MSG_CTRUNC and len(fds) < MAX_FDS and data and not flags & socket.MSG_TRUNC:
             # Room for MAX_FDS was given, fewer came: the kernel could not
             # install them (EMFILE).  Our shortage, not the peer's fault.
-            _close_fds(fds)
+            close_fds(fds)
             e = DescriptorShortageError(errno.EMFILE, "descriptors sent with a message were "
                                                       "dropped: this process has none left")
             e.message = _unpack(data)
@@ -450,7 +443,7 @@ class Connection:
         elif not data and fds:
             bad = "fds without a message"
         if bad is not None:
-            _close_fds(fds)
+            close_fds(fds)
             raise ProtocolError(bad)
         if not data:
             return None

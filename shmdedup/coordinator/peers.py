@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from shmdedup import protocol
+from shmdedup._shm import close_fds
 from shmdedup.coordinator.security import TokenBucket
 from shmdedup.coordinator.scan.tracking import RegionState
 
@@ -42,8 +43,7 @@ class Outbox:
         data, fds = self.queue.popleft()
         self.bytes -= len(data)
         self.fds -= len(fds)
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
 
     def clear(self) -> int:
         """Drop everything (the peer is gone); the number of fds closed."""

@@ -54,6 +54,7 @@ import time
 from typing import Any
 
 from shmdedup import _native, protocol
+from shmdedup._shm import close_fds
 from shmdedup.coordinator import activation
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
@@ -278,8 +279,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             msg, fds = got
             if peer.held:
                 if len(peer.queued) >= MAX_QUEUED_REQUESTS:
-                    for fd in fds:
-                        _close_quietly(fd)
+                    close_fds(fds)
                     self._schedule_drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
                                               f"outstanding (behind a wait or run=2)")
                     return
@@ -317,8 +317,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         msg, fds = got
         if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
                                                 self.controls["max_msgs_burst"]):
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
                                       f"(burst {self.controls['max_msgs_burst']})")
             return None
@@ -328,14 +327,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         try:
             self._dispatch(peer, msg, fds)
         except (ProtocolError, ValueError, OSError, MemoryError) as e:
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
         except Exception as e:  # a bug of ours must not take the whole domain down
             log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
                       exc_info=True)
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
 
     def _hold(self, peer: Peer) -> None:
@@ -382,8 +379,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._extra -= peer.client_only
         peer.conn.close()
         for _, fds in peer.queued:
-            for qfd in fds:
-                _close_quietly(qfd)
+            close_fds(fds)
         peer.queued.clear()
         q = self.quotas
         q.charge(peer.uid, connections=-1, fds=-1 - peer.outbox.clear())
@@ -498,8 +494,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                                              _held([again]) if again is not None else None)
         if cap is not None:
             # A cap is not an offence: refuse this region, keep the worker.
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             peer.refused.add(rid)
             self.warn.warning("refused", "refused region %d of pid %d: %s", rid, peer.pid, cap)
             self._reply(peer, False, rid, f"register {rid}: {cap}")
@@ -573,13 +568,6 @@ def _held(regions: Any) -> Usage:
 
 def _uncharge(quotas: Quotas, uid: int, held: Usage) -> None:
     quotas.charge(uid, regions=-held.regions, pages=-held.pages, fds=-held.fds)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 __all__ = ["CONTROLS", "CoordinatorServer", "check_control"]

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from shmdedup import _native, protocol
+from shmdedup import _native, _shm, protocol
 from shmdedup.worker import region as _region
 from shmdedup.pages import cut_runs
 from shmdedup.paths import resolve_socket_path
@@ -381,8 +381,7 @@ class Agent:
         self._rejected = False
         msg, fds = got
         if msg["t"] != "welcome" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+            _shm.close_fds(fds)
             raise ProtocolError("expected a welcome with the stable segment's descriptor")
         try:
             self.view = _native.StableView(fds[0])
@@ -407,8 +406,7 @@ class Agent:
             if got is None:
                 return
             msg, fds = got
-            for fd in fds:
-                os.close(fd)
+            _shm.close_fds(fds)
             _native.trap_install()
             if msg["t"] == "merge":
                 result = self._merge(msg["items"])

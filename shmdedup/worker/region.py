@@ -391,11 +391,7 @@ class Region(_native.Mapping):
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self.backing_fd, self.meta_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _shm.close_fds((self.backing_fd, self.meta_fd))
         self.backing_fd = self.meta_fd = -1
 
     def __del__(self) -> None:
