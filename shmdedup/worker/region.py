@@ -45,8 +45,8 @@ _ids = itertools.count(1)
 # Every region of this process, open or not (weakly): enable_process_merging()
 # advises or unadvises them all, as PR_SET_MEMORY_MERGE does every VMA.
 _all: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
-# Set by the agent module: called with (region, event, *args) so regions do not
-# import the agent (and work without any coordinator at all).
+# Set by the agent module (its on_advise, on_close and merge_now hooks) so
+# regions do not import the agent (and work without any coordinator at all).
 _listener: Any = None
 
 
@@ -255,12 +255,12 @@ class Region(_native.Mapping):
             # break what is merged.
             self._advice[first:first + n] = False
             if _listener is not None:
-                _listener.region_event(self, "advise", first, n, False)
+                _listener.on_advise(self, first, n, False)
             self.break_range(first, n)
             return
         self._advice[first:first + n] = True
         if _listener is not None:
-            _listener.region_event(self, "advise", first, n, True)
+            _listener.on_advise(self, first, n, True)
 
     def merge_now(self, offset: int = 0, length: int | None = None) -> int:
         """Merge a range whose content is final, now: no scan, no two-visit wait.
@@ -297,13 +297,26 @@ class Region(_native.Mapping):
             return 0
         return _listener.merge_now(self, first, n)
 
-    def _checksums(self, first: int, n: int) -> bytes:
+    def merge_hints(self, first: int, n: int) -> bytes:
         """Little-endian XXH64 of each private page with data (0 for the
         others): merge_now's lookup hints for the coordinator."""
         h = self.checksums(first, n)
         if sys.byteorder != "little":
             h = np.frombuffer(h, np.uint64).astype("<u8").tobytes()
         return h
+
+    # -- for the agent ---------------------------------------------------
+
+    @property
+    def op_lock(self) -> threading.Lock:
+        """Held by the agent while it merges or breaks this region, and by
+        close(), so a region is never unmapped under a running merge."""
+        return self._op_lock
+
+    def may_merge(self, pages: np.ndarray) -> np.ndarray:
+        """Mask of ``pages`` (indexes) that a merge may take now: advised
+        mergeable, and not pinned private by an I/O (:meth:`pinned`)."""
+        return self._advice[pages] & (self._pins[pages] == 0)
 
     def advice_runs(self) -> list[tuple[int, int]]:
         """The mergeable ranges as (first page, page count) runs."""
@@ -379,7 +392,7 @@ class Region(_native.Mapping):
         if self.exports:
             super().close()  # raises BufferError with the count
         if _listener is not None:
-            _listener.region_event(self, "close")
+            _listener.on_close(self)
         if not acquire_unless_finalizing(self._op_lock):
             # Finalizing, with a merge or break of this region frozen in a
             # daemon thread: leave the mapping to the exit.
