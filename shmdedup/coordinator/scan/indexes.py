@@ -143,7 +143,7 @@ class StableIndex:
         slots = slots[(slots >= 0) & (slots < len(self.sharers))]
         slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
         for s in slots.tolist():
-            if not self.segment._slots.is_allocated(s, 1):
+            if not self.segment.is_allocated(s):
                 continue
             self._unindex(s)
             self.segment.free(s)

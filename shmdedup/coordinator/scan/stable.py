@@ -237,6 +237,10 @@ class StableSegment:
     def closed(self) -> bool:
         return self._fd < 0
 
+    def is_allocated(self, slot: int, n: int = 1) -> bool:
+        """True if every slot of ``[slot, slot + n)`` is allocated (see SlotAllocator)."""
+        return self._slots.is_allocated(slot, n)
+
     def allocated_bytes(self) -> int:
         """Memory the segment really uses (freed and never-written slots cost nothing)."""
         return _shm.allocated_bytes(self._open_fd())
