@@ -51,6 +51,7 @@ from shmdedup import protocol
 from shmdedup.errors import ProtocolError
 from shmdedup.coordinator.peers import InlineCall, Peer
 from shmdedup.coordinator.scan.scanner import Scanner, _coalesce
+from shmdedup.coordinator.scan.tracking import VOLATILE
 
 log = logging.getLogger("shmdedup.coordinator")
 
@@ -88,7 +89,7 @@ class RequestsMixin:
         if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
             self.scanner.forget_request(items)
             for reg, first, n, _ in items:
-                reg.status[first:first + n] = 1  # VOLATILE: visit again
+                reg.status[first:first + n] = VOLATILE  # visit again
             raise ProtocolError("merged: result does not match the request")
         t0 = time.thread_time_ns() if peer.inline else 0
         self.scanner.merge_done(items, result)
