@@ -248,10 +248,10 @@ class RequestsMixin:
                 runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
                 continue
             req = self._last_req = next(self._req)
-            rows = np.array([(reg.rid, first, n, slot if kind == "merge" else 0)
-                             for reg, first, n, slot in chunk], dtype="<i8")
+            items = protocol.items_to_bytes([(reg.rid, first, n, slot if kind == "merge" else 0)
+                                             for reg, first, n, slot in chunk])
             peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
-            if not self._send(peer, {"t": kind, "req": req, "items": rows.tobytes()}):
+            if not self._send(peer, {"t": kind, "req": req, "items": items}):
                 break
             reqs.append(req)
         return reqs

@@ -467,7 +467,7 @@ class Agent:
             return min(waits) if waits else None
 
     def _groups(self, items: bytes) -> list[tuple[Any, np.ndarray]]:
-        rows = np.frombuffer(items, "<i8").reshape(-1, 4)
+        rows = protocol.items_from_bytes(items)
         out = []
         i = 0
         while i < len(rows):
