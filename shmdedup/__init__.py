@@ -16,15 +16,20 @@ from shmdedup.errors import (  # noqa: E402
     ControlError,
     CoordinatorUnavailableError,
     Error,
+    FileChangedError,
+    FormatError,
     PeerRejectedError,
     ProtocolError,
     RegionClosedError,
     ShmError,
+    ShortFileError,
 )
 from shmdedup.worker.region import MERGEABLE, PAGE_SIZE, UNMERGEABLE, Region, cow_fault_around  # noqa: E402
 from shmdedup.tools.client import Client  # noqa: E402
 from shmdedup.tools.embedded import Coordinator  # noqa: E402
 from shmdedup.worker.agent import enable_process_merging, process_merging, set_socket  # noqa: E402
+from shmdedup.worker.loading import fill, fromfile, region_of, share  # noqa: E402
+from shmdedup.worker.formats import load_npy, load_safetensors  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,6 +40,8 @@ __all__ = [
     "Coordinator",
     "CoordinatorUnavailableError",
     "Error",
+    "FileChangedError",
+    "FormatError",
     "MERGEABLE",
     "PAGE_SIZE",
     "PeerRejectedError",
@@ -42,9 +49,16 @@ __all__ = [
     "Region",
     "RegionClosedError",
     "ShmError",
+    "ShortFileError",
     "UNMERGEABLE",
     "cow_fault_around",
     "enable_process_merging",
+    "fill",
+    "fromfile",
+    "load_npy",
+    "load_safetensors",
     "process_merging",
+    "region_of",
     "set_socket",
+    "share",
 ]

@@ -43,3 +43,15 @@ class DescriptorShortageError(Error, OSError):
     came with a message (``message`` holds the message, checked, or None)."""
 
     message: dict | None = None
+
+
+class FormatError(Error, ValueError):
+    """A file's header is malformed or describes data shmdedup cannot hold (.npy, safetensors)."""
+
+
+class ShortFileError(Error, EOFError):
+    """A file holds fewer bytes than the read asked for (known before reading)."""
+
+
+class FileChangedError(Error, OSError):
+    """A file changed (size, mtime or ctime) while it was being read: its bytes may be a mix."""

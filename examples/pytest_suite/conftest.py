@@ -1,9 +1,11 @@
 """A session fixture every xdist worker builds the same way: a 256 MiB table.
 
-``shmdedup_array`` (from the shmdedup pytest plugin) gives a zeroed array in
-shared memory that is advised mergeable once filled, or a plain numpy array
-when the run is not started with ``--shmdedup``: the suite is the same either
-way.  ``TABLE_MIB`` in the environment changes the size.
+``shmdedup_array`` (from the shmdedup pytest plugin) gives an array in shared
+memory, computed one block of rows at a time (``rows=``), each block merged at
+write time as soon as it is computed, so a worker never holds more than a block
+of private pages; or a plain numpy array filled the same way when the run is
+not started with ``--shmdedup``: the suite is the same either way.
+``TABLE_MIB`` in the environment changes the size.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ _W = np.random.default_rng(0).standard_normal((64, COLS), dtype=np.float32) / 8
 
 @pytest.fixture(scope="session")
 def table(shmdedup_array):
-    def fill(arr: np.ndarray) -> None:
-        for i in range(len(arr) // ROWS_PER_BLOCK):
-            arr[i * ROWS_PER_BLOCK:(i + 1) * ROWS_PER_BLOCK] = block(i)
+    def fill(rows: np.ndarray, start: int) -> None:  # rows [start, start + ROWS_PER_BLOCK)
+        rows[...] = block(start // ROWS_PER_BLOCK)[:len(rows)]
 
-    return shmdedup_array((table_rows(), COLS), np.float32, fill)
+    return shmdedup_array((table_rows(), COLS), np.float32, fill, rows=ROWS_PER_BLOCK)

@@ -203,6 +203,9 @@ class ConnectionsMixin:
             data = protocol.encode(msg, len(fds))
             if not box and peer.conn.try_send(data, fds):
                 return True
+        except (BrokenPipeError, ConnectionResetError):
+            self._schedule_drop(peer, "")   # it went away (a worker exiting): nothing to warn of
+            return False
         except (OSError, ProtocolError) as e:
             self._schedule_drop(peer, f"send failed: {e}")
             return False
@@ -236,6 +239,9 @@ class ConnectionsMixin:
                     return
                 box.pop()
                 self.quotas.charge(peer.uid, fds=-len(fds))
+        except (BrokenPipeError, ConnectionResetError):
+            self._schedule_drop(peer, "")
+            return
         except OSError as e:
             self._schedule_drop(peer, f"send failed: {e}")
             return

@@ -379,10 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh interval (default 1; 0.05 to 3600)")
     tp.set_defaults(func=_cmd_top)
 
-    d = command("demo", "N workers with the same data; show the memory saved",
-                "An embedded coordinator and N worker processes, each with MIB of mostly the\n"
-                "same data; it waits for the pages to merge and prints the memory saved,\n"
-                "measured from outside (/proc/meminfo and the workers' shm objects).")
+    d = command("demo", "N workers with the same data, merged two ways: the peak and the memory saved",
+                "N worker processes, each building MIB of mostly the same data, merged two ways\n"
+                "side by side: by scanning (each worker writes its copy, the scan merges them)\n"
+                "and at write time (each block merged as soon as it is written). It prints the\n"
+                "peak while the workers build their data and the end state of each way,\n"
+                "measured from outside (the shm objects' allocated blocks, /proc/meminfo).")
     d.add_argument("--workers", type=_int_between(2, DEMO_MAX_WORKERS, why=" (merging needs two copies)"),
                    default=4, metavar="N", help="worker processes (default 4)")
     d.add_argument("--mib", type=_int_between(1, DEMO_MAX_MIB), default=64, metavar="MIB",

@@ -2,18 +2,22 @@
 
 Inactive unless asked for, with ``--shmdedup`` or the ini option
 ``shmdedup = true``: without it every hook returns at once (no coordinator, no
-environment change, no region), and ``share()`` hands back what it was given.
-Installing shmdedup must never change anyone's test run.
+environment change, no region), and ``share()`` hands back what it was given
+(after the same checks as when active: what it would refuse active, it refuses
+inactive too).  Installing shmdedup must never change anyone's test run.
 
 Active, the controller (the only process without pytest-xdist) starts one
 coordinator process for the whole run and hands its socket to every xdist
 worker, through ``$SHMDEDUP_SOCKET`` (set before the workers start) and
-``workerinput``.  Tests put large arrays or buffers into mergeable regions
-with :func:`share` or the session fixture ``shmdedup_array``; identical pages
-of different workers then merge.  A thread of the controller samples the
-coordinator's statistics during the run (workers are gone by the time the
-summary is written), and the terminal summary reports the peak saving:
-``shmdedup: 3 workers shared 612 MiB``.
+``workerinput``.  Tests put large arrays or buffers into regions with
+:func:`share` or the session fixture ``shmdedup_array``, which merge them at
+write time, chunk by chunk (``shmdedup.worker.loading``): identical pages of
+different workers merge as they are written.  A thread of the controller
+samples the coordinator's statistics during the run, each worker takes a last
+look before its session fixtures go (workers are gone by the time the summary
+is written), and the terminal summary reports the peak saving and how it was
+made: ``shmdedup: 3 workers shared 612 MiB ...`` then ``shmdedup: how: ...``
+(at write time, or by scanning; and why nothing merged, if nothing did).
 
 Loaded by the ``pytest11`` entry point ``shmdedup``, or explicitly with
 ``-p shmdedup.tools.pytest_plugin``.
@@ -24,10 +28,13 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import pytest
+
+_ArrayT = TypeVar("_ArrayT", bound="np.ndarray[Any, Any]")
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
 
 _INI = "shmdedup"
 _SAMPLE_SECONDS = 0.1
@@ -37,64 +44,72 @@ _active = False
 
 # ---- the helpers tests use -----------------------------------------------------
 
-def share(array: Any) -> Any:
-    """A copy of ``array`` (a numpy array, or any buffer: returned as a uint8
-    array) in a mergeable region, with the same shape and dtype; the region
-    lives as long as the returned array.  When the plugin is not active in this
-    process, ``array`` itself is returned unchanged."""
-    if not _active:
-        return array
-    src = array if isinstance(array, np.ndarray) else np.frombuffer(memoryview(array), np.uint8)
-    if src.nbytes == 0:
-        return array
-    out = _region_array(src.shape, src.dtype)
-    out[...] = src
-    region_of(out).advise(_region_mod().MERGEABLE)
-    return out
+@overload
+def share(obj: _ArrayT) -> _ArrayT: ...
+@overload
+def share(obj: _ScalarT) -> _ScalarT: ...
+@overload
+def share(obj: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview: ...
 
 
-def region_of(array: np.ndarray) -> Any:
-    """The shmdedup Region behind an array made by :func:`share` or
-    ``shmdedup_array`` (None for any other array)."""
-    Region = _region_mod().Region
-    base = array
-    while base is not None:
-        if isinstance(base, Region):
-            return base
-        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
-    return None
+def share(obj: Any) -> Any:
+    """``shmdedup.share(obj)`` when the plugin is active in this process (a copy
+    in a mergeable region, merged as it is copied: same type, dtype, shape,
+    memory order and read-only flag; bytes-like objects come back as a
+    memoryview that compares equal), else ``obj`` itself.  Either way it
+    refuses what it could not keep (see ``shmdedup.share``), so a suite that
+    passes without ``--shmdedup`` passes with it."""
+    from shmdedup.worker import loading
+    loading.check_shareable(obj)
+    return loading.share(obj) if _active else obj
 
 
-def _region_mod() -> Any:
-    from shmdedup.worker import region
-    return region
-
-
-def _region_array(shape: Any, dtype: Any) -> np.ndarray:
-    Region = _region_mod().Region
-    dt = np.dtype(dtype)
-    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    return Region(max(nbytes, 1)).ndarray(dt, shape)
+def region_of(obj: Any) -> Any:
+    """The shmdedup Region behind an array or memoryview made by :func:`share`
+    or ``shmdedup_array`` (None for anything else)."""
+    from shmdedup.worker.loading import region_of as find
+    return find(obj)
 
 
 @pytest.fixture(scope="session")
 def shmdedup_array() -> Callable[..., np.ndarray]:
-    """``shmdedup_array(shape, dtype=float64, fill_fn=None)``: a zeroed array in a
-    mergeable region (a plain numpy array when the plugin is not active),
-    filled in place by ``fill_fn(array)``.  The region is advised mergeable
-    before the fill, so what a slow fill has finished can merge while it goes
-    on (pages never written are skipped; pages still changing are volatile)."""
+    """``shmdedup_array(shape, dtype=float64, fill_fn=None, *, rows=None)``: a
+    zeroed array in a mergeable region (a plain numpy array when the plugin is
+    not active), filled in place and merged at write time.
 
-    def make(shape: Any, dtype: Any = np.float64, fill_fn: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
+    Without ``rows``, ``fill_fn(array)`` fills it whole and it is merged when
+    the call returns (each worker holds one private copy meanwhile).  With
+    ``rows``, ``fill_fn(block, start)`` is called for consecutive blocks of
+    that many rows along the first axis, and each block is merged as soon as
+    its call returns: a worker never holds more than a block or two of private
+    pages (``shmdedup.fill``)."""
+
+    def make(shape: Any, dtype: Any = np.float64, fill_fn: Callable[..., Any] | None = None, *,
+             rows: int | None = None) -> np.ndarray:
+        dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+        if rows is not None:  # the same checks active or not: a suite runs the same either way
+            if fill_fn is None or not dims:
+                raise TypeError("shmdedup_array: rows= needs a fill_fn(block, start) and at least one dimension")
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+                raise ValueError(f"shmdedup_array: rows must be an int >= 1, got {rows!r}")
         if not _active:
-            arr = np.zeros(shape, dtype)
-        else:
-            arr = _region_array(shape, dtype)
-            region_of(arr).advise(_region_mod().MERGEABLE)
-        if fill_fn is not None:
-            fill_fn(arr)
-        return arr
+            arr = np.zeros(dims, dtype)
+            if rows is not None:
+                for start in range(0, dims[0], rows):
+                    fill_fn(arr[start:start + rows], start)  # type: ignore[misc]
+            elif fill_fn is not None:
+                fill_fn(arr)
+            return arr
+        from shmdedup.worker import loading
+        if rows is not None:
+            return loading.fill(dims, dtype, fill_fn, rows=rows)  # type: ignore[arg-type]
+        flat = dims if dims else (1,)
+
+        def whole(block: np.ndarray, start: int) -> None:
+            if fill_fn is not None:
+                fill_fn(block.reshape(dims))
+
+        return loading.fill(flat, dtype, whole, rows=max(1, flat[0])).reshape(dims)
 
     return make
 
@@ -145,9 +160,13 @@ class _Run:
             self.log.close()
             raise
         self.peak: dict[str, int] = {"pages_sharing": 0, "pages_shared": 0}
+        self.full_scans = 0
         self.workers: set[int] = set()
+        # Per worker pid: its write-time counts (loading.write_time_stats), from its last look.
+        self.written: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
-        self.page_size = _region_mod().PAGE_SIZE
+        from shmdedup.worker.region import PAGE_SIZE
+        self.page_size = PAGE_SIZE
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_loop, name="shmdedup-sampler", daemon=True)
         self._thread.start()
@@ -156,8 +175,11 @@ class _Run:
         """Fold in a snapshot (from the sampler, or a worker's last look)."""
         with self._lock:
             self.workers.update(snap["workers"])
+            self.full_scans = max(self.full_scans, snap.get("full_scans", 0))
             if snap["pages_sharing"] > self.peak["pages_sharing"]:
                 self.peak = {k: snap[k] for k in ("pages_sharing", "pages_shared")}
+            if "write_time" in snap:
+                self.written[snap["pid"]] = snap["write_time"]
 
     def _take(self, client: Any) -> None:
         self.add(_snapshot(client.stats()))
@@ -184,15 +206,9 @@ class _Run:
     def summary(self, verbose: bool) -> list[str]:
         self._stop.set()
         self._thread.join(30)
-        n = len(self.workers)
-        if not n:
-            lines = ["shmdedup: no worker shared anything (put arrays in regions with "
-                     "shmdedup.tools.pytest_plugin.share() or the shmdedup_array fixture)"]
-        else:
-            mib = self.peak["pages_sharing"] * self.page_size / 2**20
-            size = f"{mib:.1f}" if mib < 10 else f"{mib:.0f}"
-            lines = [f"shmdedup: {n} worker{'s' if n != 1 else ''} shared {size} MiB (peak pages_sharing "
-                     f"{self.peak['pages_sharing']}, pages_shared {self.peak['pages_shared']})"]
+        loaded = sum(w["pages_loaded"] for w in self.written.values())
+        merged = sum(w["pages_merged_at_write"] for w in self.written.values())
+        lines = summary_lines(len(self.workers), self.peak, self.full_scans, loaded, merged, self.page_size)
         self.log.seek(0)
         said = [line.rstrip() for line in self.log if line.strip() and "listening on" not in line]
         if verbose:
@@ -210,9 +226,55 @@ class _Run:
             self.log.close()
 
 
+def summary_lines(workers: int, peak: dict[str, int], full_scans: int, loaded: int, merged: int,
+                  page_size: int) -> list[str]:
+    """What the run saved (the peak of pages_sharing), and how: at write time
+    (pages the workers wrote with share(), shmdedup_array or the loading
+    helpers, and how many of those merge_now merged at once) or by scanning.
+    Said plainly when nothing merged, with the likely reason."""
+    if not workers:
+        return ["shmdedup: no worker shared anything (put arrays in regions with "
+                "shmdedup.tools.pytest_plugin.share() or the shmdedup_array fixture)"]
+    who = f"{workers} worker{'s' if workers != 1 else ''}"
+    sharing = peak["pages_sharing"]
+    scans = f"full_scans {full_scans}"
+    if sharing:
+        mib = sharing * page_size / 2**20
+        size = f"{mib:.1f}" if mib < 10 else f"{mib:.0f}"
+        lines = [f"shmdedup: {who} shared {size} MiB (peak pages_sharing {sharing}, "
+                 f"pages_shared {peak['pages_shared']})"]
+    else:
+        lines = [f"shmdedup: {who} shared nothing (pages_sharing stayed 0)"]
+    if merged:
+        rest = loaded - merged
+        how = (f"shmdedup: how: {merged} of the {loaded} pages written with share()/shmdedup_array merged "
+               f"at write time")
+        lines.append(how + (f"; the scan merges the rest and any other advised pages ({scans})" if rest
+                            else f"; the scan handles the other advised pages ({scans})"))
+    elif loaded:
+        lines.append(f"shmdedup: how: by scanning only ({scans}): none of the {loaded} pages written with "
+                     f"share()/shmdedup_array merged at write time (merge_now merged none: run was not 1, or "
+                     f"the coordinator could not make stable pages)")
+    else:
+        lines.append(f"shmdedup: how: by scanning only ({scans}); share() and shmdedup_array merge at write time")
+    if not sharing and full_scans < 2:
+        lines.append(f"shmdedup: the workers finished before the coordinator's second full scan ({scans}): a "
+                     f"page the scan finds merges at the earliest during the second full scan that sees it")
+    return lines
+
+
 def _snapshot(stats: dict[str, Any]) -> dict[str, Any]:
     return {"pages_sharing": stats["pages_sharing"], "pages_shared": stats["pages_shared"],
+            "full_scans": stats["full_scans"],
             "workers": [w["pid"] for w in stats["workers"] if w["regions"]]}
+
+
+def _last_look(stats: dict[str, Any]) -> dict[str, Any]:
+    """A worker's snapshot before its session fixtures go: the coordinator's
+    view plus what this process wrote at write time."""
+    import os
+    from shmdedup.worker.loading import write_time_stats
+    return dict(_snapshot(stats), pid=os.getpid(), write_time=write_time_stats())
 
 
 _run_key = pytest.StashKey[_Run]()
@@ -257,7 +319,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     path = getattr(config, "workerinput", {}).get("shmdedup_socket")
     try:
         with Client(path, timeout=5) as client:
-            snap = _snapshot(client.stats())
+            snap = _last_look(client.stats())
     except (Error, OSError):
         return
     run = config.stash.get(_run_key, None)

@@ -264,22 +264,3 @@ def test_coordinator_socket_in_a_missing_directory_exits_with_a_message(socket_d
     r = cli("coordinator", "--socket", path)
     assert r.returncode == 1
     assert path in r.stderr and "Traceback" not in r.stderr, r.stderr
-
-
-def test_demo_merges_every_shared_page_and_measures_from_outside() -> None:
-    """The README's first command, smaller: every shared page merges, the
-    workers' backing objects are measured whole before scanning starts and
-    hold only their own pages after, and every worker reads its bytes."""
-    from shmdedup.tools.demo import layout
-    workers, mib = 3, 8
-    npages = mib * 1024 * 1024 // shmdedup.PAGE_SIZE
-    shared, unique, volatile = layout(npages)
-    proc = cli("demo", "--workers", str(workers), "--mib", str(mib), "--json", timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads(proc.stdout.splitlines()[-1])
-    page_mib = shmdedup.PAGE_SIZE / (1024 * 1024)
-    assert res["pages_sharing"] == (workers - 1) * shared and res["pages_shared"] == shared
-    assert res["backing_before_mib"] == workers * mib          # nothing merged before "before"
-    assert res["backing_after_mib"] == round(workers * (unique + volatile) * page_mib, 1)
-    assert res["stable_mib"] == round(shared * page_mib, 1)
-    assert res["byte_mismatches"] == 0

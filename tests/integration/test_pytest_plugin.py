@@ -92,9 +92,10 @@ def test_shmdedup_array_and_buffers(shmdedup_array):
     assert region_of(a) is not None and a.shape == (256, 1024) and a.dtype == np.float32
     assert (a == 1.5).all()
     b = share(b"x" * 10000)
-    assert region_of(b) is not None and b.dtype == np.uint8 and bytes(b) == b"x" * 10000
-    b[0] = ord("y")  # a private, writable copy
-    assert bytes(b[:2]) == b"yx"
+    assert region_of(b) is not None and b == b"x" * 10000 and b.readonly  # bytes stay immutable
+    c = share(bytearray(b"x" * 10000))
+    c[0] = ord("y")  # a private, writable copy
+    assert region_of(c) is not None and bytes(c[:2]) == b"yx"
 '''
 
 INACTIVE_TESTS = '''
@@ -230,3 +231,146 @@ def test_installed_entry_point_loads_the_plugin(tmp_path: Path) -> None:
     res = run_pytest(suite, "-n", "2", "--shmdedup", autoload=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert SUMMARY.search(res.stdout), res.stdout
+
+
+# ---- share() is transparent (issue 14, defect 1) -------------------------------------
+
+TRANSPARENT_TESTS = '''
+import array
+import numpy as np
+import pytest
+from shmdedup.tools.pytest_plugin import region_of, share
+
+def arrays():
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((300, 500))
+    ro = big.copy()
+    ro.flags.writeable = False
+    return {"c": big, "f": np.asfortranarray(big), "strided": big[::2, ::3], "transposed": big.T,
+            "readonly": ro, "zero_d": np.array(2.5), "big_endian": big.astype(">i4"),
+            "structured": np.zeros(10000, dtype=[("a", "<i4"), ("b", "<f8", (3,))]),
+            "axes_permuted": rng.integers(0, 9, (40, 50, 60)).transpose(2, 0, 1)}
+
+@pytest.mark.parametrize("name", list(arrays()))
+def test_arrays(name, request):
+    a = arrays()[name]
+    s = share(a)
+    assert type(s) is np.ndarray and s.dtype == a.dtype and s.shape == a.shape and np.array_equal(s, a)
+    assert s.flags.writeable == a.flags.writeable
+    for flag in ("c_contiguous", "f_contiguous"):
+        assert getattr(s.flags, flag) == getattr(a.flags, flag) or not a.flags.contiguous
+    assert np.argsort(np.abs(s.strides)).tolist() == np.argsort(np.abs(a.strides)).tolist() or a.ndim < 2
+    assert (region_of(s) is not None) == bool(request.config.getoption("shmdedup"))
+
+def test_scalars_stay_scalars():
+    for x in (np.float64(1.5), np.int8(-3), np.bool_(True)):
+        assert share(x) is x
+
+def test_bytes_compare_equal_and_stay_immutable():
+    data = bytes(range(256)) * 100
+    s = share(data)
+    assert s == data and len(s) == len(data) and bytes(s) == data and hash(s) == hash(data)
+    assert np.frombuffer(s, np.uint8).sum() == np.frombuffer(data, np.uint8).sum()
+    with pytest.raises(TypeError):
+        s[0] = 1
+
+def test_bytearray_and_memoryview():
+    ba = share(bytearray(b"ab" * 5000))
+    ba[0] = ord("z")
+    assert ba[:2] == b"zb"
+    mv = memoryview(array.array("q", range(3000))).toreadonly()
+    s = share(mv)
+    assert s == mv and s.format == mv.format and s.shape == mv.shape and s.readonly
+
+@pytest.mark.parametrize("bad", [[1, 2], "text", np.array([None, 1]), np.ma.array([1, 2]), array.array("i", [1])],
+                         ids=["list", "str", "objects", "masked", "array.array"])
+def test_refused_either_way(bad):
+    with pytest.raises(ValueError, match="share"):
+        share(bad)
+
+def test_shmdedup_array_rows(shmdedup_array):
+    def rows(block, start):
+        block[...] = np.arange(start, start + len(block))[:, None]
+    a = shmdedup_array((1000, 300), np.int32, rows, rows=128)
+    assert a.shape == (1000, 300) and a.dtype == np.int32 and (a == np.arange(1000)[:, None]).all()
+    with pytest.raises(ValueError, match="rows"):
+        shmdedup_array((10,), np.int8, rows, rows=0)
+    z = shmdedup_array((), np.float32, lambda x: x.fill(2))
+    assert z.shape == () and z == 2
+'''
+
+
+@pytest.mark.parametrize("active", [False, True], ids=["without", "with_shmdedup"])
+def test_share_is_transparent(tmp_path: Path, active: bool) -> None:
+    """A suite that passes without --shmdedup passes with it: share() keeps type,
+    dtype, shape, memory order and the read-only flag, returns numpy scalars
+    unchanged, gives bytes back as an equal read-only memoryview, and refuses
+    the same things either way."""
+    suite = make_suite(tmp_path / "suite", TRANSPARENT_TESTS)
+    res = run_pytest(suite, "-n", "2", *(["--shmdedup"] if active else []))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "18 passed" in res.stdout, res.stdout
+
+
+# ---- the summary says what was saved, and how (issue 14, defect 5) -----------------------
+
+SCAN_ONLY_TESTS = '''
+import numpy as np
+import shmdedup
+
+KEEP = []  # alive until the plugin's last look at the stats, after the test
+
+def test_advise_and_finish_at_once():
+    r = shmdedup.Region(2**20)
+    r.ndarray(np.uint8)[:] = 7
+    r.advise(shmdedup.MERGEABLE)
+    KEEP.append(r)
+'''
+
+WRITE_TIME_TESTS = '''
+import glob, os, time
+import numpy as np
+from shmdedup.tools.pytest_plugin import region_of, share
+from conftest import content, record
+
+def test_load_and_wait_for_the_other_worker(table):
+    region = region_of(table)
+    record("loaded", merged=region.merged_pages(), npages=region.npages)
+    deadline = time.monotonic() + 60  # both workers hold their tables when either looks
+    while len(glob.glob(os.path.join(os.environ["PLUGIN_FACTS"], "*-loaded.json"))) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert np.array_equal(table, content())
+'''
+
+# Scanning as good as off: one page per batch, then an hour's sleep.
+NO_SCAN = ("--shmdedup-set", "pages_to_scan=1", "--shmdedup-set", "sleep_millisecs=3600000")
+HOW = re.compile(r"^shmdedup: how: (.*)$", re.M)
+
+
+def test_summary_when_workers_finish_before_two_full_scans(tmp_path: Path) -> None:
+    """Pages left to the scan cannot merge before its second full scan: the
+    summary says nothing was saved, and why, instead of "shared 0.0 MiB"."""
+    suite = make_suite(tmp_path / "suite", SCAN_ONLY_TESTS)
+    res = run_pytest(suite, "-n", "2", "--dist", "each", "--shmdedup", *NO_SCAN)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "shmdedup: 2 workers shared nothing (pages_sharing stayed 0)" in res.stdout, res.stdout
+    assert "0.0 MiB" not in res.stdout
+    how = HOW.search(res.stdout)
+    assert how and how.group(1).startswith("by scanning only (full_scans 0)"), res.stdout
+    assert "finished before the coordinator's second full scan (full_scans 0)" in res.stdout
+
+
+def test_summary_reports_merges_at_write_time(tmp_path: Path) -> None:
+    """share() merges as it copies: with scanning as good as off, the two
+    workers' tables are merged the moment they are built, and the summary
+    says how much and how."""
+    suite = make_suite(tmp_path / "suite", WRITE_TIME_TESTS)
+    res = run_pytest(suite, "-n", "2", "--dist", "each", "--shmdedup", *NO_SCAN)
+    assert res.returncode == 0, res.stdout + res.stderr
+    loaded = facts(suite)
+    assert len(loaded) == 2 and all(f["merged"] == f["npages"] == 2048 for f in loaded)
+    m = SUMMARY.search(res.stdout)
+    assert m and int(m.group(1)) == 2 and int(m.group(3)) == 2048 and float(m.group(2)) == 8.0, res.stdout
+    how = HOW.search(res.stdout)
+    assert how and how.group(1).startswith("4096 of the 4096 pages written with share()"), res.stdout
