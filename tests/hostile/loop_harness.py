@@ -474,8 +474,8 @@ def p99_limit() -> float:
     return P99_LIMIT * min(5.0, max(1.0, load))
 
 
-def assert_fast(samples: list[float], what: str) -> None:
-    limit = p99_limit()
+def assert_fast(samples: list[float], what: str, limit: float | None = None) -> None:
+    limit = p99_limit() if limit is None else limit
     assert samples and p99(samples) <= limit, (
         f"honest fresh merges during {what}: p99 {p99(samples):.3f} s > {limit:.2f} s "
         f"(all: {[round(x, 3) for x in samples]})")
