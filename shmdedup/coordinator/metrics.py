@@ -16,20 +16,38 @@ if the loop is busy longer (a long batch), it reports the latest snapshot,
 at most ``PUBLISH_INTERVAL`` plus one batch old.  With metrics off none of
 this exists.
 
-Any local user can reach the port, so the server is bounded on its own
-(prometheus_client's ``start_http_server`` takes no timeout and no connection
-cap, so this is a small ``wsgiref`` server around its WSGI app): at most
-``MAX_CONNECTIONS`` requests are served at once (one thread each; more are
-closed at accept), every read and write times out after ``IO_TIMEOUT``, and a
-connection is shut down ``REQUEST_DEADLINE`` seconds after accept whatever it
-does (a slow sender or reader cannot hold a thread and a descriptor).  Out of
-descriptors at accept, the server sleeps (up to ``ACCEPT_BACKOFF_MAX``)
-instead of spinning.  None of this counts against the coordinator's quotas;
-the coordinator sets ``MAX_CONNECTIONS`` descriptors aside for it.
+Any local user can reach the port, so the server is bounded on its own: at
+most ``MAX_CONNECTIONS`` requests are served at once (one thread each; more
+are closed at accept), every read and write times out after ``IO_TIMEOUT``,
+and a connection is shut down ``REQUEST_DEADLINE`` seconds after accept
+whatever it does (a slow sender or reader cannot hold a thread and a
+descriptor).  Out of descriptors at accept, the server sleeps (up to
+``ACCEPT_BACKOFF_MAX``) instead of spinning.  None of this counts against the
+coordinator's quotas; the coordinator sets ``MAX_CONNECTIONS`` descriptors
+aside for it.
 
-Names follow Prometheus conventions: counters end in ``_total``, byte values in
-``_bytes``; controls are one gauge with a ``name`` label, per-worker values
-carry a ``pid`` label.
+Why not prometheus_client's ``start_http_server``: it can be shut down since
+0.20 (it returns the server and its thread), but up to 0.26 at least it
+starts a thread per connection with no cap, sets no socket timeout and no
+deadline, and logs a traceback per failed request: one local user holding
+half-sent requests open would pin a thread and a descriptor each, forever.
+So this is a small ``wsgiref`` server of our own around prometheus_client's
+WSGI app (``make_wsgi_app``), the part of it that is the exposition.
+
+What is exported (docs/guide.md, "Prometheus", has the table): every number
+of ``stats()`` that means something as a time series, under Prometheus's
+conventions: counters end in ``_total``, values are in base units (bytes,
+seconds, ratios 0-1; pages stay pages, with ``shmdedup_page_size_bytes`` to
+convert), each control is a gauge of its own (``shmdedup_sleep_seconds`` for
+``sleep_millisecs``, as node_exporter's KSM collector has
+``node_ksmd_sleep_seconds``), per-worker values carry a ``pid`` label and
+per-uid ones a ``uid`` label; ``last_error`` and the build are info metrics
+(``..._info{...} 1``).  ``LEFT_OUT`` names the statistics that are not
+metrics, and why.  The registry is private (the host application's default
+one is not ours to fill), so the process, platform and GC collectors that
+prometheus_client's default registry carries are added to it: the
+``process_*`` families describe the coordinator's process (with an embedded
+``Coordinator``, the application it is a thread of).
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import platform
 import socket
 import socketserver
 import sys
@@ -46,7 +65,6 @@ from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from shmdedup.controls import CONTROLS
 from shmdedup.errors import Error
 from shmdedup.pages import PAGE_SIZE, check_int
 from shmdedup.coordinator.security import LogLimiter
@@ -72,20 +90,87 @@ GAUGES: dict[str, tuple[str, str]] = {
     "general_profit": ("general_profit_bytes", "Bytes saved minus the scanner's metadata"),
     "stable_pages_allocated": ("stable_pages", "Pages allocated in the stable segment"),
     "stable_node_chains": ("stable_node_chains", "Checksums with more than one stable page"),
+    "stable_node_dups": ("stable_node_dups", "Stable pages inside those chains"),
+    "pages_inherited": ("pages_inherited",
+                        "Worker pages merged by a previous coordinator, left on its stable object"),
     "rmap_items": ("rmap_items", "Worker pages the scanner tracks"),
     "fds_held": ("descriptors_held", "Descriptors the coordinator holds for its peers"),
+    "fds_budget": ("descriptors_budget", "Descriptors the coordinator may hold for its peers"),
 }
-COUNTERS: dict[str, tuple[str, str]] = {
-    "pages_scanned": ("pages_scanned", "Pages visited by the scanner"),
-    "full_scans": ("full_scans", "Completed passes over every advised page"),
-    "pages_merged_inline": ("pages_merged_inline", "Pages merged at write time (Region.merge_now)"),
+# stats() key -> (name without _total, which prometheus_client appends, help, what
+# to divide by for the base unit); counters (cumulative, like /sys/kernel/mm/ksm's).
+COUNTERS: dict[str, tuple[str, str, float]] = {
+    "pages_scanned": ("pages_scanned", "Pages visited by the scanner", 1),
+    "full_scans": ("full_scans", "Completed passes over every advised page", 1),
+    "pages_skipped": ("pages_skipped", "Page visits skipped by smart_scan", 1),
+    "pages_skipped_budget": ("pages_skipped_budget",
+                             "Merges skipped by the per-worker mapping budget (max_mappings)", 1),
+    "pages_merged_inline": ("pages_merged_inline", "Pages merged at write time (Region.merge_now)", 1),
+    "merge_now_cpu_usecs": ("merge_now_cpu_seconds",
+                            "CPU time of the coordinator spent on merge_now requests", 1_000_000),
 }
+# Control -> (name, what to divide by for the base unit, help): one gauge each, like
+# node_exporter's node_ksmd_* (a single family with a name label would mix
+# milliseconds, seconds, percents and pages).
+CONTROL_GAUGES: dict[str, tuple[str, float, str]] = {
+    "run": ("run", 1, "0 stopped, 1 scanning, 2 unmerging everything"),
+    "pages_to_scan": ("pages_to_scan", 1, "Pages the scanner visits per batch"),
+    "sleep_millisecs": ("sleep_seconds", 1000, "Pause between two batches of the scanner"),
+    "max_page_sharing": ("max_page_sharing", 1, "Most worker pages on one stable page"),
+    "max_kernel_pages": ("max_kernel_pages", 1, "Most stable pages in use (0: no cap)"),
+    "use_zero_pages": ("use_zero_pages", 1, "1: all-zero pages go to the zero page"),
+    "smart_scan": ("smart_scan", 1, "1: pages that keep failing to merge are skipped for a while"),
+    "advisor_mode": ("advisor_mode", 1, "0 none, 1 the scan-time advisor sets pages_to_scan"),
+    "advisor_target_scan_time": ("advisor_target_scan_time_seconds", 1,
+                                 "How long one full scan should take (advisor)"),
+    "advisor_max_cpu": ("advisor_max_cpu_ratio", 100, "CPU cap of the scanner, of one core (advisor)"),
+    "advisor_min_pages_to_scan": ("advisor_min_pages_to_scan", 1, "Lower bound of pages_to_scan (advisor)"),
+    "advisor_max_pages_to_scan": ("advisor_max_pages_to_scan", 1, "Upper bound of pages_to_scan (advisor)"),
+    "inline_keep_millisecs": ("inline_keep_seconds", 1000,
+                              "How long a stable page made by merge_now escapes the give-back rule"),
+    "merge_zero_pages_only": ("merge_zero_pages_only", 1, "1: only all-zero pages are merged"),
+    "max_connections": ("max_connections", 1, "Most connections"),
+    "max_regions_per_worker": ("max_regions_per_worker", 1, "Most regions of one worker"),
+    "max_pages_per_worker": ("max_pages_per_worker", 1, "Most pages of one worker"),
+    "max_msgs_per_sec": ("max_msgs_per_second", 1, "Messages one connection may send per second"),
+    "max_msgs_burst": ("max_msgs_burst", 1, "Messages one connection may send in a burst"),
+    "max_connections_per_uid": ("max_connections_per_uid", 1, "Most connections of one uid"),
+    "max_regions_per_uid": ("max_regions_per_uid", 1, "Most regions of one uid"),
+    "max_pages_per_uid": ("max_pages_per_uid", 1, "Most pages of one uid"),
+    "max_fds": ("max_fds", 1, "Most descriptors held for peers (0: what RLIMIT_NOFILE left)"),
+    "max_fds_per_uid": ("max_fds_per_uid", 1, "Most descriptors held for one uid (0: a quarter of max_fds)"),
+    "max_mappings": ("max_mappings", 1, "Mappings a worker may reach through merges (estimated)"),
+}
+# Per worker (workers[] of stats()), with a pid label.
 WORKER_GAUGES: dict[str, tuple[str, str]] = {
     "ksm_merging_pages": ("worker_merging_pages", "Pages of the worker mapped to stable pages"),
     "ksm_rmap_items": ("worker_rmap_items", "Pages of the worker the scanner tracks"),
     "ksm_zero_pages": ("worker_zero_pages", "Pages of the worker mapped to the zero page"),
+    "ksm_inherited_pages": ("worker_inherited_pages", "Pages of the worker merged by a previous coordinator"),
     "ksm_process_profit": ("worker_profit_bytes", "Bytes the worker saves minus its scanner metadata"),
+    "regions": ("worker_regions", "Regions the worker registered"),
+    "pages": ("worker_pages", "Pages of the regions the worker registered"),
+    "requests": ("worker_requests", "Merge and unmerge requests to the worker in flight"),
+    "mappings_estimate": ("worker_mappings", "Mappings of the worker, as the mapping budget estimates them"),
 }
+WORKER_COUNTERS: dict[str, tuple[str, str]] = {
+    "pages_merged_inline": ("worker_pages_merged_inline", "Pages the worker's merge_now calls merged"),
+}
+# Per uid (uids[] of stats(), the quotas' usage), with a uid label.
+UID_GAUGES: dict[str, tuple[str, str]] = {
+    "connections": ("uid_connections", "Connections of the uid"),
+    "regions": ("uid_regions", "Regions the uid's workers (and ghosts) hold"),
+    "pages": ("uid_pages", "Pages of the regions the uid's workers (and ghosts) hold"),
+    "fds": ("uid_descriptors", "Descriptors the coordinator holds for the uid"),
+}
+# Statistics that are not metrics, and why (docs/guide.md lists them too).
+LEFT_OUT: dict[str, str] = {
+    "coordinator_pid": "names the process, which the scrape target already identifies "
+                       "(process_start_time_seconds tells a restart)",
+    "socket": "a path: it names the domain, for which the scrape config sets a label",
+    "metrics_port": "the scrape target itself",
+}
+LAST_ERROR_MAX = 256   # characters of last_error in a label: it may quote a worker's message
 
 
 class MetricsUnavailableError(Error, ImportError):
@@ -133,28 +218,34 @@ class StatsCollector:
             self._cond.wait_for(lambda: self._generation > start, SCRAPE_WAIT)
             return self.snapshot
 
-    def describe(self) -> list:
+    def describe(self) -> list[Any]:
         return []  # names are dynamic (per worker): nothing to check at registration
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+        yield build_info(InfoMetricFamily)
         snap = self.fresh()
         if snap is None:
             return
         for key, (name, doc) in GAUGES.items():
             if key in snap:
                 yield GaugeMetricFamily(f"shmdedup_{name}", doc, value=snap[key])
-        for key, (name, doc) in COUNTERS.items():
+        for key, (name, doc, unit) in COUNTERS.items():
             if key in snap:
-                yield CounterMetricFamily(f"shmdedup_{name}", doc, value=snap[key])
+                yield CounterMetricFamily(f"shmdedup_{name}", doc, value=snap[key] / unit)
         yield GaugeMetricFamily("shmdedup_page_size_bytes", "Page size: pages times this is bytes",
                                 value=PAGE_SIZE)
-        controls = GaugeMetricFamily("shmdedup_control", "Control values (/sys/kernel/mm/ksm names)",
-                                     labels=["name"])
-        for name in sorted(CONTROLS):
-            if name in snap:
-                controls.add_metric([name], snap[name])
-        yield controls
+        for key, (name, unit, doc) in CONTROL_GAUGES.items():
+            if key in snap:
+                yield GaugeMetricFamily(f"shmdedup_{name}", f"{doc} (control {key})",
+                                        value=snap[key] / unit)
+        error = InfoMetricFamily("shmdedup_last_error", "Why the last run=2 failed (no sample: none did)")
+        if snap.get("last_error"):
+            text = snap["last_error"]
+            if len(text) > LAST_ERROR_MAX:
+                text = text[:LAST_ERROR_MAX - 3] + "..."
+            error.add_metric([], {"error": text})
+        yield error
         workers = snap.get("workers", [])
         yield GaugeMetricFamily("shmdedup_workers", "Workers connected", value=len(workers))
         for key, (name, doc) in WORKER_GAUGES.items():
@@ -162,6 +253,24 @@ class StatsCollector:
             for w in workers:
                 g.add_metric([str(w["pid"])], w.get(key, 0))
             yield g
+        for key, (name, doc) in WORKER_COUNTERS.items():
+            c = CounterMetricFamily(f"shmdedup_{name}", doc, labels=["pid"])
+            for w in workers:
+                c.add_metric([str(w["pid"])], w.get(key, 0))
+            yield c
+        uids = snap.get("uids", [])
+        for key, (name, doc) in UID_GAUGES.items():
+            g = GaugeMetricFamily(f"shmdedup_{name}", doc, labels=["uid"])
+            for u in uids:
+                g.add_metric([str(u["uid"])], u.get(key, 0))
+            yield g
+
+
+def build_info(info_family: Any) -> Any:
+    """``shmdedup_build_info{version=..., python=...} 1``."""
+    from shmdedup import __version__  # here: the package imports this wing lazily
+    return info_family("shmdedup_build", "shmdedup's version and the Python running the coordinator",
+                       value={"version": __version__, "python": platform.python_version()})
 
 
 class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -250,7 +359,9 @@ class MetricsServer:
     def __init__(self, port: int, wake_fd: int) -> None:
         port = check_int("metrics_port", port, 0, 65535)   # 0: any free port
         try:
-            from prometheus_client import CollectorRegistry, make_wsgi_app
+            from prometheus_client import (
+                CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector,
+                make_wsgi_app)
         except ImportError as e:
             raise MetricsUnavailableError(
                 "metrics need prometheus_client: pip install 'shmdedup[prometheus]'") from e
@@ -259,6 +370,11 @@ class MetricsServer:
         self.collector = StatsCollector(self._wake)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.collector)
+        # What the default registry would carry (prometheus_client's own
+        # collectors): process_* of this process, python_info, python_gc_*.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         try:
             self.httpd = make_server(BIND_ADDRESS, port, make_wsgi_app(registry),
                                      _BoundedServer, handler_class=_QuietHandler)
@@ -300,4 +416,5 @@ class MetricsServer:
         self._thread.join(10)
 
 
-__all__ = ["MetricsBindError", "MetricsServer", "MetricsUnavailableError", "StatsCollector"]
+__all__ = ["LEFT_OUT", "MetricsBindError", "MetricsServer", "MetricsUnavailableError", "StatsCollector",
+           "build_info"]
