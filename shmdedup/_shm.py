@@ -26,12 +26,13 @@ import ctypes
 import errno
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import posix_ipc
 
 from shmdedup.errors import ArgumentError, ShmError
+from shmdedup.pages import PAGE_SIZE, check_int
 
 _native_punch_hole: Callable[[int, int, int], None] | None
 try:
@@ -42,8 +43,10 @@ except ImportError:  # an older or missing C core: ctypes does the same system c
 __all__ = [
     "PAGE_SIZE",
     "allocated_bytes",
+    "close_fds",
     "create",
     "data_extents",
+    "libc",
     "punch_hole",
     "reopen_readonly",
     "resize",
@@ -51,8 +54,6 @@ __all__ = [
 ]
 
 _E = TypeVar("_E", bound=OSError)
-
-PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
 
 # off_t is signed 64-bit: ftruncate and lseek cannot go past this.
 _MAX_OFFSET = 2**63 - 1
@@ -63,8 +64,10 @@ _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
+# The process's one handle on libc, for the calls os does not offer
+# (fallocate here; fstatfs and prctl in the coordinator's security checks).
+libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _fallocate.restype = ctypes.c_int
 
@@ -87,13 +90,14 @@ _MESSAGE_ERRNOS = (
 )
 
 
-def _check_int(name: str, value: object, minimum: int = 0, maximum: int = _MAX_OFFSET) -> int:
-    # bool is an int subclass; True as a size is always a caller bug.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ArgumentError(f"{name} must be an int, not {type(value).__name__}")
-    if not minimum <= value <= maximum:
-        raise ArgumentError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return value
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each fd, ignoring failures: for descriptors being let go on a
+    path that has nothing better to do with an error (a reply, a drop)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _os_error(cls: type[_E], err: int, call: str, filename: str | None = None) -> _E:
@@ -151,7 +155,7 @@ def create(size: int, tag: str = "obj") -> int:
     O_CLOEXEC; the object has mode 0600. Raises ``ArgumentError`` for a bad size
     or tag and ``ShmError`` (with errno) when the system refuses.
     """
-    _check_int("size", size)
+    check_int("size", size, 0, _MAX_OFFSET)
     if not isinstance(tag, str) or not 0 < len(tag) <= _MAX_TAG or not _TAG_CHARS.issuperset(tag):
         raise ArgumentError(f"tag must be 1-{_MAX_TAG} characters of [A-Za-z0-9_.], got {tag!r}")
     name = _new_name(tag)
@@ -180,7 +184,7 @@ def create(size: int, tag: str = "obj") -> int:
 
 def resize(fd: int, size: int) -> None:
     """Set the object's size to ``size`` bytes (ftruncate). Raises ``ShmError``."""
-    _check_int("size", size)
+    check_int("size", size, 0, _MAX_OFFSET)
     try:
         os.ftruncate(fd, size)
     except OSError as exc:
@@ -193,7 +197,7 @@ def reopen_readonly(fd: int) -> int:
     A process holding only this fd cannot map the object writable or mprotect
     such a mapping to PROT_WRITE (EACCES). The caller owns (and closes) the fd.
     """
-    _check_int("fd", fd, maximum=2**31 - 1)
+    check_int("fd", fd, 0, 2**31 - 1)
     path = f"/proc/self/fd/{fd}"
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -213,8 +217,8 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     zeroed rather than freed (kernel semantics), so callers pass whole pages.
     Raises ``OSError`` with errno on failure.
     """
-    _check_int("offset", offset)
-    _check_int("length", length, minimum=1, maximum=_MAX_OFFSET - offset)
+    check_int("offset", offset, 0, _MAX_OFFSET)
+    check_int("length", length, 1, _MAX_OFFSET - offset)
     if _native_punch_hole is not None:
         _native_punch_hole(fd, offset, length)
         return
@@ -230,8 +234,8 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     Moves the file offset of ``fd``'s open file description, which every
     user of these objects ignores (they use pread/pwrite/mmap).
     """
-    _check_int("start", start)
-    _check_int("end", end, minimum=start)
+    check_int("start", start, 0, _MAX_OFFSET)
+    check_int("end", end, start, _MAX_OFFSET)
     extents: list[tuple[int, int]] = []
     pos = start
     while pos < end:

@@ -4,7 +4,7 @@ One AF_UNIX SOCK_SEQPACKET message carries exactly one msgpack map (key "t"
 is the type). File descriptors travel with it as SCM_RIGHTS. Merge and
 unmerge requests carry their work as packed little-endian int64 quadruples
 ``(rid, page, npages, slot)`` so a large request costs one bytes object, not
-thousands of Python lists.
+thousands of Python lists (:func:`items_to_bytes`, :func:`items_from_bytes`).
 
 Invariants this module keeps:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import math
-import operator
 import os
 import re
 import reprlib
@@ -33,15 +32,16 @@ import select
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import msgpack
+import numpy as np
 
+from shmdedup._shm import close_fds
 from shmdedup.errors import (
     ArgumentError,
     CoordinatorUnavailableError,
@@ -165,33 +165,27 @@ MESSAGE_TYPES = frozenset(_SCHEMA)
 _FDS: dict[str, tuple[int, int]] = {"register": (2, 2), "welcome": (0, 1)}
 
 
-def _items_view_native(b: bytes, t: str = "items") -> memoryview:
-    if len(b) % ITEM_SIZE:
-        raise ProtocolError(f"{t}: items length {len(b)} is not a multiple of {ITEM_SIZE}")
-    if sys.byteorder == "little":
-        return memoryview(b).cast("q")
-    a = array("q", b)
-    a.byteswap()
-    return memoryview(a)
+_ITEM_COLUMNS = ("rid", "page", "npages", "slot", "page + npages")
 
 
 def _check_items(t: str, b: bytes, slot_lo: int, slot_hi: int) -> None:
-    q = _items_view_native(b, t)
-    n = len(q) // 4
+    q = items_from_bytes(b, t)
+    n = len(q)
     if n > MAX_ITEMS:
         raise ProtocolError(f"{t}: {n} items, at most {MAX_ITEMS} allowed")
     if n == 0:
         return
-    pages, counts = q[1::4], q[2::4]
-    cols = [("rid", q[0::4], 0, _I31), ("page", pages, 0, _I63), ("npages", counts, 1, _I63),
-            ("slot", q[3::4], slot_lo, slot_hi),
-            ("page + npages", list(map(operator.add, pages, counts)), 1, 2**31)]
-    # min/max over a column run in C; only a failure pays for the scan that
-    # names the offending item.
-    for name, col, lo, hi in cols:
-        if min(col) < lo or max(col) > hi:
-            i = next(i for i, x in enumerate(col) if not lo <= x <= hi)
-            raise ProtocolError(f"{t}: item {i}: {name} is {col[i]}, must be in [{lo}, {hi}]")
+    # Every column at once; the message names the first bad one.  page +
+    # npages is a fifth column: it wraps below 0 past 2**63 (both are >= 0
+    # unless an earlier column is bad), so an overflow is never in range.
+    cols = np.column_stack((q, q[:, 1] + q[:, 2]))
+    lo, hi = (0, 0, 1, slot_lo, 1), (_I31, _I63, _I63, slot_hi, 2**31)
+    bad = (cols < lo) | (cols > hi)
+    if bad.any():
+        c = int(np.argmax(bad.any(axis=0)))
+        i = int(np.argmax(bad[:, c]))
+        raise ProtocolError(f"{t}: item {i}: {_ITEM_COLUMNS[c]} is {int(cols[i, c])}, "
+                            f"must be in [{lo[c]}, {hi[c]}]")
 
 
 def _validate(msg: Any) -> str:
@@ -239,14 +233,6 @@ def _check_fd_count(t: str, n: int) -> None:
         raise ProtocolError(f"{t}: expects {want} fds, got {n}")
 
 
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def encode(msg: dict[str, Any], nfds: int | None = None) -> bytes:
     """Validate *msg* (and, if given, the number of fds it travels with) and
     pack it; raise ProtocolError if invalid or too large."""
@@ -275,7 +261,7 @@ def decode(data: bytes, fds: Sequence[int] = ()) -> dict[str, Any]:
         _check_fd_count(msg["t"], len(fds))
         return msg
     except BaseException:
-        _close_fds(fds)
+        close_fds(fds)
         raise
 
 
@@ -297,39 +283,28 @@ def _unpack(data: bytes) -> dict[str, Any]:
 
 # --- items ------------------------------------------------------------------
 
-def items_pack(rows: Iterable[Sequence[int]]) -> bytes:
-    """Pack ``(rid, page, npages, slot)`` rows into little-endian int64 bytes."""
-    flat = array("q")
-    for row in rows:
-        if len(row) != 4:
-            raise ArgumentError(f"an item is (rid, page, npages, slot), got {_short(row)}")
-        try:
-            flat.extend(row)
-        except (TypeError, OverflowError) as e:
-            raise ArgumentError(f"item {_short(row)}: {e}") from None
-    if sys.byteorder != "little":
-        flat.byteswap()
-    return flat.tobytes()
+def items_to_bytes(rows: Any) -> bytes:
+    """``(rid, page, npages, slot)`` rows (an ``(n, 4)`` integer array, or a
+    sequence of 4-sequences of ints) as the items of a message: little-endian
+    int64 bytes."""
+    try:
+        a = np.asarray(rows, dtype="<i8")
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ArgumentError(f"items must be int64 (rid, page, npages, slot) rows: {e}") from None
+    if a.size == 0:
+        return b""
+    if a.ndim != 2 or a.shape[1] != 4:
+        raise ArgumentError(f"an item is (rid, page, npages, slot), got rows of shape {a.shape}")
+    return a.tobytes()
 
 
-def items_unpack(b: bytes) -> list[tuple[int, int, int, int]]:
-    """Unpack items into a list of ``(rid, page, npages, slot)`` tuples.
-
-    Ranges are not rechecked; :func:`decode` already did that for received
-    messages. For zero-copy access use :func:`items_view`.
-    """
-    q = _items_view_native(b)
-    return list(zip(q[0::4], q[1::4], q[2::4], q[3::4]))
-
-
-def items_view(b: bytes) -> memoryview:
-    """Items as an int64 memoryview of shape ``(n, 4)``, index it as ``v[i, j]``.
-
-    Zero-copy on little-endian hosts (a byte-swapped copy elsewhere); it
-    exports the buffer protocol, so C code or ``numpy.frombuffer`` can use it.
-    """
-    q = _items_view_native(b)
-    return q.cast("B").cast("q", [len(q) // 4, 4])
+def items_from_bytes(b: bytes, t: str = "items") -> np.ndarray:
+    """The items of a message as an ``(n, 4)`` int64 array of ``(rid, page,
+    npages, slot)`` rows: a read-only view of ``b``, no copy.  Ranges are not
+    checked here; :func:`decode` did that for a received message."""
+    if len(b) % ITEM_SIZE:
+        raise ProtocolError(f"{t}: items length {len(b)} is not a multiple of {ITEM_SIZE}")
+    return np.frombuffer(b, "<i8").reshape(-1, 4)
 
 
 # --- connection -------------------------------------------------------------
@@ -438,7 +413,7 @@ class Connection:
         if flags & socket.MSG_CTRUNC and len(fds) < MAX_FDS and data and not flags & socket.MSG_TRUNC:
             # Room for MAX_FDS was given, fewer came: the kernel could not
             # install them (EMFILE).  Our shortage, not the peer's fault.
-            _close_fds(fds)
+            close_fds(fds)
             e = DescriptorShortageError(errno.EMFILE, "descriptors sent with a message were "
                                                       "dropped: this process has none left")
             e.message = _unpack(data)
@@ -450,7 +425,7 @@ class Connection:
         elif not data and fds:
             bad = "fds without a message"
         if bad is not None:
-            _close_fds(fds)
+            close_fds(fds)
             raise ProtocolError(bad)
         if not data:
             return None

@@ -39,6 +39,7 @@ from collections import deque
 from typing import Any, Callable
 
 from shmdedup import protocol
+from shmdedup._shm import close_fds
 from shmdedup.errors import PeerRejectedError, ProtocolError
 from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, Quotas
@@ -217,8 +218,7 @@ class ConnectionsMixin:
             for fd in fds:
                 own.append(os.dup(fd))
         except OSError as e:
-            for fd in own:
-                os.close(fd)
+            close_fds(own)
             self._schedule_drop(peer, f"cannot queue a message: {e}")
             return False
         if not box:

@@ -52,7 +52,7 @@ from shmdedup import protocol
 from shmdedup.errors import ProtocolError
 from shmdedup.coordinator.peers import InlineCall, Peer
 from shmdedup.coordinator.scan.scanner import Scanner
-from shmdedup.coordinator.scan.tracking import Run, _coalesce
+from shmdedup.coordinator.scan.tracking import VOLATILE, Run, _coalesce
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
@@ -99,7 +99,7 @@ class RequestsMixin:
         if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
             self.scanner.forget_request(items)
             for reg, first, n, _ in items:
-                reg.status[first:first + n] = 1  # VOLATILE: visit again
+                reg.status[first:first + n] = VOLATILE  # visit again
             raise ProtocolError("merged: result does not match the request")
         t0 = time.thread_time_ns() if peer.inline else 0
         self.scanner.merge_done(items, result)
@@ -259,10 +259,10 @@ class RequestsMixin:
                 runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
                 continue
             req = self._last_req = next(self._req)
-            rows = np.array([(reg.rid, first, n, slot if kind == "merge" else 0)
-                             for reg, first, n, slot in chunk], dtype="<i8")
+            items = protocol.items_to_bytes([(reg.rid, first, n, slot if kind == "merge" else 0)
+                                             for reg, first, n, slot in chunk])
             peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
-            if not self._send(peer, {"t": kind, "req": req, "items": rows.tobytes()}):
+            if not self._send(peer, {"t": kind, "req": req, "items": items}):
                 break
             reqs.append(req)
         return reqs

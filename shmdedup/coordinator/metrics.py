@@ -65,7 +65,8 @@ from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from shmdedup.errors import ArgumentError, Error
+from shmdedup.errors import Error
+from shmdedup.pages import PAGE_SIZE, check_int
 from shmdedup.coordinator.security import LogLimiter
 
 PUBLISH_INTERVAL = 0.5   # seconds between snapshots while the loop is busy
@@ -78,7 +79,6 @@ ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 _SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 log: logging.Logger = logging.getLogger("shmdedup.metrics")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # stats() key -> (metric name without the shmdedup_ prefix, help); gauges.
 GAUGES: dict[str, tuple[str, str]] = {
@@ -179,13 +179,6 @@ class MetricsUnavailableError(Error, ImportError):
 
 class MetricsBindError(Error, OSError):
     """The metrics port could not be bound."""
-
-
-def check_port(port: object) -> int:
-    """A TCP port for the metrics server (0: any free one)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ArgumentError(f"metrics_port must be an int in [0, 65535], got {port!r}")
-    return port
 
 
 class StatsCollector:
@@ -364,7 +357,7 @@ class MetricsServer:
     """
 
     def __init__(self, port: int, wake_fd: int) -> None:
-        port = check_port(port)
+        port = check_int("metrics_port", port, 0, 65535)   # 0: any free port
         try:
             from prometheus_client import (
                 CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector,

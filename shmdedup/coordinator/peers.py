@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shmdedup import protocol
+from shmdedup._shm import close_fds
 from shmdedup.coordinator.security import TokenBucket
 from shmdedup.coordinator.scan.tracking import RegionState, Run
 
@@ -43,8 +44,7 @@ class Outbox:
         data, fds = self.queue.popleft()
         self.bytes -= len(data)
         self.fds -= len(fds)
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
 
     def clear(self) -> int:
         """Drop everything (the peer is gone); the number of fds closed."""

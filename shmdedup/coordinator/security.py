@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from shmdedup import _shm
 from shmdedup.errors import ProtocolError
 
 TMPFS_MAGIC = 0x01021994
@@ -42,19 +43,10 @@ _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
 _STATFS_SIZE = 120  # sizeof(struct statfs) on 64-bit Linux; f_type comes first
 
-_libc: Any = None
-
-
-def _lib() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
 
 def _fs_type(fd: int) -> int:
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _lib().fstatfs(fd, buf) != 0:
+    if _shm.libc.fstatfs(fd, buf) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"fstatfs: {os.strerror(e)}")
     return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
@@ -171,13 +163,13 @@ class LogLimiter:
 def set_dumpable(dumpable: bool) -> None:
     """prctl(PR_SET_DUMPABLE): with False, only root may ptrace this process,
     write its memory (process_vm_writev) or open /proc/<pid>/fd/*; no core dumps."""
-    if _lib().prctl(_PR_SET_DUMPABLE, int(bool(dumpable)), 0, 0, 0) != 0:
+    if _shm.libc.prctl(_PR_SET_DUMPABLE, int(bool(dumpable)), 0, 0, 0) != 0:
         e = ctypes.get_errno() or errno.EINVAL
         raise OSError(e, f"prctl(PR_SET_DUMPABLE): {os.strerror(e)}")
 
 
 def is_dumpable() -> bool:
-    return bool(_lib().prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
+    return bool(_shm.libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
 # Internal to shmdedup: no public names (the API is shmdedup.__all__).

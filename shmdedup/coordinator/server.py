@@ -56,10 +56,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shmdedup import _native, protocol
+from shmdedup._shm import close_fds
 from shmdedup.coordinator import activation
 from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
 from shmdedup.errors import DescriptorShortageError, ProtocolError
+from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.connections import ConnectionsMixin
 from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
@@ -282,8 +284,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             msg, fds = got
             if peer.held:
                 if len(peer.queued) >= MAX_QUEUED_REQUESTS:
-                    for fd in fds:
-                        _close_quietly(fd)
+                    close_fds(fds)
                     self._schedule_drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
                                               f"outstanding (behind a wait or run=2)")
                     return
@@ -321,8 +322,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         msg, fds = got
         if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
                                                 self.controls["max_msgs_burst"]):
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
                                       f"(burst {self.controls['max_msgs_burst']})")
             return None
@@ -332,14 +332,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         try:
             self._dispatch(peer, msg, fds)
         except (ProtocolError, ValueError, OSError, MemoryError) as e:
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
         except Exception as e:  # a bug of ours must not take the whole domain down
             log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
                       exc_info=True)
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
 
     def _hold(self, peer: Peer) -> None:
@@ -386,8 +384,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._extra -= peer.client_only
         peer.conn.close()
         for _, fds in peer.queued:
-            for qfd in fds:
-                _close_quietly(qfd)
+            close_fds(fds)
         peer.queued.clear()
         q = self.quotas
         q.charge(peer.uid, connections=-1, fds=-1 - peer.outbox.clear())
@@ -463,12 +460,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 ro = self.scanner.stable.readonly_fd()
                 try:
                     self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                      "page_size": protocol_page_size()}, [ro])
+                                      "page_size": PAGE_SIZE}, [ro])
                 finally:
                     os.close(ro)
             else:
                 self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                  "page_size": protocol_page_size()})
+                                  "page_size": PAGE_SIZE})
             return
         handler = (_WORKER if peer.role == "worker" else _CLIENT).get(t)
         if handler is None:
@@ -502,8 +499,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                                              _held([again]) if again is not None else None)
         if cap is not None:
             # A cap is not an offence: refuse this region, keep the worker.
-            for fd in fds:
-                _close_quietly(fd)
+            close_fds(fds)
             peer.refused.add(rid)
             self.warn.warning("refused", "refused region %d of pid %d: %s", rid, peer.pid, cap)
             self._reply(peer, False, rid, f"register {rid}: {cap}")
@@ -571,10 +567,6 @@ _CLIENT: dict[str, _Handler] = {
 }
 
 
-def protocol_page_size() -> int:
-    return os.sysconf("SC_PAGE_SIZE")
-
-
 def _held(regions: Iterable[RegionState]) -> Usage:
     """What *regions* hold against a quota: themselves, pages, 2 descriptors each."""
     regions = list(regions)
@@ -585,12 +577,5 @@ def _uncharge(quotas: Quotas, uid: int, held: Usage) -> None:
     quotas.charge(uid, regions=-held.regions, pages=-held.pages, fds=-held.fds)
 
 
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
 # Internal to shmdedup: no public names (the API is shmdedup.__all__).
-__all__ = []
+__all__: list[str] = []

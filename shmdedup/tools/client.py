@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from shmdedup import protocol
+from shmdedup import _shm, protocol
 from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
 from shmdedup.paths import resolve_socket_path
 from shmdedup.stats import Stats
@@ -43,8 +43,7 @@ class Client:
         if got is None:
             raise CoordinatorUnavailableError(f"coordinator at {self.socket_path} closed the connection")
         msg, fds = got
-        for fd in fds:
-            os.close(fd)
+        _shm.close_fds(fds)
         if msg["t"] != t:
             raise ProtocolError(f"expected {t}, got {msg['t']}")
         return msg

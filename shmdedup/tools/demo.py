@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from shmdedup.pages import PAGE_SIZE
+
 UNIQUE = 0.10
 VOLATILE = 0.05
 BLOCK = 256  # pages computed at a time (1 MiB): the unit of content and of checking
@@ -56,10 +57,10 @@ def layout(npages: int) -> tuple[int, int, int]:
 
 def content(index: int, first: int, n: int, npages: int) -> np.ndarray:
     """Pages [first, first + n) of worker index's final data (shared, then
-    unique pages), as (n, PAGE) bytes: each BLOCK of pages from its own seed,
+    unique pages), as (n, PAGE_SIZE) bytes: each BLOCK of pages from its own seed,
     the shared ones the same in every worker."""
     shared, _, _ = layout(npages)
-    out = np.empty((n, PAGE), np.uint8)
+    out = np.empty((n, PAGE_SIZE), np.uint8)
     page = first
     while page < first + n:
         b = page // BLOCK
@@ -68,7 +69,7 @@ def content(index: int, first: int, n: int, npages: int) -> np.ndarray:
         start = max(lo, b * BLOCK)
         end = min(hi, (b + 1) * BLOCK)
         seed = (1000 + index, b) if own else (12345, b)
-        block = np.random.default_rng(seed).integers(0, 256, (end - start, PAGE), dtype=np.uint8)
+        block = np.random.default_rng(seed).integers(0, 256, (end - start, PAGE_SIZE), dtype=np.uint8)
         take = min(end, first + n) - page
         out[page - first:page - first + take] = block[page - start:page - start + take]
         page += take
@@ -97,8 +98,8 @@ def _worker(index: int, npages: int, way: str, conn: Any, go: Any, stop: Any) ->
     conn.send(os.getpid())
     go.wait()
     if way == "scan":
-        region = shmdedup.Region(npages * PAGE)
-        pages = region.ndarray(np.uint8, (npages, PAGE))
+        region = shmdedup.Region(npages * PAGE_SIZE)
+        pages = region.ndarray(np.uint8, (npages, PAGE_SIZE))
         for start in range(0, final, BLOCK):
             build(pages[start:min(start + BLOCK, final)], start)
         vol = pages[final:]
@@ -106,9 +107,9 @@ def _worker(index: int, npages: int, way: str, conn: Any, go: Any, stop: Any) ->
         region.advise(shmdedup.MERGEABLE)
         regions = [region]
     else:
-        pages = shmdedup.fill((final, PAGE), np.uint8, build, rows=BLOCK, chunk_bytes=BLOCK * PAGE)
-        scratch = shmdedup.Region(max(volatile, 1) * PAGE)
-        vol = scratch.ndarray(np.uint8, (max(volatile, 1), PAGE))[:volatile]
+        pages = shmdedup.fill((final, PAGE_SIZE), np.uint8, build, rows=BLOCK, chunk_bytes=BLOCK * PAGE_SIZE)
+        scratch = shmdedup.Region(max(volatile, 1) * PAGE_SIZE)
+        vol = scratch.ndarray(np.uint8, (max(volatile, 1), PAGE_SIZE))[:volatile]
         mark(vol, index)
         scratch.advise(shmdedup.MERGEABLE)
         built = shmdedup.region_of(pages)
@@ -261,7 +262,7 @@ def run_way(way: str, workers: int, npages: int, timeout: float,
         "peak_objects_mib": round(sampler.peak_objects / mib, 1),
         "end_shmem_mib": round(shmem_end / 1024, 1),
         "end_objects_mib": round(objects_end / mib, 1),
-        "stable_mib": round(stats["stable_pages_allocated"] * PAGE / mib, 1),
+        "stable_mib": round(stats["stable_pages_allocated"] * PAGE_SIZE / mib, 1),
         "pages_shared": stats["pages_shared"], "pages_sharing": stats["pages_sharing"],
         "pages_unshared": stats["pages_unshared"], "pages_volatile": stats["pages_volatile"],
         "full_scans": stats["full_scans"], "pages_merged_inline": stats.get("pages_merged_inline", 0),
@@ -271,7 +272,7 @@ def run_way(way: str, workers: int, npages: int, timeout: float,
 
 
 def run_demo(workers: int = 4, mib: int = 64, as_json: bool = False, timeout: float = 120.0) -> int:
-    npages = mib * 1024 * 1024 // PAGE
+    npages = mib * 1024 * 1024 // PAGE_SIZE
     shared, unique, volatile = layout(npages)
     def say(line: str) -> None:
         if not as_json:

@@ -18,7 +18,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from shmdedup import protocol
 from shmdedup.controls import ControlSettings
-from shmdedup.errors import ArgumentError, ControlError, CoordinatorUnavailableError
+from shmdedup.errors import ControlError, CoordinatorUnavailableError
+from shmdedup.pages import check_int
 from shmdedup.paths import ENV_SOCKET
 from shmdedup.stats import Stats
 from shmdedup.tools.client import Client
@@ -27,12 +28,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from shmdedup.coordinator.server import CoordinatorServer
-
-
-def _check_id(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
-        raise ArgumentError(f"{name}: ids must be ints in [0, 2**32 - 2], got {value!r}")
-    return value
 
 
 class Coordinator:
@@ -64,16 +59,13 @@ class Coordinator:
         from shmdedup.controls import check_control
         for k, v in controls.items():
             check_control(k, v)
-        self.allow_uids: set[int] = {_check_id("allow_uids", u) for u in allow_uids}
-        self.allow_gids: set[int] = {_check_id("allow_gids", g) for g in allow_gids}
-        if isinstance(socket_mode, bool) or not isinstance(socket_mode, int) \
-                or not 0 <= socket_mode <= 0o777:
-            raise ArgumentError(f"socket_mode must be an int in [0, 0o777], got {socket_mode!r}")
-        self.socket_mode = socket_mode
+        # uid_t / gid_t values; (uid_t)-1 is no id
+        self.allow_uids: set[int] = {check_int("allow_uids", u, 0, 2**32 - 2) for u in allow_uids}
+        self.allow_gids: set[int] = {check_int("allow_gids", g, 0, 2**32 - 2) for g in allow_gids}
+        self.socket_mode = check_int("socket_mode", socket_mode, 0, 0o777)
         self.dumpable = dumpable
         if metrics_port is not None:
-            from shmdedup.coordinator.metrics import check_port
-            check_port(metrics_port)
+            check_int("metrics_port", metrics_port, 0, 65535)
         self.controls = controls
         self._metrics_port = metrics_port
         self.process = process

@@ -37,8 +37,8 @@ from shmdedup.paths import resolve_socket_path
 from shmdedup.controls import CONTROLS
 from shmdedup.errors import Error
 from shmdedup.stats import Stats
+from shmdedup.pages import PAGE_SIZE
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIN_COLS, MIN_LINES = 30, 4
 RATE_WINDOW = 60.0           # seconds of samples kept for full scans per minute
 HISTORY = 512                # saved-memory samples kept for the sparkline

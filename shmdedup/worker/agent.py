@@ -17,7 +17,7 @@ Exit: a library must never hang its host's exit.  The thread is a daemon,
 and once the interpreter finalizes, CPython ends (up to 3.13) or blocks
 (3.14+) every daemon thread that wants the GIL back, without releasing the
 locks it holds; a finalizer that then waits on one (a ``Region`` freed at module teardown
-closes itself through ``region_event``) waits forever.  So an ``atexit`` hook
+closes itself through ``on_close``) waits forever.  So an ``atexit`` hook
 (run after the non-daemon threads are joined, before finalization) stops the
 agent: it shuts its connection down, which wakes a blocked ``recv``/``send``,
 and joins the thread, which is out of every lock once it returns; it waits at
@@ -56,9 +56,10 @@ from typing import Any
 
 import numpy as np
 
-from shmdedup import _native, protocol
+from shmdedup import _native, _shm, protocol
 from shmdedup.worker import region as _region
 from shmdedup.worker.region import Region
+from shmdedup.pages import cut_runs
 from shmdedup.paths import resolve_socket_path
 from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError, ShmError
 
@@ -129,7 +130,8 @@ class Agent:
 
     # -- called by regions (any thread) -------------------------------------
 
-    def region_event(self, region: Region, event: str, *args: Any) -> None:
+    def on_advise(self, region: Region, first: int, n: int, mergeable: bool) -> None:
+        """Region.advise: register the region, or send the advice."""
         # During finalization (a Region freed at module teardown) the lock
         # may be held by a daemon thread that will never run again: then the
         # coordinator is not told (the process is exiting: it learns that
@@ -137,37 +139,45 @@ class Agent:
         if not _region.acquire_unless_finalizing(self.lock):
             return
         try:
-            if event == "advise":
-                self._advise(region, *args)
-            elif event == "close":
-                self.regions.pop(region.id, None)
-                if self.conn is not None and region.id in self.registered:
-                    self.registered.discard(region.id)
-                    self._send({"t": "unregister", "rid": region.id})
+            self._advise(region, first, n, mergeable)
         finally:
             self.lock.release()
-        if event == "advise" and not args[2]:
-            # advise(UNMERGEABLE) has dropped the advice and told the
-            # coordinator; break the range now, under the op lock, so that a
-            # merge in flight finishes first and every later one sees the new
-            # advice (_merge_advised).  Region.advise's own sweep then finds
-            # nothing left to break.
-            if not _region.acquire_unless_finalizing(region._op_lock):
-                return
-            try:
-                region.break_range(args[0], args[1])
-            finally:
-                region._op_lock.release()
-                # Tell it again, now that the pages are broken (as far as it
-                # went): it reconciles their slots and counters at once, even
-                # with nothing advised any more.
-                if _region.acquire_unless_finalizing(self.lock):
-                    try:
-                        if self.conn is not None and region.id in self.registered:
-                            self._send({"t": "advise", "rid": region.id, "start": args[0],
-                                        "npages": args[1], "mergeable": False})
-                    finally:
-                        self.lock.release()
+        if mergeable:
+            return
+        # advise(UNMERGEABLE) has dropped the advice and told the
+        # coordinator; break the range now, under the op lock, so that a
+        # merge in flight finishes first and every later one sees the new
+        # advice (_merge_advised).  Region.advise's own sweep then finds
+        # nothing left to break.
+        if not _region.acquire_unless_finalizing(region.op_lock):
+            return
+        try:
+            region.break_range(first, n)
+        finally:
+            region.op_lock.release()
+            # Tell it again, now that the pages are broken (as far as it
+            # went): it reconciles their slots and counters at once, even
+            # with nothing advised any more.
+            if _region.acquire_unless_finalizing(self.lock):
+                try:
+                    if self.conn is not None and region.id in self.registered:
+                        self._send({"t": "advise", "rid": region.id, "start": first,
+                                    "npages": n, "mergeable": False})
+                finally:
+                    self.lock.release()
+
+    def on_close(self, region: Any) -> None:
+        """Region.close: forget the region and unregister it (not during
+        finalization: see on_advise)."""
+        if not _region.acquire_unless_finalizing(self.lock):
+            return
+        try:
+            self.regions.pop(region.id, None)
+            if self.conn is not None and region.id in self.registered:
+                self.registered.discard(region.id)
+                self._send({"t": "unregister", "rid": region.id})
+        finally:
+            self.lock.release()
 
     def _advise(self, region: Region, first: int, n: int, mergeable: bool) -> None:
         if not mergeable and region.id not in self.registered:
@@ -231,7 +241,7 @@ class Agent:
             w = _InlineWait(region, a, m)
             # Our own checksums, so that the coordinator need not read the
             # pages that equal a stable page (it reads and hashes the others).
-            h = region._checksums(a, m)
+            h = region.merge_hints(a, m)
             with self.lock:
                 if self.conn is None:
                     break
@@ -381,8 +391,7 @@ class Agent:
         self._rejected = False
         msg, fds = got
         if msg["t"] != "welcome" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+            _shm.close_fds(fds)
             raise ProtocolError("expected a welcome with the stable segment's descriptor")
         try:
             self.view = _native.StableView(fds[0])
@@ -407,8 +416,7 @@ class Agent:
             if got is None:
                 return
             msg, fds = got
-            for fd in fds:
-                os.close(fd)
+            _shm.close_fds(fds)
             _native.trap_install()
             if msg["t"] == "merge":
                 result = self._merge(msg["items"])
@@ -460,7 +468,7 @@ class Agent:
             return min(waits) if waits else None
 
     def _groups(self, items: bytes) -> list[tuple[Region | None, np.ndarray]]:
-        rows = np.frombuffer(items, "<i8").reshape(-1, 4)
+        rows = protocol.items_from_bytes(items)
         out = []
         i = 0
         while i < len(rows):
@@ -478,7 +486,7 @@ class Agent:
             if region is None:
                 parts.append(bytes(npages))
                 continue
-            with region._op_lock:
+            with region.op_lock:
                 try:
                     parts.append(self._merge_advised(region, rows))
                 except (ValueError, BufferError) as e:
@@ -507,7 +515,7 @@ class Agent:
         merging such a page would leave it merged against the advice for good
         (the sweep of advise() may already be past it).  The caller holds the
         region's op lock, which advise(UNMERGEABLE) takes for its sweep after
-        dropping the advice (see region_event), so the check cannot go stale.
+        dropping the advice (see on_advise), so the check cannot go stale.
         """
         if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
             raise ValueError("merge request outside the region")
@@ -515,7 +523,7 @@ class Agent:
         if view is None:    # merges come within a session, after its welcome set it
             raise ValueError("no stable segment to merge onto")
         pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
-        advised = region._advice[pages] & (region._pins[pages] == 0)   # pinned(): never
+        advised = region.may_merge(pages)
         if advised.all():
             return region.merge(view, np.ascontiguousarray(rows).tobytes())
         slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)
@@ -525,10 +533,8 @@ class Agent:
         if len(keep):
             # Runs again, of the advised pages only: page and slot both advance by one.
             p, s = pages[keep], slots[keep]
-            cut = np.flatnonzero((np.diff(p) != 1) | ((np.diff(s) != 1) & (s[1:] >= 0))
-                                 | ((s[1:] < 0) != (s[:-1] < 0))) + 1
-            sub = np.array([(q[0], len(q), t[0]) for q, t in zip(np.split(p, cut), np.split(s, cut))],
-                           dtype="<i8")
+            starts, ends = cut_runs(p, s)
+            sub = np.stack((p[starts], ends - starts, s[starts]), axis=1).astype("<i8")
             res[keep] = np.frombuffer(region.merge(view, sub.tobytes()), np.uint8)
         return res.tobytes()
 
@@ -536,7 +542,7 @@ class Agent:
         for region, rows in self._groups(items):
             if region is None:
                 continue
-            with region._op_lock:
+            with region.op_lock:
                 for first, n, _ in rows:
                     try:
                         region.break_range(int(first), int(n))

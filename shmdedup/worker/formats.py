@@ -29,7 +29,7 @@ import numpy as np
 from shmdedup.errors import FormatError, ShortFileError
 from shmdedup.worker.loading import _chunk, _discard, _new_region, read_pieces
 from shmdedup.worker.reading import Source
-from shmdedup.worker.region import PAGE_SIZE, pages_for
+from shmdedup.pages import PAGE_SIZE, pages_for
 
 NPY_MAGIC = b"\x93NUMPY"
 NPY_MAX_HEADER = 10000  # numpy.load's default max_header_size: literal_eval of more is a DoS risk

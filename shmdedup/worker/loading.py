@@ -37,7 +37,8 @@ import numpy as np
 
 from shmdedup.errors import ArgumentError, ShortFileError
 from shmdedup.worker.reading import Source
-from shmdedup.worker.region import PAGE_SIZE, Region, _check_int, pages_for
+from shmdedup.pages import PAGE_SIZE, check_int, pages_for
+from shmdedup.worker.region import Region
 
 # Bytes written between two merge_now calls (rounded down to whole pages).
 # Settable per process; every helper also takes chunk_bytes=.
@@ -64,7 +65,7 @@ def _chunk(value: int | None) -> int:
     """The chunk in bytes: whole pages, at least one."""
     if value is None:
         value = chunk_bytes
-    value = _check_int("chunk_bytes", value, PAGE_SIZE)
+    value = check_int("chunk_bytes", value, PAGE_SIZE)
     return value - value % PAGE_SIZE
 
 
@@ -127,8 +128,8 @@ def _check_dtype(dtype: Any) -> np.dtype[Any]:
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
     if isinstance(shape, (tuple, list)):
-        return tuple(_check_int("shape", d) for d in shape)
-    return (_check_int("shape", shape),)
+        return tuple(check_int("shape", d) for d in shape)
+    return (check_int("shape", shape),)
 
 
 def _end_of(view: np.ndarray, base: int) -> int:
@@ -171,8 +172,8 @@ def fromfile(file: Any, dtype: Any = float, count: int = -1, sep: str = "", offs
     not supported.  Bad arguments raise ArgumentError.
     """
     dt = _check_dtype(dtype)
-    count = _check_int("count", count, -1)
-    offset = _check_int("offset", offset)
+    count = check_int("count", count, -1)
+    offset = check_int("offset", offset)
     if sep != "":
         raise ArgumentError("text files (sep=...) are not supported: read them with numpy.fromfile, then share()")
     chunk = _chunk(chunk_bytes)
@@ -353,7 +354,7 @@ def fill(shape: int | tuple[int, ...], dtype: Any, fill_fn: Callable[[np.ndarray
     row_bytes = int(np.prod(dims[1:], dtype=np.int64)) * dt.itemsize
     if rows is None:
         rows = max(1, chunk // max(row_bytes, 1))
-    rows = _check_int("rows", rows, 1)
+    rows = check_int("rows", rows, 1)
     region = _new_region(nrows * row_bytes)
     arr = region.ndarray(dt, dims)
     try:

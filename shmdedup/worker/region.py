@@ -39,8 +39,8 @@ import numpy.typing as npt
 
 from shmdedup import _native, _shm
 from shmdedup.errors import ArgumentError, RegionClosedError, ShmError
+from shmdedup.pages import PAGE_SIZE, check_int, mask_runs, pages_for
 
-PAGE_SIZE: int = _native.PAGE_SIZE
 MERGEABLE = 12  # the values of MADV_MERGEABLE / MADV_UNMERGEABLE
 UNMERGEABLE = 13
 
@@ -55,7 +55,9 @@ class _Listener(Protocol):
 
     process_merging: bool
 
-    def region_event(self, region: Region, event: str, *args: Any) -> None: ...
+    def on_advise(self, region: Region, first: int, n: int, mergeable: bool) -> None: ...
+
+    def on_close(self, region: Region) -> None: ...
 
     def merge_now(self, region: Region, first: int, n: int) -> int: ...
 
@@ -77,8 +79,8 @@ class SupportsRawReadinto(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
-# Set by the agent module: called with (region, event, *args) so regions do not
-# import the agent (and work without any coordinator at all).
+# Set by the agent module (its on_advise, on_close and merge_now hooks) so
+# regions do not import the agent (and work without any coordinator at all).
 _listener: _Listener | None = None
 
 
@@ -93,15 +95,6 @@ def acquire_unless_finalizing(lock: _Lock) -> bool:
     the caller skips what it cannot do, and the exit releases the rest.
     """
     return bool(lock.acquire(blocking=not sys.is_finalizing()))
-
-
-def _check_int(name: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 ENV_FAULT_AROUND = "SHMDEDUP_COW_FAULT_AROUND"
@@ -121,9 +114,7 @@ def cow_fault_around(pages: int | None = None) -> int:
     """
     if pages is None:
         return _native.fault_around()
-    pages = _check_int("pages", pages, 1)
-    if pages > _native.FAULT_AROUND_LIMIT:
-        raise ArgumentError(f"pages must be <= {_native.FAULT_AROUND_LIMIT}, got {pages}")
+    pages = check_int("pages", pages, 1, _native.FAULT_AROUND_LIMIT)
     return _native.fault_around(pages)
 
 
@@ -138,11 +129,6 @@ def _fault_around_from_env() -> None:
                       f"{_native.FAULT_AROUND_LIMIT}", RuntimeWarning, stacklevel=2)
 
 
-def pages_for(nbytes: int) -> int:
-    """Pages needed to hold nbytes (rounded up)."""
-    return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
-
-
 class Region(_native.Mapping):
     """N pages of shared memory that can be advised mergeable.
 
@@ -153,7 +139,7 @@ class Region(_native.Mapping):
     """
 
     def __init__(self, size: int, *, mergeable: bool | None = None) -> None:
-        size = _check_int("size", size, 1)
+        size = check_int("size", size, 1)
         npages = pages_for(size)
         backing = _shm.create(npages * PAGE_SIZE, "region")
         try:
@@ -232,10 +218,10 @@ class Region(_native.Mapping):
         """(first page, page count) of a byte range, madvise style: offset must
         be page-aligned (unless round_out), length is rounded up."""
         self._check_open()
-        offset = _check_int("offset", offset)
+        offset = check_int("offset", offset)
         if length is None:
             length = self.size - offset if offset <= self.size else -1
-        length = _check_int("length", length)
+        length = check_int("length", length)
         if round_out:
             end = offset + length
             offset -= offset % PAGE_SIZE
@@ -263,7 +249,7 @@ class Region(_native.Mapping):
             raise ArgumentError(f"dtype: {e}") from e
         if dt.itemsize == 0 or dt.hasobject:
             raise ArgumentError(f"dtype {dt} cannot live in shared memory")
-        offset = _check_int("offset", offset)
+        offset = check_int("offset", offset)
         if offset > self.size:
             raise ArgumentError(f"offset {offset} is past the end of the region ({self.size} bytes)")
         if offset % dt.alignment:
@@ -272,7 +258,7 @@ class Region(_native.Mapping):
             shape = ((self.size - offset) // dt.itemsize,)
         elif not isinstance(shape, tuple):
             shape = (shape,)
-        dims = tuple(_check_int("shape", d) for d in shape)
+        dims = tuple(check_int("shape", d) for d in shape)
         count = int(np.prod(dims, dtype=np.int64)) if dims else 1
         if offset + count * dt.itemsize > self.size:
             raise ArgumentError(
@@ -303,12 +289,12 @@ class Region(_native.Mapping):
             # break what is merged.
             self._advice[first:first + n] = False
             if _listener is not None:
-                _listener.region_event(self, "advise", first, n, False)
+                _listener.on_advise(self, first, n, False)
             self.break_range(first, n)
             return
         self._advice[first:first + n] = True
         if _listener is not None:
-            _listener.region_event(self, "advise", first, n, True)
+            _listener.on_advise(self, first, n, True)
 
     def merge_now(self, offset: int = 0, length: int | None = None) -> int:
         """Merge a range whose content is final, now: no scan, no two-visit wait.
@@ -345,7 +331,7 @@ class Region(_native.Mapping):
             return 0
         return _listener.merge_now(self, first, n)
 
-    def _checksums(self, first: int, n: int) -> bytes:
+    def merge_hints(self, first: int, n: int) -> bytes:
         """Little-endian XXH64 of each private page with data (0 for the
         others): merge_now's lookup hints for the coordinator."""
         h = self.checksums(first, n)
@@ -353,11 +339,23 @@ class Region(_native.Mapping):
             h = np.frombuffer(h, np.uint64).astype("<u8").tobytes()
         return h
 
+    # -- for the agent ---------------------------------------------------
+
+    @property
+    def op_lock(self) -> threading.Lock:
+        """Held by the agent while it merges or breaks this region, and by
+        close(), so a region is never unmapped under a running merge."""
+        return self._op_lock
+
+    def may_merge(self, pages: np.ndarray) -> np.ndarray:
+        """Mask of ``pages`` (indexes) that a merge may take now: advised
+        mergeable, and not pinned private by an I/O (:meth:`pinned`)."""
+        return self._advice[pages] & (self._pins[pages] == 0)
+
     def advice_runs(self) -> list[tuple[int, int]]:
         """The mergeable ranges as (first page, page count) runs."""
-        a = np.concatenate(([False], self._advice, [False])).astype(np.int8)
-        edges = np.flatnonzero(np.diff(a))
-        return [(int(s), int(e - s)) for s, e in zip(edges[::2], edges[1::2])]
+        starts, ends = mask_runs(self._advice)
+        return [(s, e - s) for s, e in zip(starts.tolist(), ends.tolist())]
 
     # -- copy-on-write and I/O ------------------------------------------
 
@@ -434,7 +432,7 @@ class Region(_native.Mapping):
         if self.exports:
             super().close()  # raises BufferError with the count
         if _listener is not None:
-            _listener.region_event(self, "close")
+            _listener.on_close(self)
         if not acquire_unless_finalizing(self._op_lock):
             # Finalizing, with a merge or break of this region frozen in a
             # daemon thread: leave the mapping to the exit.
@@ -446,11 +444,7 @@ class Region(_native.Mapping):
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self.backing_fd, self.meta_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _shm.close_fds((self.backing_fd, self.meta_fd))
         self.backing_fd = self.meta_fd = -1
 
     def __del__(self) -> None:

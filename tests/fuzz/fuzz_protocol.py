@@ -64,7 +64,7 @@ def _value(fdp: atheris.FuzzedDataProvider, key: str, peer: Peer) -> object:
             rows = [(fdp.ConsumeIntInRange(0, 4), fdp.ConsumeIntInRange(0, 16),
                      fdp.ConsumeIntInRange(0, 16), fdp.ConsumeIntInRange(-1, 8))
                     for _ in range(fdp.ConsumeIntInRange(0, 4))]
-            return protocol.items_pack(rows)
+            return protocol.items_to_bytes(rows)
         if key == "result":  # the length of an outstanding request, mostly
             lengths = [sum(n for _, _, n, _ in r[1]) for r in peer.requests.values()]
             n = fdp.PickValueInList(lengths) if lengths and fdp.ConsumeBool() \

@@ -94,8 +94,8 @@ _VALID = [
     {"t": "stats"}, {"t": "set", "name": "run", "value": 1},
     {"t": "wait", "full_scans": 1, "timeout": 1},
     {"t": "welcome", "v": 1, "page_size": 4096},
-    {"t": "merge", "req": 1, "items": protocol.items_pack([(1, 0, 1, 0)])},
-    {"t": "unmerge", "req": 1, "items": protocol.items_pack([(1, 0, 1, 0)])},
+    {"t": "merge", "req": 1, "items": protocol.items_to_bytes([(1, 0, 1, 0)])},
+    {"t": "unmerge", "req": 1, "items": protocol.items_to_bytes([(1, 0, 1, 0)])},
     {"t": "merge_now", "req": 1, "rid": 1, "start": 0, "npages": 2, "hashes": b"\x01" * 16},
     {"t": "merged_now", "req": 1, "err": 0, "msg": ""},
     {"t": "reply", "ok": True, "data": None, "error": ""},
@@ -281,7 +281,7 @@ def test_duplicate_and_forged_merge_replies(domain: Domain, bystanders) -> None:
     backing, meta = register_raw(peer, 7, page * 4)
     req = peer.recv(timeout=30)
     assert req is not None and req["t"] == "merge", req
-    n = sum(r[2] for r in protocol.items_unpack(req["items"]))
+    n = int(protocol.items_from_bytes(req["items"])[:, 2].sum())
     # a wrong-length result is refused and closes; so does the same reply twice
     reply = {"t": "merged", "req": req["req"], "result": b"\x00" * n}
     assert peer.send(reply)
@@ -317,7 +317,7 @@ def test_hostile_merge_now(domain: Domain, bystanders) -> None:
     while req is not None and req["t"] != "merge":
         req = peer.recv(timeout=30)
     assert req is not None, "no merge request for the merge_now"
-    slots = {r[3] for r in protocol.items_unpack(req["items"])}
+    slots = set(protocol.items_from_bytes(req["items"])[:, 3].tolist())
     assert len(slots) == 1, req          # four equal pages: one new stable page
     peer.send({"t": "merge_now", "req": 5, "rid": 4, "start": 0, "npages": 4, "hashes": b""})
     closes(domain, peer, "merge_now 5 is already in progress")

@@ -45,12 +45,12 @@ pairs = [rng.randbytes(P) for _ in range(8)]
 r = Region(16 * P)
 with memoryview(r) as m:
     m[:] = b"".join(p + p for p in pairs)     # pages 2k and 2k+1 alike: slots only r shares
-r._op_lock.acquire()
+r.op_lock.acquire()
 r.advise(MERGEABLE)
 wait(lambda: agent_in_merge(ag), "the agent to block with the merge request")
 batches = ag.batches
-_region._listener.region_event(r, "close")   # unregister first, as close() does
-r._op_lock.release()
+_region._listener.on_close(r)   # unregister first, as close() does
+r.op_lock.release()
 wait(lambda: ag.batches > batches, "the agent to answer the merge")
 merged = r.merged_pages()
 r.close()

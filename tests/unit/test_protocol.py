@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,7 @@ from shmdedup.errors import (
 )
 
 I31 = 2**31 - 1
-ITEMS = p.items_pack([(0, 0, 1, -1), (I31, 5, 3, 7), (3, 2**31 - 4, 4, 0)])
+ITEMS = p.items_to_bytes([(0, 0, 1, -1), (I31, 5, 3, 7), (3, 2**31 - 4, 4, 0)])
 
 VALID: list[dict] = [
     {"t": "hello", "v": p.PROTOCOL_VERSION, "role": "worker", "pid": 1234},
@@ -47,7 +48,7 @@ VALID: list[dict] = [
     {"t": "welcome", "v": p.PROTOCOL_VERSION, "page_size": 4096},
     {"t": "merge", "req": 3, "items": ITEMS},
     {"t": "merge", "req": 4, "items": b""},
-    {"t": "unmerge", "req": 5, "items": p.items_pack([(1, 2, 3, 0)])},
+    {"t": "unmerge", "req": 5, "items": p.items_to_bytes([(1, 2, 3, 0)])},
     {"t": "merge_now", "req": 6, "rid": 1, "start": 2**31 - 2, "npages": 2, "hashes": b"\x01" * 16},
     {"t": "merge_now", "req": 2**63 - 1, "rid": I31, "start": 0, "npages": 2**31, "hashes": b""},
     {"t": "merged_now", "req": 6, "err": 0, "msg": ""},
@@ -153,17 +154,17 @@ def test_fds_arrive_working(pair) -> None:
 
 
 def test_items_layout() -> None:
-    b = p.items_pack([(1, 2, 3, -1), (4, 5, 6, 7)])
+    b = p.items_to_bytes([(1, 2, 3, -1), (4, 5, 6, 7)])
     assert b == struct.pack("<8q", 1, 2, 3, -1, 4, 5, 6, 7)
-    assert p.items_unpack(b) == [(1, 2, 3, -1), (4, 5, 6, 7)]
-    v = p.items_view(b)
+    assert p.items_to_bytes(np.array([(1, 2, 3, -1), (4, 5, 6, 7)], np.int32)) == b
+    v = p.items_from_bytes(b)
     assert v.shape == (2, 4) and v[1, 3] == 7 and v.tolist() == [[1, 2, 3, -1], [4, 5, 6, 7]]
-    assert p.items_unpack(b"") == []
-    for bad in ([(1, 2, 3)], [(1, 2, 3, 2**63)], [(1, 2, 3, "x")]):
+    assert p.items_from_bytes(b"").shape == (0, 4) and p.items_to_bytes([]) == b""
+    for bad in ([(1, 2, 3)], [(1, 2, 3, 2**63)], [(1, 2, 3, "x")], [1, 2, 3, 4]):
         with pytest.raises(ArgumentError):
-            p.items_pack(bad)
+            p.items_to_bytes(bad)
     with pytest.raises(ProtocolError):
-        p.items_unpack(b"\0" * 33)
+        p.items_from_bytes(b"\0" * 33)
 
 
 # --- malformed messages -----------------------------------------------------
@@ -227,14 +228,14 @@ BAD_MSGS: list[tuple[dict, str]] = [
     (mod("wait", timeout=True), "wait: timeout"),
     (mod("welcome", page_size=3000), "welcome: page_size"),
     (mod("merge", items=ITEMS[:-1]), "not a multiple of 32"),
-    (mod("merge", items=p.items_pack([(-1, 0, 1, 0)])), "merge: item 0: rid"),
-    (mod("merge", items=p.items_pack([(0, 0, 1, 0), (BIG, 0, 1, 0)])), "merge: item 1: rid"),
-    (mod("merge", items=p.items_pack([(0, -1, 1, 0)])), "merge: item 0: page"),
-    (mod("merge", items=p.items_pack([(0, 0, 0, 0)])), "merge: item 0: npages"),
-    (mod("merge", items=p.items_pack([(0, BIG - 1, 2, 0)])), "merge: item 0: page + npages"),
-    (mod("merge", items=p.items_pack([(0, 0, 1, -2)])), "merge: item 0: slot"),
-    (mod("merge", items=p.items_pack([(0, 0, 1, 0)] * (p.MAX_ITEMS + 1))), "items, at most"),
-    (mod("unmerge", items=p.items_pack([(0, 0, 1, 0), (0, 0, 1, -1)])), "unmerge: item 1: slot"),
+    (mod("merge", items=p.items_to_bytes([(-1, 0, 1, 0)])), "merge: item 0: rid"),
+    (mod("merge", items=p.items_to_bytes([(0, 0, 1, 0), (BIG, 0, 1, 0)])), "merge: item 1: rid"),
+    (mod("merge", items=p.items_to_bytes([(0, -1, 1, 0)])), "merge: item 0: page"),
+    (mod("merge", items=p.items_to_bytes([(0, 0, 0, 0)])), "merge: item 0: npages"),
+    (mod("merge", items=p.items_to_bytes([(0, BIG - 1, 2, 0)])), "merge: item 0: page + npages"),
+    (mod("merge", items=p.items_to_bytes([(0, 0, 1, -2)])), "merge: item 0: slot"),
+    (mod("merge", items=p.items_to_bytes([(0, 0, 1, 0)] * (p.MAX_ITEMS + 1))), "items, at most"),
+    (mod("unmerge", items=p.items_to_bytes([(0, 0, 1, 0), (0, 0, 1, -1)])), "unmerge: item 1: slot"),
     (mod("unmerge", items="abc"), "unmerge: items must be bytes"),
     (mod("merge_now", npages=0), "merge_now: npages"),
     (mod("merge_now", start=-1), "merge_now: start"),
@@ -373,7 +374,7 @@ def test_message_size_limit(pair, raw_pair) -> None:
 def test_int_limits() -> None:
     p.encode({"t": "register", "rid": I31, "npages": I31})
     p.encode({"t": "advise", "rid": 0, "start": 0, "npages": 2**31, "mergeable": True})
-    full = p.items_pack([(I31, 0, 2**31, 5)] * p.MAX_ITEMS)
+    full = p.items_to_bytes([(I31, 0, 2**31, 5)] * p.MAX_ITEMS)
     assert len(p.encode({"t": "merge", "req": 0, "items": full})) <= p.MAX_MESSAGE
     for bad in ({"t": "register", "rid": 0, "npages": 2**31},
                 {"t": "register", "rid": True, "npages": 1},

@@ -27,8 +27,8 @@ import numpy as np
 from shmdedup import _native
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
+from shmdedup.pages import PAGE_SIZE
 
-PAGE_SIZE: int = _native.PAGE_SIZE
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 
@@ -139,11 +139,11 @@ class StableIndex:
         todo = np.asarray(slots, np.int64)
         if not len(todo):
             return
-        todo = _unique(todo)
-        todo = todo[(todo >= 0) & (todo < len(self.sharers))]
-        todo = todo[(self.sharers[todo] <= 0) & (self.pending[todo] <= 0)]
-        for s in todo.tolist():
-            if not self.segment._slots.is_allocated(s, 1):
+        slots = _unique(slots)
+        slots = slots[(slots >= 0) & (slots < len(self.sharers))]
+        slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
+        for s in slots.tolist():
+            if not self.segment.is_allocated(s):
                 continue
             self._unindex(s)
             self.segment.free(s)

@@ -29,20 +29,10 @@ from types import TracebackType
 
 from shmdedup import _shm
 from shmdedup.errors import ArgumentError, ShmError
+from shmdedup.pages import PAGE_SIZE, check_int
 
 # Internal to shmdedup: no public names (the API is shmdedup.__all__).
 __all__ = []
-
-PAGE_SIZE = _shm.PAGE_SIZE
-
-
-def _check_count(name: str, value: object, minimum: int) -> int:
-    # bool is an int subclass; a bool slot count is always a caller bug.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ArgumentError(f"{name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class SlotAllocator:
@@ -112,9 +102,9 @@ class SlotAllocator:
         If ``hint`` is given and ``[hint, hint+n)`` is free, the run starts exactly
         at ``hint``; otherwise the lowest-addressed run that fits is taken.
         """
-        _check_count("n", n, 1)
+        check_int("n", n, 1)
         if hint is not None:
-            _check_count("hint", hint, 0)
+            check_int("hint", hint, 0)
             i = bisect_right(self._starts, hint) - 1
             if i >= 0:
                 start = self._starts[i]
@@ -132,8 +122,8 @@ class SlotAllocator:
         Raises ``ArgumentError`` (a ValueError) if the range leaves
         ``[0, capacity)`` or any slot in it is already free; nothing changes then.
         """
-        _check_count("start", start, 0)
-        _check_count("n", n, 1)
+        check_int("start", start, 0)
+        check_int("n", n, 1)
         end = start + n
         if end > self._capacity:
             raise ArgumentError(f"slots [{start}, {end}) exceed capacity {self._capacity}")
@@ -151,7 +141,7 @@ class SlotAllocator:
 
     def grow(self, new_capacity: int) -> None:
         """Extend to ``new_capacity`` slots; the new ones are free. Never shrinks."""
-        _check_count("new_capacity", new_capacity, self._capacity)
+        check_int("new_capacity", new_capacity, self._capacity)
         old, self._capacity = self._capacity, new_capacity
         if new_capacity > old:
             # The new slots are neither free nor in range yet, so freeing them
@@ -214,8 +204,8 @@ class StableSegment:
     """
 
     def __init__(self, chunk_pages: int = 4096, max_pages: int | None = None) -> None:
-        self._chunk = _check_count("chunk_pages", chunk_pages, 1)
-        self._max_pages = None if max_pages is None else _check_count("max_pages", max_pages, 0)
+        self._chunk = check_int("chunk_pages", chunk_pages, 1)
+        self._max_pages = None if max_pages is None else check_int("max_pages", max_pages, 0)
         self._slots = SlotAllocator()
         self._fd = _shm.create(0, "stable")
 
@@ -248,6 +238,10 @@ class StableSegment:
     def closed(self) -> bool:
         return self._fd < 0
 
+    def is_allocated(self, slot: int, n: int = 1) -> bool:
+        """True if every slot of ``[slot, slot + n)`` is allocated (see SlotAllocator)."""
+        return self._slots.is_allocated(slot, n)
+
     def allocated_bytes(self) -> int:
         """Memory the segment really uses (freed and never-written slots cost nothing)."""
         return _shm.allocated_bytes(self._open_fd())
@@ -260,9 +254,9 @@ class StableSegment:
         the run would take more than ``max_pages`` slots into use.
         """
         self._open_fd()
-        _check_count("n", n, 1)
+        check_int("n", n, 1)
         if hint is not None:
-            _check_count("hint", hint, 0)
+            check_int("hint", hint, 0)
         if self._max_pages and self._slots.used + n > self._max_pages:
             return None
         capacity = self._slots.capacity
@@ -331,8 +325,8 @@ class StableSegment:
         return self._fd
 
     def _check_allocated(self, slot: int, n: int) -> None:
-        _check_count("slot", slot, 0)
-        _check_count("n", n, 1)
+        check_int("slot", slot, 0)
+        check_int("n", n, 1)
         if not self._slots.is_allocated(slot, n):
             raise ArgumentError(f"stable slots [{slot}, {slot + n}) are not all allocated")
 
