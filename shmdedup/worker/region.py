@@ -350,7 +350,8 @@ class Region(_native.Mapping):
     def may_merge(self, pages: np.ndarray) -> np.ndarray:
         """Mask of ``pages`` (indexes) that a merge may take now: advised
         mergeable, and not pinned private by an I/O (:meth:`pinned`)."""
-        return self._advice[pages] & (self._pins[pages] == 0)
+        mask: np.ndarray = self._advice[pages] & (self._pins[pages] == 0)
+        return mask
 
     def advice_runs(self) -> list[tuple[int, int]]:
         """The mergeable ranges as (first page, page count) runs."""

@@ -139,10 +139,10 @@ class StableIndex:
         todo = np.asarray(slots, np.int64)
         if not len(todo):
             return
-        slots = _unique(slots)
-        slots = slots[(slots >= 0) & (slots < len(self.sharers))]
-        slots = slots[(self.sharers[slots] <= 0) & (self.pending[slots] <= 0)]
-        for s in slots.tolist():
+        todo = _unique(todo)
+        todo = todo[(todo >= 0) & (todo < len(self.sharers))]
+        todo = todo[(self.sharers[todo] <= 0) & (self.pending[todo] <= 0)]
+        for s in todo.tolist():
             if not self.segment.is_allocated(s):
                 continue
             self._unindex(s)
