@@ -146,7 +146,7 @@ def test_merging_across_namespaces(ns: str, side: str, socket_path: str, procs: 
 UNSEEN = pytest.mark.xfail(reason="invariant 6 without a pidfd: a coordinator that cannot see a "
                                   "worker's pid (pid 0 from SO_PEERCRED) frees the slots of a live "
                                   "worker that lost its connection, and its merged pages read zeros; "
-                                  "being fixed in branch scanhostile", strict=False)
+                                  "open (issue 15, item 8)", strict=False)
 
 
 @pytest.mark.parametrize("coordinator_ns", ["none", pytest.param("pid", marks=UNSEEN)])
