@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -52,7 +52,7 @@ from shmdedup import _native
 from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
 from shmdedup.coordinator.scan.tracking import (
-    CHUNK_PAGES, PENDING, UNMERGING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
+    CHUNK_PAGES, PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
 
 PAGE_SIZE: int = _native.PAGE_SIZE
@@ -79,6 +79,7 @@ class Inliner:
     zero_pages_only: bool
     inline_keep: float                  # seconds (inline_keep_millisecs)
     _scratch: np.ndarray | None
+    _candidates: Callable[[RegionState, int, int], np.ndarray]
     _last_inline: tuple[RegionState, int, int] | None   # (region, last page, its new slot)
 
     if TYPE_CHECKING:
@@ -101,16 +102,8 @@ class Inliner:
         end = first + n
         for p0 in range(first, end, CHUNK_PAGES):
             p1 = min(end, p0 + CHUNK_PAGES)
-            st = reg.status[p0:p1]
-            out.waiting |= bool((st == PENDING).any())
-            cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
-            cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
-            if cand.any() and self.budget.full(reg.worker):
-                self.budget.pages_skipped += int(np.count_nonzero(cand))
-                cand[:] = False
-            if cand.any():
-                cand &= reg.present(p0, p1)
-            pages = np.flatnonzero(cand) + p0
+            out.waiting |= bool((reg.status[p0:p1] == PENDING).any())
+            pages = self._candidates(reg, p0, p1)
             if len(pages):
                 h = None if hints is None else hints[pages - first]
                 self._inline_chunk(reg, pages, h, merges, out)

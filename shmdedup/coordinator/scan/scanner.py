@@ -263,17 +263,7 @@ class Scanner(Matcher, Inliner):
             advised = int(passed[p1 - p0 - 1]) if p1 > p0 else 0
             visited += advised
             self._reconcile(reg, p0, p1, unmerges)
-            cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
-            st = reg.status[p0:p1]
-            cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
-            if cand.any() and self.budget.full(reg.worker):
-                # No mapping to spare for a merge: not even read (they are
-                # visited again once the worker has room).
-                self.budget.pages_skipped += int(np.count_nonzero(cand))
-                cand[:] = False
-            if cand.any():
-                cand &= reg.present(p0, p1)
-            pages = np.flatnonzero(cand) + p0
+            pages = self._candidates(reg, p0, p1)
             skipped = 0
             if len(pages) and self.smart_scan:
                 before = len(pages)
@@ -289,6 +279,21 @@ class Scanner(Matcher, Inliner):
         for worker, items in unmerges.items():
             self.send_unmerge(worker, _coalesce(items))
         return visited
+
+    def _candidates(self, reg: RegionState, p0: int, p1: int) -> np.ndarray:
+        """Pages of [p0, p1) of ``reg`` a merge may take (the scan's and
+        merge_now's): advised, private, holding data, in no merge or unmerge,
+        with no slot; none while the worker's mapping budget is full (then
+        not even read: they are visited again once the worker has room)."""
+        cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
+        st = reg.status[p0:p1]
+        cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
+        if cand.any() and self.budget.full(reg.worker):
+            self.budget.pages_skipped += int(np.count_nonzero(cand))
+            cand[:] = False
+        if cand.any():
+            cand &= reg.present(p0, p1)
+        return np.flatnonzero(cand) + p0
 
     def _smart_skip(self, reg: RegionState, pages: np.ndarray) -> np.ndarray:
         """smart_scan: drop the pages still serving a skip, age the others."""
