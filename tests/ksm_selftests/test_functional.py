@@ -59,7 +59,7 @@ def test_unmerge_zero_pages(ksm):
 a = r.ndarray(np.uint32, (npages, P // 4))
 for p in range(npages // 2, npages):
     a[p, 0] = p * P
-client.wait_full_scans(1)
+client.wait_full_scans(2)   # the scan under way may have passed them before the writes
 """, npages=NPAGES)
     assert w.call("result = get_my_ksm_zero_pages()") == 0, "'ksm_zero_pages' updated after write fault"
     assert not w.call("result = range_maps_duplicates(r)"), "KSM zero pages were unmerged"
