@@ -86,7 +86,8 @@ def test_stable_pages_are_charged_to_the_coordinators_cgroup(
         held = ccg.shmem()
         coord.kill()
         assert ccg.procs() == []
-        assert ccg.shmem() == held
+        # (A few pages of its own small objects may go with it.)
+        assert held - 16 * P <= ccg.shmem() <= held
         assert a.status()["digest"] != a.digest and b.status()["digest"] == b.digest
 
         # The last mapping goes with the workers: so does the charge.
