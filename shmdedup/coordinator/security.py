@@ -77,7 +77,14 @@ class StateBytes:
     Indexable like the uint8 array it replaces: ``s[a:b]``, ``s[i]`` and
     ``s[index_array]`` return fresh numpy values.  Never maps the object, so a
     worker shrinking it cannot crash the coordinator (see module docstring).
+    What is read follows what is asked: an index array of pages far apart is
+    read one cluster of nearby pages at a time, never as one span between the
+    lowest and the highest; and :meth:`data_ranges` says where the bytes can
+    be anything but 0 at all (a hole in the object is PRIVATE).
     """
+
+    # Index arrays whose pages lie further apart than this are read per cluster.
+    CLUSTER_GAP = 4096
 
     def __init__(self, fd: int, npages: int) -> None:
         self.fd = fd
@@ -109,7 +116,27 @@ class StateBytes:
         lo, hi = int(idx.min()), int(idx.max()) + 1
         if lo < 0 or hi > self.npages:
             raise IndexError(f"pages [{lo}, {hi}) are outside the region's {self.npages} pages")
-        return self._read(lo, hi)[idx - lo]
+        if hi - lo <= 4 * idx.size + self.CLUSTER_GAP:
+            return self._read(lo, hi)[idx - lo]
+        flat = idx.ravel()
+        order = np.argsort(flat, kind="stable")
+        s = flat[order]
+        cut = (np.flatnonzero(np.diff(s) > self.CLUSTER_GAP) + 1).tolist()
+        got = np.empty(len(s), np.uint8)
+        for a, b in zip([0, *cut], [*cut, len(s)]):
+            first = int(s[a])
+            got[a:b] = self._read(first, int(s[b - 1]) + 1)[s[a:b] - first]
+        out = np.empty(len(s), np.uint8)
+        out[order] = got
+        return out.reshape(idx.shape)
+
+    def data_ranges(self, a: int = 0, b: int | None = None) -> list[tuple[int, int]]:
+        """[start, end) ranges of pages within [a, b) whose state bytes hold
+        data; every other page's state byte reads 0 (PRIVATE)."""
+        b = self.npages if b is None else min(b, self.npages)
+        if b <= a:
+            return []
+        return [(s, s + n) for s, n in _shm.data_extents(self.fd, a, b)]
 
 
 class TokenBucket:

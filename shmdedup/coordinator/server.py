@@ -532,7 +532,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         start, n = msg["start"], msg["npages"]
         if start + n > reg.npages:
             raise ProtocolError(f"advise [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
-        reg.advice[start:start + n] = msg["mergeable"]
+        self.scanner.advise(reg, start, n, msg["mergeable"])
         if not msg["mergeable"]:
             # The worker breaks the range's merged pages (and says so again
             # when done): reconcile, even if nothing is advised any more.

@@ -188,16 +188,15 @@ class Matcher:
             reg.status[over] = VOLATILE     # past the mapping budget: visited again later
             if not len(pages):
                 return
-        reg.status[pages] = PENDING
-        reg.age[pages] = 0
-        reg.skip[pages] = 0
+        pages = np.asarray(pages, np.int64)
+        reg.table.assign(pages, {"status": PENDING, "age": 0, "skip": 0})
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
         if len(real) > 1 and (np.diff(real) > 0).all():
             self.pending[real] += 1          # distinct slots (the usual case): no ufunc.at
         elif len(real):
             np.add.at(self.pending, real, 1)
-        merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
+        merges.setdefault(reg.worker, []).append((reg, pages, slots))
 
     def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
                            merges: QueuedByWorker) -> None:
