@@ -44,7 +44,8 @@ _PR_GET_DUMPABLE = 3
 _STATFS_SIZE = 120  # sizeof(struct statfs) on 64-bit Linux; f_type comes first
 
 
-def _fs_type(fd: int) -> int:
+def fs_type(fd: int) -> int:
+    """The filesystem magic of the file behind fd (statfs f_type)."""
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
     if _shm.libc.fstatfs(fd, buf) != 0:
         e = ctypes.get_errno()
@@ -57,7 +58,7 @@ def check_worker_object(fd: int, what: str, min_size: int) -> None:
     try:
         st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fs = _fs_type(fd)
+        fs = fs_type(fd)
     except OSError as e:
         raise ProtocolError(f"{what}: cannot inspect the descriptor: {e}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -185,6 +186,9 @@ class LogLimiter:
             fmt += " (%d more like it not logged)"
             args += (n,)
         self.logger.warning(fmt, *args)
+
+
+_fs_type = fs_type
 
 
 def set_dumpable(dumpable: bool) -> None:

@@ -75,7 +75,8 @@ from shmdedup.errors import DescriptorShortageError, ProtocolError
 from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.connections import ConnectionsMixin
-from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
+from shmdedup.coordinator.peers import (
+    Ghost, Peer, _exited, _open_pidfd, _same_file, peer_pidfd, process_key)
 from shmdedup.coordinator.inflight import RequestsMixin
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
 from shmdedup.coordinator.scan.scanner import Scanner
@@ -442,9 +443,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         elif peer.pidfd is not None and (peer.regions or merges) and not _exited(peer.pidfd):
             # One ghost per process, however often it reconnects.  It keeps
             # its pidfd and regions' descriptors charged to its uid.
-            ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+            ghost = self._ghost_of(peer)
             if ghost is None:
-                ghost = Ghost(peer.pid, peer.pidfd, [], [], peer.uid)
+                ghost = Ghost(peer.pid, peer.pidfd, [], [], peer.uid, peer.key)
                 peer.pidfd = None
                 self.ghosts[ghost.pidfd] = ghost
                 self.sel.register(ghost.pidfd, selectors.EVENT_READ, ghost)
@@ -471,6 +472,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             if self._run2.get("client") is peer:
                 self._run2["client"] = None
             self._check_run2()
+
+    def _ghost_of(self, peer: Peer) -> Ghost | None:
+        """The ghost of the process behind this connection, if it has one."""
+        if peer.key is None:
+            return None
+        return next((g for g in self.ghosts.values() if g.key == peer.key), None)
 
     def _bury(self, ghost: Ghost) -> None:
         """A ghost's process exited (its pidfd is readable): its mappings are
@@ -535,10 +542,18 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if rid in peer.regions:
             raise ProtocolError(f"region {rid} is already registered")
         peer.refused.discard(rid)   # a refused region offered again (agent.py retries)
+        if peer.pidfd is None:      # none at accept (descriptors short?): try again
+            try:
+                peer.pidfd = peer_pidfd(peer.conn, peer.pid)
+            except OSError:
+                peer.pidfd = None
+            if peer.pidfd is not None:
+                self.quotas.charge(peer.uid, fds=1)
+                peer.key = process_key(peer.pid, peer.pidfd)
         # The same live process registering the same region again (it
         # reconnected) takes its slot references back from its ghost, and the
         # ghost's descriptors for it are given back at once.
-        ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+        ghost = self._ghost_of(peer)
         again = None
         if ghost is not None and ghost.uid == peer.uid:
             again = next((g for g in ghost.regions if g.rid == rid and g.npages == npages), None)
@@ -547,6 +562,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         cap = None
         if len(fds) < 2:
             cap = "the coordinator has no descriptors left for its objects"
+        elif peer.pidfd is None:
+            # Invariant 6: nothing would tell when its mappings are gone.
+            cap = ("no pidfd for this process (cannot tell when it exits, so none of its "
+                   "pages are merged)")
         elif len(peer.regions) >= self.controls["max_regions_per_worker"]:
             cap = f"{len(peer.regions)} regions already (max_regions_per_worker)"
         elif peer.pages + npages > self.controls["max_pages_per_worker"]:
