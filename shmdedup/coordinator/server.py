@@ -32,9 +32,8 @@ ours), that worker is dropped with the reason logged, never the coordinator.
 
 Pacing: a batch ends after ``MAX_BATCH_CPU`` seconds of CPU whatever
 ``pages_to_scan`` says, so the loop answers everyone within about that; and
-with the scan-time advisor on, the next batch waits until the coordinator's
-CPU since the previous one is within ``advisor_max_cpu``, whatever peers
-send (their messages, advice, regions).
+with the scan-time advisor on, the next batch waits until the scan's CPU is
+within ``advisor_max_cpu``, whatever peers register or advise.
 
 No peer can stop the loop or lock others out (``connections.py``,
 ``quotas.py``): sends never block (a peer that stops reading is dropped when
@@ -137,10 +136,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.ghosts: dict[int, Ghost] = {}   # by pidfd
         self._stopping = False
         self._next_batch = 0.0
-        # advisor_max_cpu: no batch before this (see _pace), and the CPU
-        # clock at the end of the previous batch.
+        # advisor_max_cpu: no batch before this (see _pace), and when the
+        # previous batch ended.
         self._cpu_gate = 0.0
-        self._cpu_mark = (time.monotonic(), time.thread_time())
+        self._batch_end = time.monotonic()
         self.last_error = ""
         self.pages_merged_inline = 0     # pages merged by merge_now, ever
         self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
@@ -255,6 +254,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._resume_accept(now)
         if self._scanning() and now >= max(self._next_batch, self._cpu_gate):
             before = self.scanner.full_scans
+            cpu0 = time.thread_time()
             try:
                 self.scanner.batch(self.controls["pages_to_scan"], MAX_BATCH_CPU)
             finally:
@@ -264,7 +264,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 self.scanner.failed = []
             self.batches += 1
             self._flush_drops()
-            self._next_batch = self._pace()
+            self._next_batch = self._pace(time.thread_time() - cpu0)
             if self.scanner.full_scans != before:
                 self._full_scan_done()
         self._settle_waiters()
@@ -273,17 +273,18 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if self.metrics is not None:
             self.metrics.tick(self.stats)
 
-    def _pace(self) -> float:
+    def _pace(self, cpu: float) -> float:
         """When the next batch may run: ``sleep_millisecs`` after this one,
-        and with the advisor on, not before the CPU this thread used since
-        the previous batch ended (this batch, and every message handled
-        meanwhile) is at most ``advisor_max_cpu`` percent of the time since."""
-        now, cpu = time.monotonic(), time.thread_time()
-        t0, c0 = self._cpu_mark
-        self._cpu_mark = (now, cpu)
+        and with the advisor on, not before the ``cpu`` seconds this batch
+        took are at most ``advisor_max_cpu`` percent of the time since the
+        previous batch ended.  The cap is the scan's, as ksmd's is (messages
+        are paced by their own limits): a peer's messages cannot starve the
+        scan, nor its regions make the scan take more."""
+        now = time.monotonic()
+        t0, self._batch_end = self._batch_end, now
         if self.controls["advisor_mode"] == 1:
             cap = self.controls["advisor_max_cpu"] / 100
-            self._cpu_gate = now + max(0.0, (cpu - c0) / cap - (now - t0))
+            self._cpu_gate = now + max(0.0, cpu / cap - (now - t0))
         else:
             self._cpu_gate = 0.0
         return now + self.controls["sleep_millisecs"] / 1000
