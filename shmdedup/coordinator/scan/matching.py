@@ -201,6 +201,11 @@ class Matcher:
     def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
                            merges: QueuedByWorker) -> None:
         """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
+        if reg.status[page] == PENDING:
+            # Queued already in this pass, as the unstable mate of an equal
+            # page before it (its entry from an earlier visit: a uid's pages
+            # are visited again while other uids' full scan goes on).
+            return
         one = np.array([page])
         if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
                 and _native.is_zero(content):
