@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 
 from shmdedup.coordinator import connections, server
@@ -150,6 +151,50 @@ def test_a_failing_scan_drops_that_worker_only(monkeypatch, exc, logged) -> None
         sha = rewrite(w, 5)
         wait_for(lambda: w.call("result = region.merged_pages()") == 32, 30, what="merging again")
         assert w.call("result = digest()") == sha
+        w.close()
+    finally:
+        d.close()
+
+
+def test_a_failing_read_of_an_unstable_mate_drops_the_mates_worker(monkeypatch) -> None:
+    """Matching reads the other page of a pair from its worker's object (an
+    unstable mate): if that read fails, the mate's worker is dropped, not the
+    worker whose page was being scanned, which merges on."""
+    from shmdedup import _native
+    from shmdedup.coordinator.scan import matching
+    d = Domain()
+    try:
+        # The raw peer's pages are the honest worker's first half (the same
+        # seed, as WORKER_SETUP builds them), registered first: theirs are
+        # the unstable entries the honest pages meet.
+        half = np.random.default_rng(3).integers(0, 256, (16, PAGE), dtype=np.uint8)
+        p = RawPeer(d.path)
+        p.hello()
+        backing, meta = register_raw(p, 77, half.tobytes())
+        d.wait_full_scans(3)
+        reg = next(r for r in d.server.scanner.regions if r.rid == 77)
+        bad = reg.backing_fd
+        real_cmp, real_pread = _native.compare_slots, os.pread
+
+        def compare_slots(buf, idx, fd, slots):
+            if fd == bad:
+                raise OSError(5, "pread: Input/output error")
+            return real_cmp(buf, idx, fd, slots)
+
+        def pread(fd, n, off):
+            if fd == bad:
+                raise OSError(5, "Input/output error")
+            return real_pread(fd, n, off)
+        monkeypatch.setattr(_native, "compare_slots", compare_slots)
+        monkeypatch.setattr(matching.os, "pread", pread)
+        w, sha = spawn_worker(d.path, 32, 3)
+        assert p.wait_closed(30)
+        d.wait_logged(f"closing connection of pid {os.getpid()} uid {os.getuid()} (worker): "
+                      f"reading region 77 failed: OSError")
+        d.wait_merging(w.pid, 32)
+        assert w.call("result = digest()") == sha
+        p.close()
+        os.close(backing), os.close(meta)
         w.close()
     finally:
         d.close()

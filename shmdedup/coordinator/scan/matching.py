@@ -34,7 +34,7 @@ This is a mixin: the attributes it uses are the Scanner's (annotated below).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class Matcher:
     use_zero_pages: bool
     zero_pages_only: bool
     _last_new: tuple[RegionState, int, RegionState, int, int] | None
+    _blame: Callable[[RegionState, BaseException], None]   # the Scanner's: a mate's read failed
 
     if TYPE_CHECKING:
         @property
@@ -131,16 +132,22 @@ class Matcher:
         if oreg is None or oreg.closed:
             self.unstable.delete(hashes[ii])
             return
-        ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
-        if oreg is reg:
-            ok &= op != pages[ii]
-        self.unstable.delete(hashes[ii[~ok]])
-        ii, op = ii[ok], op[ok]
-        if not len(ii):
+        try:
+            # The mates' objects are their worker's: reading them may fail.
+            ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
+            if oreg is reg:
+                ok &= op != pages[ii]
+            self.unstable.delete(hashes[ii[~ok]])
+            ii, op = ii[ok], op[ok]
+            if not len(ii):
+                return
+            # Compared in C, in runs read by pread (the mates are mostly consecutive).
+            same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
+                                                       op.astype(np.int64)), np.uint8).astype(bool)
+        except OSError as e:
+            self._blame(oreg, e)             # the mate's worker goes, not this one
+            self.unstable.delete(hashes[ii])
             return
-        # Compared in C, in runs read by pread (the mates are mostly consecutive).
-        same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
-                                                   op.astype(np.int64)), np.uint8).astype(bool)
         ii, op = ii[same], op[same]
         if not len(ii):
             return
@@ -223,9 +230,16 @@ class Matcher:
         oreg = self.by_uid.get(int(uid[0])) if uid[0] >= 0 else None
         if oreg is not None:
             op = int(opage[0])
-            if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
-                    and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
-                other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
+            try:
+                other = None
+                if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
+                        and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
+                    other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
+            except OSError as e:
+                self._blame(oreg, e)
+                self.unstable.delete(h)
+                other = None
+            if other is not None:
                 if _native.pages_equal(content, other):
                     new = self.sidx.add(content, h)
                     if new is not None:

@@ -250,6 +250,13 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
             lane.cursor += 1
             lane.page = 0
 
+    def _blame(self, reg: RegionState, e: BaseException) -> None:
+        """Reading ``reg`` (another region than the one being scanned: an
+        unstable mate) failed: its worker is reported, the scan goes on."""
+        why = f"reading region {reg.rid} failed: {type(e).__name__}: {e}"
+        if all(w is not reg.worker for w, _ in self.failed):
+            self.failed.append((reg.worker, why))
+
     def _unqueue(self, items: list[Queued]) -> None:
         """Merges queued in this batch that will not be sent: release the
         slots they hold, and visit their pages again."""
