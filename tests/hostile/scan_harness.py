@@ -5,8 +5,9 @@ drops to another uid), and a monitor of the coordinator's event loop.
   and written, as fast as it goes: every seek of the scan may race it.
 * ``SPARSE_ATTACK``: connections that each register 2**26 pages (the default
   ``max_pages_per_worker``) of one sparse object, free for the attacker;
-  advised whole (``advice="on"``), not at all (``"off"``), or flipped off and
-  on over the whole range (``"flip"``).
+  advised whole (``advice="on"``), not at all (``"off"``), flipped off and
+  on over the whole range (``"flip"``), or asked to be merged now, whole
+  (``"now"``: ``merge_now`` over 2**26 pages of holes, again and again).
 * ``SPARSE_DATA_ATTACK``: such a region with one page of data every ``step``
   pages, ``count`` of them: data the attacker pays for (a page of tmpfs
   each), spread to make the scanner keep a block for each.
@@ -79,6 +80,11 @@ while not STOP.is_set():
             send(s, {{"t": "advise", "rid": 1, "start": 0, "npages": HUGE, "mergeable": state}})
         state = not state
         out["flips"] += 1
+    elif ARGS["advice"] == "now":
+        for s in conns:
+            out["flips"] += 1
+            send(s, {{"t": "merge_now", "req": out["flips"], "rid": 1, "start": 0, "npages": HUGE,
+                      "hashes": b""}})
     STOP.wait(0.02)
 """
 

@@ -238,12 +238,13 @@ def test_data_past_the_memory_limit_drops_its_owner(coord_factory) -> None:
 
 # ---- item 3: claims cost neither CPU nor stalls ----------------------------------
 
-@pytest.mark.parametrize("advice", ["off", "on"])
+@pytest.mark.parametrize("advice", ["off", "on", "now"])
 def test_huge_regions_without_data_cost_no_scan_time(coord_factory, advice: str) -> None:
     """Regions of 2**26 pages, unadvised (every batch used to walk their
-    32,768 chunks: 100% CPU, stats in 5 s) or advised over holes (they counted
-    against pages_to_scan): scanning and stats cost what the honest worker's
-    data costs."""
+    32,768 chunks: 100% CPU, stats in 5 s), advised over holes (they counted
+    against pages_to_scan), or asked to merge now, whole, 100 times a second
+    (each request walked its 32,768 chunks): scanning, merging now and stats
+    cost what the data costs."""
     coord = coord_factory()
     fds = coord.fds()
     honest = honest_of(coord)
