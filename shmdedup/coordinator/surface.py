@@ -122,8 +122,7 @@ class ControlsMixin:
         """Every control and statistic (``shmdedup.stats.Stats`` names each key)."""
         out: dict[str, Any] = dict(self.controls)
         peers = [p for p in self.peers.values() if p.role == "worker"]
-        counters = self.scanner.stats(peers)      # one pass over the regions
-        per_worker = counters.pop("workers")
+        counters, per_worker = self.scanner.counters(peers)   # one pass over the regions
         out.update(counters)
         out["pages_merged_inline"] = self.pages_merged_inline
         out["merge_now_cpu_usecs"] = self.merge_now_cpu_ns // 1000

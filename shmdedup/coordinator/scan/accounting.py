@@ -18,18 +18,19 @@ so its cost follows what workers hold, not the sizes they claim.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
+from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (
-    MERGED, METADATA_BYTES_PER_PAGE, NEW, UNMERGING, UNSHARED, VOLATILE, ZERO, RegionState,
-    count_inherited, inherited_pages)
+    MERGED, METADATA_BYTES_PER_PAGE, NEW, UNMERGING, UNSHARED, VOLATILE, ZERO, Queued, RegionState,
+    Run, count_inherited, inherited_pages)
 
-log = logging.getLogger("shmdedup.coordinator")
+log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
@@ -39,14 +40,19 @@ class Accounting:
 
     # Provided by the Scanner.
     sidx: StableIndex
+    stable: StableSegment
     budget: MappingBudget
     regions: list[RegionState]
     detached: list[RegionState]
-    sharers: np.ndarray
-    pending: np.ndarray
     pages_scanned: int
     pages_skipped: int
     full_scans: int
+
+    if TYPE_CHECKING:
+        @property
+        def sharers(self) -> np.ndarray: ...       # per slot: confirmed sharers
+        @property
+        def pending(self) -> np.ndarray: ...       # per slot: merges in flight
 
     # -- releases ----------------------------------------------------------
 
@@ -79,7 +85,7 @@ class Accounting:
                 log.warning("pid %s: cannot read the state bytes of detached region %d (%s); "
                             "its stable pages stay held", getattr(reg.worker, "pid", "?"), reg.rid, e)
 
-    def forget_request(self, items: list) -> None:
+    def forget_request(self, items: list[Run]) -> None:
         """A request that will never be answered (worker gone): release its slots."""
         for reg, first, n, slot in items:
             self.budget.settled(reg.worker, 1)
@@ -89,13 +95,13 @@ class Accounting:
 
     # -- replies -----------------------------------------------------------
 
-    def merge_done(self, items: list, result: bytes) -> None:
+    def merge_done(self, items: list[Run], result: bytes) -> None:
         """Settle a merge request: items are (reg, first, n, slot) runs, result
         one byte per page."""
         res = np.frombuffer(result, np.uint8).astype(bool)
         off = 0
         touched = []
-        done: dict[RegionState, tuple[list, list, list]] = {}
+        done: dict[RegionState, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
         for reg, first, n, slot in items:
             ok = res[off:off + n]
             off += n
@@ -129,7 +135,7 @@ class Accounting:
         for slots in touched:
             self.sidx.free_unused(slots)
 
-    def unmerge_done(self, items: list) -> None:
+    def unmerge_done(self, items: list[Run]) -> None:
         """Settle an unmerge request (successful or not: the state bytes tell
         which pages are private now)."""
         for reg, first, n, _ in items:
@@ -153,7 +159,7 @@ class Accounting:
                                          np.where(reg.states[still] == _native.ZERO, ZERO, NEW))
             self.sidx.free_unused(freed)
 
-    def merged_items(self, reg: RegionState) -> list:
+    def merged_items(self, reg: RegionState) -> list[Queued]:
         """(reg, pages, slots) of every merged page of a region (for run=2),
         inherited ones included: run=2 unmerges everything."""
         pages, slots = [], []
@@ -188,9 +194,13 @@ class Accounting:
                     else np.zeros(UNMERGING + 1, np.int64), inherited[w])
                 for w, st in statuses.items()}
 
-    def stats(self, workers: list | None = None) -> dict[str, Any]:
-        """KSM's counters; with ``workers``, also ``"workers"``: what
-        /proc/<pid>/ksm_stat shows for each of them (from the same pass)."""
+    def stats(self) -> dict[str, int]:
+        """KSM's counters."""
+        return self.counters([])[0]
+
+    def counters(self, workers: list[Any]) -> tuple[dict[str, int], dict[Any, dict[str, int]]]:
+        """KSM's counters, and for each of ``workers`` what
+        /proc/<pid>/ksm_stat shows, from the same pass over the regions."""
         per = self._counts()
         shared = int(np.count_nonzero(self.sharers > 0))
         sharing = int(self.sharers.sum()) - shared
@@ -199,7 +209,7 @@ class Accounting:
         rmap = int(total[NEW + 1:].sum())
         volatile = max(rmap - shared - sharing - unshared - zero, 0)
         chains, dups = self.sidx.chains()
-        out: dict[str, Any] = {
+        out = {
             "pages_shared": shared,
             "pages_sharing": sharing,
             "pages_unshared": unshared,
@@ -216,13 +226,11 @@ class Accounting:
             "pages_inherited": sum(i for _, i in per.values()),
             "pages_skipped_budget": self.budget.pages_skipped,
         }
-        if workers is not None:
-            out["workers"] = {w: self._worker_line(w, per.get(w)) for w in workers}
-        return out
+        return out, {w: self._worker_line(w, per.get(w)) for w in workers}
 
     def worker_stats(self, worker: Any) -> dict[str, int]:
         """What /proc/<pid>/ksm_stat shows, for one worker."""
-        return self.stats([worker])["workers"][worker]
+        return self.counters([worker])[1][worker]
 
     def _worker_line(self, worker: Any, got: tuple[np.ndarray, int] | None) -> dict[str, int]:
         counts, inherited = got if got is not None else (np.zeros(UNMERGING + 1, np.int64), 0)
@@ -237,3 +245,7 @@ class Accounting:
             "ksm_process_profit": (merging + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
             "mappings_estimate": self.budget.estimate(worker),
         }
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

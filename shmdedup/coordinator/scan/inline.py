@@ -52,8 +52,9 @@ import numpy as np
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
+from shmdedup.coordinator.scan.pagetable import CHUNK_PAGES
 from shmdedup.coordinator.scan.tracking import (
-    CHUNK_PAGES, PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
+    PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
 
 PAGE_SIZE: int = _native.PAGE_SIZE

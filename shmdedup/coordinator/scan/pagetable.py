@@ -65,11 +65,23 @@ class Chunk:
     there: entry i is then page base + i.
     """
 
-    __slots__ = ("index", "base", "pos", "rank", "full", "nblocks", *FIELDS)
+    __slots__ = ("index", "base", "pos", "rank", "full", "nblocks",
+                 "checksum", "slot", "status", "age", "skip")
+
+    # The per-page fields (FIELDS), one entry per page of the blocks held.
+    checksum: np.ndarray
+    slot: np.ndarray
+    status: np.ndarray
+    age: np.ndarray
+    skip: np.ndarray
 
     def __init__(self, index: int, blocks: list[int]) -> None:
-        self.index = index
-        self.base = index << _CSHIFT
+        self.index: int = index
+        self.base: int = index << _CSHIFT
+        self.pos: np.ndarray
+        self.rank: list[int]
+        self.full: bool
+        self.nblocks: int
         self._layout(blocks)
         for name, (dtype, default) in FIELDS.items():
             setattr(self, name, np.full(self.nblocks * BLOCK_PAGES, default, dtype))
@@ -83,7 +95,7 @@ class Chunk:
         self.rank = [sum(1 for q in present if q < b) for b in range(BLOCKS_PER_CHUNK)]
 
     def blocks(self) -> list[int]:
-        return np.flatnonzero(self.pos >= 0).tolist()
+        return [int(b) for b in np.flatnonzero(self.pos >= 0)]
 
     @property
     def pages(self) -> np.ndarray:
@@ -133,7 +145,7 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        return self.nblocks * BLOCK_PAGES * BYTES_PER_PAGE
+        return int(self.nblocks * BLOCK_PAGES * BYTES_PER_PAGE)
 
 
 _CHUNK_RANGE = np.arange(CHUNK_PAGES, dtype=np.int64)
@@ -144,7 +156,7 @@ class PageTable:
     """The per-page fields of one region (see the module docstring)."""
 
     def __init__(self, npages: int) -> None:
-        self.npages = npages
+        self.npages: int = npages
         self._chunks: dict[int, Chunk] = {}
         self._order: list[int] = []          # chunk indexes, ascending
 
@@ -238,7 +250,8 @@ class PageTable:
         if len(pages):
             one = self._one(pages)
             if one is not None:
-                return getattr(one[0], name)[one[1]]
+                got: np.ndarray = getattr(one[0], name)[one[1]]
+                return got
         dtype, default = FIELDS[name]
         out = np.full(len(pages), default, dtype)
         if not len(pages) or not self._chunks:
@@ -269,9 +282,8 @@ class PageTable:
             return
         one = self._one(pages)
         if one is not None:
-            ch, pos = one
             for name, v in values.items():
-                getattr(ch, name)[pos] = v
+                getattr(one[0], name)[one[1]] = v
             return
         arrays = {n: v for n, v in values.items() if isinstance(v, np.ndarray) and v.ndim}
         defaults = all(n not in arrays and v == FIELDS[n][1] for n, v in values.items())
@@ -321,8 +333,8 @@ class Field:
     __slots__ = ("table", "name")
 
     def __init__(self, table: PageTable, name: str) -> None:
-        self.table = table
-        self.name = name
+        self.table: PageTable = table
+        self.name: str = name
 
     def __len__(self) -> int:
         return self.table.npages
@@ -331,10 +343,11 @@ class Field:
     def _pages(key: Any) -> np.ndarray:
         if type(key) is np.ndarray and key.dtype == np.int64:
             return key
-        key = np.asarray(key)
-        if key.dtype == bool:
+        arr = np.asarray(key)
+        if arr.dtype == bool:
             raise TypeError("index a page field with page numbers, not a mask")
-        return key.astype(np.int64).reshape(-1)
+        pages: np.ndarray = arr.astype(np.int64).reshape(-1)
+        return pages
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):
@@ -364,7 +377,7 @@ class AdviceRuns:
     that never touch (adjacent runs are one)."""
 
     def __init__(self, npages: int) -> None:
-        self.npages = npages
+        self.npages: int = npages
         self.starts: list[int] = []
         self.ends: list[int] = []
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -437,5 +450,6 @@ class AdviceRuns:
         return ok & (s[np.minimum(i, max(len(s) - 1, 0))] <= pages) if len(s) else np.zeros(len(pages), bool)
 
 
-__all__ = ["BLOCK_PAGES", "BYTES_PER_PAGE", "CHUNK_PAGES", "MAX_ADVICE_RUNS", "AdviceRuns",
-           "Chunk", "Field", "PageTable"]
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

@@ -25,10 +25,10 @@ class Lane:
 
     def __init__(self, spent: float) -> None:
         self.regions: list[RegionState] = []
-        self.cursor = 0            # index into regions
-        self.page = 0              # page of regions[cursor]
-        self.spent = spent         # thread CPU seconds its steps took
-        self.passed = False        # through all its regions since the last full scan
+        self.cursor: int = 0            # index into regions
+        self.page: int = 0              # page of regions[cursor]
+        self.spent: float = spent       # thread CPU seconds its steps took
+        self.passed: bool = False       # through all its regions since the last full scan
 
     @staticmethod
     def spent_of(lane: Lane) -> float:
@@ -156,3 +156,7 @@ class Registry:
             lane.page = 0
         if not lane.regions:
             del self.lanes[key]
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__ = []

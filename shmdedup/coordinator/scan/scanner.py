@@ -71,11 +71,11 @@ from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
 from shmdedup.coordinator.scan.inline import Inliner
 from shmdedup.coordinator.scan.matching import Matcher
-from shmdedup.coordinator.scan.pagetable import BLOCK_PAGES, BLOCKS_PER_CHUNK
+from shmdedup.coordinator.scan.pagetable import BLOCK_PAGES, BLOCKS_PER_CHUNK, CHUNK_PAGES
 from shmdedup.coordinator.scan.registry import Lane, Registry
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
-    CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
+    MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
     ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _repeated, _unique,
     inherited_pages)
 
@@ -104,8 +104,8 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
 
     def __init__(self, send_merge: Callable[[Any, list[Run]], None],
                  send_unmerge: Callable[[Any, list[Run]], None]) -> None:
-        self.send_merge = send_merge
-        self.send_unmerge = send_unmerge
+        self.send_merge: Callable[[Any, list[Run]], None] = send_merge
+        self.send_unmerge: Callable[[Any, list[Run]], None] = send_unmerge
         self.sidx: StableIndex = StableIndex()
         self.stable: StableSegment = self.sidx.segment
         self.unstable: UnstableIndex = UnstableIndex()
@@ -120,29 +120,29 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         self.lanes: dict[Any, Lane] = {}
         # Full scans still owed to reconciliation although nothing may be
         # advised (see settle()).
-        self.settle_scans = 0
+        self.settle_scans: int = 0
         self._advised: set[RegionState] = set()     # regions with advice (idle())
         # (worker, reason) for each worker a region of which the last batch
         # could not scan: the coordinator drops them.
         self.failed: list[tuple[Any, str]] = []
-        self.full_scans = 0
-        self.pages_scanned = 0
-        self.pages_skipped = 0
+        self.full_scans: int = 0
+        self.pages_scanned: int = 0
+        self.pages_skipped: int = 0
         self._scratch: np.ndarray | None = None
         # Controls the scanner reads (the coordinator validates them).
-        self.max_page_sharing = 256
-        self.use_zero_pages = False
-        self.smart_scan = True
-        self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
+        self.max_page_sharing: int = 256
+        self.use_zero_pages: bool = False
+        self.smart_scan: bool = True
+        self.zero_pages_only: bool = False  # merge_zero_pages_only: no stable slots at all
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
-        self.budget = MappingBudget(default_max_mappings())
+        self.budget: MappingBudget = MappingBudget(default_max_mappings())
         # Where the last new slot went, to continue runs across batches.
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
         # The same for merge_now, and how long its new stable pages are kept
         # from the give-back rule (inline_keep_millisecs, in seconds).
         self._last_inline: tuple[RegionState, int, int] | None = None
-        self.inline_keep = 30.0
-        self._now = 0.0          # time.monotonic() at the start of the batch
+        self.inline_keep: float = 30.0
+        self._now: float = 0.0          # time.monotonic() at the start of the batch
 
     @property
     def sharers(self) -> np.ndarray:
@@ -289,8 +289,8 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
             q = d          # data past this run: continue from there
         return held
 
-    def _step(self, lane: Lane, reg: RegionState, room: int, merges: dict,
-              unmerges: dict) -> int:
+    def _step(self, lane: Lane, reg: RegionState, room: int, merges: QueuedByWorker,
+              unmerges: QueuedByWorker) -> int:
         """Scan the next chunk of ``reg`` with something to do, from the
         cursor; returns the pages visited (advised pages that hold data or a
         merge: what counts against pages_to_scan).  Works on the chunk's
@@ -372,7 +372,8 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
             cand[:] = False
         if cand.any():
             cand &= present()
-        return cand
+        out: np.ndarray = cand
+        return out
 
     def _candidates(self, reg: RegionState, p0: int, p1: int) -> np.ndarray:
         """The pages of [p0, p1) of ``reg`` a merge may take (``_eligible``),
@@ -454,7 +455,8 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
                 self.sidx.retire(slot[lonely])
                 unmerges.setdefault(reg.worker, []).append(
                     (reg, pages[lonely].astype(np.int64), slot[lonely].astype(np.int64)))
-        return states
+        out: np.ndarray = states
+        return out
 
     def _visit(self, reg: RegionState, ch: Any, e: np.ndarray, pages: np.ndarray,
                merges: QueuedByWorker) -> None:
