@@ -254,6 +254,16 @@ class Attacker:
         self.proc.communicate()
 
 
+STARTED: list[Attacker] = []     # every attacker started, for kill_attackers()
+
+
+def kill_attackers() -> None:
+    """Kill the attackers a test left running (it failed before finishing
+    them): a fixture's teardown calls this before the leak checks."""
+    while STARTED:
+        STARTED.pop().kill()
+
+
 def start_attacker(socket_path: str, uid: int, code: str, **args: Any) -> Attacker:
     """Run ``ATTACK_PRELUDE + code`` as *uid*; the code loops until ``STOP`` and
     fills ``out`` (printed as JSON at the end)."""
@@ -262,6 +272,7 @@ def start_attacker(socket_path: str, uid: int, code: str, **args: Any) -> Attack
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=str(REPO_ROOT), start_new_session=True)
     atk = Attacker(proc, uid)
+    STARTED.append(atk)
     # Its SIGTERM handler is in place once it says so.
     line = b""
     while not line.endswith(b"\n") and select.select([proc.stdout], [], [], 60)[0]:

@@ -31,7 +31,8 @@ from shmdedup.coordinator import connections, server
 from shmdedup.coordinator.scan import tracking
 from tests.helpers import Worker, no_shm_leftovers, reaper, wait_for  # noqa: F401
 from tests.hostile.loop_harness import (
-    ATTACK_UID, NPAGES, CoordinatorProcess, Honest, assert_fast, start_attacker)
+    ATTACK_UID, NPAGES, CoordinatorProcess, Honest, assert_fast, kill_attackers,
+    start_attacker)
 from tests.hostile.scan_harness import (
     HUGE, SPARSE_ATTACK, SPARSE_DATA_ATTACK, TINY_ATTACK, TRUNCATE_ATTACK, Monitor)
 from tests.integration.hostile import (
@@ -55,6 +56,7 @@ def coord_factory():
         return c
 
     yield make
+    kill_attackers()
     for c in started:
         c.stop()
 
@@ -248,11 +250,14 @@ def test_huge_regions_without_data_cost_no_scan_time(coord_factory, advice: str)
     coord = coord_factory()
     fds = coord.fds()
     honest = honest_of(coord)
+    # What the honest load itself costs, on this machine now: the attack may add
+    # little to it (each used to add ~70 points: 100% of one CPU).
+    base = under_attack(coord, honest, "no attack yet", rounds=ROUNDS // 2)
     atk = start_attacker(coord.path, UID, SPARSE_ATTACK, connections=2, advice=advice)
     wait_for(lambda: (coord.usage(UID) or {}).get("pages") == 2 * HUGE, 30,
              what="its registrations")
     got = under_attack(coord, honest, f"2 x 2**26 sparse pages, advice {advice}")
-    assert got["cpu_pct"] < 30, got
+    assert got["cpu_pct"] < base["cpu_pct"] + 15, (base, got)
     client = coord.client()
     t0 = time.monotonic()
     for _ in range(20):
