@@ -99,6 +99,7 @@ def honest_domain(request: pytest.FixtureRequest) -> Iterator[tuple[CoordinatorP
         assert coord.alive(), f"the coordinator died:\n{coord.log()[-3000:]}"
         honest.close()
     finally:
+        kill_attackers()
         if honest is not None:
             honest.close()
         coord.stop()
