@@ -27,7 +27,7 @@ import numpy as np
 from shmdedup import _native
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
-from shmdedup.pages import PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
@@ -142,13 +142,37 @@ class StableIndex:
         todo = _unique(todo)
         todo = todo[(todo >= 0) & (todo < len(self.sharers))]
         todo = todo[(self.sharers[todo] <= 0) & (self.pending[todo] <= 0)]
-        for s in todo.tolist():
-            if not self.segment.is_allocated(s):
-                continue
+        if not len(todo):
+            return
+        # In runs of consecutive slots (a worker's exit frees its slots in long
+        # runs): one allocator check, one punch and one allocator update per run.
+        runs: list[tuple[int, int]] = []
+        for a, e in zip(*(x.tolist() for x in cut_runs(todo))):
+            s0, n = int(todo[a]), e - a
+            if self.segment.is_allocated(s0, n):
+                runs.append((s0, n))
+            else:                       # some freed already: the allocated stretches
+                live = np.array([s for s in range(s0, s0 + n) if self.segment.is_allocated(s)],
+                                np.int64)
+                runs += [(int(live[x]), y - x) for x, y in zip(*(r.tolist() for r in cut_runs(live)))]
+        if not runs:
+            return
+        freed = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in runs])
+        self._unindex_many(freed)
+        for s, n in runs:
+            self.segment.free(s, n)
+        self.sharers[freed] = 0
+        self.born_inline[freed] = -np.inf
+
+    def _unindex_many(self, slots: np.ndarray) -> None:
+        """_unindex each of these (distinct) slots: the common case, a slot
+        alone under its checksum, in one call; slots in chains one by one."""
+        hashes = self.slot_hash[slots]
+        alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
+        if alone.any():
+            self.ix.delete(np.ascontiguousarray(hashes[alone]))
+        for s in slots[~alone].tolist():
             self._unindex(s)
-            self.segment.free(s)
-            self.sharers[s] = 0
-            self.born_inline[s] = -np.inf
 
     def retire(self, slots: np.ndarray) -> None:
         """Take slots out of the index while they stay mapped: a slot being
@@ -157,12 +181,7 @@ class StableIndex:
         slot itself is freed later by free_unused, as usual."""
         slots = _unique(np.asarray(slots, np.int64))
         slots = slots[slots >= 0]
-        hashes = self.slot_hash[slots]
-        alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
-        if alone.any():                 # the common case, in one call
-            self.ix.delete(np.ascontiguousarray(hashes[alone]))
-        for s in slots[~alone].tolist():
-            self._unindex(s)
+        self._unindex_many(slots)
 
     def _unindex(self, s: int) -> None:
         h = self.slot_hash[s]
