@@ -9,7 +9,12 @@
  * thread maps or publishes them meanwhile.  When the mmap fails with ENOMEM
  * (vm.max_map_count: a split needs new mappings) the whole merged stretch
  * around the pages is broken with one mmap, which replaces whole mappings and
- * never adds one.  Everything here is async-signal-safe: the trap runs it.
+ * never adds one.  Past the limit (a failed split can leave the count above
+ * it, and then every mmap fails, replacing ones too) the trap, whose only
+ * other way out is SIGBUS, unmaps the stretch first and maps it again: for
+ * that moment the pages are BREAKING and unmapped, and a thread that touches
+ * one waits in the trap (SEGV_MAPERR) as it would for any page being broken.
+ * Everything here is async-signal-safe: the trap runs it.
  * Tests kill a process between the steps (sd_fault.h: break_copied,
  * break_mapped) to check that other processes lose nothing.
  */
@@ -88,13 +93,46 @@ static size_t claim_neighbours(struct sd_region *r, size_t *lo, size_t *hi)
     return added;
 }
 
-long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
+/* Past vm.max_map_count: munmap [first, first + n) (whole mappings: no split,
+ * so the count goes down) and map the backing there, whose bytes copy_back
+ * wrote already.  Returns 0; -2 if the munmap failed (nothing changed); -3
+ * if the mmap still fails after the munmap (the pages are a hole: the caller
+ * must end the process, leaving them BREAKING so no thread reads the hole). */
+static int remap_through_hole(struct sd_region *r, size_t first, size_t n)
+{
+    uint8_t *addr = (uint8_t *)atomic_load(&r->base) + first * sd_page_size;
+    size_t len = n * sd_page_size;
+    if (munmap(addr, len) != 0)
+        return -2;
+    for (int tries = 0; tries < 1000; tries++) {
+        if (atomic_load(&sd_test_fail_mmaps) > 0 && atomic_fetch_sub(&sd_test_fail_mmaps, 1) > 0)
+            errno = ENOMEM;
+        else if (mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->fd,
+                      (off_t)(first * sd_page_size)) != MAP_FAILED) {
+            sd_fault_point(SD_FAULT_BREAK_MAPPED);
+            return 0;
+        }
+        if (errno != ENOMEM)
+            break;
+        sched_yield();          /* another thread may be giving a mapping back */
+    }
+    return -3;
+}
+
+static long break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s, int may_unmap)
 {
     int rc = copy_back(r, first, n, s == SD_ZERO);
     if (rc == -2 && errno == ENOMEM) {
         size_t lo = first, hi = first + n;
-        if (claim_neighbours(r, &lo, &hi) > 0) {
-            rc = copy_back(r, lo, hi - lo, 0);
+        if (claim_neighbours(r, &lo, &hi) > 0 || may_unmap) {
+            /* Nothing claimed: the first copy_back wrote the backing already. */
+            rc = hi - lo > n ? copy_back(r, lo, hi - lo, 0) : -2;
+            if (rc == -2 && errno == ENOMEM && may_unmap)
+                rc = remap_through_hole(r, lo, hi - lo);
+            if (rc == -3) {
+                errno = ENOMEM;
+                return -2;
+            }
             if (rc == 0) {
                 sd_publish(r, lo, hi - lo, SD_PRIVATE);
                 atomic_fetch_sub(&sd_merged_pages, (long)(hi - lo));
@@ -124,6 +162,16 @@ long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
     sd_publish(r, first, n, SD_PRIVATE);
     atomic_fetch_sub(&sd_merged_pages, (long)n);
     return (long)n;
+}
+
+long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
+{
+    return break_owned(r, first, n, s, 0);
+}
+
+long sd_break_owned_trap(struct sd_region *r, size_t first, size_t n, uint8_t s)
+{
+    return break_owned(r, first, n, s, 1);
 }
 
 long sd_break_cow(struct sd_region *r, size_t first, size_t n)

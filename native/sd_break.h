@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include "sd_region.h"
 
-/* Test hook: the next this-many copy-back mmaps of a break fail with ENOMEM,
+/* Test hook: the next this-many mmaps of a break fail with ENOMEM,
  * as they do past vm.max_map_count (signal safe: one atomic). */
 extern _Atomic int sd_test_fail_mmaps;
 
@@ -16,6 +16,14 @@ extern _Atomic int sd_test_fail_mmaps;
  * PRIVATE.  Returns pages broken, or -1 with errno and the owned pages handed
  * back in state s.  Signal safe (the trap calls it). */
 long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s);
+
+/* The same for the trap, which has no other way out than SIGBUS: past
+ * vm.max_map_count, where even replacing mappings fails, it unmaps the
+ * stretch and maps it again (its pages BREAKING meanwhile: a thread touching
+ * one waits in the trap).  Returns as sd_break_owned, or -2 (errno ENOMEM)
+ * when the stretch could not be mapped again: the caller must end the
+ * process, and the pages stay BREAKING. */
+long sd_break_owned_trap(struct sd_region *r, size_t first, size_t n, uint8_t s);
 
 /* Break the merged pages in [first, first + n) of a region back to private
  * pages (waiting for pages another thread is merging or breaking).  Returns the
