@@ -56,8 +56,7 @@ from shmdedup.coordinator.scan.pagetable import CHUNK_PAGES
 from shmdedup.coordinator.scan.tracking import (
     PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
-
-PAGE_SIZE: int = _native.PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
 
 @dataclass
@@ -116,7 +115,7 @@ class Inliner:
         items = merges.get(reg.worker, [])
         if items:
             out.runs = _coalesce(items)
-            out.queued = sum(r[2] for r in out.runs)
+            out.queued = sum(r.n for r in out.runs)
         return out
 
     def _spans(self, reg: RegionState, first: int, end: int) -> Iterator[tuple[int, int]]:
@@ -225,9 +224,7 @@ class Inliner:
         runs of consecutive pages into runs of consecutive slots, and queue
         their merges.  Returns how many of them, from the start, got a slot."""
         # The runs: consecutive pages that also sit side by side in the buffer.
-        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(ii) != 1)) + 1
-        starts = np.concatenate(([0], cut))
-        ends = np.concatenate((cut, [len(ii)]))
+        starts, ends = cut_runs(pages[ii], ii)
         # The mapping budget, all runs at once: each run a stretch of its own.
         keys = FRESH_KEY + 8 * np.repeat(np.arange(len(starts)), ends - starts)
         fit, cost = self.budget.room(reg, pages[ii], keys)

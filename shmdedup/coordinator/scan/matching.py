@@ -43,8 +43,7 @@ from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
 from shmdedup.coordinator.scan.tracking import (
     PENDING, UNSHARED, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, _repeated, _unique)
-
-PAGE_SIZE: int = _native.PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
 
 class Matcher:
@@ -152,8 +151,7 @@ class Matcher:
         if not len(ii):
             return
         # Runs: my page and the mate's page both advance by one.
-        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
-        starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(ii)]))
+        starts, ends = cut_runs(pages[ii], op)
         keep = self.budget.admit_pairs(oreg, op, reg, pages[ii], starts, ends)
         for a, b in zip(starts[keep].tolist(), ends[keep].tolist()):
             self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)

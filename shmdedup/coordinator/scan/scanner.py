@@ -78,10 +78,9 @@ from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: th
     MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
     ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _repeated, _unique,
     inherited_pages)
+from shmdedup.pages import PAGE_SIZE
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
-
-PAGE_SIZE: int = _native.PAGE_SIZE
 
 # smart_scan, by a page's age (visits without a merge): its next age, and
 # Linux's skip_age(): after a few failed visits skip 1, 2, 4, then 8 scans.
@@ -98,7 +97,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
     statistics from :class:`Accounting`.
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
-    with lists of (reg, first, npages, slot) runs; the coordinator sends them
+    with lists of :class:`~shmdedup.coordinator.scan.tracking.Run`; the coordinator sends them
     and later calls :meth:`merge_done` / :meth:`unmerge_done`.
     """
 
