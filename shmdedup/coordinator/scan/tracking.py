@@ -9,10 +9,10 @@ cannot crash the coordinator).  What a worker claims (pages, advice) costs the
 coordinator nothing per page; only what its objects hold does.  The status
 codes are the scanner's view of each page; the worker's state byte is the
 truth about its mapping.  Also the helpers the scanner and coordinator share:
-the zero page's checksum, runs from page/slot arrays (``_coalesce``), pages
-merged by a previous coordinator (``inherited_pages``), and two array helpers
-(``_unique``, ``_repeated``) that the scan's hot path uses instead of
-np.unique.
+the zero page's checksum, merge and unmerge runs (:class:`Run`, made from
+page/slot arrays by ``_coalesce``), pages merged by a previous coordinator
+(``inherited_pages``), and two array helpers (``_unique``, ``_repeated``)
+that the scan's hot path uses instead of np.unique.
 """
 
 from __future__ import annotations
