@@ -96,7 +96,7 @@ class RequestsMixin:
     def _on_merged(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         items = self._take_request(peer, msg["req"], "merge")
         result = msg["result"]
-        if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
+        if len(result) != sum(r.n for r in items) or result.strip(b"\0\1"):
             self.scanner.forget_request(items)
             for reg, first, n, _ in items:
                 reg.status[first:first + n] = VOLATILE  # visit again
@@ -161,7 +161,7 @@ class RequestsMixin:
         if res.waiting:
             # Scan merges in flight for pages of the range: answer after them.
             for req, (kind, runs, _) in peer.requests.items():
-                if kind == "merge" and any(r[0] is reg and r[1] < start + n and r[1] + r[2] > start
+                if kind == "merge" and any(r.region is reg and r.first < start + n and r.first + r.n > start
                                            for r in runs):
                     waits.add(req)
         call = InlineCall(waits, own)
@@ -249,14 +249,14 @@ class RequestsMixin:
         while i < len(runs) and not peer.conn.closed:
             chunk: list[Run] = []
             pages = 0
-            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i][2] <= MAX_PAGES_PER_REQUEST:
+            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i].n <= MAX_PAGES_PER_REQUEST:
                 chunk.append(runs[i])
-                pages += runs[i][2]
+                pages += runs[i].n
                 i += 1
             if not chunk:  # one run longer than a request: split it
                 reg, first, n, slot = runs[i]
                 m = MAX_PAGES_PER_REQUEST
-                runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
+                runs[i:i + 1] = [Run(reg, first, m, slot), Run(reg, first + m, n - m, slot + m if slot >= 0 else slot)]
                 continue
             req = self._last_req = next(self._req)
             items = protocol.items_to_bytes([(reg.rid, first, n, slot if kind == "merge" else 0)

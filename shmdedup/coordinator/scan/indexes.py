@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from shmdedup import _native
+from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
 from shmdedup.pages import PAGE_SIZE, cut_runs
@@ -37,7 +38,9 @@ def _one(v: int, dtype: type) -> np.ndarray:
 
 
 class StableIndex:
-    def __init__(self) -> None:
+    def __init__(self, settings: ScanSettings | None = None) -> None:
+        # max_kernel_pages is read from the scan's settings (settings.py).
+        self.settings: ScanSettings = settings if settings is not None else ScanSettings()
         self.segment: StableSegment = StableSegment()
         self.ix: _native.HashIndex = _native.HashIndex()
         cap = 1024
@@ -46,7 +49,6 @@ class StableIndex:
         self.slot_hash: np.ndarray = np.zeros(cap, np.uint64)
         self.chain_prev: np.ndarray = np.full(cap, -1, np.int64)
         self.born_inline: np.ndarray = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
-        self.max_pages = 0       # max_kernel_pages; 0 = no cap
         self.write_error: str = ""    # why the last new stable page could not be written
         self.write_failures: int = 0  # new stable pages that could not be written, ever
 
@@ -88,9 +90,10 @@ class StableIndex:
 
     def room(self, n: int) -> int:
         """How many of n new slots max_kernel_pages still allows."""
-        if not self.max_pages:
+        cap = self.settings.max_kernel_pages    # 0: no cap
+        if not cap:
             return n
-        return max(0, min(n, self.max_pages - self.segment.pages_in_use))
+        return max(0, min(n, cap - self.segment.pages_in_use))
 
     def add(self, content: np.ndarray, hashes: np.ndarray, hint: int | None = None) -> int | None:
         """Copy len(hashes) pages into a run of new slots and index them;
