@@ -1,7 +1,9 @@
 /* sd_break.c - break_cow: a merged page becomes private again.
  *
  * DESIGN invariant 3, in this order:
- *   1. pwrite the content the page maps back into the backing at its offset,
+ *   1. pwrite the content the page maps back into the backing at its offset
+ *      (read from the worker's view of the stable object when the page's
+ *      stable reference names a live one, sd_view.c; else from the page),
  *   2. mmap the backing read-write there, with the region's own fd (a
  *      reopened fd would stop the kernel from merging the mappings),
  *   3. publish PRIVATE (release).
@@ -17,27 +19,94 @@
 #include <errno.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include "sd_break.h"
 #include "sd_fault.h"
 #include "sd_pages.h"
+#include "sd_view.h"
 
 _Atomic int sd_test_fail_mmaps;
 
-static int pwrite_full(int fd, const uint8_t *buf, size_t len, off_t off)
+/* pwritev all of iov[0, cnt) at off, resuming after short writes. */
+static int pwritev_full(int fd, struct iovec *iov, int cnt, off_t off)
 {
-    while (len > 0) {
-        ssize_t w = pwrite(fd, buf, len, off);
+    while (cnt > 0) {
+        ssize_t w = pwritev(fd, iov, cnt, off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
             return -1;
         }
-        buf += w;
-        len -= (size_t)w;
         off += w;
+        while (cnt > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
     }
     return 0;
+}
+
+#define COPY_IOVS 64
+
+/* Write the content of pages [first, first + n) into the backing at their
+ * offsets.  A page whose stable reference names a live view is read from
+ * that view (sd_view.c: the faulting address stays untouched, so the remap
+ * clears no page table entry and flushes no TLB); the others, and all of
+ * them if the view cannot be read (EFAULT), from their own mapping.  One
+ * view is held at a time: the first page's (a window mixing views, after a
+ * coordinator restart, copies the rest from the mapping).  Returns 0 or -1. */
+static int copy_pages(struct sd_region *r, uint8_t *addr, size_t first, size_t n)
+{
+    uint64_t ref0 = atomic_load_explicit(&r->ref[first], memory_order_relaxed);
+    const uint8_t *vbase = NULL;
+    size_t vlen = 0;
+    int held = sd_view_hold(ref0, &vbase, &vlen);
+    uint32_t tag = (uint32_t)(ref0 >> 32);
+    struct iovec iov[COPY_IOVS];
+    size_t i = 0, from_view = 0;
+    int rc = 0;
+    while (i < n && rc == 0) {
+        size_t start = i;
+        int k = 0;
+        for (; i < n; i++) {
+            const uint8_t *src = addr + i * sd_page_size;
+            uint64_t ref = atomic_load_explicit(&r->ref[first + i], memory_order_relaxed);
+            if (held >= 0 && (uint32_t)(ref >> 32) == tag
+                && ((ref & UINT32_MAX) + 1) * sd_page_size <= vlen) {
+                src = vbase + (ref & UINT32_MAX) * sd_page_size;
+                from_view++;
+            }
+            if (k > 0 && (const uint8_t *)iov[k - 1].iov_base + iov[k - 1].iov_len == src) {
+                iov[k - 1].iov_len += sd_page_size;
+                continue;
+            }
+            if (k == COPY_IOVS)
+                break;
+            iov[k].iov_base = (void *)src;
+            iov[k].iov_len = sd_page_size;
+            k++;
+        }
+        rc = pwritev_full(r->fd, iov, k, (off_t)((first + start) * sd_page_size));
+    }
+    if (held >= 0) {
+        sd_view_unhold(held);
+        /* EFAULT: the view does not cover the slot (it cannot happen while
+         * merges validate slots; the mapping is the safe way round). */
+        if (rc < 0 && errno == EFAULT) {
+            struct iovec all = {.iov_base = addr, .iov_len = n * sd_page_size};
+            rc = pwritev_full(r->fd, &all, 1, (off_t)(first * sd_page_size));
+            from_view = 0;
+        }
+    }
+    if (rc == 0 && from_view)
+        atomic_fetch_add_explicit(&sd_view_copied, from_view, memory_order_relaxed);
+    return rc;
 }
 
 /* Copy pages [first, first + n) back into the backing and map it read-write
@@ -52,7 +121,7 @@ static int copy_back(struct sd_region *r, size_t first, size_t n, int zero)
 
     /* A zero page's backing was punched at merge time: it already reads as
      * zeros, so only the mapping has to change. */
-    if (!zero && pwrite_full(r->fd, addr, len, off) < 0)
+    if (!zero && copy_pages(r, addr, first, n) < 0)
         return -1;
     sd_fault_point(SD_FAULT_BREAK_COPIED);
     if (atomic_load(&sd_test_fail_mmaps) > 0 && atomic_fetch_sub(&sd_test_fail_mmaps, 1) > 0) {
@@ -96,6 +165,7 @@ long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
         if (claim_neighbours(r, &lo, &hi) > 0) {
             rc = copy_back(r, lo, hi - lo, 0);
             if (rc == 0) {
+                sd_set_refs(r, lo, hi - lo, 0);
                 sd_publish(r, lo, hi - lo, SD_PRIVATE);
                 atomic_fetch_sub(&sd_merged_pages, (long)(hi - lo));
                 return (long)(hi - lo);
@@ -121,6 +191,7 @@ long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
         errno = err;
         return -1;
     }
+    sd_set_refs(r, first, n, 0);
     sd_publish(r, first, n, SD_PRIVATE);
     atomic_fetch_sub(&sd_merged_pages, (long)n);
     return (long)n;
