@@ -112,7 +112,7 @@ static int copy_pages(struct sd_region *r, uint8_t *addr, size_t first, size_t n
 /* Copy pages [first, first + n) back into the backing and map it read-write
  * there.  The caller owns them (BREAKING).  Returns 0, -1 if the copy failed
  * (nothing changed but backing bytes nobody maps), -2 if the mmap failed. */
-static int copy_back(struct sd_region *r, size_t first, size_t n, int zero)
+static int copy_back(struct sd_region *r, size_t first, size_t n, int zero, int populate)
 {
     uintptr_t base = atomic_load(&r->base);
     uint8_t *addr = (uint8_t *)base + first * sd_page_size;
@@ -128,7 +128,14 @@ static int copy_back(struct sd_region *r, size_t first, size_t n, int zero)
         errno = ENOMEM;
         return -2;
     }
-    if (mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, r->fd, off) == MAP_FAILED)
+    /* A trap's fault-around window is written next, page after page:
+     * populating it now saves a write fault per page (2.65 -> 2.1 us/page
+     * for sequential writes).  One page: the retried write faults it in at
+     * the same cost.  An explicit break (unmerge) leaves its pages to be
+     * faulted in if and when they are used.  Populating cannot fail the
+     * mmap (the kernel ignores its errors: the writes then fault). */
+    int flags = MAP_SHARED | MAP_FIXED | (populate && n > 1 ? MAP_POPULATE : 0);
+    if (mmap(addr, len, PROT_READ | PROT_WRITE, flags, r->fd, off) == MAP_FAILED)
         return -2;
     sd_fault_point(SD_FAULT_BREAK_MAPPED);
     return 0;
@@ -157,13 +164,13 @@ static size_t claim_neighbours(struct sd_region *r, size_t *lo, size_t *hi)
     return added;
 }
 
-long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s)
+long sd_break_owned(struct sd_region *r, size_t first, size_t n, uint8_t s, int populate)
 {
-    int rc = copy_back(r, first, n, s == SD_ZERO);
+    int rc = copy_back(r, first, n, s == SD_ZERO, populate);
     if (rc == -2 && errno == ENOMEM) {
         size_t lo = first, hi = first + n;
         if (claim_neighbours(r, &lo, &hi) > 0) {
-            rc = copy_back(r, lo, hi - lo, 0);
+            rc = copy_back(r, lo, hi - lo, 0, 0);
             if (rc == 0) {
                 sd_set_refs(r, lo, hi - lo, 0);
                 sd_publish(r, lo, hi - lo, SD_PRIVATE);
@@ -224,7 +231,7 @@ long sd_break_cow(struct sd_region *r, size_t first, size_t n)
         }
         if (j == i)
             continue;               /* lost a race: look at page i again */
-        long got = sd_break_owned(r, i, j - i, s);
+        long got = sd_break_owned(r, i, j - i, s, 0);
         if (got < 0)
             return -1;
         broken += got;
