@@ -132,9 +132,11 @@ static int copy_back(struct sd_region *r, size_t first, size_t n, int zero, int 
      * populating it now saves a write fault per page (2.65 -> 2.1 us/page
      * for sequential writes).  One page: the retried write faults it in at
      * the same cost.  An explicit break (unmerge) leaves its pages to be
-     * faulted in if and when they are used.  Populating cannot fail the
-     * mmap (the kernel ignores its errors: the writes then fault). */
-    int flags = MAP_SHARED | MAP_FIXED | (populate && n > 1 ? MAP_POPULATE : 0);
+     * faulted in if and when they are used, and so does a window of zero
+     * pages: their backing is a hole, which populating would allocate.
+     * Populating cannot fail the mmap (the kernel ignores its errors: the
+     * writes then fault). */
+    int flags = MAP_SHARED | MAP_FIXED | (populate && !zero && n > 1 ? MAP_POPULATE : 0);
     if (mmap(addr, len, PROT_READ | PROT_WRITE, flags, r->fd, off) == MAP_FAILED)
         return -2;
     sd_fault_point(SD_FAULT_BREAK_MAPPED);
