@@ -18,6 +18,9 @@ Invariants kept here:
   which is what keeps stable slots immutable outside the coordinator.
 * **Holes are never read.** ``data_extents`` finds written pages with
   SEEK_DATA/SEEK_HOLE so callers can skip the rest without allocating it.
+  The object may belong to another process that truncates, grows or punches
+  it at any moment: the answer is a snapshot, and a change between two seeks
+  ends it early rather than failing.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "create",
     "data_extents",
     "libc",
+    "next_data",
     "punch_hole",
     "reopen_readonly",
     "resize",
@@ -239,16 +243,30 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     extents: list[tuple[int, int]] = []
     pos = start
     while pos < end:
+        data = next_data(fd, pos)
+        if data is None or data >= end:
+            break
         try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data at or after pos
+            # ENXIO: the object was truncated below `data` since the first
+            # seek (another process owns it); nothing is left from there.
+            if exc.errno == errno.ENXIO:
                 break
             raise
-        if data >= end:
+        if hole <= data:  # changed between the seeks as well: stop here, seen next time
             break
-        # A hole always exists at EOF, so SEEK_HOLE after data cannot fail with ENXIO.
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         extents.append((data, hole - data))
         pos = hole
     return extents
+
+
+def next_data(fd: int, offset: int) -> int | None:
+    """The first offset at or after ``offset`` that holds data (SEEK_DATA),
+    or None when there is none (ENXIO: only holes, or past the end)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise

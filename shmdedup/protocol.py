@@ -55,6 +55,7 @@ PROTOCOL_VERSION = 1
 # default (net.core.wmem_default) is 208 KiB, so stay under it even when our
 # SO_SNDBUF request is refused.
 MAX_MESSAGE = 192 * 1024
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)   # Linux 6.5; Python 3.13 names it
 MAX_FDS = 4
 ITEM_SIZE = 32
 MAX_ITEMS = ((MAX_MESSAGE - 1024) // ITEM_SIZE) // 64 * 64  # 1 KiB for the envelope
@@ -347,6 +348,17 @@ class Connection:
             raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             self._peer = struct.unpack("3i", raw)
         return self._peer
+
+    def peer_pidfd(self) -> int:
+        """A pidfd of the peer process as the kernel recorded it at connect
+        (SO_PEERPIDFD, Linux 6.5): it names that process whatever pid
+        namespace either side is in (where SO_PEERCRED says pid 0), and never
+        a later process that reuses its pid.  Close-on-exec; the caller owns
+        it.  Raises OSError (ENOPROTOOPT before Linux 6.5, ESRCH once the peer
+        has exited, EMFILE)."""
+        fd = self._sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        os.set_inheritable(fd, False)
+        return fd
 
     def fileno(self) -> int:
         return self._sock.fileno()

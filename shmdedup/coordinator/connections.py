@@ -41,7 +41,7 @@ from typing import Any, Callable
 from shmdedup import protocol
 from shmdedup._shm import close_fds
 from shmdedup.errors import PeerRejectedError, ProtocolError
-from shmdedup.coordinator.peers import Peer
+from shmdedup.coordinator.peers import Peer, peer_pidfd, process_key
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, Quotas
 from shmdedup.coordinator.security import LogLimiter, TokenBucket
 
@@ -138,7 +138,8 @@ class ConnectionsMixin:
             conn.close()
             return
         try:
-            pidfd = os.pidfd_open(pid) if pid > 0 else None
+            # From the connection (SO_PEERPIDFD): any pid namespace (pid 0 here).
+            pidfd = peer_pidfd(conn, pid)
         except OSError as e:
             if e.errno in _SHORTAGE:    # no pidfd, no ghost: refuse rather than admit blind
                 self.warn.warning("rejected", "rejected pid %d uid %d: no descriptor left "
@@ -149,7 +150,8 @@ class ConnectionsMixin:
                 return
             pidfd = None    # gone already (ESRCH), or no pidfd here
         peer = Peer(conn, pid, uid, bucket=TokenBucket(self.controls["max_msgs_burst"]),
-                    pidfd=pidfd, accepted_at=time.monotonic(), client_only=client_only)
+                    pidfd=pidfd, key=process_key(pid, pidfd), accepted_at=time.monotonic(),
+                    client_only=client_only)
         self.peers[conn.fileno()] = peer
         self._extra += client_only
         self.quotas.charge(uid, connections=1, fds=1 + (pidfd is not None))

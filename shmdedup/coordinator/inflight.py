@@ -142,7 +142,7 @@ class RequestsMixin:
         if reg is not None:
             # merge_now advises the range (without waking the scan, as an
             # advise message does: these pages are merged right here).
-            reg.advice[start:start + n] = True
+            self.scanner.advise(reg, start, n, True)
         if token in peer.inline:
             raise ProtocolError(f"merge_now {token} is already in progress")
         if len(peer.inline) >= MAX_INLINE_PER_WORKER:

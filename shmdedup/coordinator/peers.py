@@ -6,10 +6,21 @@ still alive: its slots stay held until its pidfd says the process exited
 (DESIGN invariants 6-7: a slot is freed only when no live process can map it).
 An ``Outbox`` holds the messages a peer has not read yet: the coordinator's one
 thread never waits for a peer (connections.py).
+
+The pidfd comes from the connection itself (SO_PEERPIDFD): it names the
+process that connected even when that process is in another pid namespace
+(SO_PEERCRED then says pid 0) and cannot be confused with a later process
+reusing its pid; ``pidfd_open(pid)`` is the fallback on kernels before 6.5.
+A worker the coordinator has no pidfd for (descriptors exhausted at accept,
+or no pidfd at all) gets none of its regions merged: without one, nothing
+could tell when its mappings are gone, so its slots could never be freed
+safely (invariant 6).  Ghosts are matched to a process by its pidfd's inode
+(pidfs, Linux 6.9) or else by a pid visible here (``process_key``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 from collections import deque
@@ -18,8 +29,10 @@ from typing import Any
 
 from shmdedup import protocol
 from shmdedup._shm import close_fds
-from shmdedup.coordinator.security import TokenBucket
+from shmdedup.coordinator.security import TokenBucket, fs_type
 from shmdedup.coordinator.scan.tracking import RegionState, Run
+
+PIDFS_MAGIC = 0x50494446
 
 
 class Outbox:
@@ -67,6 +80,7 @@ class Peer:
     bucket: TokenBucket | None = None
     refused: set[int] = field(default_factory=set)  # rids refused by a cap (not an offence)
     pidfd: int | None = None     # tells when the process has exited (None: cannot tell)
+    key: Any = None              # the process, across connections (process_key)
     held: bool = False           # a client request awaits its reply (a wait, a run=2)
     # (msg, fds) sent behind it, handled after it
     queued: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
@@ -100,6 +114,44 @@ class Ghost:
     regions: list[RegionState]
     merges: list[list[Run]]      # its merge requests in flight, each a list of runs
     uid: int = -1                # whose quota its pidfd and regions are charged to
+    key: Any = None              # the process (process_key)
+
+
+_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def peer_pidfd(conn: protocol.Connection, pid: int) -> int | None:
+    """A pidfd of the process at the other end of ``conn`` (SO_PEERPIDFD, or
+    pidfd_open(pid) where that is missing), or None when there is none (it
+    exited, or neither call works here).  Raises OSError when descriptors
+    are short (EMFILE, ENFILE, ENOMEM): the caller may try again later."""
+    try:
+        return conn.peer_pidfd()
+    except OSError as e:
+        if e.errno in _SHORTAGE:
+            raise
+    if pid <= 0:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError as e:
+        if e.errno in _SHORTAGE:
+            raise
+        return None
+
+
+def process_key(pid: int, pidfd: int | None) -> Any:
+    """What identifies a worker's process across its connections: the
+    inode of its pidfd on pidfs (one per process, any pid namespace), else
+    its pid when visible here (> 0); None when neither can (every
+    connection then gets a ghost of its own)."""
+    if pidfd is not None:
+        try:
+            if fs_type(pidfd) == PIDFS_MAGIC:
+                return ("pidfs", os.fstat(pidfd).st_ino)
+        except OSError:
+            pass
+    return ("pid", pid) if pid > 0 else None
 
 
 def _open_pidfd(pid: int) -> int | None:

@@ -44,7 +44,8 @@ _PR_GET_DUMPABLE = 3
 _STATFS_SIZE = 120  # sizeof(struct statfs) on 64-bit Linux; f_type comes first
 
 
-def _fs_type(fd: int) -> int:
+def fs_type(fd: int) -> int:
+    """The filesystem magic of the file behind fd (statfs f_type)."""
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
     if _shm.libc.fstatfs(fd, buf) != 0:
         e = ctypes.get_errno()
@@ -57,7 +58,7 @@ def check_worker_object(fd: int, what: str, min_size: int) -> None:
     try:
         st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fs = _fs_type(fd)
+        fs = fs_type(fd)
     except OSError as e:
         raise ProtocolError(f"{what}: cannot inspect the descriptor: {e}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -77,7 +78,14 @@ class StateBytes:
     Indexable like the uint8 array it replaces: ``s[a:b]``, ``s[i]`` and
     ``s[index_array]`` return fresh numpy values.  Never maps the object, so a
     worker shrinking it cannot crash the coordinator (see module docstring).
+    What is read follows what is asked: an index array of pages far apart is
+    read one cluster of nearby pages at a time, never as one span between the
+    lowest and the highest; and :meth:`data_ranges` says where the bytes can
+    be anything but 0 at all (a hole in the object is PRIVATE).
     """
+
+    # Index arrays whose pages lie further apart than this are read per cluster.
+    CLUSTER_GAP = 4096
 
     def __init__(self, fd: int, npages: int) -> None:
         self.fd = fd
@@ -109,7 +117,27 @@ class StateBytes:
         lo, hi = int(idx.min()), int(idx.max()) + 1
         if lo < 0 or hi > self.npages:
             raise IndexError(f"pages [{lo}, {hi}) are outside the region's {self.npages} pages")
-        return self._read(lo, hi)[idx - lo]
+        if hi - lo <= 4 * idx.size + self.CLUSTER_GAP:
+            return self._read(lo, hi)[idx - lo]
+        flat = idx.ravel()
+        order = np.argsort(flat, kind="stable")
+        s = flat[order]
+        cut = (np.flatnonzero(np.diff(s) > self.CLUSTER_GAP) + 1).tolist()
+        got = np.empty(len(s), np.uint8)
+        for a, b in zip([0, *cut], [*cut, len(s)]):
+            first = int(s[a])
+            got[a:b] = self._read(first, int(s[b - 1]) + 1)[s[a:b] - first]
+        out = np.empty(len(s), np.uint8)
+        out[order] = got
+        return out.reshape(idx.shape)
+
+    def data_ranges(self, a: int = 0, b: int | None = None) -> list[tuple[int, int]]:
+        """[start, end) ranges of pages within [a, b) whose state bytes hold
+        data; every other page's state byte reads 0 (PRIVATE)."""
+        b = self.npages if b is None else min(b, self.npages)
+        if b <= a:
+            return []
+        return [(s, s + n) for s, n in _shm.data_extents(self.fd, a, b)]
 
 
 class TokenBucket:
@@ -158,6 +186,9 @@ class LogLimiter:
             fmt += " (%d more like it not logged)"
             args += (n,)
         self.logger.warning(fmt, *args)
+
+
+_fs_type = fs_type
 
 
 def set_dumpable(dumpable: bool) -> None:

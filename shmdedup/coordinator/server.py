@@ -25,6 +25,15 @@ Every message is untrusted: ``protocol.decode`` validates types and ranges,
 and this module checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
+The objects a worker registers are as untrusted as its messages: if scanning
+one of its regions fails (the scanner treats every object as one the worker
+may truncate, grow or punch at any moment; OSError, MemoryError, or a bug of
+ours), that worker is dropped with the reason logged, never the coordinator.
+
+Pacing: a batch ends after ``MAX_BATCH_CPU`` seconds of CPU whatever
+``pages_to_scan`` says, so the loop answers everyone within about that; and
+with the scan-time advisor on, the next batch waits until the scan's CPU is
+within ``advisor_max_cpu``, whatever peers register or advise.
 
 No peer can stop the loop or lock others out (``connections.py``,
 ``quotas.py``): sends never block (a peer that stops reading is dropped when
@@ -52,6 +61,7 @@ import os
 import selectors
 import socket
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -64,7 +74,8 @@ from shmdedup.errors import DescriptorShortageError, ProtocolError
 from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.connections import ConnectionsMixin
-from shmdedup.coordinator.peers import Ghost, Peer, _exited, _open_pidfd, _same_file
+from shmdedup.coordinator.peers import (
+    Ghost, Peer, _exited, _open_pidfd, _same_file, peer_pidfd, process_key)
 from shmdedup.coordinator.inflight import RequestsMixin
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
 from shmdedup.coordinator.scan.scanner import Scanner
@@ -74,6 +85,7 @@ from shmdedup.coordinator.surface import ControlsMixin
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
+MAX_BATCH_CPU = 0.05            # s of this thread's CPU one batch may use
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 
@@ -124,6 +136,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.ghosts: dict[int, Ghost] = {}   # by pidfd
         self._stopping = False
         self._next_batch = 0.0
+        # advisor_max_cpu: no batch before this (see _pace), and when the
+        # previous batch ended.
+        self._cpu_gate = 0.0
+        self._batch_end = time.monotonic()
         self.last_error = ""
         self.pages_merged_inline = 0     # pages merged by merge_now, ever
         self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
@@ -165,7 +181,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
     def serve(self) -> None:
         try:
             while not self._stopping:
-                self._step()
+                try:
+                    self._step()
+                except Exception:  # noqa: BLE001 - a bug of ours must not take the domain down
+                    self.warn.warning("internal", "internal error in the coordinator's loop:\n%s",
+                                      traceback.format_exc())
+                    self._next_batch = time.monotonic() + 0.1
         finally:
             self._shutdown()
 
@@ -199,7 +220,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         now = time.monotonic()
         timeout: float | None = None
         if self._scanning():
-            timeout = max(0.0, self._next_batch - now)
+            timeout = max(0.0, max(self._next_batch, self._cpu_gate) - now)
         deadlines = [w[2] for w in self._waiters]
         deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
         hello = self._expire_hello(now)
@@ -231,12 +252,19 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             self._flush_drops()
         now = time.monotonic()
         self._resume_accept(now)
-        if self._scanning() and now >= self._next_batch:
+        if self._scanning() and now >= max(self._next_batch, self._cpu_gate):
             before = self.scanner.full_scans
-            self.scanner.batch(self.controls["pages_to_scan"])
+            cpu0 = time.thread_time()
+            try:
+                self.scanner.batch(self.controls["pages_to_scan"], MAX_BATCH_CPU)
+            finally:
+                # Workers whose regions could not be scanned go, with the reason.
+                for worker, why in self.scanner.failed:
+                    self._schedule_drop(worker, why)
+                self.scanner.failed = []
             self.batches += 1
             self._flush_drops()
-            self._next_batch = time.monotonic() + self.controls["sleep_millisecs"] / 1000
+            self._next_batch = self._pace(time.thread_time() - cpu0)
             if self.scanner.full_scans != before:
                 self._full_scan_done()
         self._settle_waiters()
@@ -244,6 +272,22 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._resume_held()
         if self.metrics is not None:
             self.metrics.tick(self.stats)
+
+    def _pace(self, cpu: float) -> float:
+        """When the next batch may run: ``sleep_millisecs`` after this one,
+        and with the advisor on, not before the ``cpu`` seconds this batch
+        took are at most ``advisor_max_cpu`` percent of the time since the
+        previous batch ended.  The cap is the scan's, as ksmd's is (messages
+        are paced by their own limits): a peer's messages cannot starve the
+        scan, nor its regions make the scan take more."""
+        now = time.monotonic()
+        t0, self._batch_end = self._batch_end, now
+        if self.controls["advisor_mode"] == 1:
+            cap = self.controls["advisor_max_cpu"] / 100
+            self._cpu_gate = now + max(0.0, cpu / cap - (now - t0))
+        else:
+            self._cpu_gate = 0.0
+        return now + self.controls["sleep_millisecs"] / 1000
 
     def _full_scan_done(self) -> None:
         """Feed the scan-time advisor what the last full scan cost; give the
@@ -400,9 +444,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         elif peer.pidfd is not None and (peer.regions or merges) and not _exited(peer.pidfd):
             # One ghost per process, however often it reconnects.  It keeps
             # its pidfd and regions' descriptors charged to its uid.
-            ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+            ghost = self._ghost_of(peer)
             if ghost is None:
-                ghost = Ghost(peer.pid, peer.pidfd, [], [], peer.uid)
+                ghost = Ghost(peer.pid, peer.pidfd, [], [], peer.uid, peer.key)
                 peer.pidfd = None
                 self.ghosts[ghost.pidfd] = ghost
                 self.sel.register(ghost.pidfd, selectors.EVENT_READ, ghost)
@@ -412,12 +456,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             ghost.regions += peer.regions.values()
             ghost.merges += merges
             for reg in peer.regions.values():
-                self.scanner.detach_region(reg)
+                self._settle(self.scanner.detach_region, reg, peer.pid)
         else:
             for items in merges:
-                self.scanner.forget_request(items)
+                self._settle(self.scanner.forget_request, items, peer.pid)
             for reg in peer.regions.values():
-                self.scanner.remove_region(reg)
+                self._settle(self.scanner.remove_region, reg, peer.pid)
             _uncharge(q, peer.uid, held)
         if peer.pidfd is not None:
             os.close(peer.pidfd)
@@ -430,6 +474,12 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 self._run2["client"] = None
             self._check_run2()
 
+    def _ghost_of(self, peer: Peer) -> Ghost | None:
+        """The ghost of the process behind this connection, if it has one."""
+        if peer.key is None:
+            return None
+        return next((g for g in self.ghosts.values() if g.key == peer.key), None)
+
     def _bury(self, ghost: Ghost) -> None:
         """A ghost's process exited (its pidfd is readable): its mappings are
         gone, so its slots can be released."""
@@ -439,9 +489,25 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.quotas.charge(ghost.uid, fds=-1)
         _uncharge(self.quotas, ghost.uid, _held(ghost.regions))
         for items in ghost.merges:
-            self.scanner.forget_request(items)
+            self._settle(self.scanner.forget_request, items, ghost.pid)
         for reg in ghost.regions:
-            self.scanner.release_detached(reg)
+            self._settle(self.scanner.release_detached, reg, ghost.pid)
+
+    def _settle(self, fn: Any, arg: Any, pid: int) -> None:
+        """Release what a departed worker held; should that fail (no memory),
+        what it held stays held (a slot kept too long is safe, one freed too
+        early is not) and everyone else goes on."""
+        try:
+            fn(arg)
+        except Exception as e:  # noqa: BLE001
+            log.error("pid %d: %s failed (%s: %s); what it held stays held", pid,
+                      fn.__name__, type(e).__name__, e,
+                      exc_info=not isinstance(e, (OSError, MemoryError)))
+            if isinstance(arg, RegionState):
+                self.scanner.abandon(arg)             # never scanned again
+                if not arg.closed:
+                    close_fds([arg.backing_fd, arg.meta_fd])
+                    arg.closed = True
 
     # -- messages ----------------------------------------------------------
 
@@ -477,10 +543,18 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if rid in peer.regions:
             raise ProtocolError(f"region {rid} is already registered")
         peer.refused.discard(rid)   # a refused region offered again (agent.py retries)
+        if peer.pidfd is None:      # none at accept (descriptors short?): try again
+            try:
+                peer.pidfd = peer_pidfd(peer.conn, peer.pid)
+            except OSError:
+                peer.pidfd = None
+            if peer.pidfd is not None:
+                self.quotas.charge(peer.uid, fds=1)
+                peer.key = process_key(peer.pid, peer.pidfd)
         # The same live process registering the same region again (it
         # reconnected) takes its slot references back from its ghost, and the
         # ghost's descriptors for it are given back at once.
-        ghost = next((g for g in self.ghosts.values() if g.pid == peer.pid), None)
+        ghost = self._ghost_of(peer)
         again = None
         if ghost is not None and ghost.uid == peer.uid:
             again = next((g for g in ghost.regions if g.rid == rid and g.npages == npages), None)
@@ -489,6 +563,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         cap = None
         if len(fds) < 2:
             cap = "the coordinator has no descriptors left for its objects"
+        elif peer.pidfd is None:
+            # Invariant 6: nothing would tell when its mappings are gone.
+            cap = ("no pidfd for this process (cannot tell when it exits, so none of its "
+                   "pages are merged)")
         elif len(peer.regions) >= self.controls["max_regions_per_worker"]:
             cap = f"{len(peer.regions)} regions already (max_regions_per_worker)"
         elif peer.pages + npages > self.controls["max_pages_per_worker"]:
@@ -532,7 +610,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         start, n = msg["start"], msg["npages"]
         if start + n > reg.npages:
             raise ProtocolError(f"advise [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
-        reg.advice[start:start + n] = msg["mergeable"]
+        self.scanner.advise(reg, start, n, msg["mergeable"])
         if not msg["mergeable"]:
             # The worker breaks the range's merged pages (and says so again
             # when done): reconcile, even if nothing is advised any more.

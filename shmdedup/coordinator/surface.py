@@ -121,7 +121,9 @@ class ControlsMixin:
     def stats(self) -> Stats:
         """Every control and statistic (``shmdedup.stats.Stats`` names each key)."""
         out: dict[str, Any] = dict(self.controls)
-        out.update(self.scanner.stats())
+        peers = [p for p in self.peers.values() if p.role == "worker"]
+        counters, per_worker = self.scanner.counters(peers)   # one pass over the regions
+        out.update(counters)
         out["pages_merged_inline"] = self.pages_merged_inline
         out["merge_now_cpu_usecs"] = self.merge_now_cpu_ns // 1000
         out["last_error"] = self.last_error
@@ -130,13 +132,12 @@ class ControlsMixin:
         if self.metrics_port is not None:
             out["metrics_port"] = self.metrics_port
         workers = []
-        for peer in self.peers.values():
-            if peer.role == "worker":
-                w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages,
-                     "requests": len(peer.requests),   # merges and unmerges in flight
-                     "pages_merged_inline": peer.merged_inline}
-                w.update(self.scanner.worker_stats(peer))
-                workers.append(w)
+        for peer in peers:
+            w = {"pid": peer.pid, "regions": len(peer.regions), "pages": peer.pages,
+                 "requests": len(peer.requests),   # merges and unmerges in flight
+                 "pages_merged_inline": peer.merged_inline}
+            w.update(per_worker[peer])
+            workers.append(w)
         out["workers"] = workers
         # Quotas per uid (quotas.py): what each uid's peers and ghosts hold.
         out["uids"] = self.quotas.stats()

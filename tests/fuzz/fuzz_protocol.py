@@ -214,6 +214,10 @@ def one_input(data: bytes) -> None:
     finally:
         server._drop.clear()
         server._drop_peer(peer, "")
+        # The peer is this (live) process, so its regions went to a ghost
+        # (its pidfd comes from the connection): bury it as if it had exited.
+        for ghost in list(server.ghosts.values()):
+            server._bury(ghost)
         server._waiters.clear()
         server._run2 = None
         server.controls.update({k: v[0] for k, v in coordinator.CONTROLS.items()}, **BASE)

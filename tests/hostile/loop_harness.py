@@ -4,8 +4,8 @@ and an honest worker that measures how long a fresh merge takes.
 * :class:`CoordinatorProcess` runs ``shmdedup coordinator`` in its own process (so
   its descriptor limit, threads, CPU time and log can be measured from outside), on
   a socket other uids can reach (a 0711 directory, a 0666 socket), optionally
-  with a lower ``RLIMIT_NOFILE`` (``nofile``: both limits, or (soft, hard)).  It ends
-  with the test process (``--parent-pid``).
+  with a lower ``RLIMIT_NOFILE`` (``nofile``: both limits, or (soft, hard)) or an
+  ``RLIMIT_AS`` (``rlimit_as``, bytes).  It ends with the test process (``--parent-pid``).
 * :func:`start_attacker` runs an attack in a child that starts as root, imports
   everything (the interpreter lives under /root, 0700 here), then drops to an unused
   uid.  The attack runs until SIGTERM (``Attacker.finish``) and prints one JSON
@@ -41,9 +41,11 @@ P99_LIMIT = 1.0              # seconds: an honest fresh merge during an attack
 
 _COORDINATOR = """
 import resource, sys
-soft, hard = map(int, sys.argv[1].split(","))
+soft, hard, vm = map(int, sys.argv[1].split(","))
 if soft:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+if vm:
+    resource.setrlimit(resource.RLIMIT_AS, (vm, vm))
 from shmdedup.tools.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -53,7 +55,8 @@ class CoordinatorProcess:
     """``shmdedup coordinator`` in a process of its own, reachable by other uids."""
 
     def __init__(self, *, allow_uids: tuple[int, ...] = (), nofile: int | tuple[int, int] = 0,
-                 metrics: bool = False, verbose: bool = False, **controls: int) -> None:
+                 rlimit_as: int = 0, metrics: bool = False, verbose: bool = False,
+                 **controls: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="sd-loop-")
         os.chmod(self.dir, 0o711)
         self.path = os.path.join(self.dir, "c.sock")
@@ -71,7 +74,8 @@ class CoordinatorProcess:
         soft, hard = nofile if isinstance(nofile, tuple) else (nofile, nofile)
         with open(self.logfile, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _COORDINATOR, f"{soft},{hard}", *args], stdout=subprocess.DEVNULL,
+                [sys.executable, "-c", _COORDINATOR, f"{soft},{hard},{rlimit_as}", *args],
+                stdout=subprocess.DEVNULL,
                 stderr=log, env=child_env(), cwd=str(REPO_ROOT), start_new_session=True)
         wait_for(lambda: "listening on" in self.log() or self.proc.poll() is not None, 60,
                  what="the coordinator to listen")
@@ -116,6 +120,16 @@ class CoordinatorProcess:
     def threads(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             return int(next(x for x in f if x.startswith("Threads:")).split()[1])
+
+    def memory_mb(self) -> dict[str, float]:
+        """VmRSS, VmHWM (the peak resident) and VmPeak (virtual), in MiB."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "VmPeak"):
+                    out[key] = int(value.split()[0]) / 1024
+        return out
 
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.pid}/stat") as f:
@@ -240,6 +254,16 @@ class Attacker:
         self.proc.communicate()
 
 
+STARTED: list[Attacker] = []     # every attacker started, for kill_attackers()
+
+
+def kill_attackers() -> None:
+    """Kill the attackers a test left running (it failed before finishing
+    them): a fixture's teardown calls this before the leak checks."""
+    while STARTED:
+        STARTED.pop().kill()
+
+
 def start_attacker(socket_path: str, uid: int, code: str, **args: Any) -> Attacker:
     """Run ``ATTACK_PRELUDE + code`` as *uid*; the code loops until ``STOP`` and
     fills ``out`` (printed as JSON at the end)."""
@@ -248,6 +272,7 @@ def start_attacker(socket_path: str, uid: int, code: str, **args: Any) -> Attack
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=str(REPO_ROOT), start_new_session=True)
     atk = Attacker(proc, uid)
+    STARTED.append(atk)
     # Its SIGTERM handler is in place once it says so.
     line = b""
     while not line.endswith(b"\n") and select.select([proc.stdout], [], [], 60)[0]:

@@ -38,6 +38,7 @@ from tests.hostile.loop_harness import (
     CoordinatorProcess,
     Honest,
     assert_fast,
+    kill_attackers,
     p99_limit,
     start_attacker,
 )
@@ -99,6 +100,7 @@ def honest_domain(request: pytest.FixtureRequest) -> Iterator[tuple[CoordinatorP
         assert coord.alive(), f"the coordinator died:\n{coord.log()[-3000:]}"
         honest.close()
     finally:
+        kill_attackers()
         if honest is not None:
             honest.close()
         coord.stop()

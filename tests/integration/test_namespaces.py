@@ -143,19 +143,15 @@ def test_merging_across_namespaces(ns: str, side: str, socket_path: str, procs: 
     wait_for(lambda: stable_blocks(coord) == 0, 30, "the stable object to be punched")
 
 
-UNSEEN = pytest.mark.xfail(reason="invariant 6 without a pidfd: a coordinator that cannot see a "
-                                  "worker's pid (pid 0 from SO_PEERCRED) frees the slots of a live "
-                                  "worker that lost its connection, and its merged pages read zeros; "
-                                  "open (issue 15, item 8)", strict=False)
-
-
-@pytest.mark.parametrize("coordinator_ns", ["none", pytest.param("pid", marks=UNSEEN)])
+@pytest.mark.parametrize("coordinator_ns", ["none", "pid"])
 def test_live_worker_losing_its_connection_keeps_its_slots(coordinator_ns: str, socket_path: str,
                                                            procs: list) -> None:
     """A worker whose connection drops while it lives still maps its slots:
     the coordinator must keep them until the process exits (a pidfd tells it).
     A coordinator in a pid namespace of its own has no pid for workers
-    outside, so no pidfd."""
+    outside (SO_PEERCRED says 0), so pidfd_open cannot watch them: the pidfd
+    comes from the connection (SO_PEERPIDFD).  Without it, the slots went
+    with the connection and a read zeros while alive."""
     if coordinator_ns == "pid":
         needs(*PID_NS)
     coord = Coordinator(socket_path, ns_prefix("pid") if coordinator_ns == "pid" else ())

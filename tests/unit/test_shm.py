@@ -6,6 +6,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 import secrets
 from collections.abc import Iterator
 
@@ -235,6 +236,50 @@ def test_data_extents_skips_holes(fds: list[int]) -> None:
     assert _shm.allocated_bytes(fd) == before  # looking allocated nothing
     _shm.punch_hole(fd, 3 * P, P)
     assert _shm.data_extents(fd, 0, 8 * P) == [(P, P), (4 * P, P), (7 * P, P)]
+
+
+def test_data_extents_truncated_between_the_seeks(fds: list[int], monkeypatch) -> None:
+    """Another process truncates the object right after SEEK_DATA found data:
+    SEEK_HOLE then fails with ENXIO.  The walk ends there, no error."""
+    fd = _shm.create(4 * P)
+    fds.append(fd)
+    os.pwrite(fd, b"x" * (4 * P), 0)
+    real = os.lseek
+
+    def lseek(f: int, pos: int, how: int) -> int:
+        got = real(f, pos, how)
+        if how == os.SEEK_DATA and got >= 2 * P:
+            os.ftruncate(f, P)          # the owner shrinks it now
+        return got
+    monkeypatch.setattr(_shm.os, "lseek", lseek)
+    assert _shm.data_extents(fd, 2 * P, 4 * P) == []
+    os.ftruncate(fd, 4 * P)
+    os.pwrite(fd, b"y", 3 * P)
+    assert _shm.data_extents(fd, 0, 4 * P) == [(0, P)]
+
+
+def test_data_extents_under_truncation_churn(fds: list[int]) -> None:
+    """ftruncate(0) / ftruncate(full) / write in a loop (the attack that took
+    the coordinator down): every answer is a list of extents inside the
+    range, never an error."""
+    fd = _shm.create(64 * P)
+    fds.append(fd)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, 64 * P)
+            os.pwrite(fd, b"z" * (4 * P), 8 * P)
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(20000):
+            for start, length in _shm.data_extents(fd, 0, 64 * P):
+                assert 0 <= start and start + length <= 64 * P and length > 0
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_data_extents_bad_range(fds: list[int]) -> None:

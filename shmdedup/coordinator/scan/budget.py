@@ -32,8 +32,14 @@ layout coarsens (pages broken back, regions closed, the control raised).
 Boundaries are counted per chunk of pages and recounted only for chunks that
 may have changed (``touch``: merge and unmerge replies, and every chunk the
 scan cursor passes, which picks up copy-on-write breaks), so keeping the
-estimate costs O(changed pages), not O(pages), per batch.  Measured against
-/proc/<pid>/maps the region part is exact (tests/integration/test_map_limit.py).
+estimate costs O(changed pages), not O(pages), per batch.  Only chunks with
+a boundary are remembered, and a whole region is recounted (at registration,
+or after a touch of many chunks) only where its state bytes hold data: a
+page whose state byte is a hole of the worker's metadata object is PRIVATE,
+and a stretch of PRIVATE pages has no boundary.  Recounts read a bounded
+piece at a time, so a region of 2**26 pages costs what it holds, not what it
+claims.  Measured against /proc/<pid>/maps the region part is exact
+(tests/integration/test_map_limit.py).
 
 What the estimate sees late: breaks in chunks the cursor has not passed since
 (a break inside a run splits it: +2 each), and the transient split while a
@@ -57,7 +63,10 @@ log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 # Mappings a worker process has besides its regions: a Python process with
 # numpy has ~300-600, one with a big framework a few thousand at most.
 PROCESS_MAPPINGS = 2000
-CHUNK = 2048                 
+CHUNK = 2048                 # pages per boundary count
+PIECE_CHUNKS = 64            # chunks recounted from one read (bounded temporaries)
+TOUCH_ALL = 64               # a touch of more chunks than this recounts the region
+
 # Stretch keys, one int64 per page: a stable run is (slot - page) * 4 (equal
 # for consecutive pages on consecutive slots), the others are not multiples
 # of 4.  FRESH (+ 8 k for the k-th) stands for a run of slots not allocated
@@ -71,14 +80,14 @@ PRIVATE_STATE, MERGING_STATE, ZERO_STATE = _native.PRIVATE, _native.MERGING, _na
 
 
 class _RegionMaps:
-    """Boundary counts of one region, per chunk."""
+    """Boundary counts of one region, per chunk (only chunks that have one)."""
 
-    __slots__ = ("bounds", "dirty", "total")
+    __slots__ = ("bounds", "dirty", "all_dirty", "total")
 
-    def __init__(self, npages: int) -> None:
-        n = max(-(-npages // CHUNK), 1)
-        self.bounds = np.zeros(n, np.int64)   # a new region is all private: no boundary
-        self.dirty = np.zeros(n, bool)
+    def __init__(self) -> None:
+        self.bounds: dict[int, int] = {}   # chunk -> boundaries it holds (> 0)
+        self.dirty: set[int] = set()       # chunks to recount
+        self.all_dirty = True              # recount the whole region (a new one may be merged)
         self.total = 0
 
 
@@ -98,11 +107,10 @@ class MappingBudget:
     # -- keeping the counts ------------------------------------------------
 
     def add(self, reg: Any) -> None:
-        m = self._maps[reg] = _RegionMaps(reg.npages)
+        self._maps[reg] = _RegionMaps()
         self._total[reg.worker] = self._total.get(reg.worker, 0) + 2   # backing and state bytes
         # Counted at the first estimate: pages may be merged already (by a
         # coordinator before this one).
-        m.dirty[:] = True
         self._dirty.setdefault(reg.worker, set()).add(reg)
 
     def touch(self, reg: Any, first: int, n: int) -> None:
@@ -112,7 +120,11 @@ class MappingBudget:
         m = self._maps.get(reg)
         if m is None or n <= 0:
             return
-        m.dirty[max(first - 1, 0) // CHUNK:(first + n - 1) // CHUNK + 1] = True
+        c0, c1 = max(first - 1, 0) // CHUNK, (first + n - 1) // CHUNK + 1
+        if c1 - c0 > TOUCH_ALL:
+            m.all_dirty = True
+        elif not m.all_dirty:
+            m.dirty.update(range(c0, c1))
         self._dirty.setdefault(reg.worker, set()).add(reg)
 
     def drop(self, reg: Any) -> None:
@@ -149,23 +161,50 @@ class MappingBudget:
     def _recount(self, reg: Any, m: _RegionMaps) -> None:
         # Chunk c holds the boundaries q in [c * CHUNK, min((c + 1) * CHUNK, last)),
         # q sitting between pages q and q + 1.  Each run of dirty chunks is
-        # recounted from one read of its state bytes (statistics may find
-        # every chunk dirty: one read, not one per chunk).
+        # recounted from one read of its state bytes per piece (statistics
+        # may find every chunk dirty: one read, not one per chunk).
         last = reg.npages - 1
-        dirty = np.flatnonzero(m.dirty)
-        for run in np.split(dirty, np.flatnonzero(np.diff(dirty) != 1) + 1) if len(dirty) else ():
-            c0, c1 = int(run[0]), int(run[-1]) + 1
+        if m.all_dirty:
+            m.bounds.clear()
+            todo = self._chunks_with_state(reg)
+        else:
+            todo = sorted(m.dirty)
+            for c in todo:
+                m.bounds.pop(c, None)
+        i = 0
+        while i < len(todo):
+            j = i + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + 1 and j - i < PIECE_CHUNKS:
+                j += 1
+            c0, c1 = todo[i], todo[j - 1] + 1
+            i = j
             a, b = c0 * CHUNK, min(c1 * CHUNK, last)
-            m.bounds[c0:c1] = 0
             if b <= a:
                 continue
             k = self.keys(reg, np.arange(a, b + 1))
             edge = (k[1:] != k[:-1]).astype(np.int64)          # edge[i]: boundary a + i
             starts = np.arange(c1 - c0) * CHUNK
             inside = starts < len(edge)
-            m.bounds[c0:c1][inside] = np.add.reduceat(edge, starts[inside])
-        m.dirty[:] = False
-        m.total = int(m.bounds.sum())
+            counts = np.add.reduceat(edge, starts[inside])
+            for c in np.flatnonzero(counts).tolist():
+                m.bounds[c0 + c] = int(counts[c])
+        m.dirty.clear()
+        m.all_dirty = False
+        m.total = sum(m.bounds.values())
+
+    @staticmethod
+    def _chunks_with_state(reg: Any) -> list[int]:
+        """The chunks that can hold a boundary: where the state bytes hold
+        data, and the chunk before each such range (it holds the boundary on
+        the range's left).  Every chunk when the states are a plain array."""
+        ranges = getattr(reg.states, "data_ranges", None)
+        nchunks = max(-(-reg.npages // CHUNK), 1)
+        if ranges is None:
+            return list(range(nchunks))
+        out: set[int] = set()
+        for a, b in ranges():
+            out.update(range(max(a - 1, 0) // CHUNK, min((b - 1) // CHUNK + 1, nchunks)))
+        return sorted(out)
 
     def estimate(self, worker: Any) -> int:
         """The worker's mappings: its regions' layout, its unanswered merge

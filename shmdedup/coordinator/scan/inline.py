@@ -43,6 +43,7 @@ is looked at.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -51,8 +52,9 @@ import numpy as np
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
+from shmdedup.coordinator.scan.pagetable import CHUNK_PAGES
 from shmdedup.coordinator.scan.tracking import (
-    CHUNK_PAGES, PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
+    PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
 
 PAGE_SIZE: int = _native.PAGE_SIZE
@@ -81,6 +83,7 @@ class Inliner:
     _scratch: np.ndarray | None
     _candidates: Callable[[RegionState, int, int], np.ndarray]
     _last_inline: tuple[RegionState, int, int] | None   # (region, last page, its new slot)
+    _next_chunk: Callable[[RegionState, int], int | None]   # the first chunk with something to do
 
     if TYPE_CHECKING:
         @property
@@ -100,8 +103,9 @@ class Inliner:
         out = InlineResult([])
         failures = self.sidx.write_failures
         end = first + n
-        for p0 in range(first, end, CHUNK_PAGES):
-            p1 = min(end, p0 + CHUNK_PAGES)
+        # Only chunks with data or state to look at: a range of holes, however
+        # long, costs a seek (the scanner's own walk, _next_chunk).
+        for p0, p1 in self._spans(reg, first, end):
             out.waiting |= bool((reg.status[p0:p1] == PENDING).any())
             pages = self._candidates(reg, p0, p1)
             if len(pages):
@@ -114,6 +118,19 @@ class Inliner:
             out.runs = _coalesce(items)
             out.queued = sum(r[2] for r in out.runs)
         return out
+
+    def _spans(self, reg: RegionState, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """[p0, p1) of each chunk of [first, end) that holds advised data or
+        the scanner's state, in order."""
+        p = first
+        while p < end:
+            c = self._next_chunk(reg, p)
+            if c is None or c * CHUNK_PAGES >= end:
+                return
+            p0 = max(p, c * CHUNK_PAGES)
+            p1 = min(end, (c + 1) * CHUNK_PAGES, reg.npages)
+            yield p0, p1
+            p = p1
 
     def _inline_chunk(self, reg: RegionState, pages: np.ndarray, hints: np.ndarray | None,
                       merges: QueuedByWorker, out: InlineResult) -> None:

@@ -34,7 +34,7 @@ This is a mixin: the attributes it uses are the Scanner's (annotated below).
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class Matcher:
     use_zero_pages: bool
     zero_pages_only: bool
     _last_new: tuple[RegionState, int, RegionState, int, int] | None
+    _blame: Callable[[RegionState, BaseException], None]   # the Scanner's: a mate's read failed
 
     if TYPE_CHECKING:
         @property
@@ -131,16 +132,22 @@ class Matcher:
         if oreg is None or oreg.closed:
             self.unstable.delete(hashes[ii])
             return
-        ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
-        if oreg is reg:
-            ok &= op != pages[ii]
-        self.unstable.delete(hashes[ii[~ok]])
-        ii, op = ii[ok], op[ok]
-        if not len(ii):
+        try:
+            # The mates' objects are their worker's: reading them may fail.
+            ok = oreg.advice[op] & (oreg.status[op] == UNSHARED) & (oreg.states[op] == _native.PRIVATE)
+            if oreg is reg:
+                ok &= op != pages[ii]
+            self.unstable.delete(hashes[ii[~ok]])
+            ii, op = ii[ok], op[ok]
+            if not len(ii):
+                return
+            # Compared in C, in runs read by pread (the mates are mostly consecutive).
+            same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
+                                                       op.astype(np.int64)), np.uint8).astype(bool)
+        except OSError as e:
+            self._blame(oreg, e)             # the mate's worker goes, not this one
+            self.unstable.delete(hashes[ii])
             return
-        # Compared in C, in runs read by pread (the mates are mostly consecutive).
-        same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
-                                                   op.astype(np.int64)), np.uint8).astype(bool)
         ii, op = ii[same], op[same]
         if not len(ii):
             return
@@ -188,20 +195,24 @@ class Matcher:
             reg.status[over] = VOLATILE     # past the mapping budget: visited again later
             if not len(pages):
                 return
-        reg.status[pages] = PENDING
-        reg.age[pages] = 0
-        reg.skip[pages] = 0
+        pages = np.asarray(pages, np.int64)
+        reg.table.assign(pages, {"status": PENDING, "age": 0, "skip": 0})
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
         if len(real) > 1 and (np.diff(real) > 0).all():
             self.pending[real] += 1          # distinct slots (the usual case): no ufunc.at
         elif len(real):
             np.add.at(self.pending, real, 1)
-        merges.setdefault(reg.worker, []).append((reg, np.asarray(pages, np.int64), slots))
+        merges.setdefault(reg.worker, []).append((reg, pages, slots))
 
     def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
                            merges: QueuedByWorker) -> None:
         """Steps 3-5 for one page (the sequential path); h is a 1-element array."""
+        if reg.status[page] == PENDING:
+            # Queued already in this pass, as the unstable mate of an equal
+            # page before it (its entry from an earlier visit: a uid's pages
+            # are visited again while other uids' full scan goes on).
+            return
         one = np.array([page])
         if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
                 and _native.is_zero(content):
@@ -219,9 +230,16 @@ class Matcher:
         oreg = self.by_uid.get(int(uid[0])) if uid[0] >= 0 else None
         if oreg is not None:
             op = int(opage[0])
-            if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
-                    and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
-                other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
+            try:
+                other = None
+                if not oreg.closed and oreg.advice[op] and oreg.status[op] == UNSHARED \
+                        and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
+                    other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
+            except OSError as e:
+                self._blame(oreg, e)
+                self.unstable.delete(h)
+                other = None
+            if other is not None:
                 if _native.pages_equal(content, other):
                     new = self.sidx.add(content, h)
                     if new is not None:

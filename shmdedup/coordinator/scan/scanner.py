@@ -1,7 +1,13 @@
 """The scanner: ksmd's algorithm over the workers' registered regions.
 
-A cursor walks every registered region, page by page, in batches of
-``pages_to_scan`` visited pages.  For each chunk of a region it first
+A cursor walks every registered region, chunk by chunk, in batches of
+``pages_to_scan`` visited pages; one cursor per uid (a *lane*), the scan's CPU
+going to the lane that has had least of it, and a full scan ending when every
+lane has been through all its regions (one uid: ksmd's single cursor).  It
+goes only where there is something to do: chunks with advised pages that hold
+data (SEEK_DATA on the backing), and chunks where the scanner keeps state
+(``pagetable``); what a worker merely claims (a huge sparse region, advice
+over holes) costs neither time nor memory per page.  For each chunk it first
 *reconciles* (DESIGN invariant 6): pages we merged whose state byte is PRIVATE
 again were broken by a copy-on-write fault, so their slot loses a sharer; a
 slot with one sharer left is given back to it ("break cow once unshared", seed
@@ -18,16 +24,26 @@ patch 4); a slot with none is freed (punched).  Then, for each present
 5. else insert it into the unstable index.
 
 Steps 3-5 live in ``matching.py`` (the :class:`Matcher` mixin this class
-inherits).  Merges are queued per worker and sent as coalesced runs at the end
+inherits); settling replies, releasing slots and the statistics in
+``accounting.py`` (the :class:`Accounting` mixin); registration, detaching
+and the lanes in ``registry.py`` (the :class:`Registry` mixin).  Merges are queued per worker and sent as coalesced runs at the end
 of the batch; the coordinator settles the replies here (``merge_done``,
 ``unmerge_done``).  The coordinator's checksum and compare are only hints: the
 worker proves equality under write protection before mapping (DESIGN
 invariant 1).
 
-Per tracked page the scanner keeps 16 bytes: checksum (8), slot (4), status,
-advice, age and skip count (1 each); the indexes (``indexes.py``) add 16-21
-bytes per indexed page.  Statistics are derived from these arrays on demand,
-so they always equal a recount.
+Per tracked page the scanner keeps 15 bytes: checksum (8), slot (4), status,
+age and skip count (1 each), in blocks of 256 pages that hold data or a merge;
+advice is kept as runs.  The indexes (``indexes.py``) add 16-21 bytes per
+indexed page.  Statistics are derived from these on demand, so they always
+equal a recount.
+
+Every worker object is hostile: it may be truncated, grown or punched at any
+moment (reads past its end are zeros, a seek that races a truncation ends the
+walk early).  An error while scanning one region (OSError, MemoryError, or a
+bug of ours) ends the work on it for the batch, releases what the batch had
+queued for its worker, and is reported in ``failed``: the coordinator drops
+that worker with the reason logged, and everyone else keeps being served.
 
 smart_scan (Linux 6.7): a page that keeps failing to merge ages one step per
 visit and is skipped for 1, 2, 4, then 8 full scans (``pages_skipped``).
@@ -36,7 +52,7 @@ Slots outlive connections, never mappings (invariants 6 and 7): a region whose
 worker disconnected but may be alive is *detached* (kept, not scanned, its
 sharer references held until its worker exits or its state bytes show a page
 broken); closing the scanner frees nothing.  Pages a previous coordinator
-merged are *inherited* (see ``_inherited``).
+merged are *inherited* (see ``inherited_pages``).
 """
 
 from __future__ import annotations
@@ -49,25 +65,37 @@ from typing import Any, Callable
 import numpy as np
 
 from shmdedup import _native
-from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.controls import default_max_mappings
+from shmdedup.coordinator.scan.accounting import Accounting
+from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
 from shmdedup.coordinator.scan.inline import Inliner
 from shmdedup.coordinator.scan.matching import Matcher
+from shmdedup.coordinator.scan.pagetable import BLOCK_PAGES, BLOCKS_PER_CHUNK, CHUNK_PAGES
+from shmdedup.coordinator.scan.registry import Lane, Registry
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
-    CHUNK_PAGES, MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
-    ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _inherited, _repeated, _unique)
+    MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
+    ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _repeated, _unique,
+    inherited_pages)
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 PAGE_SIZE: int = _native.PAGE_SIZE
 
+# smart_scan, by a page's age (visits without a merge): its next age, and
+# Linux's skip_age(): after a few failed visits skip 1, 2, 4, then 8 scans.
+_AGES = np.arange(256)
+_NEXT_AGE = np.minimum(_AGES + 1, 255).astype(np.uint8)
+_SKIP_AGE = np.select([_AGES < 3, _AGES <= 3, _AGES <= 5, _AGES <= 8], [0, 1, 2, 4], 8).astype(np.uint8)
 
-class Scanner(Matcher, Inliner):
-    """The cursor, the two indexes, and the slot accounting; candidate
-    matching (steps 3-5) comes from :class:`Matcher`, merging at write time
-    (``merge_now``) from :class:`~shmdedup.coordinator.scan.inline.Inliner`.
+
+class Scanner(Registry, Matcher, Inliner, Accounting):
+    """The cursors, the two indexes, and the slot accounting; registration
+    and the lanes come from :class:`Registry`, candidate matching (steps
+    3-5) from :class:`Matcher`, merging at write time (``merge_now``) from
+    :class:`~shmdedup.coordinator.scan.inline.Inliner`, replies, releases and
+    statistics from :class:`Accounting`.
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
     with lists of (reg, first, npages, slot) runs; the coordinator sends them
@@ -76,8 +104,8 @@ class Scanner(Matcher, Inliner):
 
     def __init__(self, send_merge: Callable[[Any, list[Run]], None],
                  send_unmerge: Callable[[Any, list[Run]], None]) -> None:
-        self.send_merge = send_merge
-        self.send_unmerge = send_unmerge
+        self.send_merge: Callable[[Any, list[Run]], None] = send_merge
+        self.send_unmerge: Callable[[Any, list[Run]], None] = send_unmerge
         self.sidx: StableIndex = StableIndex()
         self.stable: StableSegment = self.sidx.segment
         self.unstable: UnstableIndex = UnstableIndex()
@@ -87,20 +115,25 @@ class Scanner(Matcher, Inliner):
         # Regions of workers that disconnected while perhaps still alive; they
         # hold sharer references but are not scanned (see detach_region).
         self.detached: list[RegionState] = []
-        self.cursor: int = 0          # index into regions
-        self.cursor_page: int = 0
+        # One cursor per uid (a lane), sharing the scan's CPU evenly: with a
+        # single uid (the usual domain) this is ksmd's one cursor.
+        self.lanes: dict[Any, Lane] = {}
         # Full scans still owed to reconciliation although nothing may be
         # advised (see settle()).
         self.settle_scans: int = 0
+        self._advised: set[RegionState] = set()     # regions with advice (idle())
+        # (worker, reason) for each worker a region of which the last batch
+        # could not scan: the coordinator drops them.
+        self.failed: list[tuple[Any, str]] = []
         self.full_scans: int = 0
         self.pages_scanned: int = 0
         self.pages_skipped: int = 0
         self._scratch: np.ndarray | None = None
         # Controls the scanner reads (the coordinator validates them).
-        self.max_page_sharing = 256
-        self.use_zero_pages = False
-        self.smart_scan = True
-        self.zero_pages_only = False  # merge_zero_pages_only: no stable slots at all
+        self.max_page_sharing: int = 256
+        self.use_zero_pages: bool = False
+        self.smart_scan: bool = True
+        self.zero_pages_only: bool = False  # merge_zero_pages_only: no stable slots at all
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
         self.budget: MappingBudget = MappingBudget(default_max_mappings())
         # Where the last new slot went, to continue runs across batches.
@@ -109,7 +142,7 @@ class Scanner(Matcher, Inliner):
         # from the give-back rule (inline_keep_millisecs, in seconds).
         self._last_inline: tuple[RegionState, int, int] | None = None
         self.inline_keep: float = 30.0
-        self._now = 0.0          # time.monotonic() at the start of the batch
+        self._now: float = 0.0          # time.monotonic() at the start of the batch
 
     @property
     def sharers(self) -> np.ndarray:
@@ -127,95 +160,10 @@ class Scanner(Matcher, Inliner):
     def max_kernel_pages(self, v: int) -> None:
         self.sidx.max_pages = v
 
-    # -- registration ----------------------------------------------------
-
-    def add_region(self, reg: RegionState) -> None:
-        reg.uid = next(self._uids)
-        self.by_uid[reg.uid] = reg
-        self.regions.append(reg)
-        self.budget.add(reg)
-
-    def remove_region(self, reg: RegionState) -> None:
-        """Drop a region (closed or its worker died): its merged pages stop
-        sharing; pending requests are settled by :meth:`forget_request`.
-        Its unstable entries go stale and are dropped when next looked up."""
-        self._unlink(reg)
-        self._release(reg)
-        self.settle()
-
-    def detach_region(self, reg: RegionState) -> None:
-        """Stop scanning a region whose worker disconnected but may still be
-        alive: it may still map our slots, so it keeps its sharer counts until
-        :meth:`release_detached` (the worker exited) or until its state bytes
-        show a page broken (:meth:`_reconcile_detached`).  Freeing them now
-        would punch pages out from under a live process (invariant 6)."""
-        self._unlink(reg)
-        self.detached.append(reg)
-
-    def reattach_region(self, reg: RegionState, old: RegionState) -> None:
-        """The worker that owned detached region ``old`` registered it again as
-        ``reg`` (same process, same region): hand its slot references over."""
-        self.detached.remove(old)
-        held = old.slot >= 0
-        reg.slot[held] = old.slot[held]
-        # An unmerge that was in flight is lost with the old connection:
-        # MERGED again, and the next reconcile decides anew.
-        reg.status[held] = MERGED
-        reg.status[old.status == ZERO] = ZERO
-        reg.checksum[held] = old.checksum[held]
-        old.slot[:] = -1
-        old.close()
-        self.budget.touch(reg, 0, reg.npages)
-
-    def release_detached(self, reg: RegionState) -> None:
-        """The worker of a detached region has exited: release its slots."""
-        self.detached.remove(reg)
-        self._release(reg)
-        self.settle()
-
-    def _unlink(self, reg: RegionState) -> None:
-        if self._last_inline is not None and self._last_inline[0] is reg:
-            self._last_inline = None
-        i = self.regions.index(reg)
-        del self.regions[i]
-        self.by_uid.pop(reg.uid, None)
-        self.budget.drop(reg)              # not scanned any more: it gets no merges
-        if i < self.cursor:
-            self.cursor -= 1
-        elif i == self.cursor:
-            self.cursor_page = 0
-
-    def _release(self, reg: RegionState) -> None:
-        merged = reg.slot[(reg.slot >= 0)]
-        np.subtract.at(self.sharers, merged, 1)
-        reg.slot[:] = -1
-        self.sidx.free_unused(merged)
-        reg.close()
-
-    def _reconcile_detached(self) -> None:
-        # A page whose state byte reads PRIVATE no longer maps its slot (the
-        # break publishes PRIVATE after remapping the backing), whatever the
-        # worker does next: its sharer reference can go.
-        for reg in self.detached:
-            gone = (reg.slot >= 0) & (reg.states[:] == _native.PRIVATE)
-            if gone.any():
-                slots = reg.slot[gone]
-                np.subtract.at(self.sharers, slots, 1)
-                reg.slot[gone] = -1
-                self.sidx.free_unused(slots)
-
-    def forget_request(self, items: list[Run]) -> None:
-        """A request that will never be answered (worker gone): release its slots."""
-        for reg, first, n, slot in items:
-            self.budget.settled(reg.worker, 1)
-            if slot >= 0:
-                self.pending[slot:slot + n] -= 1
-                self.sidx.free_unused(np.arange(slot, slot + n))
-
     def idle(self) -> bool:
         """True when there is nothing to scan (ksmd keeps quiet, seed patch 5):
         nothing advised, and no reconciliation owed (settle())."""
-        return not self.settle_scans and not any(r.advice.any() for r in self.regions)
+        return not self.settle_scans and not self._advised
 
     def settle(self) -> None:
         """Pages stopped sharing without a scan to see it: advice dropped (the
@@ -230,9 +178,19 @@ class Scanner(Matcher, Inliner):
 
     # -- the batch --------------------------------------------------------
 
-    def batch(self, budget: int) -> int:
-        """Visit up to ``budget`` pages from the cursor; returns pages visited.
-        A batch ends at the end of a full scan, like ksmd's."""
+    def batch(self, budget: int, cpu_limit: float | None = None) -> int:
+        """Visit up to ``budget`` pages from the cursors; returns pages visited.
+        A batch ends at the end of a full scan, like ksmd's, or once it has
+        used ``cpu_limit`` seconds of this thread's CPU.  Regions whose scan
+        failed are in ``self.failed`` afterwards, as (worker, reason).
+
+        Each step goes to the lane (uid) that has had the least of the scan's
+        CPU; a lane that has been through all its regions starts again while
+        others are still on their way, and a full scan ends when every lane
+        has been through all its regions since the last one ended.  So one
+        uid's data, however much, delays another uid's scan by at most its
+        share, and a single uid scans as ksmd does."""
+        self.failed = []
         if not self.regions:        # nothing registered: nothing to settle either
             self._reconcile_detached()
             self.settle_scans = 0
@@ -241,38 +199,38 @@ class Scanner(Matcher, Inliner):
         merges: QueuedByWorker = {}
         unmerges: QueuedByWorker = {}
         self._now = time.monotonic()
-        while visited < budget and self.regions:
-            if self.cursor >= len(self.regions):
+        now = time.thread_time()
+        deadline = now + cpu_limit if cpu_limit else None
+        while visited < budget and self.lanes:
+            if all(lane.passed for lane in self.lanes.values()):
                 self._end_full_scan()
                 break
-            reg = self.regions[self.cursor]
-            p0 = self.cursor_page
-            if p0 >= reg.npages:
-                self.cursor += 1
-                self.cursor_page = 0
+            if deadline is not None and now >= deadline:
+                break
+            lane = min(self.lanes.values(), key=Lane.spent_of) if len(self.lanes) > 1 \
+                else next(iter(self.lanes.values()))
+            if lane.cursor >= len(lane.regions):
+                lane.passed = True
+                lane.cursor = lane.page = 0
                 continue
-            p1 = min(reg.npages, p0 + CHUNK_PAGES)
-            # Every advised page the cursor passes counts against the budget,
-            # merged ones included (as rmap_items do in ksmd): a fully merged
-            # domain costs pages_to_scan cheap visits per batch, not a full
-            # scan per batch.
-            passed = np.cumsum(reg.advice[p0:p1])
-            if len(passed) and passed[-1] > budget - visited:
-                p1 = p0 + int(np.searchsorted(passed, budget - visited)) + 1
-            self.cursor_page = p1
-            advised = int(passed[p1 - p0 - 1]) if p1 > p0 else 0
-            visited += advised
-            self._reconcile(reg, p0, p1, unmerges)
-            pages = self._candidates(reg, p0, p1)
-            skipped = 0
-            if len(pages) and self.smart_scan:
-                before = len(pages)
-                pages = self._smart_skip(reg, pages)
-                skipped = before - len(pages)
-            self.pages_scanned += advised - skipped
-            if len(pages):
-                self._visit(reg, pages, merges)
-        runs = {worker: _coalesce(items) for worker, items in merges.items()}
+            reg = lane.regions[lane.cursor]
+            try:
+                visited += self._step(lane, reg, budget - visited, merges, unmerges)
+            except Exception as e:  # noqa: BLE001 - one region's trouble is its worker's
+                self._fail(lane, reg, e)
+            t = time.thread_time()
+            lane.spent += t - now
+            now = t
+        for worker, _ in self.failed:
+            self._unqueue(merges.pop(worker, []))
+            unmerges.pop(worker, None)
+        runs = {}
+        for worker, items in merges.items():
+            try:
+                runs[worker] = _coalesce(items)
+            except MemoryError as e:
+                self.failed.append((worker, f"cannot queue its merges: {type(e).__name__}"))
+                self._unqueue(items)
         self.budget.end_batch({worker: len(r) for worker, r in runs.items()})
         for worker, r in runs.items():
             self.send_merge(worker, r)
@@ -280,219 +238,261 @@ class Scanner(Matcher, Inliner):
             self.send_unmerge(worker, _coalesce(items))
         return visited
 
-    def _candidates(self, reg: RegionState, p0: int, p1: int) -> np.ndarray:
-        """Pages of [p0, p1) of ``reg`` a merge may take (the scan's and
-        merge_now's): advised, private, holding data, in no merge or unmerge,
-        with no slot; none while the worker's mapping budget is full (then
-        not even read: they are visited again once the worker has room)."""
-        cand = reg.advice[p0:p1] & (reg.states[p0:p1] == _native.PRIVATE)
-        st = reg.status[p0:p1]
-        cand &= (st != PENDING) & (st != UNMERGING) & (reg.slot[p0:p1] < 0)
+    def _fail(self, lane: Lane, reg: RegionState, e: BaseException) -> None:
+        """The scan of ``reg`` raised: report its worker, skip the region."""
+        if not isinstance(e, (OSError, MemoryError)):
+            log.error("internal error scanning region %d of pid %s", reg.rid,
+                      getattr(reg.worker, "pid", "?"), exc_info=True)
+        why = f"scanning region {reg.rid} failed: {type(e).__name__}: {e}"
+        if all(w is not reg.worker for w, _ in self.failed):
+            self.failed.append((reg.worker, why))
+        if lane.cursor < len(lane.regions) and lane.regions[lane.cursor] is reg:
+            lane.cursor += 1
+            lane.page = 0
+
+    def _blame(self, reg: RegionState, e: BaseException) -> None:
+        """Reading ``reg`` (another region than the one being scanned: an
+        unstable mate) failed: its worker is reported, the scan goes on."""
+        why = f"reading region {reg.rid} failed: {type(e).__name__}: {e}"
+        if all(w is not reg.worker for w, _ in self.failed):
+            self.failed.append((reg.worker, why))
+
+    def _unqueue(self, items: list[Queued]) -> None:
+        """Merges queued in this batch that will not be sent: release the
+        slots they hold, and visit their pages again."""
+        for reg, pages, slots in items:
+            real = slots[slots >= 0]
+            np.subtract.at(self.pending, real, 1)
+            self.sidx.free_unused(real)
+            if not reg.closed:
+                reg.status[pages] = VOLATILE
+
+    def _next_chunk(self, reg: RegionState, p: int) -> int | None:
+        """The first chunk at or after page p with something to do: one where
+        the scanner keeps state, or one with an advised page that holds data.
+        Costs a seek per run of advice that holds no data at most, not a
+        step per page or chunk."""
+        if p >= reg.npages:
+            return None
+        held = reg.table.next_chunk(p // CHUNK_PAGES)
+        limit = reg.npages if held is None else min(held * CHUNK_PAGES, reg.npages)
+        q = p
+        while q < limit:
+            run = reg.advice.next_run(q)
+            if run is None or run[0] >= limit:
+                break
+            d = reg.next_data(max(q, run[0]))
+            if d is None or d >= limit:
+                break
+            if d < run[1]:
+                return d // CHUNK_PAGES
+            q = d          # data past this run: continue from there
+        return held
+
+    def _step(self, lane: Lane, reg: RegionState, room: int, merges: QueuedByWorker,
+              unmerges: QueuedByWorker) -> int:
+        """Scan the next chunk of ``reg`` with something to do, from the
+        cursor; returns the pages visited (advised pages that hold data or a
+        merge: what counts against pages_to_scan).  Works on the chunk's
+        entries (``pagetable.Chunk``) directly: one step, no lookups."""
+        c = self._next_chunk(reg, lane.page)
+        if c is None:
+            lane.cursor += 1
+            lane.page = 0
+            return 0
+        base = c * CHUNK_PAGES
+        p0 = max(lane.page, base)
+        p1 = min(base + CHUNK_PAGES, reg.npages)
+        adv = reg.advice.mask(p0, p1)
+        pres = reg.present(p0, p1) if adv.any() else np.zeros(p1 - p0, bool)
+        data = adv & pres
+        ch = reg.table.chunk(c)
+        filled = None                  # blocks of the chunk with an advised page holding data
+        if data.any():
+            filled = np.zeros(BLOCKS_PER_CHUNK, bool)
+            filled[(np.flatnonzero(data) + (p0 - base)) // BLOCK_PAGES] = True
+            if ch is None or not ch.full and (ch.pos[filled] < 0).any():
+                ch = reg.table.ensure(c, np.flatnonzero(filled).tolist())
+        if ch is None:
+            lane.page = p1
+            return 0
+        lo, hi = ch.span(p0, p1)
+        pages = ch.pages[lo:hi]
+        if not ch.full or p0 != base:
+            rel = pages - p0
+            adv, pres = adv[rel], pres[rel]
+        st = ch.status[lo:hi]
+        # Every advised page the cursor passes counts against the budget if
+        # it holds data or a merge (as rmap_items do in ksmd): a fully merged
+        # domain costs pages_to_scan cheap visits per batch, not a full scan
+        # per batch; advised holes cost nothing.
+        counted = adv & (pres | (st != NEW))
+        passed = np.cumsum(counted)
+        whole = True
+        if len(passed) and passed[-1] > room:
+            k = int(np.searchsorted(passed, room)) + 1
+            hi = lo + k
+            pages, adv, pres, st, passed = pages[:k], adv[:k], pres[:k], st[:k], passed[:k]
+            lane.page = int(pages[-1]) + 1
+            whole = False
+        elif p1 >= reg.npages:
+            lane.cursor += 1            # the region's last chunk: on to the next one
+            lane.page = 0
+        else:
+            lane.page = p1
+        visited = int(passed[-1]) if len(passed) else 0
+        if not len(pages):
+            return 0
+        states = self._reconcile(reg, ch, lo, hi, pages, unmerges)
+        cand = self._eligible(reg, adv, states, st, ch.slot[lo:hi], lambda: pres)
+        todo = np.flatnonzero(cand) + lo           # entries of the chunk
+        skipped = 0
+        if len(todo) and self.smart_scan:
+            before = len(todo)
+            todo = self._smart_skip(reg, ch, todo)
+            skipped = before - len(todo)
+        self.pages_scanned += visited - skipped
+        if len(todo):
+            self._visit(reg, ch, todo, pages[todo - lo], merges)
+        if whole and p0 == base and (filled is None or not (filled | (ch.pos < 0)).all()):
+            self._trim(reg, c, filled)
+        return visited
+
+    def _eligible(self, reg: RegionState, adv: np.ndarray, states: np.ndarray, st: np.ndarray,
+                  slot: np.ndarray, present: Callable[[], np.ndarray]) -> np.ndarray:
+        """Which pages a merge may take (the scan's and merge_now's rule):
+        advised, private, in no merge or unmerge, with no slot, holding data
+        (``present()``, asked only if any is left); none while the worker's
+        mapping budget is full (then not even read: they are visited again
+        once the worker has room).  A mask like the arrays given."""
+        cand = adv & (states == _native.PRIVATE)
+        cand &= (st != PENDING) & (st != UNMERGING) & (slot < 0)
         if cand.any() and self.budget.full(reg.worker):
             self.budget.pages_skipped += int(np.count_nonzero(cand))
             cand[:] = False
         if cand.any():
-            cand &= reg.present(p0, p1)
+            cand &= present()
+        out: np.ndarray = cand
+        return out
+
+    def _candidates(self, reg: RegionState, p0: int, p1: int) -> np.ndarray:
+        """The pages of [p0, p1) of ``reg`` a merge may take (``_eligible``),
+        for merge_now, which has no chunk in hand."""
+        cand = self._eligible(reg, reg.advice[p0:p1], reg.states[p0:p1], reg.status[p0:p1],
+                              reg.slot[p0:p1], lambda: reg.present(p0, p1))
         return np.flatnonzero(cand) + p0
 
-    def _smart_skip(self, reg: RegionState, pages: np.ndarray) -> np.ndarray:
-        """smart_scan: drop the pages still serving a skip, age the others."""
-        skipping = reg.skip[pages] > 0
+    def _trim(self, reg: RegionState, c: int, filled: np.ndarray | None) -> None:
+        """Give back the blocks of chunk c that hold nothing worth keeping:
+        no merge (done, in flight, or being undone) and no advised page with
+        data (a page punched, truncated away or no longer advised needs no
+        checksum history)."""
+        ch = reg.table.chunk(c)
+        if ch is None:
+            return
+        st = ch.status
+        keep = (ch.slot >= 0) | (st == MERGED) | (st == ZERO) | (st == PENDING) | (st == UNMERGING)
+        if filled is not None:
+            keep |= np.repeat(filled[ch.pos >= 0], BLOCK_PAGES)
+        if not keep.all():
+            reg.table.retain(ch, keep)
+
+    def _smart_skip(self, reg: RegionState, ch: Any, e: np.ndarray) -> np.ndarray:
+        """smart_scan: drop the entries (of chunk ``ch``) still serving a
+        skip, age the others; returns those."""
+        skipping = ch.skip[e] > 0
         if skipping.any():
-            sk = pages[skipping]
-            reg.skip[sk] -= 1
+            sk = e[skipping]
+            ch.skip[sk] -= 1
             self.pages_skipped += len(sk)
-            pages = pages[~skipping]
+            e = e[~skipping]
             # Unlike Linux, a skipped unique page stays findable: its last
             # checksum goes back into the unstable index without a read, so a
             # twin that appears meanwhile still merges with it (the match is
             # confirmed by reading both, and proven by the worker).
-            lone = sk[reg.status[sk] == UNSHARED]
+            lone = sk[ch.status[sk] == UNSHARED]
             if len(lone):
-                self.unstable.insert(reg.checksum[lone], reg.uid, lone)
-        age = reg.age[pages]
-        reg.age[pages] = np.minimum(age.astype(np.int32) + 1, 255)
-        # Linux's skip_age(): after a few failed visits skip 1, 2, 4, then 8 scans.
-        reg.skip[pages] = np.select([age < 3, age <= 3, age <= 5, age <= 8], [0, 1, 2, 4], 8)
-        return pages
+                self.unstable.insert(ch.checksum[lone], reg.uid, ch.pages[lone])
+        age = ch.age[e]
+        ch.age[e] = _NEXT_AGE[age]
+        ch.skip[e] = _SKIP_AGE[age]
+        return e
 
     def _end_full_scan(self) -> None:
         self._reconcile_detached()
         self.settle_scans = max(0, self.settle_scans - 1)
         self.full_scans += 1
-        self.cursor = 0
-        self.cursor_page = 0
+        self._restart_lanes()
         self.unstable.clear()
         self._last_new = None
 
-    def _reconcile(self, reg: RegionState, p0: int, p1: int, unmerges: QueuedByWorker) -> None:
-        self.budget.touch(reg, p0, p1 - p0)   # breaks show in the state bytes: recount
-        st = reg.status[p0:p1]
-        states = reg.states[p0:p1]
-        broken = ((st == MERGED) | (st == ZERO)) & (states == _native.PRIVATE)
-        if broken.any():
-            pages = np.flatnonzero(broken) + p0
-            slots = reg.slot[pages]
+    def _reconcile(self, reg: RegionState, ch: Any, lo: int, hi: int, pages: np.ndarray,
+                   unmerges: QueuedByWorker) -> np.ndarray:
+        """Invariant 6 for the entries [lo, hi) of chunk ``ch`` (``pages``):
+        merged pages whose state byte reads PRIVATE were broken; a slot left
+        with one sharer is given back.  Returns the state bytes read."""
+        self.budget.touch(reg, int(pages[0]), int(pages[-1]) - int(pages[0]) + 1)
+        st = ch.status[lo:hi]
+        slot = ch.slot[lo:hi]
+        states = reg.states[pages]
+        broken = np.flatnonzero(((st == MERGED) | (st == ZERO)) & (states == _native.PRIVATE))
+        if len(broken):
+            slots = slot[broken]
             slots = slots[slots >= 0]
             np.subtract.at(self.sharers, slots, 1)
-            reg.slot[pages] = -1
-            reg.status[pages] = VOLATILE
+            slot[broken] = -1
+            st[broken] = VOLATILE
             self.sidx.free_unused(slots)
-        merged = np.flatnonzero(st == MERGED) + p0
+        merged = np.flatnonzero(st == MERGED)
         if len(merged):
-            slots = reg.slot[merged]
+            slots = slot[merged]
             # A stable page merge_now created is kept for inline_keep (the
             # next loader of the same bytes is usually close behind).
             lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)
                             & (self.sidx.born_inline[slots] + self.inline_keep <= self._now)]
             if len(lonely):
-                reg.status[lonely] = UNMERGING
-                self.sidx.retire(reg.slot[lonely])
+                st[lonely] = UNMERGING
+                self.sidx.retire(slot[lonely])
                 unmerges.setdefault(reg.worker, []).append(
-                    (reg, lonely.astype(np.int64), reg.slot[lonely].astype(np.int64)))
+                    (reg, pages[lonely].astype(np.int64), slot[lonely].astype(np.int64)))
+        out: np.ndarray = states
+        return out
 
-    def _visit(self, reg: RegionState, pages: np.ndarray, merges: QueuedByWorker) -> None:
-        n = len(pages)
+    def _visit(self, reg: RegionState, ch: Any, e: np.ndarray, pages: np.ndarray,
+               merges: QueuedByWorker) -> None:
+        """Steps 1-2 for the entries ``e`` of chunk ``ch`` (``pages``): read
+        and checksum the pages; those unchanged since the last visit go on
+        to matching."""
+        n = len(e)
         # One scratch buffer for the scanner's life (a chunk is at most
         # CHUNK_PAGES pages): nothing keeps a view of it past this call.
         if self._scratch is None:
             self._scratch = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
         buf = self._scratch[:n * PAGE_SIZE]
         hashes = np.empty(n, np.uint64)
-        _native.read_pages(reg.backing_fd, pages.astype(np.int64), buf, hashes)
-        old = reg.checksum[pages]
-        st = reg.status[pages]
+        _native.read_pages(reg.backing_fd, pages, buf, hashes)
+        old = ch.checksum[e]
+        st = ch.status[e]
         steady = (st != NEW) & (old == hashes)
-        reg.checksum[pages] = hashes
-        reg.status[pages[~steady]] = VOLATILE
+        ch.checksum[e] = hashes
+        ch.status[e[~steady]] = VOLATILE
         k = np.flatnonzero(steady)          # candidates, as indexes into buf
         if len(k):
             self._cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
 
-    # -- replies -----------------------------------------------------------
-
-    def merge_done(self, items: list[Run], result: bytes) -> None:
-        """Settle a merge request: items are (reg, first, n, slot) runs, result
-        one byte per page."""
-        res = np.frombuffer(result, np.uint8)
-        off = 0
-        touched = []
-        for reg, first, n, slot in items:
-            ok = res[off:off + n].astype(bool)
-            off += n
-            self.budget.settled(reg.worker, 1)
-            self.budget.touch(reg, first, n)
-            if slot >= 0:
-                slots = np.arange(slot, slot + n, dtype=np.int64)
-                self.pending[slot:slot + n] -= 1
-                touched.append(slots[~ok])
-            if reg.closed:
-                # Unregistered meanwhile (closed, so unmapped): whatever
-                # merged holds nothing now.
-                if slot >= 0:
-                    touched.append(slots[ok])
-                continue
-            pages = np.arange(first, first + n)
-            if slot >= 0:
-                reg.slot[pages[ok]] = slots[ok]
-                self.sharers[slot:slot + n] += ok        # a run: distinct slots
-                reg.status[pages[ok]] = MERGED
-            else:
-                reg.status[pages[ok]] = ZERO
-            # Refused by the worker's proof: the page changed under us.
-            reg.status[pages[~ok]] = VOLATILE
-        for slots in touched:
-            self.sidx.free_unused(slots)
-
-    def unmerge_done(self, items: list[Run]) -> None:
-        """Settle an unmerge request (successful or not: the state bytes tell
-        which pages are private now)."""
-        for reg, first, n, _ in items:
-            if reg.closed:
-                continue
-            self.budget.touch(reg, first, n)
-            pages = np.arange(first, first + n)
-            private = reg.states[pages] == _native.PRIVATE
-            slots = reg.slot[pages]
-            freed = slots[private & (slots >= 0)]
-            np.subtract.at(self.sharers, freed, 1)
-            # KSM computes the checksum now so the page gets a quick chance to
-            # enter the unstable index (or the stable one) at its next visit.
-            reg.checksum[pages[private & (slots >= 0)]] = self.sidx.slot_hash[freed]
-            reg.slot[pages[private]] = -1
-            reg.status[pages[private]] = VOLATILE
-            still = pages[~private]
-            # Still merged: on our slot, on the zero page, or (no slot, not a
-            # zero page) on a previous coordinator's stable object.
-            reg.status[still] = np.where(reg.slot[still] >= 0, MERGED,
-                                         np.where(reg.states[still] == _native.ZERO, ZERO, NEW))
-            self.sidx.free_unused(freed)
-
-    def merged_items(self, reg: RegionState) -> list[Queued]:
-        """(reg, pages, slots) of every merged page of a region (for run=2),
-        inherited ones included: run=2 unmerges everything."""
-        pages = np.flatnonzero((reg.status == MERGED) | (reg.status == ZERO) | _inherited(reg))
-        reg.status[pages] = UNMERGING
-        return [(reg, pages.astype(np.int64), reg.slot[pages].astype(np.int64))] if len(pages) else []
+    def _restart_lanes(self) -> None:
+        # Every lane from its first region: the next full scan then sees
+        # every page of every lane at least once.
+        for lane in self.lanes.values():
+            lane.cursor = lane.page = 0
+            lane.passed = False
 
     def reset_after_unmerge(self, ok: bool) -> None:
-        self.cursor = 0
-        self.cursor_page = 0
+        self._restart_lanes()
         self.unstable.clear()
         self._last_new = None
         if ok:
             self.full_scans = 0
-
-    # -- statistics --------------------------------------------------------
-
-    def stats(self) -> dict[str, int]:
-        shared = int(np.count_nonzero(self.sharers > 0))
-        sharing = int(self.sharers.sum()) - shared
-        unshared = zero = rmap = inherited = 0
-        for reg in self.regions:
-            st = reg.status
-            unshared += int(np.count_nonzero(st == UNSHARED))
-            zero += int(np.count_nonzero(st == ZERO))
-            rmap += int(np.count_nonzero(st != NEW))
-            inherited += int(np.count_nonzero(_inherited(reg)))
-        volatile = max(rmap - shared - sharing - unshared - zero, 0)
-        chains, dups = self.sidx.chains()
-        return {
-            "pages_shared": shared,
-            "pages_sharing": sharing,
-            "pages_unshared": unshared,
-            "pages_volatile": volatile,
-            "pages_scanned": self.pages_scanned,
-            "full_scans": self.full_scans,
-            "ksm_zero_pages": zero,
-            "pages_skipped": self.pages_skipped,
-            "stable_node_chains": chains,
-            "stable_node_dups": dups,
-            "general_profit": (sharing + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
-            "rmap_items": rmap,
-            "stable_pages_allocated": self.stable.pages_in_use,
-            "pages_inherited": inherited,
-            "pages_skipped_budget": self.budget.pages_skipped,
-        }
-
-    def worker_stats(self, worker: Any) -> dict[str, int]:
-        rmap = merging = zero = inherited = 0
-        for reg in self.regions:
-            if reg.worker is not worker:
-                continue
-            st = reg.status
-            rmap += int(np.count_nonzero(st != NEW))
-            merging += int(np.count_nonzero((st == MERGED) | (st == UNMERGING)))
-            zero += int(np.count_nonzero(st == ZERO))
-            inherited += int(np.count_nonzero(_inherited(reg)))
-        return {
-            "ksm_rmap_items": rmap,
-            "ksm_merging_pages": merging,
-            "ksm_zero_pages": zero,
-            "ksm_inherited_pages": inherited,
-            "ksm_process_profit": (merging + zero) * PAGE_SIZE - rmap * METADATA_BYTES_PER_PAGE,
-            "mappings_estimate": self.budget.estimate(worker),
-        }
 
     def close(self) -> None:
         """Close every region and the stable segment without freeing a slot:

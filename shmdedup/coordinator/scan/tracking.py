@@ -1,30 +1,39 @@
 """What the coordinator tracks per registered region and page.
 
-``RegionState`` holds one worker region's per-page arrays (16 bytes a page:
-checksum, slot, status, advice, smart_scan age and skips) and reads the
-worker's state bytes with pread (``security.StateBytes``: never a mapping, so a
-worker shrinking its objects cannot crash the coordinator).  The status codes
-are the scanner's view of each page; the worker's state byte is the truth about
-its mapping.  Also the helpers the scanner and coordinator share: the zero
-page's checksum, runs from page/slot arrays (``_coalesce``), pages merged by a
-previous coordinator (``_inherited``), and two array helpers (``_unique``,
-``_repeated``) that the scan's hot path uses instead of np.unique.
+``RegionState`` holds one worker region's per-page fields (checksum, slot,
+status, smart_scan age and skips: 15 bytes a page, kept only for blocks of
+pages that hold data or a merge, ``pagetable.PageTable``), its advice as runs
+(``pagetable.AdviceRuns``), and reads the worker's state bytes with pread
+(``security.StateBytes``: never a mapping, so a worker shrinking its objects
+cannot crash the coordinator).  What a worker claims (pages, advice) costs the
+coordinator nothing per page; only what its objects hold does.  The status
+codes are the scanner's view of each page; the worker's state byte is the
+truth about its mapping.  Also the helpers the scanner and coordinator share:
+the zero page's checksum, runs from page/slot arrays (``_coalesce``), pages
+merged by a previous coordinator (``inherited_pages``), and two array helpers
+(``_unique``, ``_repeated``) that the scan's hot path uses instead of
+np.unique.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from shmdedup import _native, _shm
+from shmdedup.coordinator.scan.pagetable import BYTES_PER_PAGE, CHUNK_PAGES, AdviceRuns, Field, PageTable
 from shmdedup.coordinator.security import StateBytes, check_worker_object
 
 PAGE_SIZE: int = _native.PAGE_SIZE
-CHUNK_PAGES = 2048          # pages read and hashed per pread/hash call
-METADATA_BYTES_PER_PAGE = 8 + 4 + 1 + 1 + 1 + 1
+# Per tracked page: checksum, slot, status, age, skips (pagetable.FIELDS).
+METADATA_BYTES_PER_PAGE = BYTES_PER_PAGE
+# Most state bytes read at once when a whole region is looked at (inherited
+# pages, budget recounts): bounded temporaries, whatever the region's size.
+STATE_PIECE = 1 << 20
 
 # Per-page status, the scanner's view (the worker's state byte is the truth
 # about the mapping; this is what the scanner last decided).
@@ -51,23 +60,21 @@ class RegionState:
     backing_fd: int
     meta_fd: int
     states: Any                              # the worker's state bytes (security.StateBytes: pread)
-    _meta_map: Any = None
-    checksum: np.ndarray = field(init=False)
-    slot: np.ndarray = field(init=False)
-    status: np.ndarray = field(init=False)
-    advice: np.ndarray = field(init=False)
-    age: np.ndarray = field(init=False)      # smart_scan: visits without a merge
-    skip: np.ndarray = field(init=False)     # smart_scan: visits still to skip
+    table: PageTable = field(init=False)     # per-page fields, for blocks that need them
+    advice: AdviceRuns = field(init=False)   # pages advised mergeable, as runs
+    checksum: Field = field(init=False)      # views of the table's fields, indexed by page
+    slot: Field = field(init=False)
+    status: Field = field(init=False)
+    age: Field = field(init=False)           # smart_scan: visits without a merge
+    skip: Field = field(init=False)          # smart_scan: visits still to skip
     closed: bool = False
     uid: int = -1                            # the scanner's id, for the unstable index
 
     def __post_init__(self) -> None:
-        self.checksum = np.zeros(self.npages, np.uint64)
-        self.slot = np.full(self.npages, -1, np.int32)
-        self.status = np.zeros(self.npages, np.uint8)
-        self.advice = np.zeros(self.npages, bool)
-        self.age = np.zeros(self.npages, np.uint8)
-        self.skip = np.zeros(self.npages, np.uint8)
+        self.table = PageTable(self.npages)
+        self.advice = AdviceRuns(self.npages)
+        for name in ("checksum", "slot", "status", "age", "skip"):
+            setattr(self, name, Field(self.table, name))
 
     @classmethod
     def open(cls, worker: Any, rid: int, npages: int, backing_fd: int, meta_fd: int) -> RegionState:
@@ -82,16 +89,21 @@ class RegionState:
             return
         self.closed = True
         self.states = np.zeros(0, np.uint8)
-        if self._meta_map is not None:
-            try:
-                self._meta_map.close()
-            except BufferError:
-                pass  # a view is still alive; the map is freed with it
+        self.table.clear()
         for fd in (self.backing_fd, self.meta_fd):
             os.close(fd)
 
+    def next_data(self, p: int) -> int | None:
+        """The first page at or after p that holds data in the backing (the
+        object may shrink or grow meanwhile: a hint, never an error)."""
+        off = _shm.next_data(self.backing_fd, p * PAGE_SIZE)
+        return None if off is None else off // PAGE_SIZE
+
     def present(self, p0: int, p1: int) -> np.ndarray:
-        """Mask of pages in [p0, p1) that hold data (holes are never read)."""
+        """Mask of pages in [p0, p1) that hold data (holes are never read).
+        The worker may truncate, grow or punch its object at any moment: the
+        answer is a snapshot, and a page that goes away after it reads as
+        zeros (pread past the end)."""
         global _cachestat
         if _cachestat:
             # Fast path: one cachestat call says whether every page is there.
@@ -118,8 +130,9 @@ Queued = tuple[RegionState, np.ndarray, np.ndarray]
 QueuedByWorker = dict[Any, list[Queued]]
 
 
-def _inherited(reg: RegionState) -> np.ndarray:
-    """Pages merged by a previous coordinator (this one never tracked them).
+def inherited_pages(reg: RegionState) -> np.ndarray:
+    """Pages merged by a previous coordinator (this one never tracked them),
+    ascending (int64; ``count_inherited`` counts them).
 
     After a coordinator restart the workers' merged pages stay mapped on the
     dead coordinator's stable object, which lives on through those mappings:
@@ -128,10 +141,31 @@ def _inherited(reg: RegionState) -> np.ndarray:
     never scans them (they are not PRIVATE), counts them apart
     (``pages_inherited``, not in pages_shared/pages_sharing, which describe
     its own slots), and scans a page normally once a write breaks it.
-    run=2 unmerges them like the rest."""
-    s = reg.states[:]
-    out: np.ndarray = (reg.status == NEW) & ((s == _native.MERGED) | (s == _native.ZERO))
-    return out
+    run=2 unmerges them like the rest.
+
+    Only state bytes that hold data are read (a hole in the worker's metadata
+    object is PRIVATE), a piece at a time: the cost follows what the worker
+    wrote, not the size it claims."""
+    found = list(_inherited_pieces(reg))
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+def count_inherited(reg: RegionState) -> int:
+    """How many pages ``inherited_pages`` would return."""
+    return sum(len(p) for p in _inherited_pieces(reg))
+
+
+def _inherited_pieces(reg: RegionState) -> Iterator[np.ndarray]:
+    if _shm.next_data(reg.meta_fd, 0) is None:     # no state byte written at all: one seek
+        return
+    for a0, b0 in reg.states.data_ranges():
+        for a in range(a0, b0, STATE_PIECE):
+            b = min(a + STATE_PIECE, b0)
+            s = reg.states[a:b]
+            hit = (s == _native.MERGED) | (s == _native.ZERO)
+            if hit.any():
+                hit &= reg.table.get_range("status", a, b) == NEW
+                yield np.flatnonzero(hit) + a
 
 
 def _coalesce(items: list[Queued]) -> list[Run]:
