@@ -11,8 +11,9 @@
  * Fault-around: a fault on the page right after the previous trap break of the
  * region also claims the pages after it that are in the same merged state, up
  * to twice that break's width (at most sd_fault_around_max), and breaks them
- * all with one pwrite and one mmap: a sequential writer pays the signal and
- * the remap once per window.  Only pages won by compare-and-swap join.
+ * all with one pwrite and one mmap (populated: the writes that follow do not
+ * fault again): a sequential writer pays the signal and the remap once per
+ * window.  Only pages won by compare-and-swap join.
  *
  * Signal safety: the handler calls only async-signal-safe functions (pwrite,
  * mmap, munmap, sched_yield, sigaction, write, raise, getpid), keeps errno, runs on
@@ -121,7 +122,7 @@ static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
                 break;
             n++;
         }
-        long got = sd_break_owned_trap(r, page, n, s);
+        long got = sd_break_owned_trap(r, page, n, s, 1);
         if (got == -2)
             fatal_break(addr, errno);       /* a hole it could not map again */
         if (got < 0 && n > 1) {
