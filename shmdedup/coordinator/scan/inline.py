@@ -122,14 +122,15 @@ class Inliner:
         # long, costs a seek (the scanner's own walk, next_chunk).
         try:
             for p0, p1 in self._spans(reg, first, end):
-                # The state bytes and slots of the chunk and its two neighbours,
-                # read once: for the candidates, and for the mapping budget,
-                # which answers its stretch keys from them meanwhile (the
-                # chunk's recount after the last reply included).
+                # The state bytes and slots of the chunk, the one before (the
+                # last request's, whose reply left both to recount) and the
+                # first page after, read once: for the candidates, and for
+                # the mapping budget, which answers its stretch keys from
+                # them meanwhile (those recounts included).
                 base = (p0 // CHUNK_PAGES) * CHUNK_PAGES
-                a, b = max(base - 1, 0), min(base + CHUNK_PAGES + 1, reg.npages)
+                a, b = max(base - CHUNK_PAGES, 0), min(base + CHUNK_PAGES + 1, reg.npages)
                 states = reg.states[a:b]
-                held = reg.table.next_chunk(max(base - 1, 0) // CHUNK_PAGES)
+                held = reg.table.next_chunk(a // CHUNK_PAGES)
                 slot = reg.slot[a:b] if held is not None and held * CHUNK_PAGES < b else None
                 self.budget.prime(reg, a, states, slot)
                 pages, waiting = self.candidates(reg, p0, p1, states[p0 - a:p1 - a],

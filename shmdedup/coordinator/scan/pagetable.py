@@ -83,8 +83,22 @@ class Chunk:
         self.full: bool
         self.nblocks: int
         self._layout(blocks)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """The field arrays for nblocks blocks, at their defaults: views of
+        one allocation (a chunk is made or regrouped at every merge_now of
+        a fresh range; five allocations cost more than the fill)."""
+        n = self.nblocks * BLOCK_PAGES
+        buf = np.zeros(n * BYTES_PER_PAGE, np.uint8)
+        off = 0
         for name, (dtype, default) in FIELDS.items():
-            setattr(self, name, np.full(self.nblocks * BLOCK_PAGES, default, dtype))
+            size = np.dtype(dtype).itemsize
+            arr = buf[off:off + n * size].view(dtype)
+            if default:
+                arr[:] = default
+            setattr(self, name, arr)
+            off += n * size
 
     def _layout(self, blocks: list[int]) -> None:
         self.pos = np.full(BLOCKS_PER_CHUNK, -1, np.int64)
@@ -92,7 +106,11 @@ class Chunk:
         self.nblocks = len(blocks)
         self.full = self.nblocks == BLOCKS_PER_CHUNK
         present = set(blocks)
-        self.rank = [sum(1 for q in present if q < b) for b in range(BLOCKS_PER_CHUNK)]
+        self.rank = []
+        k = 0
+        for b in range(BLOCKS_PER_CHUNK):
+            self.rank.append(k)
+            k += b in present
 
     def blocks(self) -> list[int]:
         return [int(b) for b in np.flatnonzero(self.pos >= 0)]
@@ -147,12 +165,11 @@ class Chunk:
                 moves[-1][2] += BLOCK_PAGES
             else:
                 moves.append([s0, pos[b], BLOCK_PAGES])
-        for name, (dtype, default) in FIELDS.items():
-            arr = np.full(self.nblocks * BLOCK_PAGES, default, dtype)
-            src = old[name]
+        self._allocate()
+        for name in FIELDS:
+            arr, src = getattr(self, name), old[name]
             for s, d, k in moves:
                 arr[d:d + k] = src[s:s + k]
-            setattr(self, name, arr)
 
     @property
     def nbytes(self) -> int:
