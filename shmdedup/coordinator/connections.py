@@ -18,7 +18,7 @@ state (``peers``, ``sel``, ``listener``, ``controls``, ``quotas``) and its
   listener out of the selector for a while (doubling up to
   ``ACCEPT_BACKOFF_MAX``) instead of spinning on a socket that stays readable.
 * **Sends never block.**  Peer sockets are non-blocking.  A message the socket
-  cannot take now waits, encoded and with its fds, in the peer's ``Outbox``
+  cannot take now waits, encoded and with its fds, in the peer's ``SendQueue``
   and goes out in order when the socket turns writable; SEQPACKET sends a
   message whole or not at all, so framing and SCM_RIGHTS stay intact.  A peer
   whose queue would pass ``OUTBOX_MAX_MESSAGES`` or ``OUTBOX_MAX_BYTES`` has
@@ -200,7 +200,7 @@ class ConnectionsMixin:
         if peer.conn.closed:
             return False
         fds = fds or []
-        box = peer.outbox
+        box = peer.unsent
         try:
             data = protocol.encode(msg, len(fds))
             if not box and peer.conn.try_send(data, fds):
@@ -231,7 +231,7 @@ class ConnectionsMixin:
 
     def _writable(self, peer: Peer) -> None:
         """The peer's socket takes messages again: send what waits, in order."""
-        box = peer.outbox
+        box = peer.unsent
         if peer.conn.closed:
             return
         try:

@@ -431,7 +431,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             close_fds(fds)
         peer.queued.clear()
         q = self.quotas
-        q.charge(peer.uid, connections=-1, fds=-1 - peer.outbox.clear())
+        q.charge(peer.uid, connections=-1, fds=-1 - peer.unsent.clear())
         held = _held(peer.regions.values())
         merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
         if self._run2 is not None:

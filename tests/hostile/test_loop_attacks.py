@@ -284,8 +284,8 @@ def test_replies_stay_in_order_through_a_full_socket(domain: Domain) -> None:
 
     def queued() -> bool:
         p = next((p for p in list(server.peers.values()) if p.role == "client" and p.pid == os.getpid()
-                  and p.outbox), None)
-        return p is not None and len(p.outbox) >= 16
+                  and p.unsent), None)
+        return p is not None and len(p.unsent) >= 16
 
     while not queued():
         v = 1 + len(values) % 1000
