@@ -5,7 +5,7 @@ what it was asked.  A ``Ghost`` is a worker that disconnected while perhaps
 still alive: its slots stay held until its pidfd says the process exited
 (DESIGN invariants 6-7: a slot is freed only when no live process can map it).
 A ``SendQueue`` holds the messages a peer has not read yet: the coordinator's
-one thread never waits for a peer (connections.py).
+one thread never waits for a peer (outbox.py).
 
 The pidfd comes from the connection itself (SO_PEERPIDFD): it names the
 process that connected even when that process is in another pid namespace

@@ -35,17 +35,18 @@ Pacing: a batch ends after ``MAX_BATCH_CPU`` seconds of CPU whatever
 with the scan-time advisor on, the next batch waits until the scan's CPU is
 within ``advisor_max_cpu``, whatever peers register or advise.
 
-No peer can stop the loop or lock others out (``connections.py``,
-``quotas.py``): sends never block (a peer that stops reading is dropped when
+No peer can stop the loop or lock others out (``admission.py``,
+``outbox.py``, ``quotas.py``): sends never block (a peer that stops reading is dropped when
 its queue is full), connections must say hello within a deadline, accept
 backs off when descriptors run out, and what each uid may hold (connections,
 regions, pages, descriptors) is capped, with room always kept for the
 coordinator's own uid.
 
 Layout: this module holds the event loop, ghosts and the worker's region
-messages.  ``CoordinatorServer`` inherits three parts kept in their own
-modules: ``connections.py`` (accept, admission, hello deadlines, sends and
-drops), ``inflight.py`` (merge/unmerge requests in flight and their replies,
+messages.  ``CoordinatorServer`` owns ``Admission`` (``admission.py``:
+accept, admission, hello deadlines) and the ``Outbox`` every part sends
+through (``outbox.py``: sends, replies in order, drops), and inherits two
+parts kept in their own modules: ``inflight.py`` (merge/unmerge requests in flight and their replies,
 waits for full_scans, run=2) and ``surface.py`` (``set_control``, ``stats``
 and the client messages that reach them).
 
@@ -73,11 +74,13 @@ from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exporte
 from shmdedup.errors import DescriptorShortageError, ProtocolError
 from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
-from shmdedup.coordinator.connections import ConnectionsMixin
+from shmdedup.coordinator.admission import Admission
+from shmdedup.coordinator.outbox import Outbox
 from shmdedup.coordinator.peers import (
     Ghost, Peer, _exited, _open_pidfd, _same_file, peer_pidfd, process_key)
 from shmdedup.coordinator.inflight import RequestsMixin
 from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
+from shmdedup.coordinator.security import LogLimiter
 from shmdedup.coordinator.scan.scanner import Scanner
 from shmdedup.coordinator.scan.tracking import RegionState
 from shmdedup.coordinator.surface import ControlsMixin
@@ -90,7 +93,7 @@ TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back a
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 
 
-class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
+class CoordinatorServer(RequestsMixin, ControlsMixin):
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: Mapping[str, object] | None = None,
@@ -103,8 +106,6 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if "pages_to_scan" in (controls or {}) and "advisor_mode" not in (controls or {}):
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
-        self.allow_uids: set[int] | None = allow_uids
-        self.allow_gids: set[int] | None = allow_gids
         # Socket activation (activation.py): the service manager's socket, kept
         # on our way out; else our own, bound here and unlinked at shutdown.
         inherited = activation.inherited_listener(socket_path)
@@ -130,9 +131,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self._req = itertools.count(1)
         self._last_req = 0                   # id of the last request sent to a worker
         self._waiters: list[list[Any]] = []  # see inflight.py
-        self._resume: list[Peer] = []        # clients whose held requests can go on
         self._run2: dict[str, Any] | None = None
-        self._drop: list[tuple[Peer, str]] = []
         self.ghosts: dict[int, Ghost] = {}   # by pidfd
         self._stopping = False
         self._next_batch = 0.0
@@ -146,7 +145,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         self.batches: int = 0
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._last_trim = 0.0
-        self._init_connections()
+        self.warn: LogLimiter = LogLimiter(log)
         self.activity: Activity = Activity()   # what -v logs (activity.py)
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
@@ -167,6 +166,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         reserve = FD_RESERVE + 3 * CLIENT_RESERVE + (self.metrics.max_connections
                                                      if self.metrics is not None else 0)
         self.quotas: Quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
+        self.outbox: Outbox = Outbox(self.sel, self.quotas, self._drop_peer)
+        self.admission: Admission = Admission(
+            self.listener, self.sel, self.peers, self.controls, self.quotas, allow_uids, allow_gids,
+            self.outbox, self.warn, self.activity, self.scanner, self._drop_peer)
 
     # -- life cycle --------------------------------------------------------
 
@@ -223,9 +226,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             timeout = max(0.0, max(self._next_batch, self._cpu_gate) - now)
         deadlines = [w[2] for w in self._waiters]
         deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
-        hello = self._expire_hello(now)
-        deadlines += [d for d in (hello, self._accept_paused_until) if d is not None]
-        if self._drop:
+        hello = self.admission.expire_hello(now)
+        deadlines += [d for d in (hello, self.admission.paused_until) if d is not None]
+        if self.outbox.drops:
             deadlines.append(now)
         if deadlines:
             t = max(0.0, min(deadlines) - now)
@@ -241,17 +244,17 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 except OSError:
                     pass
             elif key.data is None:
-                self._accept()
+                self.admission.accept()
             elif isinstance(key.data, Ghost):
                 self._bury(key.data)
             else:
                 if mask & selectors.EVENT_WRITE:
-                    self._writable(key.data)
+                    self.outbox.writable(key.data)
                 if mask & selectors.EVENT_READ:
                     self._readable(key.data)
-            self._flush_drops()
+            self.outbox.flush()
         now = time.monotonic()
-        self._resume_accept(now)
+        self.admission.resume(now)
         if self._scanning() and now >= max(self._next_batch, self._cpu_gate):
             before = self.scanner.full_scans
             cpu0 = time.thread_time()
@@ -260,10 +263,10 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             finally:
                 # Workers whose regions could not be scanned go, with the reason.
                 for worker, why in self.scanner.failed:
-                    self._schedule_drop(worker, why)
+                    self.outbox.drop(worker, why)
                 self.scanner.failed = []
             self.batches += 1
-            self._flush_drops()
+            self.outbox.flush()
             self._next_batch = self._pace(time.thread_time() - cpu0)
             if self.scanner.full_scans != before:
                 self._full_scan_done()
@@ -321,7 +324,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         batch runs, so the scans that wait counts see that advice.  A client
         whose request awaits its reply is *held* (``_hold``): what it sends
         meanwhile is queued, and handled in order once that reply is sent."""
-        while not peer.conn.closed and all(p is not peer for p, _ in self._drop):
+        while not peer.conn.closed and not self.outbox.dropping(peer):
             got = self._read_one(peer)
             if got is None:
                 return
@@ -329,7 +332,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             if peer.held:
                 if len(peer.queued) >= MAX_QUEUED_REQUESTS:
                     close_fds(fds)
-                    self._schedule_drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
+                    self.outbox.drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
                                               f"outstanding (behind a wait or run=2)")
                     return
                 peer.queued.append((msg, fds))
@@ -347,27 +350,27 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             # Our shortage: a registration gets a clean refusal (_on_register
             # sees its fds missing); fds on any other message do not belong.
             if e.message is None or e.message["t"] != "register":
-                self._schedule_drop(peer, f"bad message: fds attached to a "
+                self.outbox.drop(peer, f"bad message: fds attached to a "
                                           f"{e.message and e.message['t']} message")
                 return None
             got = (e.message, [])
         except ProtocolError as e:
-            self._schedule_drop(peer, f"bad message: {e}")
+            self.outbox.drop(peer, f"bad message: {e}")
             return None
         except ConnectionResetError:
-            self._schedule_drop(peer, "")  # a worker exiting with a message unread
+            self.outbox.drop(peer, "")  # a worker exiting with a message unread
             return None
         except OSError as e:
-            self._schedule_drop(peer, f"receive failed: {e}")
+            self.outbox.drop(peer, f"receive failed: {e}")
             return None
         if got is None:
-            self._schedule_drop(peer, "")
+            self.outbox.drop(peer, "")
             return None
         msg, fds = got
         if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
                                                 self.controls["max_msgs_burst"]):
             close_fds(fds)
-            self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
+            self.outbox.drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
                                       f"(burst {self.controls['max_msgs_burst']})")
             return None
         return msg, fds
@@ -377,35 +380,40 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             self._dispatch(peer, msg, fds)
         except (ProtocolError, ValueError, OSError, MemoryError) as e:
             close_fds(fds)
-            self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
+            self.outbox.drop(peer, f"bad {msg.get('t')} message: {e}")
         except Exception as e:  # a bug of ours must not take the whole domain down
             log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
                       exc_info=True)
             close_fds(fds)
-            self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
+            self.outbox.drop(peer, f"internal error: {type(e).__name__}: {e}")
+
+    # Until the other parts are composed too, they reach the outbox here.
+    def _send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None) -> bool:
+        return self.outbox.send(peer, msg, fds)
+
+    def _reply(self, peer: Peer, ok: bool, data: Any = None, error: str = "") -> None:
+        self.outbox.reply(peer, ok, data, error)
+
+    def _schedule_drop(self, peer: Peer, why: str) -> None:
+        self.outbox.drop(peer, why)
+
+    def _flush_drops(self) -> None:
+        self.outbox.flush()
 
     def _hold(self, peer: Peer) -> None:
-        """A request of this client is answered later (a wait, a run=2):
-        queue what it sends meanwhile, so its replies stay in order."""
-        peer.held = True
+        self.outbox.hold(peer)
 
     def _unhold(self, peer: Peer) -> None:
-        """The held request is answered: its queued requests are handled
-        next (by ``_resume_held``, from the loop, never from inside the code
-        that sent the reply)."""
-        if peer.held:
-            peer.held = False
-            if peer.queued:
-                self._resume.append(peer)
+        self.outbox.unhold(peer)
 
     def _resume_held(self) -> None:
-        while self._resume:
-            peer = self._resume.pop(0)
+        while self.outbox.resumable:
+            peer = self.outbox.resumable.pop(0)
             while peer.queued and not peer.held and not peer.conn.closed \
-                    and all(p is not peer for p, _ in self._drop):
+                    and not self.outbox.dropping(peer):
                 msg, fds = peer.queued.pop(0)
                 self._handle(peer, msg, fds)
-            self._flush_drops()
+            self.outbox.flush()
 
     def _drop_peer(self, peer: Peer, why: str, release: bool = True) -> None:
         """Forget a connection.  A worker's slots are released now only if it
@@ -425,7 +433,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         except (KeyError, ValueError):
             pass
         del self.peers[fd]
-        self._extra -= peer.client_only
+        self.admission.left(peer)
         peer.conn.close()
         for _, fds in peer.queued:
             close_fds(fds)
@@ -514,24 +522,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
     def _dispatch(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         t = msg["t"]
         if peer.role is None:
-            if t != "hello":
-                raise ProtocolError(f"expected hello, got {t}")
-            if peer.client_only and msg["role"] != "client":
-                self._schedule_drop(peer, f"max_connections ({self.controls['max_connections']}) "
-                                          f"reached: only a client may connect past it")
-                return
-            peer.role = msg["role"]
-            self.activity.connected(peer)
-            if peer.role == "worker":
-                ro = self.scanner.stable.readonly_fd()
-                try:
-                    self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                      "page_size": PAGE_SIZE}, [ro])
-                finally:
-                    os.close(ro)
-            else:
-                self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                  "page_size": PAGE_SIZE})
+            self.admission.on_hello(peer, msg)
             return
         handler = (_WORKER if peer.role == "worker" else _CLIENT).get(t)
         if handler is None:
@@ -559,7 +550,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if ghost is not None and ghost.uid == peer.uid:
             again = next((g for g in ghost.regions if g.rid == rid and g.npages == npages), None)
         if self.quotas.fds_full(2):
-            self._evict_silent(peer.uid)   # a connection still without hello needs none
+            self.admission.evict_silent(peer.uid)   # a connection still without hello needs none
         cap = None
         if len(fds) < 2:
             cap = "the coordinator has no descriptors left for its objects"
@@ -580,7 +571,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             close_fds(fds)
             peer.refused.add(rid)
             self.warn.warning("refused", "refused region %d of pid %d: %s", rid, peer.pid, cap)
-            self._reply(peer, False, rid, f"register {rid}: {cap}")
+            self.outbox.reply(peer, False, rid, f"register {rid}: {cap}")
             return
         reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
         peer.regions[rid] = reg

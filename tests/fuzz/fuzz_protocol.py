@@ -209,10 +209,10 @@ def one_input(data: bytes) -> None:
             for _ in range(fdp.ConsumeIntInRange(0, 3)):  # two visits make a merge
                 server.scanner.batch(server.controls["pages_to_scan"])
             _drain(b)
-            if peer.conn.closed or any(p is peer for p, _ in server._drop):
+            if peer.conn.closed or server.outbox.dropping(peer):
                 break
     finally:
-        server._drop.clear()
+        server.outbox.drops.clear()
         server._drop_peer(peer, "")
         # The peer is this (live) process, so its regions went to a ghost
         # (its pidfd comes from the connection): bury it as if it had exited.

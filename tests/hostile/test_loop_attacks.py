@@ -385,7 +385,7 @@ def test_a_refused_region_merges_once_there_is_room(domain: Domain) -> None:
 
 
 def test_hello_deadline_closes_a_silent_owner_connection(domain: Domain) -> None:
-    domain.server.hello_timeout = 0.5
+    domain.server.admission.hello_timeout = 0.5
     peer = RawPeer(domain.path)
     assert peer.wait_closed(10)
     domain.wait_logged("no hello within 0.5 s")
