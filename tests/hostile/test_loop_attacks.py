@@ -38,6 +38,7 @@ from tests.hostile.loop_harness import (
     CoordinatorProcess,
     Honest,
     assert_fast,
+    kill_attackers,
     p99_limit,
     start_attacker,
 )
