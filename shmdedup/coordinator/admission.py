@@ -204,7 +204,7 @@ class Admission:
             raise ProtocolError(f"expected hello, got {msg['t']}")
         if peer.client_only and msg["role"] != "client":
             self.outbox.drop(peer, f"max_connections ({self.controls['max_connections']}) "
-                                   f"reached: only a client may connect past it")
+                             f"reached: only a client may connect past it")
             return
         peer.role = msg["role"]
         self.activity.connected(peer)

@@ -34,6 +34,7 @@ with atheris.instrument_imports(include=["shmdedup"]):
     from shmdedup import protocol
     from shmdedup.coordinator import server as coordinator
     from shmdedup.coordinator.server import CoordinatorServer, Peer
+    from shmdedup.coordinator.unmergeall import Phase
     from shmdedup.errors import ProtocolError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -216,12 +217,14 @@ def one_input(data: bytes) -> None:
         server._drop_peer(peer, "")
         # The peer is this (live) process, so its regions went to a ghost
         # (its pidfd comes from the connection): bury it as if it had exited.
-        for ghost in list(server.ghosts.values()):
-            server._bury(ghost)
-        server._waiters.clear()
-        server._run2 = None
+        for ghost in list(server.workers.ghosts.values()):
+            server.workers.bury(ghost)
+        server.waits.waiting.clear()
+        ua = server.unmerge_all
+        ua.phase, ua.client, ua.error = Phase.IDLE, None, None
+        ua.reqs.clear()
         server.controls.update({k: v[0] for k, v in coordinator.CONTROLS.items()}, **BASE)
-        server._apply_scanner_controls()
+        server.surface.apply_scan_controls()
         _drain(b)
         b.close()
     after = _fd_count()

@@ -335,12 +335,12 @@ def test_quota_usage_equals_a_recount_through_ghosts_and_reattachment(domain: Do
 
         def ok() -> bool:
             now = server.quotas.usage(uid).as_dict()
-            counted = recount(list(server.peers.values()), list(server.ghosts.values()))
+            counted = recount(list(server.peers.values()), list(server.workers.ghosts.values()))
             mine = {k: v.as_dict() for k, v in counted.items()}
             want_all = {k: v.as_dict() for k, v in server.quotas.by_uid.items()}
             return now == want and mine == want_all
         wait_for(ok, 10, what=f"usage {want} (now {server.quotas.usage(uid)}, recount "
-                              f"{recount(list(server.peers.values()), list(server.ghosts.values()))})")
+                              f"{recount(list(server.peers.values()), list(server.workers.ghosts.values()))})")
 
     client = 1, 0, 0, 2                       # the Domain's own client: socket + pidfd
     domain.client()
@@ -349,7 +349,7 @@ def test_quota_usage_equals_a_recount_through_ghosts_and_reattachment(domain: Do
           SOCK=domain.path)
     usage(2, 2, 6, 2 + 2 + 4)
     w.call("p.close()")                      # alive: a ghost keeps pidfd and regions
-    wait_for(lambda: server.ghosts, what="a ghost")
+    wait_for(lambda: server.workers.ghosts, what="a ghost")
     usage(1, 2, 6, 2 + 1 + 4)
     w.call("p = RawPeer(SOCK); p.hello(); register(p, 1, 4)", SOCK=domain.path)
     usage(2, 2, 6, 2 + 2 + 1 + 4)            # region 1 taken back from the ghost
