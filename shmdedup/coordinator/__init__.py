@@ -1,7 +1,8 @@
 """The coordinator wing: the ksmd of a domain.
 
 ``server`` (the event loop, which owns the parts below and maps each message
-type to one of their methods), ``outbox`` (sends, replies in order, drops),
+type to one of their methods), ``inbox`` (reading messages, handing them
+to the parts), ``outbox`` (sends, replies in order, drops),
 ``admission`` (accept, hello), ``workers`` (regions, ghosts), ``inflight``
 (merge and unmerge requests in flight), ``replies`` (workers' answers to
 them), ``mergenow`` (merge_now calls), ``unmergeall`` (run=2), ``waits``

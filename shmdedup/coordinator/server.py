@@ -48,6 +48,7 @@ a plain object told in its constructor what it works with:
 
 * ``Outbox`` (``outbox.py``): sends that never block, one reply per client
   request in order, drops; every part talks to peers through it;
+* ``Inbox`` (``inbox.py``): reading messages and handing them to the parts;
 * ``Admission`` (``admission.py``): accept, admission, hello deadlines, hello;
 * ``RequestTracker`` (``inflight.py``): merge and unmerge requests in flight;
 * ``Pacing`` (``pacing.py``): when the next batch runs, full scans' costs;
@@ -57,11 +58,12 @@ a plain object told in its constructor what it works with:
   for full_scans) and ``ControlSurface`` (``surface.py``: controls, stats);
 * the ``Scanner`` (``scan/``), the algorithm.
 
-Messages go to the parts through one table per role (``worker_messages``,
-``client_messages``: message type -> a bound method of the part that handles
-it); a peer's first message, its hello, goes to ``Admission``.  This module
-keeps what crosses parts: reading messages off connections, holding a
-client's requests while one of them waits, and dropping a connection.
+Messages go to the parts through one table per role, built here
+(``worker_messages``, ``client_messages``: message type -> a bound method of
+the part that handles it), by the ``Inbox`` (``inbox.py``: reads, rate
+limits, holds a client's requests while one of them waits); a peer's first
+message, its hello, goes to ``Admission``.  This module keeps the loop and
+what crosses parts: dropping a connection (every part forgets the peer).
 
 The listening socket is bound here, or inherited from a service manager
 (``activation.py``: systemd socket activation).
@@ -75,16 +77,16 @@ import selectors
 import socket
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from shmdedup import protocol
 from shmdedup._shm import close_fds
 from shmdedup.coordinator import activation
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
-from shmdedup.errors import DescriptorShortageError, ProtocolError
 from shmdedup.coordinator.activity import Activity
 from shmdedup.coordinator.admission import Admission
+from shmdedup.coordinator.inbox import Handler, Inbox
 from shmdedup.coordinator.inflight import RequestTracker
 from shmdedup.coordinator.mergenow import MergeNow
 from shmdedup.coordinator.outbox import Outbox
@@ -101,11 +103,7 @@ from shmdedup.coordinator.workers import Workers
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
-MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
 MAX_BATCH_CPU = 0.05            # s of this thread's CPU one batch may use
-
-# A message handler: (peer, message, its descriptors) -> None.
-Handler = Callable[[Peer, dict[str, Any], list[int]], None]
 
 
 class CoordinatorServer:
@@ -193,7 +191,7 @@ class CoordinatorServer:
 
         # Message handlers by message type, for each role: each a method of
         # the part that owns what the message is about.
-        self.worker_messages: dict[str, Handler] = {
+        worker_messages: dict[str, Handler] = {
             "register": self.workers.on_register,
             "advise": self.workers.on_advise,
             "unregister": self.workers.on_unregister,
@@ -201,11 +199,13 @@ class CoordinatorServer:
             "unmerged": self.replies.on_unmerged,
             "merge_now": self.merge_now.on_merge_now,
         }
-        self.client_messages: dict[str, Handler] = {
+        client_messages: dict[str, Handler] = {
             "stats": self.surface.on_stats,
             "set": self.surface.on_set,
             "wait": self.waits.on_wait,
         }
+        self.inbox: Inbox = Inbox(self.controls, self.outbox, self.admission,
+                                  worker_messages, client_messages)
 
     # -- life cycle --------------------------------------------------------
 
@@ -286,7 +286,7 @@ class CoordinatorServer:
                 if mask & selectors.EVENT_WRITE:
                     self.outbox.writable(key.data)
                 if mask & selectors.EVENT_READ:
-                    self._readable(key.data)
+                    self.inbox.readable(key.data)
             self.outbox.flush()
         now = time.monotonic()
         self.admission.resume(now)
@@ -309,101 +309,9 @@ class CoordinatorServer:
         self.waits.expire(now)
         self.requests.expire(now)
         self.outbox.flush()
-        self._resume_held()
+        self.inbox.resume_held()
         if self.metrics is not None:
             self.metrics.tick(self.surface.stats)
-
-    # -- messages -------------------------------------------------------
-
-    def _readable(self, peer: Peer) -> None:
-        """Take every message queued on this connection, in order.
-
-        Draining the whole queue (not one message per wakeup) means that what
-        a worker sent before a client's ``wait`` is settled before the next
-        batch runs, so the scans that wait counts see that advice.  A client
-        whose request awaits its reply is *held* (``_hold``): what it sends
-        meanwhile is queued, and handled in order once that reply is sent."""
-        while not peer.conn.closed and not self.outbox.dropping(peer):
-            got = self._read_one(peer)
-            if got is None:
-                return
-            msg, fds = got
-            if peer.held:
-                if len(peer.queued) >= MAX_QUEUED_REQUESTS:
-                    close_fds(fds)
-                    self.outbox.drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
-                                     f"outstanding (behind a wait or run=2)")
-                    return
-                peer.queued.append((msg, fds))
-            else:
-                self._handle(peer, msg, fds)
-
-    def _read_one(self, peer: Peer) -> tuple[dict[str, Any], list[int]] | None:
-        """One message off the connection, or None (nothing queued, or the
-        connection is being dropped: the reason is scheduled)."""
-        try:
-            got = peer.conn.recv(timeout=0)
-        except TimeoutError:
-            return None
-        except DescriptorShortageError as e:
-            # Our shortage: a registration gets a clean refusal (Workers.on_register
-            # sees its fds missing); fds on any other message do not belong.
-            if e.message is None or e.message["t"] != "register":
-                self.outbox.drop(peer, f"bad message: fds attached to a "
-                                 f"{e.message and e.message['t']} message")
-                return None
-            got = (e.message, [])
-        except ProtocolError as e:
-            self.outbox.drop(peer, f"bad message: {e}")
-            return None
-        except ConnectionResetError:
-            self.outbox.drop(peer, "")  # a worker exiting with a message unread
-            return None
-        except OSError as e:
-            self.outbox.drop(peer, f"receive failed: {e}")
-            return None
-        if got is None:
-            self.outbox.drop(peer, "")
-            return None
-        msg, fds = got
-        if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
-                                                self.controls["max_msgs_burst"]):
-            close_fds(fds)
-            self.outbox.drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
-                             f"(burst {self.controls['max_msgs_burst']})")
-            return None
-        return msg, fds
-
-    def _handle(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        try:
-            self._dispatch(peer, msg, fds)
-        except (ProtocolError, ValueError, OSError, MemoryError) as e:
-            close_fds(fds)
-            self.outbox.drop(peer, f"bad {msg.get('t')} message: {e}")
-        except Exception as e:  # a bug of ours must not take the whole domain down
-            log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
-                      exc_info=True)
-            close_fds(fds)
-            self.outbox.drop(peer, f"internal error: {type(e).__name__}: {e}")
-
-    def _dispatch(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        if peer.role is None:
-            self.admission.on_hello(peer, msg)
-            return
-        handlers = self.worker_messages if peer.role == "worker" else self.client_messages
-        handler = handlers.get(msg["t"])
-        if handler is None:
-            raise ProtocolError(f"a {peer.role} may not send {msg['t']}")
-        handler(peer, msg, fds)
-
-    def _resume_held(self) -> None:
-        while self.outbox.resumable:
-            peer = self.outbox.resumable.pop(0)
-            while peer.queued and not peer.held and not peer.conn.closed \
-                    and not self.outbox.dropping(peer):
-                msg, fds = peer.queued.pop(0)
-                self._handle(peer, msg, fds)
-            self.outbox.flush()
 
     def _drop_peer(self, peer: Peer, why: str, release: bool = True) -> None:
         """Forget a connection, and what every part holds for it.  A

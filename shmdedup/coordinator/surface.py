@@ -1,8 +1,8 @@
 """The coordinator's control and statistics surface.
 
 ``ControlSurface`` is the part of the server (``server.py``) that answers
-clients' ``set`` and ``stats`` messages (and the embedding application's
-``set_control``/``stats`` calls); it runs in the coordinator's single thread.
+clients' ``set`` and ``stats`` messages (``stats()`` also feeds the metrics
+endpoint); it runs in the coordinator's single thread.
 
 * Controls follow Linux KSM's (``controls.py`` lists them and checks values);
   ``set_control`` applies one and passes the scanner's share on to it

@@ -9,7 +9,8 @@ through these phases:
 * ``UNMERGING``: an unmerge request for every merged page of every worker
   is out; their replies are awaited.
 * ``DRAINING``: they are answered, but merges sent before run=2 are still in
-  flight; each is unmerged when it lands (``merge_landed``).
+  flight; each is unmerged when it lands (``merge_landed``), which makes it
+  ``UNMERGING`` again until that unmerge is answered.
 
 It ends when no unmerge of it and no merge is outstanding: the scanner
 forgets its indexes, and the client that set run=2 is answered (it was held
@@ -105,6 +106,7 @@ class UnmergeAll:
         if not self.active:
             return
         if self.reqs:
+            self.phase = Phase.UNMERGING   # (again, when merges that landed were unmerged)
             return
         if self.requests.merges_in_flight():
             self.phase = Phase.DRAINING    # merges still in flight are unmerged when they land
