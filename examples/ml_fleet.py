@@ -127,7 +127,7 @@ def _finetune(emb: np.ndarray, rows: tuple[int, int], delta: np.ndarray, W: dict
               requests: list[np.ndarray]) -> tuple[np.ndarray, int, int]:
     """Apply delta to emb[rows] in small steps in a thread (each first write to a
     merged page breaks it) while this thread serves requests, cycling through
-    them; (answers in serving order, steps, requests served while training)."""
+    them; (answers in serving order, steps, requests begun while training)."""
     started, done = threading.Event(), threading.Event()
     steps = 0
 
@@ -145,8 +145,9 @@ def _finetune(emb: np.ndarray, rows: tuple[int, int], delta: np.ndarray, W: dict
     answers, during = [], 0
     while not done.is_set() or len(answers) < len(requests):
         started.set()
+        overlaps = not done.is_set()    # begun while training (a slow encode may outlast it)
         answers.append(minilm.encode(W, requests[len(answers) % len(requests)]))
-        during += not done.is_set()
+        during += overlaps
     t.join()
     return np.stack(answers), steps, during
 

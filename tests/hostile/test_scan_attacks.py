@@ -212,11 +212,13 @@ def test_sparse_claims_cost_nothing_under_rlimit_as(coord_factory) -> None:
     coord = coord_factory(rlimit_as=1536 << 20)
     fds = coord.fds()
     honest = honest_of(coord)
+    base = under_attack(coord, honest, "no attack yet", rounds=ROUNDS // 2)
     atk = start_attacker(coord.path, UID, SPARSE_ATTACK, connections=2, advice="flip")
     wait_for(lambda: (coord.usage(UID) or {}).get("pages") == 2 * HUGE, 30,
              what="its registrations")
     got = under_attack(coord, honest, "advice flips of 2 x 2**26 sparse pages")
-    assert got["VmHWM"] < 250 and got["cpu_pct"] < 40, got   # was ~2.5 GB, then dead
+    assert got["VmHWM"] < 250, got      # was ~2.5 GB, then dead
+    assert got["cpu_pct"] < base["cpu_pct"] + 25, (base, got)   # flips are messages: ~10-20 points
     out = atk.finish()
     assert out["flips"] > 50 and out["refused"] == 0, out
     honest.close()
