@@ -7,7 +7,7 @@ if not sys.platform.startswith("linux"):
     raise SystemExit("shmdedup needs Linux (POSIX shared memory, fallocate, SIGSEGV copy-on-write)")
 
 SOURCES = ["module.c", "py_testhooks.c", "py_index.c", "py_mapping.c", "sd_fault.c", "sd_hash.c", "sd_index.c", "sd_pages.c",
-           "sd_region.c", "sd_break.c", "sd_trap.c", "sd_merge.c"]
+           "sd_region.c", "sd_break.c", "sd_trap.c", "sd_merge.c", "sd_view.c"]
 
 setup(
     ext_modules=[

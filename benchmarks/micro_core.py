@@ -19,7 +19,8 @@ Rows:
                    mmap, the refault.  Sequential writes get the fault-around
                    (one break for up to 64 pages; also measured with it off,
                    and with the pages written in random order, where each
-                   fault breaks one page).  Two ways of writing: one numpy strided
+                   fault breaks one page; and in random order with it off,
+                   the issue's isolated break).  Two ways of writing: one numpy strided
                    store a[::P] = v (a single C loop: the trap's cost alone)
                    and a Python loop of numpy scalar stores (what user code does)
   first touch      baseline: the kernel's own first-touch write fault on a fresh
@@ -60,6 +61,7 @@ TARGETS = {
     "merge, single pages": "(DESIGN ~6)",
     "COW via trap, numpy a[::P] = v": "<= 6 (DESIGN ~8)",
     "COW via trap, numpy a[::P] = v, fault-around off": "(DESIGN ~8)",
+    "COW via trap, numpy, random order, fault-around off": "<= 3x KSM (KSM 2.2-3.4)",
     "first touch, numpy a[::P] = v": "(DESIGN ~1.7)",
     "merge, single pages + busy thread": "(DESIGN ~40)",
     "merge, runs of 64 + busy thread": "(DESIGN ~1.7)",
@@ -221,6 +223,22 @@ def measure(s: Setup, reps: int, busy: bool) -> dict[str, list[tuple[float, floa
             add("COW via trap, numpy a[::P] = v, fault-around off", s.cow("strided", 1))
             s.merge(64)
             add("COW via trap, numpy, random page order", s.cow("random"))
+            s.merge(64)
+            add("COW via trap, numpy, random order, fault-around off", s.cow("random", 1))
+    return out
+
+
+def measure_cow(s: Setup, reps: int, busy: bool) -> dict[str, list[tuple[float, float]]]:
+    """Only the copy-on-write rows (--cow-only)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    suffix = " + busy thread" if busy else ""
+    with busy_thread(busy):
+        for _ in range(reps):
+            for how, fa, name in (("strided", 64, "COW via trap, numpy a[::P] = v"),
+                                  ("random", 1, "COW via trap, numpy, random order, fault-around off")):
+                s.merge(64)
+                out.setdefault(name + suffix, []).append(s.cow(how, fa))
+            out.setdefault("first touch, numpy a[::P] = v" + suffix, []).append(first_touch(s.n, "strided"))
     return out
 
 
@@ -229,15 +247,19 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-thread rows")
+    ap.add_argument("--cow-only", action="store_true",
+                    help="only the copy-on-write rows (in page order, and in random order "
+                         "with fault-around off), and first touch")
     args = ap.parse_args()
 
     s = Setup(args.pages)
     try:
         s.merge(64)  # warm up: fault the stable view in once, as a long-lived worker has
         s.break_all()
-        rows = measure(s, args.reps, busy=False)
+        run = measure_cow if args.cow_only else measure
+        rows = run(s, args.reps, busy=False)
         if not args.no_busy:
-            rows.update(measure(s, args.reps, busy=True))
+            rows.update(run(s, args.reps, busy=True))
     finally:
         s.close()
 

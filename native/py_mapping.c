@@ -23,6 +23,7 @@
 #include "sd_merge.h"
 #include "sd_pages.h"
 #include "sd_trap.h"
+#include "sd_view.h"
 
 /* Address space a StableView reserves: the stable object may grow up to this
  * without remapping (it is virtual: nothing is committed). */
@@ -38,6 +39,7 @@ typedef struct {
     int fd;             /* dup of the backing fd: same open file, so remaps coalesce */
     uint8_t *state;
     size_t state_len;
+    uint64_t *ref;      /* per page stable references (sd_region.h), private */
     Py_ssize_t exports; /* buffers handed out */
     Py_ssize_t busy;    /* calls running with the GIL released */
     pid_t pid;          /* regions are not inherited across fork */
@@ -118,9 +120,20 @@ Mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
         close(fd);
         return -1;
     }
-    int idx = sd_region_add(base, (size_t)npages, fd, state);
+    /* Zeroed lazily by the kernel (calloc of this size maps fresh memory):
+     * only pages that ever merge cost their 8 bytes. */
+    uint64_t *ref = calloc((size_t)npages, sizeof *ref);
+    if (!ref) {
+        PyErr_NoMemory();
+        munmap(state, state_len);
+        munmap(base, len);
+        close(fd);
+        return -1;
+    }
+    int idx = sd_region_add(base, (size_t)npages, fd, state, ref);
     if (idx < 0) {
         sd_raise_errno("region table");
+        free(ref);
         munmap(state, state_len);
         munmap(base, len);
         close(fd);
@@ -132,6 +145,7 @@ Mapping_init(MappingObject *self, PyObject *args, PyObject *kwds)
     self->fd = fd;
     self->state = state;
     self->state_len = state_len;
+    self->ref = ref;
     self->pid = getpid();
     return 0;
 }
@@ -159,6 +173,8 @@ mapping_release(MappingObject *self)
     }
     /* In a forked child the table entry and the memory were dropped at fork
      * (sd_trap.c atfork_child): the addresses may hold something else now. */
+    free(self->ref);
+    self->ref = NULL;
     close(self->fd);
     self->idx = -1;
     self->fd = -1;
@@ -223,6 +239,7 @@ typedef struct {
     PyObject_HEAD
     uint8_t *view;
     int fd;
+    uint32_t tag;       /* in the table of views breaks copy from (sd_view.h); 0: none */
     pid_t pid;
 } StableViewObject;
 
@@ -279,7 +296,8 @@ Mapping_merge(MappingObject *self, PyObject *args)
     self->busy++;
     Py_BEGIN_ALLOW_THREADS
     for (size_t k = 0; k < nitems; k++) {
-        sd_merge_run(r, (size_t)it[3 * k], (size_t)it[3 * k + 1], sv->fd, sv->view, it[3 * k + 2], res);
+        sd_merge_run(r, (size_t)it[3 * k], (size_t)it[3 * k + 1], sv->fd, sv->view, sv->tag,
+                     it[3 * k + 2], res);
         res += it[3 * k + 1];
     }
     Py_END_ALLOW_THREADS
@@ -468,6 +486,7 @@ StableView_init(StableViewObject *self, PyObject *args, PyObject *kwds)
     }
     self->view = v;
     self->fd = own;
+    self->tag = sd_view_add(v, STABLE_RESERVE);
     self->pid = getpid();
     return 0;
 }
@@ -484,8 +503,13 @@ StableView_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSE
 static void
 stableview_release(StableViewObject *self)
 {
-    if (self->view && self->pid == getpid())
+    if (self->view && self->pid == getpid()) {
+        /* Pages merged through this view may stay mapped (a coordinator
+         * restart): their breaks copy from their own mapping from now on. */
+        sd_view_remove(self->tag);
         munmap(self->view, STABLE_RESERVE);
+    }
+    self->tag = 0;
     if (self->fd >= 0)
         close(self->fd);
     self->view = NULL;

@@ -3,7 +3,8 @@
  * Fault points (sd_fault.h) SIGKILL the process at an exact step of a merge or
  * a break, or hold the thread that gets there; the race hook changes a page under write protection; the mmap hook
  * makes breaks fail as past vm.max_map_count; _test_segfault is a genuine
- * segfault (like faulthandler._sigsegv).  None of them does anything unless a
+ * segfault (like faulthandler._sigsegv); _test_view_copied counts the breaks
+ * that took the fast path (sd_view.c).  None of them does anything unless a
  * test calls it; _fault_point is the agent's (Python) fault point.
  */
 #define PY_SSIZE_T_CLEAN
@@ -15,6 +16,7 @@
 #include "sd_fault.h"
 #include "sd_merge.h"
 #include "sd_trap.h"
+#include "sd_view.h"
 
 /* Test hook: while armed, every merge run gets its first byte changed in the
  * backing after write-protection and before the compare (a write that raced
@@ -138,6 +140,14 @@ py_test_segfault(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* _test_view_copied() -> int: pages breaks copied from a stable view so far
+ * (sd_view.h); the others were copied from their own mapping. */
+static PyObject *
+py_test_view_copied(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromUnsignedLong(atomic_load(&sd_view_copied));
+}
+
 static PyMethodDef test_methods[] = {
     {"_test_race_hook", py_test_race_hook, METH_VARARGS, "Test only: change a run's first byte under protection."},
     {"_test_fail_mmaps", py_test_fail_mmaps, METH_VARARGS,
@@ -149,6 +159,8 @@ static PyMethodDef test_methods[] = {
      "or with hold stop that thread there until the process ends."},
     {"_test_fault_held", py_test_fault_held, METH_NOARGS,
      "Test only: how many threads a fault point armed with hold has stopped so far."},
+    {"_test_view_copied", py_test_view_copied, METH_NOARGS,
+     "Test only: pages that COW breaks copied from a stable view (not from their own mapping) so far."},
     {"_fault_point", py_fault_point, METH_O, "_fault_point(id): a fault point in Python code; no-op unless armed."},
     {NULL},
 };

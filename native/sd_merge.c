@@ -9,8 +9,10 @@
  *   3. compare the write-protected bytes with the slot: this is the proof
  *      (invariant 1); the coordinator's checksum and compare were hints;
  *   4. equal stretches: mmap the slot read-only over them, punch the private
- *      copy, then publish MERGED (invariant 2: a trap that sees MERGED must
- *      find the stable mapping installed and be free to write the backing);
+ *      copy, record where the content lives (the view's tag and the slot, for
+ *      the break to copy from: sd_view.c), then publish MERGED (invariant 2:
+ *      a trap that sees MERGED must find the stable mapping installed and be
+ *      free to write the backing);
  *   5. unequal stretches: mprotect read-write again, publish PRIVATE.
  * A death between any two of these steps loses nothing (invariant 7): the
  * backing still holds the bytes until the punch, and after it the stable slot
@@ -32,13 +34,14 @@
 #include "sd_hash.h"
 #include "sd_merge.h"
 #include "sd_pages.h"
+#include "sd_view.h"
 
 void (*sd_merge_test_hook)(struct sd_region *r, size_t first, size_t n);
 
 /* Map [first, first + n) (claimed, write-protected, proven equal) onto the
  * slots.  Returns 0, or -1 if the mapping could not be installed. */
 static int install(struct sd_region *r, uint8_t *base, size_t first, size_t n,
-                   int stable_fd, int64_t slot)
+                   int stable_fd, int64_t slot, uint32_t view_tag)
 {
     uint8_t *addr = base + first * sd_page_size;
     size_t len = n * sd_page_size;
@@ -54,6 +57,10 @@ static int install(struct sd_region *r, uint8_t *base, size_t first, size_t n,
     /* A failed punch only costs memory: the page is merged and correct. */
     sd_punch(r->fd, (off_t)(first * sd_page_size), (off_t)len);
     sd_fault_point(SD_FAULT_MERGE_PUNCHED);
+    /* Where a break will copy these pages from: the same slots, read through
+     * the view they were just proven against (sd_view.c).  Before the
+     * publish, which releases it to the trap. */
+    sd_set_refs(r, first, n, slot < 0 ? 0 : sd_view_ref(view_tag, (uint64_t)slot));
     sd_publish(r, first, n, slot < 0 ? SD_ZERO : SD_MERGED);
     atomic_fetch_add(&sd_merged_pages, (long)n);
     return 0;
@@ -65,7 +72,9 @@ static void release(struct sd_region *r, uint8_t *base, size_t first, size_t n)
         /* Cannot lift the protection (ENOMEM: mapping limit).  Leave the
          * pages to the trap as if merged onto themselves: a write then
          * copies them onto themselves and remaps read-write, or ends the
-         * process loudly; it never loses bytes. */
+         * process loudly; it never loses bytes.  No stable reference: the
+         * content lives in the backing only. */
+        sd_set_refs(r, first, n, 0);
         sd_publish(r, first, n, SD_MERGED);
         atomic_fetch_add(&sd_merged_pages, (long)n);
         return;
@@ -75,7 +84,8 @@ static void release(struct sd_region *r, uint8_t *base, size_t first, size_t n)
 
 /* Merge claimed pages [first, first + n) onto [slot, ...). */
 static long merge_claimed(struct sd_region *r, size_t first, size_t n, int stable_fd,
-                          const uint8_t *stable_view, int64_t slot, uint8_t *result)
+                          const uint8_t *stable_view, uint32_t view_tag, int64_t slot,
+                          uint8_t *result)
 {
     uint8_t *base = (uint8_t *)atomic_load(&r->base);
     uint8_t *addr = base + first * sd_page_size;
@@ -111,7 +121,7 @@ static long merge_claimed(struct sd_region *r, size_t first, size_t n, int stabl
                 break;
         }
         if (eq && install(r, base, first + i, j - i, stable_fd,
-                          slot < 0 ? -1 : slot + (int64_t)i) == 0) {
+                          slot < 0 ? -1 : slot + (int64_t)i, view_tag) == 0) {
             memset(result + i, 1, j - i);
             merged += (long)(j - i);
         } else {
@@ -123,7 +133,7 @@ static long merge_claimed(struct sd_region *r, size_t first, size_t n, int stabl
 }
 
 long sd_merge_run(struct sd_region *r, size_t first, size_t n, int stable_fd,
-                  const uint8_t *stable_view, int64_t slot, uint8_t *result)
+                  const uint8_t *stable_view, uint32_t view_tag, int64_t slot, uint8_t *result)
 {
     long merged = 0;
     size_t i = 0;
@@ -140,7 +150,7 @@ long sd_merge_run(struct sd_region *r, size_t first, size_t n, int stable_fd,
             i++;                    /* not private: leave it alone */
             continue;
         }
-        merged += merge_claimed(r, first + i, j - i, stable_fd, stable_view,
+        merged += merge_claimed(r, first + i, j - i, stable_fd, stable_view, view_tag,
                                 slot < 0 ? -1 : slot + (int64_t)i, result + i);
         i = j;
     }

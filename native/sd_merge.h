@@ -7,12 +7,14 @@
 
 /* Merge pages [first, first + n) of r onto stable slots [slot, slot + n)
  * (slot < 0: onto the zero page).  stable_view is a read-only mapping of the
- * whole stable object, stable_fd a read-only descriptor of it.  result[i] is
+ * whole stable object, stable_fd a read-only descriptor of it, view_tag the
+ * view's tag in the table of sd_view.h (0: none; breaks of these pages then
+ * copy from their own mapping).  result[i] is
  * set to 1 for each page that merged, 0 otherwise.  Returns the number merged.
  * Pages that are not PRIVATE, or whose bytes differ from the slot while
  * write-protected, are left private (DESIGN invariants 1 and 2). */
 long sd_merge_run(struct sd_region *r, size_t first, size_t n, int stable_fd,
-                  const uint8_t *stable_view, int64_t slot, uint8_t *result);
+                  const uint8_t *stable_view, uint32_t view_tag, int64_t slot, uint8_t *result);
 
 /* Checksum hints for a merge at write time (Region.merge_now): out[i] is
  * the page checksum (XXH64) of page first + i if it is PRIVATE and holds

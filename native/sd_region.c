@@ -19,7 +19,7 @@ static struct sd_region regions[SD_MAX_REGIONS];
 static _Atomic int regions_used;            /* high-water mark of the table */
 static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
 
-int sd_region_add(void *base, size_t npages, int fd, uint8_t *state)
+int sd_region_add(void *base, size_t npages, int fd, uint8_t *state, uint64_t *ref)
 {
     pthread_mutex_lock(&table_lock);
     for (int i = 0; i < SD_MAX_REGIONS; i++) {
@@ -29,6 +29,7 @@ int sd_region_add(void *base, size_t npages, int fd, uint8_t *state)
         r->npages = npages;
         r->fd = fd;
         r->state = (_Atomic uint8_t *)state;
+        r->ref = (_Atomic uint64_t *)ref;
         atomic_store(&r->breaks, 0);
         atomic_store(&r->ahead_end, SIZE_MAX);
         atomic_store(&r->ahead_width, 0);

@@ -24,6 +24,11 @@ struct sd_region {
     size_t npages;
     int fd;                      /* the backing's own fd: remaps must use it */
     _Atomic uint8_t *state;      /* npages state bytes */
+    /* Per page, private to this process: where a MERGED page's content also
+     * lives (sd_view.h: view tag and slot), written by the merge that mapped
+     * it before it publishes MERGED, cleared before anything else publishes
+     * MERGED or PRIVATE.  0: copy a break from the page's own mapping. */
+    _Atomic uint64_t *ref;
     _Atomic uint64_t breaks;     /* pages broken by the trap (COW faults) */
     /* COW fault-around: where the last trap break ended and how wide it was.
      * A fault right there doubles the width (sequential writes). */
@@ -34,8 +39,9 @@ struct sd_region {
 extern size_t sd_page_size;
 extern _Atomic long sd_merged_pages;   /* pages MERGED or ZERO in this process */
 
-/* Table.  add returns the slot index, or -1 (ENOSPC) when full. */
-int sd_region_add(void *base, size_t npages, int fd, uint8_t *state);
+/* Table.  add returns the slot index, or -1 (ENOSPC) when full.  ref: npages
+ * zeroed words, kept by the caller until after remove. */
+int sd_region_add(void *base, size_t npages, int fd, uint8_t *state, uint64_t *ref);
 void sd_region_remove(int idx);
 struct sd_region *sd_region_get(int idx);
 
@@ -55,5 +61,13 @@ static inline void sd_publish(struct sd_region *r, size_t first, size_t n, uint8
 {
     for (size_t i = first; i < first + n; i++)
         atomic_store_explicit(&r->state[i], s, memory_order_release);
+}
+
+/* Set the stable references of pages [first, first + n) (owned by the
+ * caller) to ref, ref + 1, ... (consecutive slots), or all to 0. */
+static inline void sd_set_refs(struct sd_region *r, size_t first, size_t n, uint64_t ref)
+{
+    for (size_t i = 0; i < n; i++)
+        atomic_store_explicit(&r->ref[first + i], ref ? ref + i : 0, memory_order_relaxed);
 }
 #endif

@@ -11,15 +11,20 @@
  * Fault-around: a fault on the page right after the previous trap break of the
  * region also claims the pages after it that are in the same merged state, up
  * to twice that break's width (at most sd_fault_around_max), and breaks them
- * all with one pwrite and one mmap: a sequential writer pays the signal and
- * the remap once per window.  Only pages won by compare-and-swap join.
+ * all with one pwrite and one mmap (populated: the writes that follow do not
+ * fault again): a sequential writer pays the signal and the remap once per
+ * window.  Only pages won by compare-and-swap join.
  *
  * Signal safety: the handler calls only async-signal-safe functions (pwrite,
- * mmap, sched_yield, sigaction, write, raise, getpid), keeps errno, runs on
+ * mmap, munmap, sched_yield, sigaction, write, raise, getpid), keeps errno, runs on
  * the alternate stack when the thread has one (SA_ONSTACK), and reads the
  * region table with atomics only.  Faults that are not ours go to the handler
  * that was installed before us: we put it back and let the fault happen again,
  * the way faulthandler chains, so a genuine segfault is never swallowed.
+ *
+ * A SEGV_MAPERR on a page of a region is a break past vm.max_map_count that
+ * unmapped the page's stretch for a moment (sd_break.c): the page is BREAKING,
+ * the trap waits for it and the access is retried.
  *
  * When no memory is left to break a page (tmpfs full), the trap writes one line
  * to stderr and ends the process with SIGBUS: it never returns wrong bytes.
@@ -117,7 +122,9 @@ static int trap_break(struct sd_region *r, size_t page, uintptr_t addr)
                 break;
             n++;
         }
-        long got = sd_break_owned(r, page, n, s);
+        long got = sd_break_owned_trap(r, page, n, s, 1);
+        if (got == -2)
+            fatal_break(addr, errno);       /* a hole it could not map again */
         if (got < 0 && n > 1) {
             /* The window did not fit (tmpfs nearly full, mappings): every
              * page of it is back in state s.  The write needs one page only:
@@ -163,6 +170,25 @@ static void sd_trap_handler(int sig, siginfo_t *si, void *ucontext)
             }
             /* Private already: retry, but a page that keeps faulting while
              * private is a genuine protection fault, not a race. */
+            if (tl_fault_addr != page_addr) {
+                tl_fault_addr = page_addr;
+                tl_fault_retries = 0;
+            }
+            if (++tl_fault_retries < 1000) {
+                errno = saved_errno;
+                return;
+            }
+        }
+    } else if (si->si_code == SEGV_MAPERR) {
+        /* A page of a region unmapped for a moment: a break past
+         * vm.max_map_count (sd_break.c) owns it.  Wait, then retry. */
+        uintptr_t addr = (uintptr_t)si->si_addr;
+        size_t page;
+        struct sd_region *r = sd_region_find(addr, &page);
+        if (r) {
+            uintptr_t page_addr = addr & ~(uintptr_t)(sd_page_size - 1);
+            while (atomic_load_explicit(&r->state[page], memory_order_acquire) == SD_BREAKING)
+                sched_yield();
             if (tl_fault_addr != page_addr) {
                 tl_fault_addr = page_addr;
                 tl_fault_retries = 0;

@@ -1,12 +1,10 @@
 """Pages, runs of pages, and integer arguments: the shared base's one copy of each.
 
 * ``PAGE_SIZE`` and :func:`pages_for` (bytes rounded up to whole pages).
-* :class:`Run`: ``(region, first, n, slot)``, ``n`` pages from ``first`` mapped
-  to the stable slots from ``slot`` (-1: the zero page), how merges and
-  unmerges travel between the scanner, the requests in flight and the wire.
 * :func:`cut_runs`: where sorted pages split into runs of consecutive pages
   (whose slots, if given, advance with them): the mapping budget's unit, one
-  mmap and one VMA per run in a worker (DESIGN, "Mapping budget");
+  mmap and one VMA per run in a worker (DESIGN, "Mapping budget"), and the
+  coordinator's ``tracking.Run``;
   :func:`mask_runs`, the same for the pages a mask selects.
 * :func:`check_int`: the argument check of every public entry point that
   takes a count, a size, an offset or an id: a bool is never an int, and a
@@ -16,13 +14,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
-
 import numpy as np
 
 from shmdedup.errors import ArgumentError
 
-__all__ = ["PAGE_SIZE", "Run", "check_int", "cut_runs", "mask_runs", "pages_for"]
+__all__ = ["PAGE_SIZE", "check_int", "cut_runs", "mask_runs", "pages_for"]
 
 PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
 
@@ -30,15 +26,6 @@ PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
 def pages_for(nbytes: int) -> int:
     """Pages needed to hold nbytes (rounded up)."""
     return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
-
-
-class Run(NamedTuple):
-    """``n`` pages of ``region`` from page ``first``, onto the stable slots
-    from ``slot`` (-1 throughout: the zero page; 0 in an unmerge)."""
-    region: Any
-    first: int
-    n: int
-    slot: int
 
 
 def cut_runs(pages: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +50,7 @@ def mask_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ranges ``[starts[i], ends[i])``: ``cut_runs(np.flatnonzero(mask))`` in
     pages, without an index per page (a mask of millions of pages costs a
     byte of temporaries per page, not sixteen)."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).view(np.int8)))
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], np.asarray(mask, bool), [False])).view(np.int8)))
     return edges[::2], edges[1::2]
 
 

@@ -23,6 +23,7 @@
 #include "sd_merge.h"
 #include "sd_pages.h"
 #include "sd_region.h"
+#include "sd_view.h"
 
 #define CHECK(cond) do { if (!(cond)) { \
     fprintf(stderr, "%s:%d: check failed: %s (errno %d)\n", __FILE__, __LINE__, #cond, errno); \
@@ -179,21 +180,53 @@ static void check_merge_and_break(void)
     CHECK(base != MAP_FAILED && view != MAP_FAILED);
     memcpy(base, want, n * ps);
     base[2 * ps] ^= 1;                        /* page 2 differs: stays private */
-    int idx = sd_region_add(base, n, backing, state);
+    uint64_t *ref = calloc(n, sizeof *ref);
+    CHECK(ref);
+    int idx = sd_region_add(base, n, backing, state, ref);
     CHECK(idx >= 0);
     struct sd_region *r = sd_region_get(idx);
-    CHECK(sd_merge_run(r, 0, n, stable, view, 1, result) == 3);
+    uint32_t tag = sd_view_add(view, (n + 1) * ps);
+    CHECK(tag != 0);
+    CHECK(sd_merge_run(r, 0, n, stable, view, tag, 1, result) == 3);
+    CHECK(ref[0] == sd_view_ref(tag, 1) && ref[1] == sd_view_ref(tag, 2) && ref[2] == 0);
+    unsigned long copied = sd_view_copied;
     CHECK(result[0] && result[1] && !result[2] && result[3]);
     CHECK(state[0] == SD_MERGED && state[2] == SD_PRIVATE);
     CHECK(sd_resident_pages(backing, 0, n * ps) == 1);
     base[2 * ps] ^= 1;
     CHECK(memcmp(base, want, n * ps) == 0);
     CHECK(sd_break_cow(r, 0, n) == 3);
+    CHECK(sd_view_copied - copied == 3);          /* read from the view */
     for (size_t i = 0; i < n; i++)
-        CHECK(state[i] == SD_PRIVATE);
+        CHECK(state[i] == SD_PRIVATE && ref[i] == 0);
     CHECK(sd_resident_pages(backing, 0, n * ps) == (long)n);
     base[0] = 0x5a;                           /* writable again, and private */
     CHECK(view[ps] == want[0]);
+
+    /* A stale reference: merged through a view that is then removed and its
+     * place taken by another object with other bytes at the same slots.  The
+     * break must not copy from the newcomer: it reads the page itself. */
+    base[0] = want[0];
+    CHECK(sd_merge_run(r, 0, 2, stable, view, tag, 1, result) == 2);
+    sd_view_remove(tag);
+    int other = new_object(n + 1);
+    uint8_t *junk = malloc((n + 1) * ps);
+    CHECK(junk);
+    memset(junk, 0xee, (n + 1) * ps);
+    CHECK(pwrite(other, junk, (n + 1) * ps, 0) == (ssize_t)((n + 1) * ps));
+    uint8_t *view2 = mmap(NULL, (n + 1) * ps, PROT_READ, MAP_SHARED, other, 0);
+    CHECK(view2 != MAP_FAILED);
+    uint32_t tag2 = sd_view_add(view2, (n + 1) * ps);
+    CHECK(tag2 != 0 && tag2 != tag);
+    copied = sd_view_copied;
+    CHECK(sd_break_cow(r, 0, 2) == 2);
+    CHECK(sd_view_copied == copied);              /* not from any view */
+    CHECK(memcmp(base, want, 2 * ps) == 0);
+    sd_view_remove(tag2);
+    munmap(view2, (n + 1) * ps);
+    close(other);
+    free(junk);
+
     sd_region_remove(idx);
     munmap(base, n * ps);
     munmap(view, (n + 1) * ps);
@@ -202,6 +235,7 @@ static void check_merge_and_break(void)
     free(state);
     free(result);
     free(want);
+    free(ref);
 }
 
 static int unhex(const char *hex, uint8_t **out, size_t *len)

@@ -52,14 +52,14 @@ class RequestTracker:
         while i < len(runs) and not peer.conn.closed:
             chunk: list[Run] = []
             pages = 0
-            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i][2] <= MAX_PAGES_PER_REQUEST:
+            while i < len(runs) and len(chunk) < protocol.MAX_ITEMS and pages + runs[i].n <= MAX_PAGES_PER_REQUEST:
                 chunk.append(runs[i])
-                pages += runs[i][2]
+                pages += runs[i].n
                 i += 1
             if not chunk:  # one run longer than a request: split it
                 reg, first, n, slot = runs[i]
                 m = MAX_PAGES_PER_REQUEST
-                runs[i:i + 1] = [(reg, first, m, slot), (reg, first + m, n - m, slot + m if slot >= 0 else slot)]
+                runs[i:i + 1] = [Run(reg, first, m, slot), Run(reg, first + m, n - m, slot + m if slot >= 0 else slot)]
                 continue
             req = self.last = next(self._ids)
             items = protocol.items_to_bytes([(reg.rid, first, n, slot if kind == "merge" else 0)

@@ -84,7 +84,7 @@ class MergeNow:
         if res.waiting:
             # Scan merges in flight for pages of the range: answer after them.
             for req, (kind, runs, _) in peer.requests.items():
-                if kind == "merge" and any(r[0] is reg and r[1] < start + n and r[1] + r[2] > start
+                if kind == "merge" and any(r.region is reg and r.first < start + n and r.first + r.n > start
                                            for r in runs):
                     waits.add(req)
         call = InlineCall(waits, own)

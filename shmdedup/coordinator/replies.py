@@ -45,7 +45,7 @@ class Replies:
     def on_merged(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         items = self.requests.take(peer, msg["req"], "merge")
         result = msg["result"]
-        if len(result) != sum(n for _, _, n, _ in items) or result.strip(b"\0\1"):
+        if len(result) != sum(r.n for r in items) or result.strip(b"\0\1"):
             self.scanner.forget_request(items)
             for reg, first, n, _ in items:
                 reg.status[first:first + n] = VOLATILE  # visit again

@@ -92,13 +92,13 @@ class ControlSurface:
 
     def apply_scan_controls(self) -> None:
         """Pass the scanner its share of the controls (at start, and after each change)."""
-        self.scanner.smart_scan = bool(self.controls["smart_scan"])
-        self.scanner.max_page_sharing = self.controls["max_page_sharing"]
-        self.scanner.max_kernel_pages = self.controls["max_kernel_pages"]
-        self.scanner.use_zero_pages = bool(self.controls["use_zero_pages"])
-        self.scanner.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
-        self.scanner.budget.max_mappings = self.controls["max_mappings"]
-        self.scanner.inline_keep = self.controls["inline_keep_millisecs"] / 1000
+        self.scanner.settings.smart_scan = bool(self.controls["smart_scan"])
+        self.scanner.settings.max_page_sharing = self.controls["max_page_sharing"]
+        self.scanner.settings.max_kernel_pages = self.controls["max_kernel_pages"]
+        self.scanner.settings.use_zero_pages = bool(self.controls["use_zero_pages"])
+        self.scanner.settings.zero_pages_only = bool(self.controls["merge_zero_pages_only"])
+        self.scanner.settings.max_mappings = self.controls["max_mappings"]
+        self.scanner.settings.inline_keep = self.controls["inline_keep_millisecs"] / 1000
 
     def set_control(self, name: str, value: int, client: Peer | None = None) -> bool:
         """Apply a control.  Returns True when it started a run=2 unmerge,

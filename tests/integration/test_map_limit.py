@@ -5,7 +5,8 @@ vm.max_map_count (65,530) any mmap or mprotect that needs a new one fails with
 ENOMEM: in the worker's own code too (a large numpy array, a thread stack).
 The coordinator keeps each worker under ``max_mappings`` (budget.py); the C
 core, should a break still hit the limit, maps the whole merged stretch with
-one mmap (sd_trap.c break_owned).
+one mmap, and in the trap, when even that fails (past the limit), unmaps the
+stretch and maps it again (sd_break.c).
 
 Checked from outside: the workers' /proc/<pid>/maps (lines in the region's
 address range, and in all), the allocated blocks of their backing objects
@@ -273,6 +274,70 @@ def test_break_at_max_map_count_breaks_the_whole_run(how: str) -> None:
     assert res.stderr == ""
 
 
+
+# Past the limit through the worker's own breaks: writes in random order split
+# a merged run into a mapping per page until vm.max_map_count.  A failed split
+# can leave the count above the limit (the kernel keeps the pieces), and then
+# every mmap fails, replacing ones too: the trap unmaps the merged stretch and
+# maps it again, while a reader thread keeps reading pages of the run (one that
+# falls into the unmapped moment waits in the trap).  It used to end the
+# process with SIGBUS ("cannot break copy-on-write ... ENOMEM").
+RANDOM_PAST_THE_LIMIT = AT_THE_LIMIT.split("# One reserved area")[0] + """
+import threading
+N2 = 4096
+data2 = np.random.default_rng(7).integers(0, 256, (N2, P), dtype=np.uint8)
+r2 = Region(N2 * P)
+a2 = r2.ndarray(np.uint8, (N2, P))
+a2[:] = data2
+seg2 = StableSegment(chunk_pages=N2)
+slot2 = seg2.alloc(N2)
+seg2.write(slot2, data2)
+fd = seg2.readonly_fd(); sv2 = _native.StableView(fd); os.close(fd)
+assert r2.merge(sv2, np.array([0, N2, slot2], dtype=np.int64).tobytes()) == b"\\x01" * N2
+order = np.random.default_rng(8).permutation(N2).tolist()
+probe = np.random.default_rng(9).integers(0, N2, 1 << 16).tolist()
+# Leave 1000 mappings below the limit: the writes need ~2 per page.
+RESERVE = 2 * MAX * P
+base = libc.mmap(None, RESERVE, 0, 0x22, -1, 0)
+want = (MAX - 1000 - map_count()) // 2          # each page mapped in it adds two
+for k in range(want):
+    assert libc.mmap(base + 2 * k * P, P, 1, 0x32, -1, 0) not in (None, 2**64 - 1)
+assert MAX - 1003 <= map_count() <= MAX - 998, map_count()
+stop, bad, reads = threading.Event(), [0], [0]
+
+def reader():
+    while not stop.is_set():
+        for p in probe:
+            bad[0] += a2[p, 1:64].tobytes() != data2[p, 1:64].tobytes()
+            reads[0] += 1
+            if stop.is_set():
+                break
+
+t = threading.Thread(target=reader)
+t.start()
+peak = 0
+for i, p in enumerate(order):
+    a2[p, 0] ^= 0xff
+    data2[p, 0] ^= 0xff
+    if i % 256 == 0:
+        peak = max(peak, map_count())
+stop.set()
+t.join()
+libc.munmap(base, RESERVE)
+print(peak >= MAX - 2, r2.merged_pages(), bool(np.array_equal(a2, data2)), bad[0], reads[0] > 0)
+"""
+
+
+def test_random_writes_past_the_limit_break_through_an_unmapped_moment() -> None:
+    res = run_python(RANDOM_PAST_THE_LIMIT, timeout=300)
+    assert not res.timed_out
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    # The run reached the limit; every page broke, every byte right, and the
+    # reader never saw a wrong byte (nor crashed on an unmapped page).
+    assert res.stdout.split() == ["True", "0", "True", "0", "True"], res.stdout
+    assert res.stderr == ""
+
+
 # The same fallback, and what happens when even it fails, forced with the test
 # hook (_test_fail_mmaps: the next n copy-back mmaps fail with ENOMEM).
 HOOK = """
@@ -328,9 +393,23 @@ print(r.break_range(10, 1), state())      # the hook spent: a plain split
     assert res.stdout.splitlines() == ["OSError 12", "[56, 8, True, 8]", "1 [55, 9, True, 9]"]
 
 
-def test_hook_failed_fallback_in_the_trap_ends_with_sigbus_and_one_line() -> None:
+def test_hook_failed_fallback_in_the_trap_maps_the_stretch_through_an_unmapped_moment() -> None:
+    # The split and the whole-stretch mmap fail: the trap unmaps the stretch
+    # (the run [0, 32)) and maps it again.
     res = run_python(HOOK + """
 _native._test_fail_mmaps(2)
+a[10, 0] ^= 1; data[10, 0] ^= 1
+print(r.breaks, state())
+""")
+    res.check()
+    assert res.stdout.splitlines() == ["32 [24, 40, True, 40]"]
+    assert res.stderr == ""
+
+
+def test_hook_failed_fallback_in_the_trap_ends_with_sigbus_and_one_line() -> None:
+    # Even the mmap after the unmap keeps failing (1000 tries): SIGBUS.
+    res = run_python(HOOK + """
+_native._test_fail_mmaps(100000)
 print("writing", flush=True)
 a[10, 0] ^= 1
 print("wrote past a failed break", flush=True)

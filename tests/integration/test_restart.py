@@ -303,3 +303,81 @@ def test_slots_of_an_exited_worker_are_freed(pair: Pair, socket_path: str) -> No
             coord.stop()
     finally:
         third.close()
+
+
+def view_copied(pair: Pair) -> list[int]:
+    """Per worker: pages its COW breaks copied from a stable view so far."""
+    return [w.call("result = _native._test_view_copied()") for w in pair.workers]
+
+
+def test_breaks_copy_from_the_stable_view_and_never_through_a_stale_reference(
+        pair: Pair, socket_path: str) -> None:
+    """A break copies a merged page's bytes from the worker's view of the
+    stable object, at the slot the merge recorded (sd_view.c), not from the
+    faulting address.  That record must never point at the wrong bytes: not
+    after the coordinator is replaced by one whose stable object holds other
+    bytes at the very same slot numbers, not after a page is broken and merged
+    again onto another slot, not after an unmerge and a merge."""
+    for w in pair.workers:
+        w.call("shmdedup.cow_fault_around(1)")      # one page per break
+    coord = CoordinatorProcess(socket_path, **CONTROLS).go()
+    try:
+        wait_for(lambda: all_merged(pair.states()), 30, "every page of both workers to merge")
+        coord.client().set("run", 0)     # the broken pages stay private until the restart
+        before = view_copied(pair)
+        for page in (5, 30, 12):
+            pair.write("a", page * P + 7, b"x")
+        assert [c - b for c, b in zip(view_copied(pair), before)] == [3, 3], "breaks did not copy from the view"
+        pair.check_bytes()
+    finally:
+        coord.kill()
+
+    # A new coordinator: a new stable object, whose slots 0, 1, ... hold the
+    # pages of region b and the three broken pages of a.  The pages the old
+    # one merged stay merged on the old object; their records name a view
+    # the agents closed when the connection dropped.
+    coord = CoordinatorProcess(socket_path, **CONTROLS).go()
+    try:
+        client = coord.client()
+        wait_registered(client, pair.registered(), timeout=20)
+        pair.new("b", region_data(2, N, zeros=0))
+        wait_for(lambda: pair.states("b") == [converged(pair.data["b"])] * 2
+                 and pair.states("a") == [converged(pair.data["a"])] * 2, 30, "b and a's broken pages to merge")
+        stats = pair.settled(client, {"pages_inherited": 2 * (N - 3), "stable_pages_allocated": N + 3})
+        assert stats["pages_shared"] == N + 3                 # slots 0 .. N + 2 in use again
+
+        # Inherited pages: copied from their own mapping, never from the new
+        # view at the same slot numbers (which hold b's bytes).
+        inherited = [p for p in range(N - 8) if p not in (5, 30, 12)]
+        random.Random(3).shuffle(inherited)
+        before = view_copied(pair)
+        for page in inherited:
+            pair.write("a", page * P + 100, b"y")
+        assert view_copied(pair) == before
+        pair.check_bytes()
+
+        # Pages merged by this coordinator, among them the three broken and
+        # merged again onto new slots: copied from the current view.
+        before = view_copied(pair)
+        for page in (12, 5, 30, 40, 3):
+            pair.write("a" if page in (12, 5, 30) else "b", page * P + 9, b"z")
+        assert [c - b for c, b in zip(view_copied(pair), before)] == [5, 5]
+        pair.check_bytes()
+
+        # Unmerge everything, merge again (slots reused for other content):
+        # every break still reads the right bytes.
+        client.set("run", 2)
+        client.set("run", 1)
+        # (The unmerged zero pages are holes, which the scan leaves alone.)
+        wait_for(lambda: pair.states("b") == [converged(pair.data["b"])] * 2
+                 and [s[:N - 8] for s in pair.states("a")] == [converged(pair.data["a"])[:N - 8]] * 2,
+                 30, "everything to merge again")
+        before = view_copied(pair)
+        order = [("a", p) for p in range(0, N - 8, 3)] + [("b", p) for p in range(1, N, 3)]
+        random.Random(4).shuffle(order)
+        for name, page in order:
+            pair.write(name, page * P + 11, b"w")
+        assert [c - b for c, b in zip(view_copied(pair), before)] == [len(order)] * 2
+        pair.check_bytes()
+    finally:
+        coord.kill()

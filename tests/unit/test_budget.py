@@ -19,6 +19,7 @@ import pytest
 
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import CHUNK, FRESH_KEY, PROCESS_MAPPINGS, ZERO_KEY, MappingBudget
+from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.controls import default_max_mappings
 
 PRIVATE, MERGED, ZERO = _native.PRIVATE, _native.MERGED, _native.ZERO
@@ -75,7 +76,7 @@ def scatter(reg: FakeRegion, rng: random.Random, n: int) -> None:
 def test_estimate_matches_a_recount_after_touches(seed: int) -> None:
     rng = random.Random(seed)
     worker = object()
-    b = MappingBudget(10**9)
+    b = MappingBudget(ScanSettings(max_mappings=10**9))
     regs = [FakeRegion(worker, rng.choice([1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17]))
             for _ in range(3)]
     for reg in regs:
@@ -102,7 +103,7 @@ def test_recount_of_dirty_runs_equals_chunk_by_chunk(seed: int) -> None:
     rng = random.Random(seed)
     worker = object()
     reg = FakeRegion(worker, rng.choice([CHUNK + 1, 3 * CHUNK + 17, 5 * CHUNK]))
-    b = MappingBudget(10**9)
+    b = MappingBudget(ScanSettings(max_mappings=10**9))
     b.add(reg)
     scatter(reg, rng, 300)
     b.touch(reg, 0, reg.npages)
@@ -118,7 +119,7 @@ def test_recount_of_dirty_runs_equals_chunk_by_chunk(seed: int) -> None:
 
 def test_untouched_changes_are_seen_only_after_touch() -> None:
     worker = object()
-    b = MappingBudget(10**9)
+    b = MappingBudget(ScanSettings(max_mappings=10**9))
     reg = FakeRegion(worker, 4 * CHUNK)
     b.add(reg)
     base = b.estimate(worker)
@@ -135,7 +136,7 @@ def test_untouched_changes_are_seen_only_after_touch() -> None:
 def test_costs_prefix_sums_are_exact(seed: int) -> None:
     rng = random.Random(100 + seed)
     worker = object()
-    b = MappingBudget(10**9)
+    b = MappingBudget(ScanSettings(max_mappings=10**9))
     reg = FakeRegion(worker, rng.choice([7, 64, 300]))
     b.add(reg)
     scatter(reg, rng, reg.npages // 8)
@@ -159,7 +160,7 @@ def test_costs_prefix_sums_are_exact(seed: int) -> None:
 def test_admit_stops_at_max_mappings_and_counts_the_rest() -> None:
     worker = object()
     reg = FakeRegion(worker, 1000)
-    b = MappingBudget(PROCESS_MAPPINGS + 2 + 20)      # room for 10 scattered merges
+    b = MappingBudget(ScanSettings(max_mappings=PROCESS_MAPPINGS + 2 + 20))      # room for 10 scattered merges
     b.add(reg)
     pages = np.arange(0, 1000, 2)[1:]                 # 2, 4, ...: each +2
     ok, slots, over = b.admit(reg, pages, pages + 100)
@@ -167,12 +168,12 @@ def test_admit_stops_at_max_mappings_and_counts_the_rest() -> None:
     assert b.pages_skipped == len(pages) - 10
     assert b.full(worker)
     # A run on consecutive slots costs 2 in all, however long.
-    b2 = MappingBudget(PROCESS_MAPPINGS + 2 + 2)
+    b2 = MappingBudget(ScanSettings(max_mappings=PROCESS_MAPPINGS + 2 + 2))
     b2.add(reg2 := FakeRegion(worker, 1000))
     ok, _, over = b2.admit(reg2, np.arange(100, 600), np.arange(7, 507))
     assert len(ok) == 500 and not len(over)
     # Unsorted pages are taken in page order.
-    b3 = MappingBudget(PROCESS_MAPPINGS + 2 + 4)
+    b3 = MappingBudget(ScanSettings(max_mappings=PROCESS_MAPPINGS + 2 + 4))
     b3.add(reg3 := FakeRegion(worker, 100))
     ok, slots, over = b3.admit(reg3, np.array([50, 10, 30]), np.array([1, 2, 3]))
     assert list(ok) == [10, 30] and list(slots) == [2, 3] and list(over) == [50]
@@ -181,7 +182,7 @@ def test_admit_stops_at_max_mappings_and_counts_the_rest() -> None:
 def test_admit_pairs_both_sides_or_neither() -> None:
     wa, wb = object(), object()
     a, b_ = FakeRegion(wa, 400), FakeRegion(wb, 400)
-    budget = MappingBudget(PROCESS_MAPPINGS + 2 + 10)  # 5 scattered runs each
+    budget = MappingBudget(ScanSettings(max_mappings=PROCESS_MAPPINGS + 2 + 10))  # 5 scattered runs each
     budget.add(a)
     budget.add(b_)
     b_.merge(0, 900)                                   # wb has 2 mappings fewer to spare
@@ -203,14 +204,14 @@ def test_admit_pairs_both_sides_or_neither() -> None:
 def test_admit_pairs_in_one_region_counts_both_sides() -> None:
     w = object()
     reg = FakeRegion(w, 100)
-    budget = MappingBudget(PROCESS_MAPPINGS + 2 + 6)
+    budget = MappingBudget(ScanSettings(max_mappings=PROCESS_MAPPINGS + 2 + 6))
     budget.add(reg)
     # Pages 10-14 pair with 30-34: one run each, 2 + 2 mappings; 50 <-> 70 would need 4 more.
     op, rp = np.array([10, 11, 12, 13, 14, 50]), np.array([30, 31, 32, 33, 34, 70])
     keep = budget.admit_pairs(reg, op, reg, rp, np.array([0, 5]), np.array([5, 6]))
     assert keep.tolist() == [True, False]
     # Adjacent fresh runs are still two runs.
-    budget2 = MappingBudget(PROCESS_MAPPINGS + 2 + 2)
+    budget2 = MappingBudget(ScanSettings(max_mappings=PROCESS_MAPPINGS + 2 + 2))
     budget2.add(reg2 := FakeRegion(w, 100))
     keep = budget2.admit_pairs(reg2, np.array([10, 11]), reg2, np.array([12, 13]),
                                np.array([0]), np.array([2]))
@@ -228,7 +229,7 @@ def test_foreign_merged_pages_count_as_runs() -> None:
     reg.states[10:20] = MERGED
     reg.states[30] = MERGED
     reg.states[2 * CHUNK + 7] = ZERO
-    b = MappingBudget(10**9)
+    b = MappingBudget(ScanSettings(max_mappings=10**9))
     b.add(reg)
     assert b.estimate(w) == PROCESS_MAPPINGS + 1 + 7 == PROCESS_MAPPINGS + reg.brute_mappings()
 

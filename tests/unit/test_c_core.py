@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 NATIVE = Path(__file__).resolve().parents[2] / "native"
 SOURCES = ["tests/test_sd.c", "sd_hash.c", "sd_index.c", "sd_pages.c", "sd_region.c", "sd_break.c",
-           "sd_merge.c", "sd_fault.c"]
+           "sd_merge.c", "sd_fault.c", "sd_view.c"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import shmdedup
 from shmdedup import _native
 from tests.helpers import child_env, no_shm_leftovers, reaper, run_python  # noqa: F401
-from tests.unit.test_cow import SAME_PAGES_THREADS, Harness, content, merge, run_child, runs
+from tests.unit.test_cow import SAME_PAGES_THREADS, Harness, content, items, merge, run_child, runs
 
 P = _native.PAGE_SIZE
 
@@ -73,6 +73,22 @@ def test_sequential_writes_break_ahead_in_doubling_windows(harness: Harness) -> 
     assert out["breaks"] == last
     assert out["exact"]
     assert harness.allocated(w) == last * P     # seen from outside: the broken pages only
+
+
+def test_a_window_of_zero_pages_allocates_only_the_written_pages(harness: Harness) -> None:
+    """A window is mapped back populated (its pages are about to be written),
+    except a window of zero pages: their backing is a hole, and populating it
+    would allocate every page broken ahead.  Seen from outside: the backing
+    holds the written pages only."""
+    npages = 256
+    w, _ = harness.worker(npages, seed=43)
+    w.call("a[:] = 0; orig[:] = 0")
+    assert merge(w, items(*[(i, 64, -1) for i in range(0, npages, 64)])) == b"\x01" * npages
+    assert harness.allocated(w) == 0
+    w.call("from shmdedup import cow_fault_around; cow_fault_around(64)")
+    assert w.call("for p in range(100): a[p * P + 7] = 1\nresult = r.breaks") == 127   # windows 1, 2, ... 64
+    assert harness.allocated(w) == 100 * P      # before anything reads the holes
+    assert w.call("result = bool((a[:100 * P].reshape(100, P)[:, 7] == 1).all()) and not a.reshape(-1, P)[:, 8:].any()")
 
 
 @pytest.mark.parametrize("order", ["descending", "every other page"])

@@ -41,3 +41,36 @@ def test_chains_count_every_dup_of_each_chain() -> None:
         assert ix.chains() == (1, 2)
     finally:
         ix.close()
+
+
+def test_free_unused_frees_runs_at_once_and_chains_slot_by_slot(monkeypatch) -> None:
+    """A worker's exit frees its slots in long runs: one punch per run, not per
+    slot; slots in chains, slots freed already, slots still shared and retired
+    slots in the same call are each handled as before."""
+    ix = StableIndex()
+    try:
+        n = 300
+        content = np.repeat(np.arange(n, dtype=np.uint8), P)
+        first = ix.add(content, np.arange(1000, 1000 + n, dtype=np.uint64))
+        assert first is not None
+        run = list(range(first, first + n))
+        dup = [_add(ix, 7, 1005), _add(ix, 7, 1005)]     # a chain under run[5]'s checksum
+        ix.sharers[run[10]] = 1                          # still shared: kept
+        ix.retire(np.array([run[20]]))                   # given back: out of the index already
+        punches: list[tuple[int, int]] = []
+        real = ix.segment.free
+        monkeypatch.setattr(ix.segment, "free", lambda s, k=1: (punches.append((s, k)), real(s, k)))
+        ix.free_unused(np.array(run[:50] + [dup[0]]))
+        assert punches == [(run[0], 10), (run[11], 39), (dup[0], 1)]
+        ix.free_unused(np.array(run[:60]))               # the first 50 are free already
+        assert punches[3:] == [(run[50], 10)]
+        kept = run[10]
+        assert ix.segment.is_allocated(kept) and not ix.segment.is_allocated(run[0])
+        got = ix.lookup(np.arange(1000, 1000 + n, dtype=np.uint64))
+        assert got[10] == kept and (np.delete(got[:60], [5, 10]) == -1).all()
+        assert (got[60:] == np.array(run[60:])).all()
+        # run[5]'s checksum: its own slot is gone, the chain's newest is left.
+        assert ix.lookup(np.array([1005], np.uint64))[0] == dup[1]
+        assert ix.chains() == (0, 0) and ix.read(kept) == bytes([10]) * P
+    finally:
+        ix.close()

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shmdedup.errors import ArgumentError, Error
-from shmdedup.pages import PAGE_SIZE, Run, check_int, cut_runs, mask_runs, pages_for
+from shmdedup.pages import PAGE_SIZE, check_int, cut_runs, mask_runs, pages_for
 
 
 def _runs_by_loop(pages: list[int], slots: list[int] | None) -> list[tuple[int, int]]:
@@ -44,11 +44,6 @@ def test_cut_runs_known_answers() -> None:
     assert starts.tolist() == [0, 2, 3, 5] and ends.tolist() == [2, 3, 5, 7]
     starts, ends = cut_runs(np.array([], np.int64))
     assert starts.tolist() == ends.tolist() == []
-
-
-def test_run_is_a_tuple() -> None:
-    r = Run("reg", 4, 2, -1)
-    assert r == ("reg", 4, 2, -1) and (r.first, r.n, r.slot) == (4, 2, -1)
 
 
 def test_pages_for() -> None:

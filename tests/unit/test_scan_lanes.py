@@ -77,7 +77,7 @@ def test_a_page_matched_as_a_mate_is_not_queued_again() -> None:
     16's entry and queues both; page 16's own turn must find it queued."""
     sent: list = []
     sc = Scanner(lambda w, runs: sent.append((w, runs)), lambda w, runs: None)
-    sc.smart_scan = False
+    sc.settings.smart_scan = False
     fds: list[int] = []
     try:
         honest, other = W(0), W(1000)

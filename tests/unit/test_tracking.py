@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shmdedup.coordinator.scan.tracking import _repeated, _unique
+from shmdedup.coordinator.scan.tracking import Run, _coalesce, _repeated, _unique
 
 values = st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 8), max_size=60)
 
@@ -30,3 +30,13 @@ def test_repeated_marks_values_seen_more_than_once(xs: list[int]) -> None:
     a = np.array(xs, np.uint64)
     _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
     assert np.array_equal(_repeated(a), (counts[inv] > 1).reshape(-1))
+
+
+def test_coalesce_makes_named_runs() -> None:
+    """Queued pages of two regions, out of order, become Runs: pages and
+    slots advancing together, zero-page runs (slot -1) apart."""
+    a, b = object(), object()
+    items = [(a, [5, 6], [11, 12]), (b, [0], [-1]), (a, [3, 4, 7], [-1, -1, 13])]
+    runs = _coalesce([(r, np.array(p, np.int64), np.array(s, np.int64)) for r, p, s in items])
+    assert runs == [Run(a, 3, 2, -1), Run(a, 5, 3, 11), Run(b, 0, 1, -1)]
+    assert all(type(r) is Run for r in runs) and runs[1].n == 3

@@ -16,6 +16,7 @@ import pytest
 from shmdedup import protocol
 from shmdedup.coordinator.inflight import RequestTracker
 from shmdedup.coordinator.peers import Peer
+from shmdedup.coordinator.scan.tracking import Run
 from shmdedup.coordinator.unmergeall import Phase, UnmergeAll
 
 
@@ -94,7 +95,7 @@ def test_with_nothing_merged_it_ends_at_once(parts: SimpleNamespace) -> None:
 def test_merges_in_flight_are_drained_then_unmerged(parts: SimpleNamespace) -> None:
     p = parts
     p.scanner.merged[p.reg] = [(p.reg, 0, 4, 10)]
-    in_flight = p.requests.send(p.worker, "merge", [(p.reg, 8, 2, 20)])   # sent before run=2
+    in_flight = p.requests.send(p.worker, "merge", [Run(p.reg, 8, 2, 20)])   # sent before run=2
     p.ua.start(p.client)
     assert p.ua.phase is Phase.UNMERGING
     [unmerge] = _sent(p, "unmerge")

@@ -29,10 +29,9 @@ from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (
     MERGED, METADATA_BYTES_PER_PAGE, NEW, UNMERGING, UNSHARED, VOLATILE, ZERO, Queued, RegionState,
     Run, count_inherited, inherited_pages)
+from shmdedup.pages import PAGE_SIZE
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
-
-PAGE_SIZE: int = _native.PAGE_SIZE
 
 
 class Accounting:

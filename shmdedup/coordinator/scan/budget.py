@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from shmdedup import _native
+from shmdedup.coordinator.scan.settings import ScanSettings
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
@@ -94,8 +95,8 @@ class _RegionMaps:
 class MappingBudget:
     """Per-worker mapping estimates and the admission of merges."""
 
-    def __init__(self, max_mappings: int) -> None:
-        self.max_mappings = max_mappings
+    def __init__(self, settings: ScanSettings) -> None:
+        self.settings: ScanSettings = settings          # max_mappings is read from it
         self.pages_skipped: int = 0                       # cumulative, like pages_scanned
         self._maps: dict[Any, _RegionMaps] = {}      # RegionState -> counts
         self._total: dict[Any, int] = {}             # worker -> sum over its regions (as last counted)
@@ -103,6 +104,10 @@ class MappingBudget:
         self._inflight: dict[Any, int] = {}          # worker -> merge runs sent, unanswered
         self._planned: dict[Any, int] = {}           # worker -> cost queued in this batch
         self._warned: set[int] = set()
+
+    @property
+    def max_mappings(self) -> int:
+        return self.settings.max_mappings
 
     # -- keeping the counts ------------------------------------------------
 

@@ -25,9 +25,10 @@ import os
 import numpy as np
 
 from shmdedup import _native
+from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import _unique
-from shmdedup.pages import PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
@@ -37,7 +38,9 @@ def _one(v: int, dtype: type) -> np.ndarray:
 
 
 class StableIndex:
-    def __init__(self) -> None:
+    def __init__(self, settings: ScanSettings | None = None) -> None:
+        # max_kernel_pages is read from the scan's settings (settings.py).
+        self.settings: ScanSettings = settings if settings is not None else ScanSettings()
         self.segment: StableSegment = StableSegment()
         self.ix: _native.HashIndex = _native.HashIndex()
         cap = 1024
@@ -46,7 +49,6 @@ class StableIndex:
         self.slot_hash: np.ndarray = np.zeros(cap, np.uint64)
         self.chain_prev: np.ndarray = np.full(cap, -1, np.int64)
         self.born_inline: np.ndarray = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
-        self.max_pages = 0       # max_kernel_pages; 0 = no cap
         self.write_error: str = ""    # why the last new stable page could not be written
         self.write_failures: int = 0  # new stable pages that could not be written, ever
 
@@ -88,9 +90,10 @@ class StableIndex:
 
     def room(self, n: int) -> int:
         """How many of n new slots max_kernel_pages still allows."""
-        if not self.max_pages:
+        cap = self.settings.max_kernel_pages    # 0: no cap
+        if not cap:
             return n
-        return max(0, min(n, self.max_pages - self.segment.pages_in_use))
+        return max(0, min(n, cap - self.segment.pages_in_use))
 
     def add(self, content: np.ndarray, hashes: np.ndarray, hint: int | None = None) -> int | None:
         """Copy len(hashes) pages into a run of new slots and index them;
@@ -142,13 +145,37 @@ class StableIndex:
         todo = _unique(todo)
         todo = todo[(todo >= 0) & (todo < len(self.sharers))]
         todo = todo[(self.sharers[todo] <= 0) & (self.pending[todo] <= 0)]
-        for s in todo.tolist():
-            if not self.segment.is_allocated(s):
-                continue
+        if not len(todo):
+            return
+        # In runs of consecutive slots (a worker's exit frees its slots in long
+        # runs): one allocator check, one punch and one allocator update per run.
+        runs: list[tuple[int, int]] = []
+        for a, e in zip(*(x.tolist() for x in cut_runs(todo))):
+            s0, n = int(todo[a]), e - a
+            if self.segment.is_allocated(s0, n):
+                runs.append((s0, n))
+            else:                       # some freed already: the allocated stretches
+                live = np.array([s for s in range(s0, s0 + n) if self.segment.is_allocated(s)],
+                                np.int64)
+                runs += [(int(live[x]), y - x) for x, y in zip(*(r.tolist() for r in cut_runs(live)))]
+        if not runs:
+            return
+        freed = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in runs])
+        self._unindex_many(freed)
+        for s, n in runs:
+            self.segment.free(s, n)
+        self.sharers[freed] = 0
+        self.born_inline[freed] = -np.inf
+
+    def _unindex_many(self, slots: np.ndarray) -> None:
+        """_unindex each of these (distinct) slots: the common case, a slot
+        alone under its checksum, in one call; slots in chains one by one."""
+        hashes = self.slot_hash[slots]
+        alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
+        if alone.any():
+            self.ix.delete(np.ascontiguousarray(hashes[alone]))
+        for s in slots[~alone].tolist():
             self._unindex(s)
-            self.segment.free(s)
-            self.sharers[s] = 0
-            self.born_inline[s] = -np.inf
 
     def retire(self, slots: np.ndarray) -> None:
         """Take slots out of the index while they stay mapped: a slot being
@@ -157,12 +184,7 @@ class StableIndex:
         slot itself is freed later by free_unused, as usual."""
         slots = _unique(np.asarray(slots, np.int64))
         slots = slots[slots >= 0]
-        hashes = self.slot_hash[slots]
-        alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
-        if alone.any():                 # the common case, in one call
-            self.ix.delete(np.ascontiguousarray(hashes[alone]))
-        for s in slots[~alone].tolist():
-            self._unindex(s)
+        self._unindex_many(slots)
 
     def _unindex(self, s: int) -> None:
         h = self.slot_hash[s]

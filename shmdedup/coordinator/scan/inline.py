@@ -1,12 +1,15 @@
 """Merging at write time: the coordinator's side of ``Region.merge_now``.
 
 The scan merges what already exists, two visits apart; a worker that declares
-a range final asks for it to be merged now.  :class:`Inliner` (a mixin of the
-:class:`~shmdedup.coordinator.scan.scanner.Scanner`, like :class:`~shmdedup.coordinator.scan.matching.Matcher`)
-turns one such request into merges, in one pass over the range:
+a range final asks for it to be merged now.  :class:`Inliner` (a collaborator
+of the :class:`~shmdedup.coordinator.scan.scanner.Scanner`, which owns it, as it
+owns :class:`~shmdedup.coordinator.scan.matching.Matcher`) turns one such request
+into merges, in one pass over the range:
 
 1. the candidates: advised, PRIVATE pages with data (holes are never read),
-   not already in a merge or an unmerge, within the worker's mapping budget;
+   not already in a merge or an unmerge, within the worker's mapping budget
+   (the scan's own rule: the scanner's ``_candidates``, given to the
+   constructor, as is its walk over the chunks with something to do);
 2. pages whose worker-sent checksum (a hint) names a stable page with room
    under ``max_page_sharing``: a merge onto it is queued without a read (the
    worker proves equality under write protection, invariant 1; a wrong hint
@@ -38,6 +41,11 @@ Concurrent requests for the same content converge on one stable copy: the
 coordinator handles one message at a time, and a new slot is in the stable
 index (with a pending merge holding it, invariant 6) before the next request
 is looked at.
+
+What it works with is given to its constructor: the scan's settings
+(``settings.py``), the stable index (``indexes.py``), the mapping budget
+(``budget.py``), the merge queue (``mergequeue.py``), the scanner's read
+buffer, and the scanner's candidate selection and chunk walk.
 """
 
 from __future__ import annotations
@@ -45,19 +53,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import FRESH_KEY, MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex
+from shmdedup.coordinator.scan.mergequeue import MergeQueue
 from shmdedup.coordinator.scan.pagetable import CHUNK_PAGES
+from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.coordinator.scan.tracking import (
     PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
-
-PAGE_SIZE: int = _native.PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
 
 @dataclass
@@ -73,26 +82,28 @@ class InlineResult:
 class Inliner:
     """``merge_inline`` for :class:`~shmdedup.coordinator.scan.scanner.Scanner`."""
 
-    # Provided by the Scanner.
-    sidx: StableIndex
-    budget: MappingBudget
-    max_page_sharing: int
-    use_zero_pages: bool
-    zero_pages_only: bool
-    inline_keep: float                  # seconds (inline_keep_millisecs)
-    _scratch: np.ndarray | None
-    _candidates: Callable[[RegionState, int, int], np.ndarray]
-    _last_inline: tuple[RegionState, int, int] | None   # (region, last page, its new slot)
-    _next_chunk: Callable[[RegionState, int], int | None]   # the first chunk with something to do
+    def __init__(self, settings: ScanSettings, sidx: StableIndex, budget: MappingBudget,
+                 queue: MergeQueue, scratch: np.ndarray,
+                 candidates: Callable[[RegionState, int, int], np.ndarray],
+                 next_chunk: Callable[[RegionState, int], int | None]) -> None:
+        self.settings: ScanSettings = settings
+        self.sidx: StableIndex = sidx                # per slot: sharers, pending (merges in flight)
+        self.budget: MappingBudget = budget
+        self.queue: MergeQueue = queue
+        # The scanner's read buffer (CHUNK_PAGES pages; the coordinator runs
+        # one thing at a time, and no view of it outlives a call).
+        self.scratch: np.ndarray = scratch
+        # Scanner._candidates: the pages of [p0, p1) a merge may take (the scan's rule).
+        self.candidates: Callable[[RegionState, int, int], np.ndarray] = candidates
+        # Scanner._next_chunk: the first chunk at or after a page with something to do.
+        self.next_chunk: Callable[[RegionState, int], int | None] = next_chunk
+        # (region, last page, its new slot) of the last stable pages created.
+        self._last_inline: tuple[RegionState, int, int] | None = None
 
-    if TYPE_CHECKING:
-        @property
-        def sharers(self) -> np.ndarray: ...
-        @property
-        def pending(self) -> np.ndarray: ...
-        # Matcher's (the Scanner inherits both).
-        def _queue(self, merges: QueuedByWorker, reg: RegionState, pages: np.ndarray,
-                   slots: np.ndarray, checked: bool = False) -> None: ...
+    def forget(self, reg: RegionState) -> None:
+        """``reg`` is no longer scanned: no run of new slots continues it."""
+        if self._last_inline is not None and self._last_inline[0] is reg:
+            self._last_inline = None
 
     def merge_inline(self, reg: RegionState, first: int, n: int,
                      hints: np.ndarray | None = None) -> InlineResult:
@@ -104,10 +115,10 @@ class Inliner:
         failures = self.sidx.write_failures
         end = first + n
         # Only chunks with data or state to look at: a range of holes, however
-        # long, costs a seek (the scanner's own walk, _next_chunk).
+        # long, costs a seek (the scanner's own walk, next_chunk).
         for p0, p1 in self._spans(reg, first, end):
             out.waiting |= bool((reg.status[p0:p1] == PENDING).any())
-            pages = self._candidates(reg, p0, p1)
+            pages = self.candidates(reg, p0, p1)
             if len(pages):
                 h = None if hints is None else hints[pages - first]
                 self._inline_chunk(reg, pages, h, merges, out)
@@ -116,7 +127,7 @@ class Inliner:
         items = merges.get(reg.worker, [])
         if items:
             out.runs = _coalesce(items)
-            out.queued = sum(r[2] for r in out.runs)
+            out.queued = sum(r.n for r in out.runs)
         return out
 
     def _spans(self, reg: RegionState, first: int, end: int) -> Iterator[tuple[int, int]]:
@@ -124,7 +135,7 @@ class Inliner:
         the scanner's state, in order."""
         p = first
         while p < end:
-            c = self._next_chunk(reg, p)
+            c = self.next_chunk(reg, p)
             if c is None or c * CHUNK_PAGES >= end:
                 return
             p0 = max(p, c * CHUNK_PAGES)
@@ -136,7 +147,7 @@ class Inliner:
                       merges: QueuedByWorker, out: InlineResult) -> None:
         # 2. Hints that name a stable page: merge without reading (0: the
         # worker saw no data or no private page there).
-        if hints is not None and not self.zero_pages_only:
+        if hints is not None and not self.settings.zero_pages_only:
             hinted = np.flatnonzero(hints != 0)
             hit = np.zeros(len(pages), bool)
             hit[hinted] = self._queue_onto_heads(reg, pages[hinted], hints[hinted], None, merges)
@@ -145,20 +156,18 @@ class Inliner:
                 return
         # 3. Read and checksum the rest here.
         nn = len(pages)
-        if self._scratch is None:
-            self._scratch = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
-        buf = self._scratch[:nn * PAGE_SIZE]
+        buf = self.scratch[:nn * PAGE_SIZE]
         hashes = np.empty(nn, np.uint64)
         _native.read_pages(reg.backing_fd, pages.astype(np.int64), buf, hashes)
         reg.checksum[pages] = hashes
         rows = buf.reshape(-1, PAGE_SIZE)
         todo = np.ones(nn, bool)
-        if self.use_zero_pages or self.zero_pages_only:
+        if self.settings.use_zero_pages or self.settings.zero_pages_only:
             zi = [i for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist() if _native.is_zero(rows[i])]
             if zi:
-                self._queue(merges, reg, pages[zi], np.full(len(zi), -1))
+                self.queue.add(merges, reg, pages[zi], np.full(len(zi), -1))
                 todo[zi] = False
-        if self.zero_pages_only:    # no stable page, ever: the rest stays private
+        if self.settings.zero_pages_only:    # no stable page, ever: the rest stays private
             reg.status[pages[todo]] = VOLATILE
             return
         idx = np.flatnonzero(todo)
@@ -204,7 +213,7 @@ class Inliner:
                                np.uint8).astype(bool)
         else:
             eq = np.ones(len(ci), bool)
-        room = self.sharers[cs] + self.pending[cs]
+        room = self.sidx.sharers[cs] + self.sidx.pending[cs]
         if len(cs) > 1 and not (cs[1:] > cs[:-1]).all():
             # The same slot more than once: each counts the ones before it.
             order = np.argsort(cs, kind="stable")
@@ -212,10 +221,10 @@ class Inliner:
             rank = np.empty(len(cs), np.int64)
             rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
             room = room + rank
-        ok = eq & (room < self.max_page_sharing)
+        ok = eq & (room < self.settings.max_page_sharing)
         if ok.any():
             # Past the mapping budget _queue leaves pages VOLATILE: done too.
-            self._queue(merges, reg, pages[ci[ok]], cs[ok])
+            self.queue.add(merges, reg, pages[ci[ok]], cs[ok])
             done[ci[ok]] = True
         return done
 
@@ -225,9 +234,7 @@ class Inliner:
         runs of consecutive pages into runs of consecutive slots, and queue
         their merges.  Returns how many of them, from the start, got a slot."""
         # The runs: consecutive pages that also sit side by side in the buffer.
-        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(ii) != 1)) + 1
-        starts = np.concatenate(([0], cut))
-        ends = np.concatenate((cut, [len(ii)]))
+        starts, ends = cut_runs(pages[ii], ii)
         # The mapping budget, all runs at once: each run a stretch of its own.
         keys = FRESH_KEY + 8 * np.repeat(np.arange(len(starts)), ends - starts)
         fit, cost = self.budget.room(reg, pages[ii], keys)
@@ -257,7 +264,7 @@ class Inliner:
             slots = np.arange(s, s + len(sel), dtype=np.int64)
             self.sidx.born_inline[slots] = now
             self._last_inline = (reg, int(pages[sel[-1]]), s + len(sel) - 1)
-            self._queue(merges, reg, pages[sel], slots, checked=True)
+            self.queue.add(merges, reg, pages[sel], slots, checked=True)
             made += len(sel)
             if b < e:
                 break

@@ -1,6 +1,7 @@
 """Steps 3-5 of the scan: matching a batch of steady pages and queueing merges.
 
-:class:`Matcher` is the part of the :class:`~shmdedup.coordinator.scan.scanner.Scanner` that takes
+:class:`Matcher` is a collaborator of the
+:class:`~shmdedup.coordinator.scan.scanner.Scanner`, which owns it: it takes
 the steady pages of one chunk (read and checksummed by ``Scanner._visit``,
 unchanged since the last visit) and, vectorised over the chunk:
 
@@ -17,8 +18,9 @@ repeats inside the chunk, and equal pages of a full chain, take the
 sequential path (:meth:`Matcher._cmp_and_merge_one`).  New slots continue the
 run of the previous page's slot when they can (``_last_new``), so consecutive
 duplicate pages map to consecutive slots and a worker maps a whole run with one
-mmap.  Merges are queued per worker (``merges``) as (reg, pages, slots); the
-scanner coalesces and sends them at the end of the batch.
+mmap.  Merges are queued per worker (``merges``) as (reg, pages, slots)
+through the scanner's ``mergequeue.MergeQueue``; the scanner coalesces and
+sends them at the end of the batch.
 
 Invariants kept (DESIGN.md): the checksums and compares here are only hints,
 the worker proves equality under write protection before mapping (1); worker
@@ -28,46 +30,55 @@ queued merge holds a ``pending`` count on its slot, so the slot is not freed
 while the request is in flight, and a slot no merge was queued for is freed at
 once (6).
 
-This is a mixin: the attributes it uses are the Scanner's (annotated below).
+What it works with is given to its constructor: the scan's settings
+(``settings.py``), the two indexes (``indexes.py``), the mapping budget
+(``budget.py``), the merge queue (``mergequeue.py``), the scanner's regions
+by uid, and the scanner's way to report a worker whose object could not be
+read (``Scanner._blame``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
 from shmdedup import _native
 from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
+from shmdedup.coordinator.scan.mergequeue import MergeQueue
+from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.coordinator.scan.tracking import (
     PENDING, UNSHARED, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, _repeated, _unique)
-
-PAGE_SIZE: int = _native.PAGE_SIZE
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
 
 class Matcher:
     """Candidate matching for :class:`~shmdedup.coordinator.scan.scanner.Scanner` (steps 3-5)."""
 
-    # Provided by the Scanner.
-    sidx: StableIndex
-    unstable: UnstableIndex
-    budget: MappingBudget
-    by_uid: dict[int, RegionState]
-    max_page_sharing: int
-    use_zero_pages: bool
-    zero_pages_only: bool
-    _last_new: tuple[RegionState, int, RegionState, int, int] | None
-    _blame: Callable[[RegionState, BaseException], None]   # the Scanner's: a mate's read failed
+    def __init__(self, settings: ScanSettings, sidx: StableIndex, unstable: UnstableIndex,
+                 budget: MappingBudget, queue: MergeQueue, by_uid: dict[int, RegionState],
+                 blame: Callable[[RegionState, BaseException], None]) -> None:
+        self.settings: ScanSettings = settings
+        self.sidx: StableIndex = sidx                # per slot: sharers, pending (merges in flight)
+        self.unstable: UnstableIndex = unstable
+        self.budget: MappingBudget = budget
+        self.queue: MergeQueue = queue
+        self.by_uid: dict[int, RegionState] = by_uid   # the scanner's registered regions, by uid
+        # Reports a worker whose object could not be read (an unstable mate's).
+        self.blame: Callable[[RegionState, BaseException], None] = blame
+        # Where the last new slot went, to continue runs across batches:
+        # (mate's region, mate's page, region, page, slot).
+        self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
 
-    if TYPE_CHECKING:
-        @property
-        def sharers(self) -> np.ndarray: ...       # per slot: confirmed sharers
-        @property
-        def pending(self) -> np.ndarray: ...       # per slot: merges in flight
+    def restart(self) -> None:
+        """A new full scan (or after run=2): the unstable index starts empty,
+        and no run of new slots is continued."""
+        self.unstable.clear()
+        self._last_new = None
 
-    def _cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
+    def cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                        k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:
         """Steps 3-5 for a batch of steady pages of one region, vectorised:
         index lookups, compares and copies run in C or numpy over whole
@@ -75,12 +86,12 @@ class Matcher:
         sequential path (they may match each other)."""
         todo = np.ones(len(pages), bool)
         rows = buf.reshape(-1, PAGE_SIZE)
-        if self.use_zero_pages or self.zero_pages_only:
+        if self.settings.use_zero_pages or self.settings.zero_pages_only:
             zi = [i for i in np.flatnonzero(hashes == ZERO_CHECKSUM).tolist() if _native.is_zero(rows[k[i]])]
             if zi:
-                self._queue(merges, reg, pages[zi], np.full(len(zi), -1))
+                self.queue.add(merges, reg, pages[zi], np.full(len(zi), -1))
                 todo[zi] = False
-        if self.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
+        if self.settings.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
             reg.status[pages[todo]] = VOLATILE
             return
         # Stable index: the newest slot of each chain (the one with room, if any).
@@ -95,9 +106,9 @@ class Matcher:
             srt = cs[order]
             rank = np.empty(len(cs), np.int64)
             rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
-            room = self.sharers[cs] + self.pending[cs] + rank < self.max_page_sharing
+            room = self.sidx.sharers[cs] + self.sidx.pending[cs] + rank < self.settings.max_page_sharing
             ok = eq & room
-            self._queue(merges, reg, pages[ci[ok]], cs[ok])
+            self.queue.add(merges, reg, pages[ci[ok]], cs[ok])
             todo[ci[ok]] = False
             full = ci[eq & ~room]       # equal but the chain is full: another slot
             for i in full.tolist():
@@ -145,15 +156,14 @@ class Matcher:
             same = np.frombuffer(_native.compare_slots(rows, k[ii].astype(np.int64), oreg.backing_fd,
                                                        op.astype(np.int64)), np.uint8).astype(bool)
         except OSError as e:
-            self._blame(oreg, e)             # the mate's worker goes, not this one
+            self.blame(oreg, e)             # the mate's worker goes, not this one
             self.unstable.delete(hashes[ii])
             return
         ii, op = ii[same], op[same]
         if not len(ii):
             return
         # Runs: my page and the mate's page both advance by one.
-        cut = np.flatnonzero((np.diff(pages[ii]) != 1) | (np.diff(op) != 1)) + 1
-        starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(ii)]))
+        starts, ends = cut_runs(pages[ii], op)
         keep = self.budget.admit_pairs(oreg, op, reg, pages[ii], starts, ends)
         for a, b in zip(starts[keep].tolist(), ends[keep].tolist()):
             self._new_run(reg, pages, hashes, k, rows, ii[a:b], oreg, int(op[a]), matched, merges)
@@ -182,28 +192,9 @@ class Matcher:
         slots = np.arange(s, s + n, dtype=np.int64)
         self._last_new = (oreg, opage0 + n - 1, reg, int(pages[ii[-1]]), s + n - 1)
         # The caller checked both workers' mapping budgets (admit_pairs).
-        self._queue(merges, oreg, np.arange(opage0, opage0 + n), slots, checked=True)
-        self._queue(merges, reg, pages[ii], slots, checked=True)
+        self.queue.add(merges, oreg, np.arange(opage0, opage0 + n), slots, checked=True)
+        self.queue.add(merges, reg, pages[ii], slots, checked=True)
         matched[ii] = True
-
-    def _queue(self, merges: QueuedByWorker, reg: RegionState, pages: np.ndarray, slots: np.ndarray,
-               checked: bool = False) -> None:
-        if not len(pages):
-            return
-        if not checked:
-            pages, slots, over = self.budget.admit(reg, pages, slots)
-            reg.status[over] = VOLATILE     # past the mapping budget: visited again later
-            if not len(pages):
-                return
-        pages = np.asarray(pages, np.int64)
-        reg.table.assign(pages, {"status": PENDING, "age": 0, "skip": 0})
-        slots = np.asarray(slots, np.int64)
-        real = slots[slots >= 0]
-        if len(real) > 1 and (np.diff(real) > 0).all():
-            self.pending[real] += 1          # distinct slots (the usual case): no ufunc.at
-        elif len(real):
-            np.add.at(self.pending, real, 1)
-        merges.setdefault(reg.worker, []).append((reg, pages, slots))
 
     def _cmp_and_merge_one(self, reg: RegionState, page: int, h: np.ndarray, content: np.ndarray,
                            merges: QueuedByWorker) -> None:
@@ -214,17 +205,17 @@ class Matcher:
             # are visited again while other uids' full scan goes on).
             return
         one = np.array([page])
-        if (self.use_zero_pages or self.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
+        if (self.settings.use_zero_pages or self.settings.zero_pages_only) and int(h[0]) == ZERO_CHECKSUM \
                 and _native.is_zero(content):
-            self._queue(merges, reg, one, np.array([-1]))
+            self.queue.add(merges, reg, one, np.array([-1]))
             return
-        if self.zero_pages_only:
+        if self.settings.zero_pages_only:
             reg.status[page] = VOLATILE
             return
         for s in self.sidx.chain(int(self.sidx.lookup(h)[0])):
-            if self.sharers[s] + self.pending[s] < self.max_page_sharing and \
+            if self.sidx.sharers[s] + self.sidx.pending[s] < self.settings.max_page_sharing and \
                     _native.pages_equal(content, self.sidx.read(s)):
-                self._queue(merges, reg, one, np.array([s]))
+                self.queue.add(merges, reg, one, np.array([s]))
                 return
         uid, opage = self.unstable.lookup(h)
         oreg = self.by_uid.get(int(uid[0])) if uid[0] >= 0 else None
@@ -236,7 +227,7 @@ class Matcher:
                         and oreg.states[op] == _native.PRIVATE and not (oreg is reg and op == page):
                     other = os.pread(oreg.backing_fd, PAGE_SIZE, op * PAGE_SIZE)
             except OSError as e:
-                self._blame(oreg, e)
+                self.blame(oreg, e)
                 self.unstable.delete(h)
                 other = None
             if other is not None:
@@ -244,8 +235,8 @@ class Matcher:
                     new = self.sidx.add(content, h)
                     if new is not None:
                         self.unstable.delete(h)
-                        self._queue(merges, oreg, np.array([op]), np.array([new]))
-                        self._queue(merges, reg, one, np.array([new]))
+                        self.queue.add(merges, oreg, np.array([op]), np.array([new]))
+                        self.queue.add(merges, reg, one, np.array([new]))
                         self.sidx.free_unused([new])   # if the budget turned both away
                         return
                 reg.status[page] = UNSHARED   # the mate stays the indexed one

@@ -1,7 +1,7 @@
 """Registration: the regions the scanner walks, and the lanes it walks them in.
 
 :class:`Registry` is a mixin of :class:`~shmdedup.coordinator.scan.scanner.Scanner` (as
-``matching.Matcher`` and ``accounting.Accounting`` are).  It adds and removes
+``accounting.Accounting`` is).  It adds and removes
 regions, records advice (as runs: O(log runs) whatever the range), detaches
 the regions of a worker that disconnected while perhaps alive (they keep
 their sharer references, and only the blocks that hold them: invariant 6),
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from shmdedup.coordinator.scan.budget import MappingBudget
+from shmdedup.coordinator.scan.inline import Inliner
 from shmdedup.coordinator.scan.tracking import MERGED, ZERO, RegionState
 
 
@@ -52,7 +53,7 @@ class Registry:
     _uids: Any
     _release: Any                  # Accounting's: releases a region's slots
     settle: Any                    # the Scanner's: reconcile before going idle
-    _last_inline: tuple[RegionState, int, int] | None
+    inliner: Inliner
 
     def add_region(self, reg: RegionState) -> None:
         reg.uid = next(self._uids)
@@ -135,8 +136,7 @@ class Registry:
         self._advised.discard(reg)
 
     def _unlink(self, reg: RegionState) -> None:
-        if self._last_inline is not None and self._last_inline[0] is reg:
-            self._last_inline = None
+        self.inliner.forget(reg)
         self.regions.remove(reg)
         self.by_uid.pop(reg.uid, None)
         self._advised.discard(reg)

@@ -23,14 +23,19 @@ patch 4); a slot with none is freed (punched).  Then, for each present
    match confirm, copy into a fresh stable slot, queue merges for both;
 5. else insert it into the unstable index.
 
-Steps 3-5 live in ``matching.py`` (the :class:`Matcher` mixin this class
-inherits); settling replies, releasing slots and the statistics in
-``accounting.py`` (the :class:`Accounting` mixin); registration, detaching
-and the lanes in ``registry.py`` (the :class:`Registry` mixin).  Merges are queued per worker and sent as coalesced runs at the end
-of the batch; the coordinator settles the replies here (``merge_done``,
-``unmerge_done``).  The coordinator's checksum and compare are only hints: the
-worker proves equality under write protection before mapping (DESIGN
-invariant 1).
+Steps 3-5 live in ``matching.py`` (:class:`Matcher`, which the scanner owns
+as ``self.matcher``), merging at write time in ``inline.py``
+(:class:`Inliner`, ``self.inliner``); both are given what they work with in
+their constructors: the settings (``settings.py``, one object shared by
+reference and filled from the controls by the coordinator), the indexes, the
+mapping budget and the merge queue (``mergequeue.py``).  Settling replies,
+releasing slots and the statistics live in ``accounting.py`` (the
+:class:`Accounting` mixin); registration, detaching and the lanes in
+``registry.py`` (the :class:`Registry` mixin).  Merges are queued per worker
+and sent as coalesced runs at the end of the batch; the coordinator settles
+the replies here (``merge_done``, ``unmerge_done``).  The coordinator's
+checksum and compare are only hints: the worker proves equality under write
+protection before mapping (DESIGN invariant 1).
 
 Per tracked page the scanner keeps 15 bytes: checksum (8), slot (4), status,
 age and skip count (1 each), in blocks of 256 pages that hold data or a merge;
@@ -65,23 +70,23 @@ from typing import Any, Callable
 import numpy as np
 
 from shmdedup import _native
-from shmdedup.controls import default_max_mappings
 from shmdedup.coordinator.scan.accounting import Accounting
 from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
-from shmdedup.coordinator.scan.inline import Inliner
+from shmdedup.coordinator.scan.inline import InlineResult, Inliner
 from shmdedup.coordinator.scan.matching import Matcher
+from shmdedup.coordinator.scan.mergequeue import MergeQueue
 from shmdedup.coordinator.scan.pagetable import BLOCK_PAGES, BLOCKS_PER_CHUNK, CHUNK_PAGES
 from shmdedup.coordinator.scan.registry import Lane, Registry
+from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.coordinator.scan.stable import StableSegment
 from shmdedup.coordinator.scan.tracking import (  # noqa: F401  (re-exported: the scanner's vocabulary)
     MERGED, METADATA_BYTES_PER_PAGE, NEW, PENDING, UNMERGING, UNSHARED, VOLATILE,
     ZERO, ZERO_CHECKSUM, Queued, QueuedByWorker, RegionState, Run, _coalesce, _repeated, _unique,
     inherited_pages)
+from shmdedup.pages import PAGE_SIZE
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
-
-PAGE_SIZE: int = _native.PAGE_SIZE
 
 # smart_scan, by a page's age (visits without a merge): its next age, and
 # Linux's skip_age(): after a few failed visits skip 1, 2, 4, then 8 scans.
@@ -90,23 +95,28 @@ _NEXT_AGE = np.minimum(_AGES + 1, 255).astype(np.uint8)
 _SKIP_AGE = np.select([_AGES < 3, _AGES <= 3, _AGES <= 5, _AGES <= 8], [0, 1, 2, 4], 8).astype(np.uint8)
 
 
-class Scanner(Registry, Matcher, Inliner, Accounting):
+class Scanner(Registry, Accounting):
     """The cursors, the two indexes, and the slot accounting; registration
-    and the lanes come from :class:`Registry`, candidate matching (steps
-    3-5) from :class:`Matcher`, merging at write time (``merge_now``) from
-    :class:`~shmdedup.coordinator.scan.inline.Inliner`, replies, releases and
-    statistics from :class:`Accounting`.
+    and the lanes come from :class:`Registry`, replies, releases and
+    statistics from :class:`Accounting`.  It owns the candidate matching
+    (steps 3-5, ``self.matcher``: :class:`Matcher`) and merging at write
+    time (``merge_now``, ``self.inliner``:
+    :class:`~shmdedup.coordinator.scan.inline.Inliner`).  ``settings`` is
+    the controls' share the scan reads (the coordinator fills it).
 
     ``send_merge(worker, items)`` / ``send_unmerge(worker, items)`` are called
-    with lists of (reg, first, npages, slot) runs; the coordinator sends them
+    with lists of :class:`~shmdedup.coordinator.scan.tracking.Run`; the coordinator sends them
     and later calls :meth:`merge_done` / :meth:`unmerge_done`.
     """
 
     def __init__(self, send_merge: Callable[[Any, list[Run]], None],
-                 send_unmerge: Callable[[Any, list[Run]], None]) -> None:
+                 send_unmerge: Callable[[Any, list[Run]], None],
+                 settings: ScanSettings | None = None) -> None:
         self.send_merge: Callable[[Any, list[Run]], None] = send_merge
         self.send_unmerge: Callable[[Any, list[Run]], None] = send_unmerge
-        self.sidx: StableIndex = StableIndex()
+        # The controls the scan reads, one object shared by every part below.
+        self.settings: ScanSettings = settings if settings is not None else ScanSettings()
+        self.sidx: StableIndex = StableIndex(self.settings)
         self.stable: StableSegment = self.sidx.segment
         self.unstable: UnstableIndex = UnstableIndex()
         self.regions: list[RegionState] = []
@@ -128,20 +138,17 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         self.full_scans: int = 0
         self.pages_scanned: int = 0
         self.pages_skipped: int = 0
-        self._scratch: np.ndarray | None = None
-        # Controls the scanner reads (the coordinator validates them).
-        self.max_page_sharing: int = 256
-        self.use_zero_pages: bool = False
-        self.smart_scan: bool = True
-        self.zero_pages_only: bool = False  # merge_zero_pages_only: no stable slots at all
+        # One read buffer for the scanner's life (a chunk is at most
+        # CHUNK_PAGES pages; untouched pages cost no memory), shared with
+        # merge_now: nothing keeps a view of it past a call.
+        self._scratch: np.ndarray = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
-        self.budget: MappingBudget = MappingBudget(default_max_mappings())
-        # Where the last new slot went, to continue runs across batches.
-        self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
-        # The same for merge_now, and how long its new stable pages are kept
-        # from the give-back rule (inline_keep_millisecs, in seconds).
-        self._last_inline: tuple[RegionState, int, int] | None = None
-        self.inline_keep: float = 30.0
+        self.budget: MappingBudget = MappingBudget(self.settings)
+        self.queue: MergeQueue = MergeQueue(self.sidx, self.budget)
+        self.matcher: Matcher = Matcher(self.settings, self.sidx, self.unstable, self.budget,
+                                        self.queue, self.by_uid, self._blame)
+        self.inliner: Inliner = Inliner(self.settings, self.sidx, self.budget, self.queue,
+                                        self._scratch, self._candidates, self._next_chunk)
         self._now: float = 0.0          # time.monotonic() at the start of the batch
 
     @property
@@ -151,14 +158,6 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
     @property
     def pending(self) -> np.ndarray:
         return self.sidx.pending
-
-    @property
-    def max_kernel_pages(self) -> int:
-        return self.sidx.max_pages
-
-    @max_kernel_pages.setter
-    def max_kernel_pages(self, v: int) -> None:
-        self.sidx.max_pages = v
 
     def idle(self) -> bool:
         """True when there is nothing to scan (ksmd keeps quiet, seed patch 5):
@@ -222,7 +221,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
             lane.spent += t - now
             now = t
         for worker, _ in self.failed:
-            self._unqueue(merges.pop(worker, []))
+            self.queue.release(merges.pop(worker, []))
             unmerges.pop(worker, None)
         runs = {}
         for worker, items in merges.items():
@@ -230,7 +229,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
                 runs[worker] = _coalesce(items)
             except MemoryError as e:
                 self.failed.append((worker, f"cannot queue its merges: {type(e).__name__}"))
-                self._unqueue(items)
+                self.queue.release(items)
         self.budget.end_batch({worker: len(r) for worker, r in runs.items()})
         for worker, r in runs.items():
             self.send_merge(worker, r)
@@ -256,16 +255,6 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         why = f"reading region {reg.rid} failed: {type(e).__name__}: {e}"
         if all(w is not reg.worker for w, _ in self.failed):
             self.failed.append((reg.worker, why))
-
-    def _unqueue(self, items: list[Queued]) -> None:
-        """Merges queued in this batch that will not be sent: release the
-        slots they hold, and visit their pages again."""
-        for reg, pages, slots in items:
-            real = slots[slots >= 0]
-            np.subtract.at(self.pending, real, 1)
-            self.sidx.free_unused(real)
-            if not reg.closed:
-                reg.status[pages] = VOLATILE
 
     def _next_chunk(self, reg: RegionState, p: int) -> int | None:
         """The first chunk at or after page p with something to do: one where
@@ -347,7 +336,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         cand = self._eligible(reg, adv, states, st, ch.slot[lo:hi], lambda: pres)
         todo = np.flatnonzero(cand) + lo           # entries of the chunk
         skipped = 0
-        if len(todo) and self.smart_scan:
+        if len(todo) and self.settings.smart_scan:
             before = len(todo)
             todo = self._smart_skip(reg, ch, todo)
             skipped = before - len(todo)
@@ -374,6 +363,11 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
             cand &= present()
         out: np.ndarray = cand
         return out
+
+    def merge_inline(self, reg: RegionState, first: int, n: int,
+                     hints: np.ndarray | None = None) -> InlineResult:
+        """merge_now for pages [first, first + n) of ``reg``: :meth:`Inliner.merge_inline`."""
+        return self.inliner.merge_inline(reg, first, n, hints)
 
     def _candidates(self, reg: RegionState, p0: int, p1: int) -> np.ndarray:
         """The pages of [p0, p1) of ``reg`` a merge may take (``_eligible``),
@@ -423,8 +417,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         self.settle_scans = max(0, self.settle_scans - 1)
         self.full_scans += 1
         self._restart_lanes()
-        self.unstable.clear()
-        self._last_new = None
+        self.matcher.restart()
 
     def _reconcile(self, reg: RegionState, ch: Any, lo: int, hi: int, pages: np.ndarray,
                    unmerges: QueuedByWorker) -> np.ndarray:
@@ -449,7 +442,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
             # A stable page merge_now created is kept for inline_keep (the
             # next loader of the same bytes is usually close behind).
             lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)
-                            & (self.sidx.born_inline[slots] + self.inline_keep <= self._now)]
+                            & (self.sidx.born_inline[slots] + self.settings.inline_keep <= self._now)]
             if len(lonely):
                 st[lonely] = UNMERGING
                 self.sidx.retire(slot[lonely])
@@ -464,10 +457,6 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         and checksum the pages; those unchanged since the last visit go on
         to matching."""
         n = len(e)
-        # One scratch buffer for the scanner's life (a chunk is at most
-        # CHUNK_PAGES pages): nothing keeps a view of it past this call.
-        if self._scratch is None:
-            self._scratch = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
         buf = self._scratch[:n * PAGE_SIZE]
         hashes = np.empty(n, np.uint64)
         _native.read_pages(reg.backing_fd, pages, buf, hashes)
@@ -478,7 +467,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
         ch.status[e[~steady]] = VOLATILE
         k = np.flatnonzero(steady)          # candidates, as indexes into buf
         if len(k):
-            self._cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
+            self.matcher.cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
 
     def _restart_lanes(self) -> None:
         # Every lane from its first region: the next full scan then sees
@@ -489,8 +478,7 @@ class Scanner(Registry, Matcher, Inliner, Accounting):
 
     def reset_after_unmerge(self, ok: bool) -> None:
         self._restart_lanes()
-        self.unstable.clear()
-        self._last_new = None
+        self.matcher.restart()
         if ok:
             self.full_scans = 0
 

@@ -9,10 +9,10 @@ cannot crash the coordinator).  What a worker claims (pages, advice) costs the
 coordinator nothing per page; only what its objects hold does.  The status
 codes are the scanner's view of each page; the worker's state byte is the
 truth about its mapping.  Also the helpers the scanner and coordinator share:
-the zero page's checksum, runs from page/slot arrays (``_coalesce``), pages
-merged by a previous coordinator (``inherited_pages``), and two array helpers
-(``_unique``, ``_repeated``) that the scan's hot path uses instead of
-np.unique.
+the zero page's checksum, merge and unmerge runs (:class:`Run`, made from
+page/slot arrays by ``_coalesce``), pages merged by a previous coordinator
+(``inherited_pages``), and two array helpers (``_unique``, ``_repeated``)
+that the scan's hot path uses instead of np.unique.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from shmdedup import _native, _shm
 from shmdedup.coordinator.scan.pagetable import BYTES_PER_PAGE, CHUNK_PAGES, AdviceRuns, Field, PageTable
 from shmdedup.coordinator.security import StateBytes, check_worker_object
+from shmdedup.pages import PAGE_SIZE, cut_runs
 
-PAGE_SIZE: int = _native.PAGE_SIZE
 # Per tracked page: checksum, slot, status, age, skips (pagetable.FIELDS).
 METADATA_BYTES_PER_PAGE = BYTES_PER_PAGE
 # Most state bytes read at once when a whole region is looked at (inherited
@@ -120,9 +120,16 @@ class RegionState:
         return mask
 
 
-# One run of a merge or unmerge request: (region, first page, pages, first slot),
-# page and slot both advancing by one (slot -1: the zero page throughout).
-Run = tuple[RegionState, int, int, int]
+class Run(NamedTuple):
+    """One run of a merge or unmerge request: ``n`` pages of ``region`` from
+    page ``first`` onto the stable slots from ``slot``, page and slot both
+    advancing by one (slot -1: the zero page throughout)."""
+    region: RegionState
+    first: int
+    n: int
+    slot: int
+
+
 # Pages queued for one request: (region, pages, slots or -1), int64 arrays;
 # _coalesce turns them into Runs.
 Queued = tuple[RegionState, np.ndarray, np.ndarray]
@@ -169,7 +176,7 @@ def _inherited_pieces(reg: RegionState) -> Iterator[np.ndarray]:
 
 
 def _coalesce(items: list[Queued]) -> list[Run]:
-    """(reg, pages, slots) array triples -> (reg, first, n, slot) runs where both
+    """(reg, pages, slots) array triples -> Runs where both
     the page and the slot advance by one (zero-page items: slot -1 throughout)."""
     by_reg: dict[int, tuple[RegionState, list[np.ndarray], list[np.ndarray]]] = {}
     for reg, pages, slots in items:
@@ -183,12 +190,8 @@ def _coalesce(items: list[Queued]) -> list[Run]:
         if len(pages) > 1 and not (pages[1:] > pages[:-1]).all():
             order = np.argsort(pages, kind="stable")
             pages, slots = pages[order], slots[order]
-        zero = slots < 0
-        cut = np.flatnonzero((np.diff(pages) != 1) | (zero[1:] != zero[:-1])
-                             | (~zero[1:] & (np.diff(slots) != 1))) + 1
-        starts = np.concatenate(([0], cut))
-        ends = np.concatenate((cut, [len(pages)]))
-        runs.extend((reg, int(pages[a]), int(b - a), int(slots[a])) for a, b in zip(starts.tolist(), ends.tolist()))
+        starts, ends = cut_runs(pages, slots)
+        runs.extend(Run(reg, int(pages[a]), int(b - a), int(slots[a])) for a, b in zip(starts.tolist(), ends.tolist()))
     return runs
 
 
