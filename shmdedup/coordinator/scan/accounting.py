@@ -96,39 +96,43 @@ class Accounting:
 
     def merge_done(self, items: list[Run], result: bytes) -> None:
         """Settle a merge request: items are (reg, first, n, slot) runs, result
-        one byte per page."""
-        res = np.frombuffer(result, np.uint8).astype(bool)
+        one byte per page.  Each run is written to the page table as slices
+        (a run's pages and slots both advance by one)."""
+        every = b"\0" not in result            # all merged (the common case): no mask
+        res = None if every else np.frombuffer(result, np.uint8).astype(bool)
         off = 0
         touched = []
-        done: dict[RegionState, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
         for reg, first, n, slot in items:
-            ok = res[off:off + n]
+            ok = res[off:off + n] if res is not None else np.ones(0, bool)
             off += n
             self.budget.settled(reg.worker, 1)
             self.budget.touch(reg, first, n)
-            slots = np.arange(slot, slot + n, dtype=np.int64) if slot >= 0 else None
-            if slots is not None:
+            all_ok = res is None or bool(ok.all())
+            if slot >= 0:
                 self.pending[slot:slot + n] -= 1
-                touched.append(slots[~ok])
+                if not all_ok:
+                    touched.append(np.arange(slot, slot + n, dtype=np.int64)[~ok])
             if reg.closed:
                 # Unregistered meanwhile (closed, so unmapped): whatever
                 # merged holds nothing now.
-                if slots is not None:
-                    touched.append(slots[ok])
+                if slot >= 0:
+                    touched.append(np.arange(slot, slot + n, dtype=np.int64) if all_ok
+                                   else np.arange(slot, slot + n, dtype=np.int64)[ok])
                 continue
-            if slots is not None:
-                self.sharers[slot:slot + n] += ok        # a run: distinct slots
-            e = done.setdefault(reg, ([], [], []))
-            e[0].append(np.arange(first, first + n, dtype=np.int64))
-            e[1].append(ok)
-            e[2].append(slots if slots is not None else np.full(n, -1, np.int64))
-        # The region's pages, all runs at once (one table update per field).
-        for reg, (pl, okl, sl) in done.items():
-            pages, ok, slots = np.concatenate(pl), np.concatenate(okl), np.concatenate(sl)
-            good, gslots = pages[ok], slots[ok]
-            stable = gslots >= 0
-            reg.slot[good[stable]] = gslots[stable]
-            reg.status[good] = np.where(stable, MERGED, ZERO).astype(np.uint8)
+            if all_ok:
+                if slot >= 0:
+                    self.sharers[slot:slot + n] += 1      # a run: distinct slots
+                    reg.table.assign_range(first, first + n, {
+                        "slot": np.arange(slot, slot + n, dtype=np.int32), "status": MERGED})
+                else:
+                    reg.table.assign_range(first, first + n, {"status": ZERO})
+                continue
+            pages = np.arange(first, first + n, dtype=np.int64)
+            good = pages[ok]
+            if slot >= 0:
+                self.sharers[slot:slot + n] += ok
+                reg.slot[good] = np.arange(slot, slot + n, dtype=np.int64)[ok]
+            reg.status[good] = MERGED if slot >= 0 else ZERO
             # Refused by the worker's proof: the page changed under us.
             reg.status[pages[~ok]] = VOLATILE
         for slots in touched:

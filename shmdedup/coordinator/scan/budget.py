@@ -104,6 +104,9 @@ class MappingBudget:
         self._inflight: dict[Any, int] = {}          # worker -> merge runs sent, unanswered
         self._planned: dict[Any, int] = {}           # worker -> cost queued in this batch
         self._warned: set[int] = set()
+        # (region, a, keys of its pages [a, a + len)): a snapshot that keys()
+        # answers from while one merge_now request is worked (prime/unprime).
+        self._primed: tuple[Any, int, np.ndarray] | None = None
 
     @property
     def max_mappings(self) -> int:
@@ -151,17 +154,50 @@ class MappingBudget:
         scanner's slot says which stable run it maps.  A page merged without
         a slot we know of (by a coordinator before a restart) is FOREIGN;
         neighbouring ones are taken for one run, as they were most likely
-        merged."""
+        merged.  Pages within a primed snapshot (``prime``) are answered
+        from it.  Callers must not change the array returned."""
         n = len(pages)
+        primed = self._primed
+        if n and primed is not None and primed[0] is reg:
+            a0, k = primed[1], primed[2]
+            lo, hi = int(pages[0]), int(pages[-1])
+            if n > 1 and hi - lo == n - 1 and lo >= a0 and hi < a0 + len(k) \
+                    and (pages[1:] > pages[:-1]).all():
+                return k[lo - a0:hi - a0 + 1]       # a range: a slice
+            if lo >= a0 and hi < a0 + len(k) and int(pages.min()) >= a0 and int(pages.max()) < a0 + len(k):
+                out: np.ndarray = k[pages - a0]
+                return out
         if n > 1 and (np.diff(pages) == 1).all():
             a = int(pages[0])                # a range (the common case): slices, one pread
             state, slot = reg.states[a:a + n], reg.slot[a:a + n]
         else:
             state, slot = reg.states[pages], reg.slot[pages]
+        return self.keys_of(pages, state, slot)
+
+    @staticmethod
+    def keys_of(pages: np.ndarray, state: np.ndarray, slot: np.ndarray) -> np.ndarray:
+        """``keys`` from the state bytes and slots given for the pages."""
         key = np.where(slot >= 0, (slot.astype(np.int64) - pages) * 4,
                        np.where(state == ZERO_STATE, ZERO_KEY, FOREIGN_KEY))
         key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
         return key
+
+    def prime(self, reg: Any, a: int, state: np.ndarray, slot: np.ndarray | None) -> None:
+        """Until ``unprime``, answer ``keys`` for the pages [a, a + len(state))
+        of ``reg`` from these state bytes and slots (None: no page has one),
+        read once: merge_now works one range of one region, whose slots
+        do not change meanwhile (only replies change them), and any snapshot
+        of the worker's state bytes is as good as another for an estimate."""
+        pages = np.arange(a, a + len(state), dtype=np.int64)
+        if slot is None:
+            key = np.where(state == ZERO_STATE, ZERO_KEY, FOREIGN_KEY)
+            key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
+        else:
+            key = self.keys_of(pages, state, slot)
+        self._primed = (reg, a, key)
+
+    def unprime(self) -> None:
+        self._primed = None
 
     def _recount(self, reg: Any, m: _RegionMaps) -> None:
         # Chunk c holds the boundaries q in [c * CHUNK, min((c + 1) * CHUNK, last)),
@@ -261,12 +297,28 @@ class MappingBudget:
         if not len(pages):
             return 0, 0
         est = self.estimate(reg.worker)
+        if est + 2 * len(pages) <= self.max_mappings and (len(pages) == 1 or (pages[1:] > pages[:-1]).all()):
+            # Each page adds two mappings at most: all fit, and what they
+            # cost is the change of boundaries around them (the sum of costs()).
+            return len(pages), self._delta(reg, pages, new)
         cum = np.cumsum(self.costs(reg, pages, new))
         over = np.flatnonzero(est + cum > self.max_mappings)
         n = int(over[0]) if len(over) else len(pages)
         if n < len(pages):
             self._warn(reg.worker, est)
         return n, int(cum[n - 1]) if n else 0
+
+    def _delta(self, reg: Any, pages: np.ndarray, new: np.ndarray) -> int:
+        """Mappings added by mapping the (ascending, distinct) pages to the
+        new keys: the boundaries after, less those before, over the pages
+        and their two neighbours."""
+        lo, hi = max(int(pages[0]) - 1, 0), min(int(pages[-1]) + 1, reg.npages - 1)
+        if hi - lo >= 4 * len(pages) + CHUNK:
+            return int(self.costs(reg, pages, new).sum())
+        k = self.keys(reg, np.arange(lo, hi + 1, dtype=np.int64))
+        after = k.copy()
+        after[pages - lo] = new
+        return int(np.count_nonzero(after[1:] != after[:-1])) - int(np.count_nonzero(k[1:] != k[:-1]))
 
     def commit(self, worker: Any, cost: int) -> None:
         self._planned[worker] = self._planned.get(worker, 0) + cost

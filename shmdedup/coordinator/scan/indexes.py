@@ -118,10 +118,9 @@ class StableIndex:
             return None
         self.write_error = ""
         hashes = np.ascontiguousarray(hashes, np.uint64)
-        slots = np.arange(s, s + n, dtype=np.int64)
-        self.slot_hash[slots] = hashes
-        self.chain_prev[slots] = self.lookup(hashes)
-        self.ix.put(hashes, slots)
+        self.slot_hash[s:s + n] = hashes
+        self.chain_prev[s:s + n] = self.lookup(hashes)
+        self.ix.put(hashes, np.arange(s, s + n, dtype=np.int64))
         return s
 
     def _cannot_write(self, e: OSError) -> None:

@@ -84,7 +84,8 @@ class Inliner:
 
     def __init__(self, settings: ScanSettings, sidx: StableIndex, budget: MappingBudget,
                  queue: MergeQueue, scratch: np.ndarray,
-                 candidates: Callable[[RegionState, int, int], np.ndarray],
+                 candidates: Callable[[RegionState, int, int, np.ndarray | None, np.ndarray | None],
+                                      tuple[np.ndarray, bool]],
                  next_chunk: Callable[[RegionState, int], int | None]) -> None:
         self.settings: ScanSettings = settings
         self.sidx: StableIndex = sidx                # per slot: sharers, pending (merges in flight)
@@ -93,8 +94,11 @@ class Inliner:
         # The scanner's read buffer (CHUNK_PAGES pages; the coordinator runs
         # one thing at a time, and no view of it outlives a call).
         self.scratch: np.ndarray = scratch
-        # Scanner._candidates: the pages of [p0, p1) a merge may take (the scan's rule).
-        self.candidates: Callable[[RegionState, int, int], np.ndarray] = candidates
+        # Scanner._candidates: the pages of [p0, p1) a merge may take (the
+        # scan's rule), given their state bytes and slots, and whether one is
+        # in a merge already.
+        self.candidates: Callable[[RegionState, int, int, np.ndarray | None, np.ndarray | None],
+                                  tuple[np.ndarray, bool]] = candidates
         # Scanner._next_chunk: the first chunk at or after a page with something to do.
         self.next_chunk: Callable[[RegionState, int], int | None] = next_chunk
         # (region, last page, its new slot) of the last stable pages created.
@@ -116,12 +120,27 @@ class Inliner:
         end = first + n
         # Only chunks with data or state to look at: a range of holes, however
         # long, costs a seek (the scanner's own walk, next_chunk).
-        for p0, p1 in self._spans(reg, first, end):
-            out.waiting |= bool((reg.status[p0:p1] == PENDING).any())
-            pages = self.candidates(reg, p0, p1)
-            if len(pages):
-                h = None if hints is None else hints[pages - first]
-                self._inline_chunk(reg, pages, h, merges, out)
+        try:
+            for p0, p1 in self._spans(reg, first, end):
+                # The state bytes and slots of the chunk, the one before (the
+                # last request's, whose reply left both to recount) and the
+                # first page after, read once: for the candidates, and for
+                # the mapping budget, which answers its stretch keys from
+                # them meanwhile (those recounts included).
+                base = (p0 // CHUNK_PAGES) * CHUNK_PAGES
+                a, b = max(base - CHUNK_PAGES, 0), min(base + CHUNK_PAGES + 1, reg.npages)
+                states = reg.states[a:b]
+                held = reg.table.next_chunk(a // CHUNK_PAGES)
+                slot = reg.slot[a:b] if held is not None and held * CHUNK_PAGES < b else None
+                self.budget.prime(reg, a, states, slot)
+                pages, waiting = self.candidates(reg, p0, p1, states[p0 - a:p1 - a],
+                                                 None if slot is None else slot[p0 - a:p1 - a])
+                out.waiting |= waiting
+                if len(pages):
+                    h = None if hints is None else hints[pages - first]
+                    self._inline_chunk(reg, pages, h, merges, out)
+        finally:
+            self.budget.unprime()
         if self.sidx.write_failures != failures:
             out.enospc = self.sidx.write_error
         items = merges.get(reg.worker, [])

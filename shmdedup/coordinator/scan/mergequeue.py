@@ -48,7 +48,10 @@ class MergeQueue:
         slots = np.asarray(slots, np.int64)
         real = slots[slots >= 0]
         pending = self.sidx.pending
-        if len(real) > 1 and (np.diff(real) > 0).all():
+        if len(real) and int(real[-1]) - int(real[0]) == len(real) - 1 and (
+                len(real) == 1 or (real[1:] > real[:-1]).all()):
+            pending[int(real[0]):int(real[-1]) + 1] += 1     # a run of slots (new stable pages)
+        elif len(real) > 1 and (real[1:] > real[:-1]).all():
             pending[real] += 1               # distinct slots (the usual case): no ufunc.at
         elif len(real):
             np.add.at(pending, real, 1)

@@ -83,8 +83,22 @@ class Chunk:
         self.full: bool
         self.nblocks: int
         self._layout(blocks)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """The field arrays for nblocks blocks, at their defaults: views of
+        one allocation (a chunk is made or regrouped at every merge_now of
+        a fresh range; five allocations cost more than the fill)."""
+        n = self.nblocks * BLOCK_PAGES
+        buf = np.zeros(n * BYTES_PER_PAGE, np.uint8)
+        off = 0
         for name, (dtype, default) in FIELDS.items():
-            setattr(self, name, np.full(self.nblocks * BLOCK_PAGES, default, dtype))
+            size = np.dtype(dtype).itemsize
+            arr = buf[off:off + n * size].view(dtype)
+            if default:
+                arr[:] = default
+            setattr(self, name, arr)
+            off += n * size
 
     def _layout(self, blocks: list[int]) -> None:
         self.pos = np.full(BLOCKS_PER_CHUNK, -1, np.int64)
@@ -92,7 +106,11 @@ class Chunk:
         self.nblocks = len(blocks)
         self.full = self.nblocks == BLOCKS_PER_CHUNK
         present = set(blocks)
-        self.rank = [sum(1 for q in present if q < b) for b in range(BLOCKS_PER_CHUNK)]
+        self.rank = []
+        k = 0
+        for b in range(BLOCKS_PER_CHUNK):
+            self.rank.append(k)
+            k += b in present
 
     def blocks(self) -> list[int]:
         return [int(b) for b in np.flatnonzero(self.pos >= 0)]
@@ -133,15 +151,25 @@ class Chunk:
     def regroup(self, blocks: list[int]) -> None:
         """Hold exactly these blocks (values of blocks kept stay, new ones
         get the defaults)."""
-        old_pos, old = self.pos, {n: getattr(self, n) for n in FIELDS}
+        old_pos, old = self.pos.tolist(), {n: getattr(self, n) for n in FIELDS}
         self._layout(blocks)
-        for name, (dtype, default) in FIELDS.items():
-            arr = np.full(self.nblocks * BLOCK_PAGES, default, dtype)
-            for b in blocks:
-                if old_pos[b] >= 0:
-                    s, d = int(old_pos[b]), int(self.pos[b])
-                    arr[d:d + BLOCK_PAGES] = old[name][s:s + BLOCK_PAGES]
-            setattr(self, name, arr)
+        pos = self.pos.tolist()
+        # The blocks kept, as runs that sit side by side in both layouts: one
+        # copy per run and field (a streaming load grows a chunk by one run).
+        moves: list[list[int]] = []           # [from, to, entries]
+        for b in blocks:
+            s0 = old_pos[b]
+            if s0 < 0:
+                continue
+            if moves and moves[-1][0] + moves[-1][2] == s0 and moves[-1][1] + moves[-1][2] == pos[b]:
+                moves[-1][2] += BLOCK_PAGES
+            else:
+                moves.append([s0, pos[b], BLOCK_PAGES])
+        self._allocate()
+        for name in FIELDS:
+            arr, src = getattr(self, name), old[name]
+            for s, d, k in moves:
+                arr[d:d + k] = src[s:s + k]
 
     @property
     def nbytes(self) -> int:
@@ -277,9 +305,18 @@ class PageTable:
         self.assign(pages, {name: value})
 
     def assign(self, pages: np.ndarray, values: dict[str, Any]) -> None:
-        """Several fields of the same pages at once (one lookup)."""
-        if not len(pages):
+        """Several fields of the same pages at once (one lookup); a range of
+        pages (ascending by one) as slices (``assign_range``)."""
+        n = len(pages)
+        if not n:
             return
+        a = int(pages[0])
+        if n > 1 and int(pages[-1]) - a == n - 1 and (pages[1:] > pages[:-1]).all():
+            self.assign_range(a, a + n, values)
+            return
+        self._assign_pages(pages, values)
+
+    def _assign_pages(self, pages: np.ndarray, values: dict[str, Any]) -> None:
         one = self._one(pages)
         if one is not None:
             for name, v in values.items():
@@ -306,6 +343,39 @@ class PageTable:
                 if name in arrays:
                     v = v[sel] if have is None else v[sel][have]
                 getattr(ch, name)[pos] = v
+
+    def assign_range(self, a: int, b: int, values: dict[str, Any]) -> None:
+        """Several fields of the pages [a, b) at once (each value a scalar
+        or an array of b - a): slices of each chunk's arrays, no index per
+        page; blocks are created as needed, but not to hold a default."""
+        if b <= a:
+            return
+        defaults = all(not (isinstance(v, np.ndarray) and v.ndim) and v == FIELDS[n][1]
+                       for n, v in values.items())
+        p = a
+        while p < b:
+            c = p >> _CSHIFT
+            q = min(b, (c + 1) << _CSHIFT)
+            ch = self._chunks.get(c)
+            if ch is None or not ch.full:
+                if ch is None and defaults:
+                    p = q
+                    continue        # absent pages already read as the default
+                base = c << _CSHIFT
+                blocks = list(range((p - base) >> _BSHIFT, ((q - 1 - base) >> _BSHIFT) + 1))
+                if ch is None or (ch.pos[blocks] < 0).any():
+                    if defaults:            # no block made to hold a default: page by page
+                        self._assign_pages(np.arange(p, q, dtype=np.int64), values)
+                        p = q
+                        continue
+                    ch = self.ensure(c, blocks)
+            # Every block of [p, q) is held, in page order: one slice.
+            lo, hi = ch.span(p, q)
+            for name, v in values.items():
+                if isinstance(v, np.ndarray) and v.ndim:
+                    v = v[p - a:q - a]
+                getattr(ch, name)[lo:hi] = v
+            p = q
 
     def get_range(self, name: str, a: int, b: int) -> np.ndarray:
         """The field for the pages [a, b), defaults where no block holds them."""

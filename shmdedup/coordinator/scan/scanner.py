@@ -347,15 +347,17 @@ class Scanner(Registry, Accounting):
             self._trim(reg, c, filled)
         return visited
 
-    def _eligible(self, reg: RegionState, adv: np.ndarray, states: np.ndarray, st: np.ndarray,
-                  slot: np.ndarray, present: Callable[[], np.ndarray]) -> np.ndarray:
+    def _eligible(self, reg: RegionState, adv: np.ndarray, states: np.ndarray, st: np.ndarray | None,
+                  slot: np.ndarray | None, present: Callable[[], np.ndarray]) -> np.ndarray:
         """Which pages a merge may take (the scan's and merge_now's rule):
         advised, private, in no merge or unmerge, with no slot, holding data
         (``present()``, asked only if any is left); none while the worker's
         mapping budget is full (then not even read: they are visited again
-        once the worker has room).  A mask like the arrays given."""
+        once the worker has room).  A mask like the arrays given; ``st`` and
+        ``slot`` None: pages the scanner keeps no state for (NEW, no slot)."""
         cand = adv & (states == _native.PRIVATE)
-        cand &= (st != PENDING) & (st != UNMERGING) & (slot < 0)
+        if st is not None and slot is not None:
+            cand &= (st != PENDING) & (st != UNMERGING) & (slot < 0)
         if cand.any() and self.budget.full(reg.worker):
             self.budget.pages_skipped += int(np.count_nonzero(cand))
             cand[:] = False
@@ -369,12 +371,25 @@ class Scanner(Registry, Accounting):
         """merge_now for pages [first, first + n) of ``reg``: :meth:`Inliner.merge_inline`."""
         return self.inliner.merge_inline(reg, first, n, hints)
 
-    def _candidates(self, reg: RegionState, p0: int, p1: int) -> np.ndarray:
+    def _candidates(self, reg: RegionState, p0: int, p1: int, states: np.ndarray | None = None,
+                    slot: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
         """The pages of [p0, p1) of ``reg`` a merge may take (``_eligible``),
-        for merge_now, which has no chunk in hand."""
-        cand = self._eligible(reg, reg.advice[p0:p1], reg.states[p0:p1], reg.status[p0:p1],
-                              reg.slot[p0:p1], lambda: reg.present(p0, p1))
-        return np.flatnonzero(cand) + p0
+        for merge_now, which has no chunk in hand, and whether a page of the
+        range has a merge in flight already.  ``states`` and ``slot``: the
+        pages' state bytes and slots if the caller has read them.  Pages the
+        scanner keeps no state for (a fresh load) cost no table read."""
+        if states is None:
+            states = reg.states[p0:p1]
+        held = reg.table.next_chunk(p0 // CHUNK_PAGES)
+        st = None
+        waiting = False
+        if held is not None and held * CHUNK_PAGES < p1:
+            st = reg.status[p0:p1]
+            if slot is None:
+                slot = reg.slot[p0:p1]
+            waiting = bool((st == PENDING).any())
+        cand = self._eligible(reg, reg.advice[p0:p1], states, st, slot, lambda: reg.present(p0, p1))
+        return np.flatnonzero(cand) + p0, waiting
 
     def _trim(self, reg: RegionState, c: int, filled: np.ndarray | None) -> None:
         """Give back the blocks of chunk c that hold nothing worth keeping:

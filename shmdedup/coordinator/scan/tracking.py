@@ -178,6 +178,14 @@ def _inherited_pieces(reg: RegionState) -> Iterator[np.ndarray]:
 def _coalesce(items: list[Queued]) -> list[Run]:
     """(reg, pages, slots) array triples -> Runs where both
     the page and the slot advance by one (zero-page items: slot -1 throughout)."""
+    if len(items) == 1 and len(items[0][1]):
+        # One run of pages onto one run of slots (a merge_now chunk): no cut.
+        reg, pages, slots = items[0]
+        n, p0, s0 = len(pages), int(pages[0]), int(slots[0])
+        if int(pages[-1]) - p0 == n - 1 and (n == 1 or (pages[1:] > pages[:-1]).all()) and (
+                (s0 >= 0 and int(slots[-1]) - s0 == n - 1 and (n == 1 or (slots[1:] > slots[:-1]).all()))
+                or (s0 < 0 and bool((slots < 0).all()))):
+            return [Run(reg, p0, n, s0)]
     by_reg: dict[int, tuple[RegionState, list[np.ndarray], list[np.ndarray]]] = {}
     for reg, pages, slots in items:
         e = by_reg.setdefault(id(reg), (reg, [], []))
