@@ -39,8 +39,9 @@ protection before mapping (DESIGN invariant 1).
 
 Per tracked page the scanner keeps 15 bytes: checksum (8), slot (4), status,
 age and skip count (1 each), in blocks of 256 pages that hold data or a merge;
-advice is kept as runs.  The indexes (``indexes.py``) add 16-21 bytes per
-indexed page.  Statistics are derived from these on demand, so they always
+advice is kept as runs.  The indexes (``indexes.py``) add 28 bytes per
+stable slot plus 8 a bucket, and 16 a bucket of the unstable index (buckets
+37-75% full; emptied every full scan).  Statistics are derived from these on demand, so they always
 equal a recount.
 
 Every worker object is hostile: it may be truncated, grown or punched at any
