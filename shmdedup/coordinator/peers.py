@@ -4,8 +4,8 @@ A ``Peer`` is one connection (worker or client) with what it registered and
 what it was asked.  A ``Ghost`` is a worker that disconnected while perhaps
 still alive: its slots stay held until its pidfd says the process exited
 (DESIGN invariants 6-7: a slot is freed only when no live process can map it).
-An ``Outbox`` holds the messages a peer has not read yet: the coordinator's one
-thread never waits for a peer (connections.py).
+A ``SendQueue`` holds the messages a peer has not read yet: the coordinator's
+one thread never waits for a peer (outbox.py).
 
 The pidfd comes from the connection itself (SO_PEERPIDFD): it names the
 process that connected even when that process is in another pid namespace
@@ -35,7 +35,7 @@ from shmdedup.coordinator.scan.tracking import RegionState, Run
 PIDFS_MAGIC = 0x50494446
 
 
-class Outbox:
+class SendQueue:
     """Encoded messages (with the fds they carry, owned here) waiting for a
     peer's socket to take them, in order."""
 
@@ -86,7 +86,7 @@ class Peer:
     queued: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
     accepted_at: float = 0.0     # time.monotonic() at accept: the hello deadline runs from it
     client_only: bool = False    # admitted past max_connections: may only be a client
-    outbox: Outbox = field(default_factory=Outbox)
+    unsent: SendQueue = field(default_factory=SendQueue)  # messages its socket has not taken
     # merge_now calls in progress: the worker's token -> what it waits for
     inline: dict[int, InlineCall] = field(default_factory=dict)
     merged_inline: int = 0       # pages merged by its merge_now calls (pages_merged_inline)

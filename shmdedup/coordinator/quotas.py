@@ -105,7 +105,7 @@ def recount(peers: Iterable[Any], ghosts: Iterable[Any]) -> dict[int, Usage]:
     for p in peers:
         u = out.setdefault(p.uid, Usage())
         u.connections += 1
-        u.fds += 1 + (p.pidfd is not None) + p.outbox.fds
+        u.fds += 1 + (p.pidfd is not None) + p.unsent.fds
         _add_regions(u, p.regions.values())
     for g in ghosts:
         u = out.setdefault(g.uid, Usage())

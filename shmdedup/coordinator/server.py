@@ -16,13 +16,14 @@ timeout, using no CPU (seed patch 5, "keep quiet while list empty").
 Failure semantics (DESIGN invariants 6 and 7): a slot is freed only when no
 live process can map it.  A worker's slots are released when its process has
 exited (a pidfd per connection tells); one that loses its connection while
-alive keeps them, held by a ``Ghost``, until it exits, and takes them back if
-it registers the same region again.  Stopping the coordinator frees nothing:
+alive keeps them, held by a ``Ghost`` (``workers.py``), until it exits, and
+takes them back if it registers the same region again.  Stopping the
+coordinator frees nothing:
 the stable object outlives it through the workers' mappings, as it does when
 the coordinator is killed.
 
 Every message is untrusted: ``protocol.decode`` validates types and ranges,
-and this module checks the rest (message order, role, ownership of region ids
+and the part that handles it checks the rest (message order, role, ownership of region ids
 and request ids, sizes against registered regions).  A bad message closes
 that connection with a logged reason; everyone else keeps being served.
 The objects a worker registers are as untrusted as its messages: if scanning
@@ -33,21 +34,36 @@ ours), that worker is dropped with the reason logged, never the coordinator.
 Pacing: a batch ends after ``MAX_BATCH_CPU`` seconds of CPU whatever
 ``pages_to_scan`` says, so the loop answers everyone within about that; and
 with the scan-time advisor on, the next batch waits until the scan's CPU is
-within ``advisor_max_cpu``, whatever peers register or advise.
+within ``advisor_max_cpu``, whatever peers register or advise (``pacing.py``).
 
-No peer can stop the loop or lock others out (``connections.py``,
-``quotas.py``): sends never block (a peer that stops reading is dropped when
-its queue is full), connections must say hello within a deadline, accept
-backs off when descriptors run out, and what each uid may hold (connections,
+No peer can stop the loop or lock others out (``admission.py``,
+``outbox.py``, ``quotas.py``): sends never block (a peer that stops reading
+is dropped when its queue is full), connections must say hello within a
+deadline, accept backs off when descriptors run out, and what each uid may hold (connections,
 regions, pages, descriptors) is capped, with room always kept for the
 coordinator's own uid.
 
-Layout: this module holds the event loop, ghosts and the worker's region
-messages.  ``CoordinatorServer`` inherits three parts kept in their own
-modules: ``connections.py`` (accept, admission, hello deadlines, sends and
-drops), ``inflight.py`` (merge/unmerge requests in flight and their replies,
-waits for full_scans, run=2) and ``surface.py`` (``set_control``, ``stats``
-and the client messages that reach them).
+Layout: ``CoordinatorServer`` holds the event loop and owns its parts, each
+a plain object told in its constructor what it works with:
+
+* ``Outbox`` (``outbox.py``): sends that never block, one reply per client
+  request in order, drops; every part talks to peers through it;
+* ``Inbox`` (``inbox.py``): reading messages and handing them to the parts;
+* ``Admission`` (``admission.py``): accept, admission, hello deadlines, hello;
+* ``RequestTracker`` (``inflight.py``): merge and unmerge requests in flight;
+* ``Pacing`` (``pacing.py``): when the next batch runs, full scans' costs;
+* ``Workers`` (``workers.py``): regions, and the ghosts of workers gone;
+* ``Replies`` (``replies.py``), ``MergeNow`` (``mergenow.py``),
+  ``UnmergeAll`` (``unmergeall.py``: run=2), ``Waits`` (``waits.py``: waits
+  for full_scans) and ``ControlSurface`` (``surface.py``: controls, stats);
+* the ``Scanner`` (``scan/``), the algorithm.
+
+Messages go to the parts through one table per role, built here
+(``worker_messages``, ``client_messages``: message type -> a bound method of
+the part that handles it), by the ``Inbox`` (``inbox.py``: reads, rate
+limits, holds a client's requests while one of them waits); a peer's first
+message, its hello, goes to ``Admission``.  This module keeps the loop and
+what crosses parts: dropping a connection (every part forgets the peer).
 
 The listening socket is bound here, or inherited from a service manager
 (``activation.py``: systemd socket activation).
@@ -55,42 +71,42 @@ The listening socket is bound here, or inherited from a service manager
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import selectors
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from shmdedup import _native, protocol
+from shmdedup import protocol
 from shmdedup._shm import close_fds
 from shmdedup.coordinator import activation
-from shmdedup.coordinator.scan import advisor
 from shmdedup.controls import CONTROLS, check_control  # noqa: F401  (re-exported)
-from shmdedup.errors import DescriptorShortageError, ProtocolError
-from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
-from shmdedup.coordinator.connections import ConnectionsMixin
-from shmdedup.coordinator.peers import (
-    Ghost, Peer, _exited, _open_pidfd, _same_file, peer_pidfd, process_key)
-from shmdedup.coordinator.inflight import RequestsMixin
-from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, Usage, descriptor_budget
+from shmdedup.coordinator.admission import Admission
+from shmdedup.coordinator.inbox import Handler, Inbox
+from shmdedup.coordinator.inflight import RequestTracker
+from shmdedup.coordinator.mergenow import MergeNow
+from shmdedup.coordinator.outbox import Outbox
+from shmdedup.coordinator.pacing import Pacing
+from shmdedup.coordinator.peers import Ghost, Peer, _open_pidfd
+from shmdedup.coordinator.quotas import CLIENT_RESERVE, FD_RESERVE, Quotas, descriptor_budget
+from shmdedup.coordinator.replies import Replies
 from shmdedup.coordinator.scan.scanner import Scanner
-from shmdedup.coordinator.scan.tracking import RegionState
-from shmdedup.coordinator.surface import ControlsMixin
+from shmdedup.coordinator.security import LogLimiter
+from shmdedup.coordinator.surface import ControlSurface
+from shmdedup.coordinator.unmergeall import UnmergeAll
+from shmdedup.coordinator.waits import Waits
+from shmdedup.coordinator.workers import Workers
 
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
-MAX_QUEUED_REQUESTS = 64        # requests a client may send behind one still unanswered
 MAX_BATCH_CPU = 0.05            # s of this thread's CPU one batch may use
-TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
-TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 
 
-class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
+class CoordinatorServer:
     """The coordinator's event loop.  ``serve()`` runs until ``stop()``."""
 
     def __init__(self, socket_path: str, controls: Mapping[str, object] | None = None,
@@ -103,8 +119,6 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         if "pages_to_scan" in (controls or {}) and "advisor_mode" not in (controls or {}):
             self.controls["advisor_mode"] = 0   # explicit pacing wins
         self.socket_path = socket_path
-        self.allow_uids: set[int] | None = allow_uids
-        self.allow_gids: set[int] | None = allow_gids
         # Socket activation (activation.py): the service manager's socket, kept
         # on our way out; else our own, bound here and unlinked at shutdown.
         inherited = activation.inherited_listener(socket_path)
@@ -124,30 +138,33 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 raise OSError(f"parent process {parent_pid} is gone")
             self._parent = (parent_pid, pidfd)
             self.sel.register(pidfd, selectors.EVENT_READ, "parent")
-        self.scanner: Scanner = Scanner(self._send_merge, self._send_unmerge)
-        self._apply_scanner_controls()
-        self.peers: dict[int, Peer] = {}
-        self._req = itertools.count(1)
-        self._last_req = 0                   # id of the last request sent to a worker
-        self._waiters: list[list[Any]] = []  # see inflight.py
-        self._resume: list[Peer] = []        # clients whose held requests can go on
-        self._run2: dict[str, Any] | None = None
-        self._drop: list[tuple[Peer, str]] = []
-        self.ghosts: dict[int, Ghost] = {}   # by pidfd
-        self._stopping = False
-        self._next_batch = 0.0
-        # advisor_max_cpu: no batch before this (see _pace), and when the
-        # previous batch ended.
-        self._cpu_gate = 0.0
-        self._batch_end = time.monotonic()
-        self.last_error = ""
-        self.pages_merged_inline = 0     # pages merged by merge_now, ever
-        self.merge_now_cpu_ns = 0        # CPU time spent on merge_now requests
-        self.batches: int = 0
-        self._scan_mark = (time.monotonic(), time.thread_time(), 0)
-        self._last_trim = 0.0
-        self._init_connections()
+        self.peers: dict[int, Peer] = {}     # by the connection's fd
+        self.warn: LogLimiter = LogLimiter(log)
         self.activity: Activity = Activity()   # what -v logs (activity.py)
+        # Descriptors for peers: the budget is measured below, once ours are open.
+        self.quotas: Quotas = Quotas(self.controls, os.getuid(), 0)
+
+        # The parts, each given what it works with.
+        self.outbox: Outbox = Outbox(self.sel, self.quotas, self._drop_peer)
+        self.requests: RequestTracker = RequestTracker(self.peers, self.outbox)
+        self.scanner: Scanner = Scanner(self.requests.send_merge, self.requests.send_unmerge)
+        self.pacing: Pacing = Pacing(self.controls, self.scanner, self.activity)
+        self.admission: Admission = Admission(
+            self.listener, self.sel, self.peers, self.controls, self.quotas, allow_uids, allow_gids,
+            self.outbox, self.warn, self.activity, self.scanner, self._drop_peer)
+        self.waits: Waits = Waits(self.scanner, self.requests, self.outbox)
+        self.unmerge_all: UnmergeAll = UnmergeAll(self.peers, self.controls, self.scanner,
+                                                  self.requests, self.outbox)
+        self.merge_now: MergeNow = MergeNow(self.controls, self.scanner, self.requests,
+                                            self.unmerge_all, self.outbox)
+        self.replies: Replies = Replies(self.scanner, self.requests, self.merge_now,
+                                        self.unmerge_all)
+        self.workers: Workers = Workers(self.sel, self.controls, self.quotas, self.scanner,
+                                        self.outbox, self.warn, self.admission.evict_silent,
+                                        self.pacing.wake)
+
+        self._stopping = False
+        self.batches: int = 0
         # Optional Prometheus endpoint (metrics.py): it only reads snapshots
         # this loop publishes, never the scanner's arrays.
         self.metrics: Any = None
@@ -160,13 +177,35 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 self._shutdown()
                 raise
             self.metrics_port = self.metrics.port
+        self.surface: ControlSurface = ControlSurface(
+            self.controls, self.peers, self.scanner, self.quotas, self.merge_now, self.unmerge_all,
+            self.outbox, self.activity, self.pacing.wake, socket_path, self.metrics_port)
+        self.surface.apply_scan_controls()
         # Descriptors for peers: what RLIMIT_NOFILE leaves now (the metrics
         # server is up, an embedding application's own fds are open) minus a
         # reserve for the loop, the clients admitted past max_connections and
         # the metrics server's connections.
         reserve = FD_RESERVE + 3 * CLIENT_RESERVE + (self.metrics.max_connections
                                                      if self.metrics is not None else 0)
-        self.quotas: Quotas = Quotas(self.controls, os.getuid(), descriptor_budget(reserve))
+        self.quotas.auto_fds = descriptor_budget(reserve)
+
+        # Message handlers by message type, for each role: each a method of
+        # the part that owns what the message is about.
+        worker_messages: dict[str, Handler] = {
+            "register": self.workers.on_register,
+            "advise": self.workers.on_advise,
+            "unregister": self.workers.on_unregister,
+            "merged": self.replies.on_merged,
+            "unmerged": self.replies.on_unmerged,
+            "merge_now": self.merge_now.on_merge_now,
+        }
+        client_messages: dict[str, Handler] = {
+            "stats": self.surface.on_stats,
+            "set": self.surface.on_set,
+            "wait": self.waits.on_wait,
+        }
+        self.inbox: Inbox = Inbox(self.controls, self.outbox, self.admission,
+                                  worker_messages, client_messages)
 
     # -- life cycle --------------------------------------------------------
 
@@ -186,7 +225,7 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 except Exception:  # noqa: BLE001 - a bug of ours must not take the domain down
                     self.warn.warning("internal", "internal error in the coordinator's loop:\n%s",
                                       traceback.format_exc())
-                    self._next_batch = time.monotonic() + 0.1
+                    self.pacing.pause(0.1)
         finally:
             self._shutdown()
 
@@ -197,9 +236,9 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             self.metrics.close()
         for peer in list(self.peers.values()):
             self._drop_peer(peer, "", release=False)
-        for ghost in self.ghosts.values():
+        for ghost in self.workers.ghosts.values():
             os.close(ghost.pidfd)
-        self.ghosts.clear()
+        self.workers.ghosts.clear()
         self.sel.close()
         self.listener.close()
         if not self.socket_activated:
@@ -220,12 +259,11 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         now = time.monotonic()
         timeout: float | None = None
         if self._scanning():
-            timeout = max(0.0, max(self._next_batch, self._cpu_gate) - now)
-        deadlines = [w[2] for w in self._waiters]
-        deadlines += [r[2] for p in self.peers.values() for r in p.requests.values()]
-        hello = self._expire_hello(now)
-        deadlines += [d for d in (hello, self._accept_paused_until) if d is not None]
-        if self._drop:
+            timeout = max(0.0, self.pacing.due() - now)
+        deadlines = [*self.waits.deadlines(), *self.requests.deadlines()]
+        hello = self.admission.expire_hello(now)
+        deadlines += [d for d in (hello, self.admission.paused_until) if d is not None]
+        if self.outbox.drops:
             deadlines.append(now)
         if deadlines:
             t = max(0.0, min(deadlines) - now)
@@ -241,18 +279,18 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
                 except OSError:
                     pass
             elif key.data is None:
-                self._accept()
+                self.admission.accept()
             elif isinstance(key.data, Ghost):
-                self._bury(key.data)
+                self.workers.bury(key.data)
             else:
                 if mask & selectors.EVENT_WRITE:
-                    self._writable(key.data)
+                    self.outbox.writable(key.data)
                 if mask & selectors.EVENT_READ:
-                    self._readable(key.data)
-            self._flush_drops()
+                    self.inbox.readable(key.data)
+            self.outbox.flush()
         now = time.monotonic()
-        self._resume_accept(now)
-        if self._scanning() and now >= max(self._next_batch, self._cpu_gate):
+        self.admission.resume(now)
+        if self._scanning() and now >= self.pacing.due():
             before = self.scanner.full_scans
             cpu0 = time.thread_time()
             try:
@@ -260,157 +298,26 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
             finally:
                 # Workers whose regions could not be scanned go, with the reason.
                 for worker, why in self.scanner.failed:
-                    self._schedule_drop(worker, why)
+                    self.outbox.drop(worker, why)
                 self.scanner.failed = []
             self.batches += 1
-            self._flush_drops()
-            self._next_batch = self._pace(time.thread_time() - cpu0)
+            self.outbox.flush()
+            self.pacing.batch_done(time.thread_time() - cpu0)
             if self.scanner.full_scans != before:
-                self._full_scan_done()
-        self._settle_waiters()
-        self._expire(now)
-        self._resume_held()
+                self.pacing.full_scan_done()
+        self.waits.settle()
+        self.waits.expire(now)
+        self.requests.expire(now)
+        self.outbox.flush()
+        self.inbox.resume_held()
         if self.metrics is not None:
-            self.metrics.tick(self.stats)
-
-    def _pace(self, cpu: float) -> float:
-        """When the next batch may run: ``sleep_millisecs`` after this one,
-        and with the advisor on, not before the ``cpu`` seconds this batch
-        took are at most ``advisor_max_cpu`` percent of the time since the
-        previous batch ended.  The cap is the scan's, as ksmd's is (messages
-        are paced by their own limits): a peer's messages cannot starve the
-        scan, nor its regions make the scan take more."""
-        now = time.monotonic()
-        t0, self._batch_end = self._batch_end, now
-        if self.controls["advisor_mode"] == 1:
-            cap = self.controls["advisor_max_cpu"] / 100
-            self._cpu_gate = now + max(0.0, cpu / cap - (now - t0))
-        else:
-            self._cpu_gate = 0.0
-        return now + self.controls["sleep_millisecs"] / 1000
-
-    def _full_scan_done(self) -> None:
-        """Feed the scan-time advisor what the last full scan cost; give the
-        heap's free memory back."""
-        t0, cpu0, pages0 = self._scan_mark
-        now, cpu, pages = time.monotonic(), time.thread_time(), self.scanner.pages_scanned
-        self._scan_mark = (now, cpu, pages)
-        # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
-        # in glibc's heap: give it back (~0.2 ms; ~5 us when there is none).
-        # malloc_trim walks (and locks) every arena of the process, an
-        # embedding application's too: after a long scan, else once a second.
-        if now - t0 >= TRIM_AFTER_SCAN or now - self._last_trim >= TRIM_INTERVAL:
-            _native.trim_heap()
-            self._last_trim = now
-        c = self.controls
-        if c["advisor_mode"] == 1:
-            c["pages_to_scan"] = advisor.advise(
-                c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
-                c["advisor_target_scan_time"], c["advisor_max_cpu"],
-                c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
-        self.activity.full_scan(self.scanner.full_scans, now - t0, self.scanner.stats,
-                                c["pages_to_scan"], c["advisor_mode"] == 1)
-
-    # -- connections -------------------------------------------------------
-
-    def _readable(self, peer: Peer) -> None:
-        """Take every message queued on this connection, in order.
-
-        Draining the whole queue (not one message per wakeup) means that what
-        a worker sent before a client's ``wait`` is settled before the next
-        batch runs, so the scans that wait counts see that advice.  A client
-        whose request awaits its reply is *held* (``_hold``): what it sends
-        meanwhile is queued, and handled in order once that reply is sent."""
-        while not peer.conn.closed and all(p is not peer for p, _ in self._drop):
-            got = self._read_one(peer)
-            if got is None:
-                return
-            msg, fds = got
-            if peer.held:
-                if len(peer.queued) >= MAX_QUEUED_REQUESTS:
-                    close_fds(fds)
-                    self._schedule_drop(peer, f"more than {MAX_QUEUED_REQUESTS} requests "
-                                              f"outstanding (behind a wait or run=2)")
-                    return
-                peer.queued.append((msg, fds))
-            else:
-                self._handle(peer, msg, fds)
-
-    def _read_one(self, peer: Peer) -> tuple[dict[str, Any], list[int]] | None:
-        """One message off the connection, or None (nothing queued, or the
-        connection is being dropped: the reason is scheduled)."""
-        try:
-            got = peer.conn.recv(timeout=0)
-        except TimeoutError:
-            return None
-        except DescriptorShortageError as e:
-            # Our shortage: a registration gets a clean refusal (_on_register
-            # sees its fds missing); fds on any other message do not belong.
-            if e.message is None or e.message["t"] != "register":
-                self._schedule_drop(peer, f"bad message: fds attached to a "
-                                          f"{e.message and e.message['t']} message")
-                return None
-            got = (e.message, [])
-        except ProtocolError as e:
-            self._schedule_drop(peer, f"bad message: {e}")
-            return None
-        except ConnectionResetError:
-            self._schedule_drop(peer, "")  # a worker exiting with a message unread
-            return None
-        except OSError as e:
-            self._schedule_drop(peer, f"receive failed: {e}")
-            return None
-        if got is None:
-            self._schedule_drop(peer, "")
-            return None
-        msg, fds = got
-        if peer.bucket and not peer.bucket.take(self.controls["max_msgs_per_sec"],
-                                                self.controls["max_msgs_burst"]):
-            close_fds(fds)
-            self._schedule_drop(peer, f"more than {self.controls['max_msgs_per_sec']} messages/s "
-                                      f"(burst {self.controls['max_msgs_burst']})")
-            return None
-        return msg, fds
-
-    def _handle(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        try:
-            self._dispatch(peer, msg, fds)
-        except (ProtocolError, ValueError, OSError, MemoryError) as e:
-            close_fds(fds)
-            self._schedule_drop(peer, f"bad {msg.get('t')} message: {e}")
-        except Exception as e:  # a bug of ours must not take the whole domain down
-            log.error("internal error on a %s message of pid %d", msg.get("t"), peer.pid,
-                      exc_info=True)
-            close_fds(fds)
-            self._schedule_drop(peer, f"internal error: {type(e).__name__}: {e}")
-
-    def _hold(self, peer: Peer) -> None:
-        """A request of this client is answered later (a wait, a run=2):
-        queue what it sends meanwhile, so its replies stay in order."""
-        peer.held = True
-
-    def _unhold(self, peer: Peer) -> None:
-        """The held request is answered: its queued requests are handled
-        next (by ``_resume_held``, from the loop, never from inside the code
-        that sent the reply)."""
-        if peer.held:
-            peer.held = False
-            if peer.queued:
-                self._resume.append(peer)
-
-    def _resume_held(self) -> None:
-        while self._resume:
-            peer = self._resume.pop(0)
-            while peer.queued and not peer.held and not peer.conn.closed \
-                    and all(p is not peer for p, _ in self._drop):
-                msg, fds = peer.queued.pop(0)
-                self._handle(peer, msg, fds)
-            self._flush_drops()
+            self.metrics.tick(self.surface.stats)
 
     def _drop_peer(self, peer: Peer, why: str, release: bool = True) -> None:
-        """Forget a connection.  A worker's slots are released now only if it
-        has exited; if it may still be alive (it closed the connection, or
-        sent something bad) they are held by a Ghost until it exits.
+        """Forget a connection, and what every part holds for it.  A
+        worker's slots are released now only if it has exited; if it may
+        still be alive (it closed the connection, or sent something bad) they
+        are held by a Ghost until it exits (``Workers.depart``).
         ``release=False`` (shutdown) releases nothing at all."""
         fd = peer.conn.fileno() if not peer.conn.closed else None
         if fd is None or self.peers.get(fd) is not peer:
@@ -425,234 +332,18 @@ class CoordinatorServer(ConnectionsMixin, RequestsMixin, ControlsMixin):
         except (KeyError, ValueError):
             pass
         del self.peers[fd]
-        self._extra -= peer.client_only
+        self.admission.left(peer)
         peer.conn.close()
         for _, fds in peer.queued:
             close_fds(fds)
         peer.queued.clear()
-        q = self.quotas
-        q.charge(peer.uid, connections=-1, fds=-1 - peer.outbox.clear())
-        held = _held(peer.regions.values())
+        self.quotas.charge(peer.uid, connections=-1, fds=-1 - peer.unsent.clear())
         merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
-        if self._run2 is not None:
-            self._run2["reqs"].difference_update(peer.requests)
+        self.unmerge_all.forget_requests(peer.requests)
         peer.requests.clear()
-        if not release:
-            for reg in peer.regions.values():
-                reg.close()
-            _uncharge(q, peer.uid, held)
-        elif peer.pidfd is not None and (peer.regions or merges) and not _exited(peer.pidfd):
-            # One ghost per process, however often it reconnects.  It keeps
-            # its pidfd and regions' descriptors charged to its uid.
-            ghost = self._ghost_of(peer)
-            if ghost is None:
-                ghost = Ghost(peer.pid, peer.pidfd, [], [], peer.uid, peer.key)
-                peer.pidfd = None
-                self.ghosts[ghost.pidfd] = ghost
-                self.sel.register(ghost.pidfd, selectors.EVENT_READ, ghost)
-            if ghost.uid != peer.uid:   # the process changed uid meanwhile
-                _uncharge(q, peer.uid, held)
-                q.charge(ghost.uid, regions=held.regions, pages=held.pages, fds=held.fds)
-            ghost.regions += peer.regions.values()
-            ghost.merges += merges
-            for reg in peer.regions.values():
-                self._settle(self.scanner.detach_region, reg, peer.pid)
-        else:
-            for items in merges:
-                self._settle(self.scanner.forget_request, items, peer.pid)
-            for reg in peer.regions.values():
-                self._settle(self.scanner.remove_region, reg, peer.pid)
-            _uncharge(q, peer.uid, held)
-        if peer.pidfd is not None:
-            os.close(peer.pidfd)
-            peer.pidfd = None
-            q.charge(peer.uid, fds=-1)
-        peer.regions.clear()
-        self._waiters = [w for w in self._waiters if w[0] is not peer]
-        if self._run2 is not None:
-            if self._run2.get("client") is peer:
-                self._run2["client"] = None
-            self._check_run2()
-
-    def _ghost_of(self, peer: Peer) -> Ghost | None:
-        """The ghost of the process behind this connection, if it has one."""
-        if peer.key is None:
-            return None
-        return next((g for g in self.ghosts.values() if g.key == peer.key), None)
-
-    def _bury(self, ghost: Ghost) -> None:
-        """A ghost's process exited (its pidfd is readable): its mappings are
-        gone, so its slots can be released."""
-        self.sel.unregister(ghost.pidfd)
-        del self.ghosts[ghost.pidfd]
-        os.close(ghost.pidfd)
-        self.quotas.charge(ghost.uid, fds=-1)
-        _uncharge(self.quotas, ghost.uid, _held(ghost.regions))
-        for items in ghost.merges:
-            self._settle(self.scanner.forget_request, items, ghost.pid)
-        for reg in ghost.regions:
-            self._settle(self.scanner.release_detached, reg, ghost.pid)
-
-    def _settle(self, fn: Any, arg: Any, pid: int) -> None:
-        """Release what a departed worker held; should that fail (no memory),
-        what it held stays held (a slot kept too long is safe, one freed too
-        early is not) and everyone else goes on."""
-        try:
-            fn(arg)
-        except Exception as e:  # noqa: BLE001
-            log.error("pid %d: %s failed (%s: %s); what it held stays held", pid,
-                      fn.__name__, type(e).__name__, e,
-                      exc_info=not isinstance(e, (OSError, MemoryError)))
-            if isinstance(arg, RegionState):
-                self.scanner.abandon(arg)             # never scanned again
-                if not arg.closed:
-                    close_fds([arg.backing_fd, arg.meta_fd])
-                    arg.closed = True
-
-    # -- messages ----------------------------------------------------------
-
-    def _dispatch(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        t = msg["t"]
-        if peer.role is None:
-            if t != "hello":
-                raise ProtocolError(f"expected hello, got {t}")
-            if peer.client_only and msg["role"] != "client":
-                self._schedule_drop(peer, f"max_connections ({self.controls['max_connections']}) "
-                                          f"reached: only a client may connect past it")
-                return
-            peer.role = msg["role"]
-            self.activity.connected(peer)
-            if peer.role == "worker":
-                ro = self.scanner.stable.readonly_fd()
-                try:
-                    self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                      "page_size": PAGE_SIZE}, [ro])
-                finally:
-                    os.close(ro)
-            else:
-                self._send(peer, {"t": "welcome", "v": protocol.PROTOCOL_VERSION,
-                                  "page_size": PAGE_SIZE})
-            return
-        handler = (_WORKER if peer.role == "worker" else _CLIENT).get(t)
-        if handler is None:
-            raise ProtocolError(f"a {peer.role} may not send {t}")
-        handler(self, peer, msg, fds)
-
-    def _on_register(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        rid, npages = msg["rid"], msg["npages"]
-        if rid in peer.regions:
-            raise ProtocolError(f"region {rid} is already registered")
-        peer.refused.discard(rid)   # a refused region offered again (agent.py retries)
-        if peer.pidfd is None:      # none at accept (descriptors short?): try again
-            try:
-                peer.pidfd = peer_pidfd(peer.conn, peer.pid)
-            except OSError:
-                peer.pidfd = None
-            if peer.pidfd is not None:
-                self.quotas.charge(peer.uid, fds=1)
-                peer.key = process_key(peer.pid, peer.pidfd)
-        # The same live process registering the same region again (it
-        # reconnected) takes its slot references back from its ghost, and the
-        # ghost's descriptors for it are given back at once.
-        ghost = self._ghost_of(peer)
-        again = None
-        if ghost is not None and ghost.uid == peer.uid:
-            again = next((g for g in ghost.regions if g.rid == rid and g.npages == npages), None)
-        if self.quotas.fds_full(2):
-            self._evict_silent(peer.uid)   # a connection still without hello needs none
-        cap = None
-        if len(fds) < 2:
-            cap = "the coordinator has no descriptors left for its objects"
-        elif peer.pidfd is None:
-            # Invariant 6: nothing would tell when its mappings are gone.
-            cap = ("no pidfd for this process (cannot tell when it exits, so none of its "
-                   "pages are merged)")
-        elif len(peer.regions) >= self.controls["max_regions_per_worker"]:
-            cap = f"{len(peer.regions)} regions already (max_regions_per_worker)"
-        elif peer.pages + npages > self.controls["max_pages_per_worker"]:
-            cap = (f"{peer.pages} + {npages} pages is over max_pages_per_worker "
-                   f"{self.controls['max_pages_per_worker']}")
-        else:
-            cap = self.quotas.region_refusal(peer.uid, npages,
-                                             _held([again]) if again is not None else None)
-        if cap is not None:
-            # A cap is not an offence: refuse this region, keep the worker.
-            close_fds(fds)
-            peer.refused.add(rid)
-            self.warn.warning("refused", "refused region %d of pid %d: %s", rid, peer.pid, cap)
-            self._reply(peer, False, rid, f"register {rid}: {cap}")
-            return
-        reg = RegionState.open(peer, rid, npages, fds[0], fds[1])
-        peer.regions[rid] = reg
-        peer.pages += npages
-        self.quotas.charge(peer.uid, regions=1, pages=npages, fds=2)
-        self.scanner.add_region(reg)
-        if ghost is not None and not _exited(ghost.pidfd):
-            for old in ghost.regions:
-                if old.rid == rid and old.npages == npages and _same_file(old.backing_fd, reg.backing_fd):
-                    ghost.regions.remove(old)
-                    self.scanner.reattach_region(reg, old)   # closes old's descriptors
-                    _uncharge(self.quotas, ghost.uid, _held([old]))
-                    break
-            if not ghost.regions and not ghost.merges:
-                self._bury(ghost)
-
-    def _region(self, peer: Peer, rid: int) -> RegionState:
-        reg = peer.regions.get(rid)
-        if reg is None:
-            raise ProtocolError(f"region {rid} is not registered by this worker")
-        return reg
-
-    def _on_advise(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        if msg["rid"] in peer.refused:
-            return  # sent before the worker heard of the refusal
-        reg = self._region(peer, msg["rid"])
-        start, n = msg["start"], msg["npages"]
-        if start + n > reg.npages:
-            raise ProtocolError(f"advise [{start}, +{n}) is outside region {reg.rid} of {reg.npages} pages")
-        self.scanner.advise(reg, start, n, msg["mergeable"])
-        if not msg["mergeable"]:
-            # The worker breaks the range's merged pages (and says so again
-            # when done): reconcile, even if nothing is advised any more.
-            self.scanner.settle()
-        self._next_batch = min(self._next_batch, time.monotonic())
-
-    def _on_unregister(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        if msg["rid"] in peer.refused:
-            peer.refused.discard(msg["rid"])
-            return
-        reg = self._region(peer, msg["rid"])
-        del peer.regions[reg.rid]
-        peer.pages -= reg.npages
-        self.scanner.remove_region(reg)
-        _uncharge(self.quotas, peer.uid, _held([reg]))
-
-
-# Message handlers by message type, for each role.
-_Handler = Callable[[CoordinatorServer, Peer, dict[str, Any], list[int]], None]
-_WORKER: dict[str, _Handler] = {
-    "register": CoordinatorServer._on_register,
-    "advise": CoordinatorServer._on_advise,
-    "unregister": CoordinatorServer._on_unregister,
-    "merged": CoordinatorServer._on_merged,
-    "merge_now": CoordinatorServer._on_merge_now,
-    "unmerged": CoordinatorServer._on_unmerged,
-}
-_CLIENT: dict[str, _Handler] = {
-    "stats": CoordinatorServer._on_stats,
-    "set": CoordinatorServer._on_set,
-    "wait": CoordinatorServer._on_wait,
-}
-
-
-def _held(regions: Iterable[RegionState]) -> Usage:
-    """What *regions* hold against a quota: themselves, pages, 2 descriptors each."""
-    regions = list(regions)
-    return Usage(regions=len(regions), pages=sum(r.npages for r in regions), fds=2 * len(regions))
-
-
-def _uncharge(quotas: Quotas, uid: int, held: Usage) -> None:
-    quotas.charge(uid, regions=-held.regions, pages=-held.pages, fds=-held.fds)
+        self.workers.depart(peer, merges, release)
+        self.waits.forget(peer)
+        self.unmerge_all.client_gone(peer)
 
 
 # Internal to shmdedup: no public names (the API is shmdedup.__all__).

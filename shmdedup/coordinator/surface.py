@@ -1,16 +1,16 @@
 """The coordinator's control and statistics surface.
 
-``ControlsMixin`` is one part of ``CoordinatorServer`` (``server.py``),
-which inherits it; it runs in the coordinator's single thread and shares its
-state (``controls``, ``scanner``, ``peers``, ``_run2``) and its ``_reply``
-and ``_start_run2`` (``inflight.py``).
+``ControlSurface`` is the part of the server (``server.py``) that answers
+clients' ``set`` and ``stats`` messages (``stats()`` also feeds the metrics
+endpoint); it runs in the coordinator's single thread.
 
 * Controls follow Linux KSM's (``controls.py`` lists them and checks values);
-  ``set_control`` applies one and passes the scanner's share on to it.  An
-  explicit ``pages_to_scan`` turns the scan-time advisor off, and ``run``
-  cannot change while a run=2 unmerge is in progress.
+  ``set_control`` applies one and passes the scanner's share on to it
+  (``apply_scan_controls``).  An explicit ``pages_to_scan`` turns the
+  scan-time advisor off, and ``run`` cannot change while a run=2 unmerge is
+  in progress.
 * Every client request gets exactly one reply, in order: a ``set`` is
-  answered at once, except run=2, which ``inflight.py`` answers when the
+  answered at once, except run=2, which ``unmergeall.py`` answers when the
   unmerge ends.
 * Only the coordinator's own uid may set controls; allow-listed uids may
   merge and read statistics, and see only their own uid's workers in them,
@@ -23,72 +23,75 @@ and ``_start_run2`` (``inflight.py``).
 from __future__ import annotations
 
 import os
-import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Callable, cast
 
 from shmdedup.controls import check_control
 from shmdedup.errors import ControlError
 from shmdedup.stats import Stats
 from shmdedup.coordinator.activity import Activity
+from shmdedup.coordinator.mergenow import MergeNow
+from shmdedup.coordinator.outbox import Outbox
 from shmdedup.coordinator.peers import Peer
 from shmdedup.coordinator.quotas import Quotas
 from shmdedup.coordinator.scan.scanner import Scanner
+from shmdedup.coordinator.unmergeall import UnmergeAll
 
 
-class ControlsMixin:
-    """``set_control`` and ``stats`` of ``CoordinatorServer``, and the client
-    messages that reach them."""
+class ControlSurface:
+    """``set_control`` and ``stats``, and the client messages that reach them.
 
-    # Set by CoordinatorServer.__init__.
-    controls: dict[str, int]
-    scanner: Scanner
-    peers: dict[int, Peer]
-    quotas: Quotas
-    socket_path: str
-    metrics_port: int | None
-    last_error: str
-    pages_merged_inline: int
-    merge_now_cpu_ns: int
-    activity: Activity
-    _next_batch: float
-    _run2: dict[str, Any] | None
+    ``wake_scan()`` is the server's: the next batch runs now (a control may
+    change what it does).  ``socket_path`` and ``metrics_port`` say where
+    this coordinator serves, in its statistics."""
 
-    if TYPE_CHECKING:   # CoordinatorServer's (connections.py, inflight.py, server.py)
-        def _reply(self, peer: Peer, ok: bool, data: Any = None, error: str = "") -> None: ...
-        def _hold(self, peer: Peer) -> None: ...
-        def _start_run2(self, client: Peer | None) -> None: ...
+    def __init__(self, controls: dict[str, int], peers: dict[int, Peer], scanner: Scanner,
+                 quotas: Quotas, merge_now: MergeNow, unmerge_all: UnmergeAll, outbox: Outbox,
+                 activity: Activity, wake_scan: Callable[[], None],
+                 socket_path: str, metrics_port: int | None) -> None:
+        self.controls = controls
+        self.peers = peers
+        self.scanner = scanner
+        self.quotas = quotas
+        self.merge_now = merge_now
+        self.unmerge_all = unmerge_all
+        self.outbox = outbox
+        self.activity = activity
+        self.wake_scan = wake_scan
+        self.socket_path = socket_path
+        self.metrics_port = metrics_port
 
     # -- client messages --------------------------------------------------
 
-    def _on_stats(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
+    def on_stats(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         out = self.stats()
         if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
             mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
             out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
             out["uids"] = self.quotas.stats(peer.uid)
-        self._reply(peer, True, out)
+        self.outbox.reply(peer, True, out)
 
-    def _on_set(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
+    def on_set(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         if peer.uid != os.getuid():
             # Allow-listed uids may merge and read statistics; controls stay ours.
-            self._reply(peer, False, None, f"uid {peer.uid} may not set controls "
-                                           f"(only uid {os.getuid()})")
+            self.outbox.reply(peer, False, None, f"uid {peer.uid} may not set controls "
+                                                 f"(only uid {os.getuid()})")
             return
         try:
             deferred = self.set_control(msg["name"], msg["value"], client=peer)
         except ControlError as e:
-            self._reply(peer, False, None, str(e))
+            self.outbox.reply(peer, False, None, str(e))
             return
         # Exactly one reply per request: a run=2 answers when its unmerge ends
         # (perhaps already, inside set_control, when nothing was merged).
         if not deferred:
-            self._reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
-        elif self._run2 is not None:
-            self._hold(peer)      # answered (and released) by _check_run2
+            self.outbox.reply(peer, True, {msg["name"]: self.controls[msg["name"]]})
+        elif self.unmerge_all.active:
+            self.outbox.hold(peer)      # answered (and released) by UnmergeAll.check
 
     # -- controls ----------------------------------------------------------
 
-    def _apply_scanner_controls(self) -> None:
+    def apply_scan_controls(self) -> None:
+        """Pass the scanner its share of the controls (at start, and after each change)."""
         self.scanner.settings.smart_scan = bool(self.controls["smart_scan"])
         self.scanner.settings.max_page_sharing = self.controls["max_page_sharing"]
         self.scanner.settings.max_kernel_pages = self.controls["max_kernel_pages"]
@@ -99,20 +102,20 @@ class ControlsMixin:
 
     def set_control(self, name: str, value: int, client: Peer | None = None) -> bool:
         """Apply a control.  Returns True when it started a run=2 unmerge,
-        which then owns the reply to ``client`` (``_check_run2`` sends it when
+        which then owns the reply to ``client`` (``UnmergeAll`` sends it when
         the unmerge ends, which may be before this returns)."""
         value = check_control(name, value)
-        if name == "run" and self._run2 is not None:
+        if name == "run" and self.unmerge_all.active:
             raise ControlError("run: an unmerge (run=2) is still in progress")
         old = self.controls[name]
         self.controls[name] = value
         if name == "pages_to_scan":
             self.controls["advisor_mode"] = 0   # explicit pacing wins
-        self._apply_scanner_controls()
-        self._next_batch = time.monotonic()
+        self.apply_scan_controls()
+        self.wake_scan()
         self.activity.control(name, old, value, client)
         if name == "run" and value == 2 and old != 2:
-            self._start_run2(client)
+            self.unmerge_all.start(client)
             return True
         return False
 
@@ -124,9 +127,9 @@ class ControlsMixin:
         peers = [p for p in self.peers.values() if p.role == "worker"]
         counters, per_worker = self.scanner.counters(peers)   # one pass over the regions
         out.update(counters)
-        out["pages_merged_inline"] = self.pages_merged_inline
-        out["merge_now_cpu_usecs"] = self.merge_now_cpu_ns // 1000
-        out["last_error"] = self.last_error
+        out["pages_merged_inline"] = self.merge_now.pages_merged
+        out["merge_now_cpu_usecs"] = self.merge_now.cpu_ns // 1000
+        out["last_error"] = self.unmerge_all.last_error
         out["coordinator_pid"] = os.getpid()
         out["socket"] = self.socket_path
         if self.metrics_port is not None:
@@ -149,4 +152,4 @@ class ControlsMixin:
 
 
 # Internal to shmdedup: no public names (the API is shmdedup.__all__).
-__all__ = []
+__all__: list[str] = []

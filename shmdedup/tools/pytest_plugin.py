@@ -278,7 +278,13 @@ def _last_look(stats: Stats) -> dict[str, Any]:
     view plus what this process wrote at write time."""
     import os
     from shmdedup.worker.loading import write_time_stats
-    return dict(_snapshot(stats), pid=os.getpid(), write_time=write_time_stats())
+    from shmdedup.worker.region import open_regions
+    snap = dict(_snapshot(stats), pid=os.getpid(), write_time=write_time_stats())
+    if open_regions() and os.getpid() not in snap["workers"]:
+        # Its agent registers in the background: the coordinator may not list
+        # it yet, but this process holds regions, so it is one of the workers.
+        snap["workers"].append(os.getpid())
+    return snap
 
 
 _run_key = pytest.StashKey[_Run]()

@@ -456,6 +456,11 @@ class Region(_native.Mapping):
             pass
 
 
+def open_regions() -> int:
+    """How many regions of this process are open (not closed yet)."""
+    return sum(not r.closed for r in list(_all.values()))
+
+
 _fault_around_from_env()
 
 
@@ -467,4 +472,5 @@ __all__ = [
     "SupportsRawReadinto",
     "SupportsReadinto",
     "cow_fault_around",
+    "open_regions",
 ]

@@ -8,13 +8,13 @@ region ids and request ids so registration, advice, merge replies and their
 ordering really get exercised), sent with 0-4 descriptors of fuzzed kinds
 (tmpfs objects of fuzzed sizes holding duplicate pages, a pipe, a directory,
 /dev/null, write-only and O_PATH descriptors).  Each message goes through
-``protocol.decode`` and then ``CoordinatorServer._dispatch`` of a real
+``protocol.decode`` and then ``CoordinatorServer.inbox.dispatch`` of a real
 coordinator (its socket bound, its event loop not running: this process
-drives it), exactly as ``_readable`` does, with a scan batch after each
+drives it), exactly as ``Inbox.readable`` does, with a scan batch after each
 message so merge requests are sent and answered.
 
 Allowed outcomes: ProtocolError from decode, or one of the exceptions
-``_readable`` turns into "close this connection with a logged reason".
+``Inbox._handle`` turns into "close this connection with a logged reason".
 Anything else escapes and libFuzzer reports a crash.  After each input the
 peer is dropped and this process must hold exactly the descriptors it held
 before (a leaked fd is a crash too).
@@ -34,10 +34,11 @@ with atheris.instrument_imports(include=["shmdedup"]):
     from shmdedup import protocol
     from shmdedup.coordinator import server as coordinator
     from shmdedup.coordinator.server import CoordinatorServer, Peer
+    from shmdedup.coordinator.unmergeall import Phase
     from shmdedup.errors import ProtocolError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-# What CoordinatorServer._readable turns into a logged close of the connection.
+# What Inbox._handle turns into a logged close of the connection.
 CLOSING = (ProtocolError, ValueError, OSError, MemoryError)
 TYPES = sorted(protocol.MESSAGE_TYPES) + ["bogus", ""]
 BASE = {"sleep_millisecs": 0, "pages_to_scan": 256, "max_pages_per_worker": 4096}
@@ -171,9 +172,9 @@ def _registered_worker(fdp: atheris.FuzzedDataProvider, peer: Peer, sock: socket
             os.pwrite(backing, bytes([b]) * PAGE, i * PAGE)
     meta = os.memfd_create("fuzz", os.MFD_CLOEXEC)
     os.ftruncate(meta, PAGE)
-    server._dispatch(peer, protocol.decode(protocol.encode(
+    server.inbox.dispatch(peer, protocol.decode(protocol.encode(
         {"t": "register", "rid": 1, "npages": npages}), [backing, meta]), [backing, meta])
-    server._dispatch(peer, {"t": "advise", "rid": 1, "start": 0, "npages": npages,
+    server.inbox.dispatch(peer, {"t": "advise", "rid": 1, "start": 0, "npages": npages,
                             "mergeable": True}, [])
     for _ in range(3):
         server.scanner.batch(server.controls["pages_to_scan"])
@@ -199,9 +200,9 @@ def one_input(data: bytes) -> None:
             try:
                 msg = protocol.decode(raw, fds)
             except ProtocolError:
-                break  # decode closed the fds; _readable drops the peer
+                break  # decode closed the fds; Inbox.readable drops the peer
             try:
-                server._dispatch(peer, msg, fds)
+                server.inbox.dispatch(peer, msg, fds)
             except CLOSING:
                 for fd in fds:
                     os.close(fd)
@@ -209,19 +210,21 @@ def one_input(data: bytes) -> None:
             for _ in range(fdp.ConsumeIntInRange(0, 3)):  # two visits make a merge
                 server.scanner.batch(server.controls["pages_to_scan"])
             _drain(b)
-            if peer.conn.closed or any(p is peer for p, _ in server._drop):
+            if peer.conn.closed or server.outbox.dropping(peer):
                 break
     finally:
-        server._drop.clear()
+        server.outbox.drops.clear()
         server._drop_peer(peer, "")
         # The peer is this (live) process, so its regions went to a ghost
         # (its pidfd comes from the connection): bury it as if it had exited.
-        for ghost in list(server.ghosts.values()):
-            server._bury(ghost)
-        server._waiters.clear()
-        server._run2 = None
+        for ghost in list(server.workers.ghosts.values()):
+            server.workers.bury(ghost)
+        server.waits.waiting.clear()
+        ua = server.unmerge_all
+        ua.phase, ua.client, ua.error = Phase.IDLE, None, None
+        ua.reqs.clear()
         server.controls.update({k: v[0] for k, v in coordinator.CONTROLS.items()}, **BASE)
-        server._apply_scanner_controls()
+        server.surface.apply_scan_controls()
         _drain(b)
         b.close()
     after = _fd_count()

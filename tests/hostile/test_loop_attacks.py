@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shmdedup.coordinator import metrics
+from shmdedup.coordinator import metrics, security
 from shmdedup.coordinator.quotas import recount
 from shmdedup.coordinator.security import LogLimiter
 from tests.helpers import REPO_ROOT, Worker, child_env, no_shm_leftovers, reaper, wait_for  # noqa: F401
@@ -285,8 +285,8 @@ def test_replies_stay_in_order_through_a_full_socket(domain: Domain) -> None:
 
     def queued() -> bool:
         p = next((p for p in list(server.peers.values()) if p.role == "client" and p.pid == os.getpid()
-                  and p.outbox), None)
-        return p is not None and len(p.outbox) >= 16
+                  and p.unsent), None)
+        return p is not None and len(p.unsent) >= 16
 
     while not queued():
         v = 1 + len(values) % 1000
@@ -335,12 +335,12 @@ def test_quota_usage_equals_a_recount_through_ghosts_and_reattachment(domain: Do
 
         def ok() -> bool:
             now = server.quotas.usage(uid).as_dict()
-            counted = recount(list(server.peers.values()), list(server.ghosts.values()))
+            counted = recount(list(server.peers.values()), list(server.workers.ghosts.values()))
             mine = {k: v.as_dict() for k, v in counted.items()}
             want_all = {k: v.as_dict() for k, v in server.quotas.by_uid.items()}
             return now == want and mine == want_all
         wait_for(ok, 10, what=f"usage {want} (now {server.quotas.usage(uid)}, recount "
-                              f"{recount(list(server.peers.values()), list(server.ghosts.values()))})")
+                              f"{recount(list(server.peers.values()), list(server.workers.ghosts.values()))})")
 
     client = 1, 0, 0, 2                       # the Domain's own client: socket + pidfd
     domain.client()
@@ -349,7 +349,7 @@ def test_quota_usage_equals_a_recount_through_ghosts_and_reattachment(domain: Do
           SOCK=domain.path)
     usage(2, 2, 6, 2 + 2 + 4)
     w.call("p.close()")                      # alive: a ghost keeps pidfd and regions
-    wait_for(lambda: server.ghosts, what="a ghost")
+    wait_for(lambda: server.workers.ghosts, what="a ghost")
     usage(1, 2, 6, 2 + 1 + 4)
     w.call("p = RawPeer(SOCK); p.hello(); register(p, 1, 4)", SOCK=domain.path)
     usage(2, 2, 6, 2 + 2 + 1 + 4)            # region 1 taken back from the ghost
@@ -386,14 +386,18 @@ def test_a_refused_region_merges_once_there_is_room(domain: Domain) -> None:
 
 
 def test_hello_deadline_closes_a_silent_owner_connection(domain: Domain) -> None:
-    domain.server.hello_timeout = 0.5
+    domain.server.admission.hello_timeout = 0.5
     peer = RawPeer(domain.path)
     assert peer.wait_closed(10)
     domain.wait_logged("no hello within 0.5 s")
     peer.close()
 
 
-def test_log_limiter_counts_what_it_drops() -> None:
+def test_log_limiter_counts_what_it_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The limiter's clock, frozen and moved by hand: under load the loop below
+    # took over 1 ms, a token came back and one more line passed.
+    clock = [1000.0]
+    monkeypatch.setattr(security.time, "monotonic", lambda: clock[0])
     records: list[str] = []
 
     class H(logging.Handler):
@@ -408,7 +412,7 @@ def test_log_limiter_counts_what_it_drops() -> None:
     lim.warning("other", "another kind")
     assert records[:5] == [f"line {i}" for i in range(5)] and "another kind" in records
     assert len(records) == 6
-    time.sleep(0.01)    # refill a token (1000/s): the next line reports the count
+    clock[0] += 0.01    # refill tokens (1000/s): the next line reports the count
     lim.warning("k", "line %d", 99)
     assert records[-1] == "line 99 (45 more like it not logged)"
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from shmdedup.coordinator import connections, server
+from shmdedup.coordinator import admission, peers, workers
 from shmdedup.coordinator.scan import tracking
 from tests.helpers import Worker, no_shm_leftovers, reaper, wait_for  # noqa: F401
 from tests.hostile.loop_harness import (
@@ -299,12 +299,12 @@ def test_a_worker_without_a_pidfd_is_not_merged(monkeypatch) -> None:
     d = Domain()
     try:
         blind, seen = Worker(), Worker()
-        real = server.peer_pidfd
+        real = peers.peer_pidfd
 
         def pidfd(conn, pid):
             return None if pid == blind.pid else real(conn, pid)
-        monkeypatch.setattr(server, "peer_pidfd", pidfd)
-        monkeypatch.setattr(connections, "peer_pidfd", pidfd)
+        monkeypatch.setattr(workers, "peer_pidfd", pidfd)
+        monkeypatch.setattr(admission, "peer_pidfd", pidfd)
         blind.run(WORKER_SETUP, SOCKET=d.path, NPAGES=16, SEED=2)
         seen.run(WORKER_SETUP, SOCKET=d.path, NPAGES=16, SEED=2)
         d.wait_logged(f"refused region 1 of pid {blind.pid}: no pidfd for this process")

@@ -445,7 +445,7 @@ def test_outstanding_waits_are_capped(domain: Domain) -> None:
     # order), and past MAX_QUEUED_REQUESTS the client is closed.
     closes(domain, peer, "requests outstanding")
     peer.close()
-    wait_for(lambda: domain.server._waiters == [], what="its waits to be dropped")
+    wait_for(lambda: domain.server.waits.waiting == [], what="its waits to be dropped")
 
 
 # ---- coverage-guided fuzzing (atheris) --------------------------------------------

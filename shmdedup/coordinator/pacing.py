@@ -1,0 +1,96 @@
+"""When the coordinator's next scan batch runs, and what a full scan costs.
+
+``Pacing`` is the part of the server (``server.py``) that times the scan;
+it runs in the coordinator's single thread.
+
+* A batch runs ``sleep_millisecs`` after the previous one (ksmd's pacing),
+  or at once when something changes what it would do (``wake``: a control
+  set, a range advised).
+* With the scan-time advisor on (``advisor_mode`` 1), the next batch also
+  waits until the scan's CPU is within ``advisor_max_cpu`` percent, and each
+  full scan's cost sets ``pages_to_scan`` (``scan/advisor.py``).
+* At the end of a full scan, the heap's free memory is given back.
+"""
+
+from __future__ import annotations
+
+import time
+
+from shmdedup import _native
+from shmdedup.coordinator.activity import Activity
+from shmdedup.coordinator.scan import advisor
+from shmdedup.coordinator.scan.scanner import Scanner
+
+TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
+TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
+
+
+class Pacing:
+    """The time of the next batch, and the bookkeeping of full scans."""
+
+    def __init__(self, controls: dict[str, int], scanner: Scanner, activity: Activity) -> None:
+        self.controls = controls
+        self.scanner = scanner
+        self.activity = activity
+        self._next_batch = 0.0
+        # advisor_max_cpu: no batch before this (see batch_done), and when
+        # the previous batch ended.
+        self._cpu_gate = 0.0
+        self._batch_end = time.monotonic()
+        self._scan_mark = (time.monotonic(), time.thread_time(), 0)
+        self._last_trim = 0.0
+
+    def due(self) -> float:
+        """When the next batch may run (time.monotonic())."""
+        return max(self._next_batch, self._cpu_gate)
+
+    def wake(self) -> None:
+        """The next batch may run now (what it would do changed)."""
+        self._next_batch = min(self._next_batch, time.monotonic())
+
+    def pause(self, seconds: float) -> None:
+        """No batch for this long (the loop failed: do not spin on it)."""
+        self._next_batch = time.monotonic() + seconds
+
+    def batch_done(self, cpu: float) -> None:
+        """A batch ended, having used *cpu* seconds of this thread.  The next
+        one may run ``sleep_millisecs`` after it,
+        and with the advisor on, not before the ``cpu`` seconds this batch
+        took are at most ``advisor_max_cpu`` percent of the time since the
+        previous batch ended.  The cap is the scan's, as ksmd's is (messages
+        are paced by their own limits): a peer's messages cannot starve the
+        scan, nor its regions make the scan take more."""
+        now = time.monotonic()
+        t0, self._batch_end = self._batch_end, now
+        if self.controls["advisor_mode"] == 1:
+            cap = self.controls["advisor_max_cpu"] / 100
+            self._cpu_gate = now + max(0.0, cpu / cap - (now - t0))
+        else:
+            self._cpu_gate = 0.0
+        self._next_batch = now + self.controls["sleep_millisecs"] / 1000
+
+    def full_scan_done(self) -> None:
+        """Feed the scan-time advisor what the last full scan cost; give the
+        heap's free memory back."""
+        t0, cpu0, pages0 = self._scan_mark
+        now, cpu, pages = time.monotonic(), time.thread_time(), self.scanner.pages_scanned
+        self._scan_mark = (now, cpu, pages)
+        # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
+        # in glibc's heap: give it back (~0.2 ms; ~5 us when there is none).
+        # malloc_trim walks (and locks) every arena of the process, an
+        # embedding application's too: after a long scan, else once a second.
+        if now - t0 >= TRIM_AFTER_SCAN or now - self._last_trim >= TRIM_INTERVAL:
+            _native.trim_heap()
+            self._last_trim = now
+        c = self.controls
+        if c["advisor_mode"] == 1:
+            c["pages_to_scan"] = advisor.advise(
+                c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
+                c["advisor_target_scan_time"], c["advisor_max_cpu"],
+                c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
+        self.activity.full_scan(self.scanner.full_scans, now - t0, self.scanner.stats,
+                                c["pages_to_scan"], c["advisor_mode"] == 1)
+
+
+# Internal to shmdedup: no public names (the API is shmdedup.__all__).
+__all__: list[str] = []
