@@ -68,6 +68,7 @@ class HashIndex:
     @property
     def nbytes(self) -> int: ...
 
+@final
 class SlotIndex:
     """uint64 checksum -> stable slot, in batches; slot_hash[slot] is the slot's
     checksum (uint64 array covering every slot stored), 8 bytes a bucket."""

@@ -17,10 +17,12 @@ object per page.
   (``SLOT_BYTES`` a slot) start zeroed and grow by doubling into zeroed
   (calloc) memory, so only slots in use take memory.
 * :class:`UnstableIndex` — checksum -> (region uid, page) of a unique page seen
-  in this full scan (``_native.HashIndex``, 16 bytes a bucket); emptied at every full scan (its memory given back, as
-  Linux rebuilds its unstable tree), and entries leave it as their pages
-  merge.  Entries are hints: the scanner re-checks that the page is still
-  private, advised and unchanged.
+  in this full scan (``_native.HashIndex``, 16 bytes a bucket).  Emptied at
+  every full scan, as Linux rebuilds its unstable tree, and sized then for
+  what it held: its memory is given back once its entries have left (they
+  leave as their pages merge), kept while the same unique pages fill it scan
+  after scan.  Entries are hints: the scanner re-checks that the page is
+  still private, advised and unchanged.
 """
 
 from __future__ import annotations

@@ -93,9 +93,9 @@ class Matcher:
 
     def restart(self) -> None:
         """A new full scan (or after run=2): the unstable index starts empty
-        (and small), no run of new slots is continued, and the read buffer's
-        pages are given back (refaulting a chunk's worth costs ~1 ms a full
-        scan)."""
+        (sized for what it held, ``indexes.py``), no run of new slots is
+        continued, and the read buffer's pages are given back (refaulting a
+        chunk's worth costs ~1 ms a full scan)."""
         self.unstable.clear()
         self._last_new = None
         if self.read_buffer is not None:
