@@ -52,7 +52,8 @@ Definitions (the same for both systems):
   ((pages_sharing + ksm_zero_pages) x 4096 - general_profit) / rmap_items
   (rmap_items summed from /proc/<pid>/ksm_stat) = sizeof(struct ksm_rmap_item);
   shmdedup: shmdedup.coordinator.scan.scanner.METADATA_BYTES_PER_PAGE.  Measured alongside: growth
-  of SUnreclaim (KSM's slab) / the coordinator's RssAnon, per advised page.
+  of SUnreclaim (KSM's slab) / the coordinator's RssAnon, per advised page, at
+  convergence and again after the steady-state rescans (shmdedup).
 * COW break: with the scanner stopped (run=0), worker 0 writes one byte to
   every page that is merged (KSM: KPF_KSM in /proc/kpageflags via
   /proc/self/pagemap; shmdedup: the region's state bytes), one numpy fancy
@@ -809,6 +810,8 @@ def run_ksm(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict
             res["measured_metadata_bytes_per_page"] = (
                 (after["SUnreclaim"] - before["SUnreclaim"]) * 1024 / (workers * npages))
             res["steady"] = steady_state(sample, wait_scan, workers * npages, cfg.timeout)
+            res["measured_metadata_bytes_per_page_steady"] = (
+                (proc_kib(cpid, "status", "RssAnon") - rss0) * 1024 / (workers * npages))
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
             KSM.write("run", 0)            # stop scanning, keep the merged pages
             res["cow"] = _cow(fleet, cfg.timeout)
@@ -924,6 +927,8 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
             if cfg.py_spy and cfg.py_spy_phase == "steady":
                 profiler = profile_start()
             res["steady"] = steady_state(sample, wait_scan, workers * npages, cfg.timeout)
+            res["measured_metadata_bytes_per_page_steady"] = (
+                (proc_kib(cpid, "status", "RssAnon") - rss0) * 1024 / (workers * npages))
             if profiler is not None:
                 profile_stop(profiler)
                 profiler = None
@@ -1021,6 +1026,7 @@ ROWS = [
     ("most mappings (VMAs) of a worker", "worker_vmas_after", 0),
     ("metadata bytes/tracked page", "metadata_bytes_per_page", 1),
     ("measured metadata bytes/page", "measured_metadata_bytes_per_page", 1),
+    ("  after the steady rescans", "measured_metadata_bytes_per_page_steady", 1),
     ("COW break us/page (first write)", "cow.us_per_page", 2),
     ("COW break us/page (net of rewrite)", "cow.net_us_per_page", 2),
     ("pages broken in worker 0", "cow.pages", 0),

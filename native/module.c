@@ -4,7 +4,7 @@
  * GIL released around every loop, results built, errors raised through
  * sd_raise_errno() which names the system call.  Policy lives in Python.
  * This file holds the module's functions; the types live beside it:
- * py_mapping.c (Mapping, StableView) and py_index.c (HashIndex).
+ * py_mapping.c (Mapping, StableView) and py_index.c (HashIndex, SlotIndex).
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -379,7 +379,7 @@ PyInit__native(void)
 {
     sd_page_size = (size_t)sysconf(_SC_PAGESIZE);
     if (PyType_Ready(&sd_MappingType) < 0 || PyType_Ready(&sd_StableViewType) < 0 ||
-        PyType_Ready(&sd_HashIndexType) < 0)
+        PyType_Ready(&sd_HashIndexType) < 0 || PyType_Ready(&sd_SlotIndexType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m)
@@ -387,9 +387,11 @@ PyInit__native(void)
     Py_INCREF(&sd_MappingType);
     Py_INCREF(&sd_StableViewType);
     Py_INCREF(&sd_HashIndexType);
+    Py_INCREF(&sd_SlotIndexType);
     if (PyModule_AddObject(m, "Mapping", (PyObject *)&sd_MappingType) < 0 ||
         PyModule_AddObject(m, "StableView", (PyObject *)&sd_StableViewType) < 0 ||
         PyModule_AddObject(m, "HashIndex", (PyObject *)&sd_HashIndexType) < 0 ||
+        PyModule_AddObject(m, "SlotIndex", (PyObject *)&sd_SlotIndexType) < 0 ||
         PyModule_AddIntConstant(m, "PAGE_SIZE", (long)sd_page_size) < 0 ||
         PyModule_AddIntConstant(m, "FAULT_AROUND_LIMIT", SD_FAULT_AROUND_LIMIT) < 0 ||
         PyModule_AddIntConstant(m, "PRIVATE", SD_PRIVATE) < 0 ||

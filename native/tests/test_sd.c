@@ -109,7 +109,41 @@ static void check_index(void)
         CHECK(sd_index_get(&ix, k * 0x9e3779b97f4a7c15ULL) == (k % 2 ? (int64_t)k : -1));
     sd_index_clear(&ix);
     CHECK(ix.count == 0 && sd_index_get(&ix, 0x9e3779b97f4a7c15ULL) == -1);
+    /* Shrinking: under 1/8 full halves (not below the floor); reset frees. */
+    for (uint64_t k = 0; k < 1000; k++)
+        CHECK(sd_index_put(&ix, k * 0x9e3779b97f4a7c15ULL, (int64_t)k) == 0);
+    for (uint64_t k = 0; k < 990; k++)
+        CHECK(sd_index_del(&ix, k * 0x9e3779b97f4a7c15ULL) == 1);
+    CHECK(sd_index_fit(&ix, 16) == 0 && ix.mask + 1 == 64);
+    for (uint64_t k = 0; k < 1000; k++)
+        CHECK(sd_index_get(&ix, k * 0x9e3779b97f4a7c15ULL) == (k >= 990 ? (int64_t)k : -1));
+    CHECK(sd_index_reset(&ix, 16) == 0 && ix.count == 0 && ix.mask + 1 == 16);
     sd_index_free(&ix);
+
+    /* sd_slotix: the keys are the caller's; some share their high 32 bits. */
+    enum { N = 3000 };
+    static uint64_t keys[N];
+    for (uint64_t s = 0; s < N; s++)
+        keys[s] = s % 3 ? s * 0x9e3779b97f4a7c15ULL : (0x1234ULL << 32) | s;
+    struct sd_slotix sx;
+    CHECK(sd_slotix_init(&sx, 4) == 0);
+    for (int64_t s = 0; s < N; s++)
+        CHECK(sd_slotix_put(&sx, keys, keys[s], s) == 0);
+    CHECK(sx.count == N);
+    for (int64_t s = 0; s < N; s++)
+        CHECK(sd_slotix_get(&sx, keys, keys[s]) == s);
+    CHECK(sd_slotix_get(&sx, keys, (0x1234ULL << 32) | 1) == -1);   /* same high bits, absent */
+    for (int64_t s = 0; s < N; s += 2)
+        CHECK(sd_slotix_del(&sx, keys, keys[s]) == 1);
+    for (int64_t s = 0; s < N; s++)
+        CHECK(sd_slotix_get(&sx, keys, keys[s]) == (s % 2 ? s : -1));
+    for (int64_t s = 1; s < N - 10; s += 2)
+        CHECK(sd_slotix_del(&sx, keys, keys[s]) == 1);
+    CHECK(sd_slotix_fit(&sx, keys, 16) == 0 && sx.mask + 1 == 32);   /* 5 left */
+    for (int64_t s = 0; s < N; s++)
+        CHECK(sd_slotix_get(&sx, keys, keys[s]) == (s % 2 && s >= N - 10 ? s : -1));
+    CHECK(sd_slotix_reset(&sx, 16) == 0 && sx.count == 0);
+    sd_slotix_free(&sx);
 }
 
 static void check_xxh64(void)

@@ -3,7 +3,10 @@ stable_node_dups: every dup of a chain, the newest one included."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 
 from shmdedup import _native
 from shmdedup.coordinator.scan.indexes import StableIndex
@@ -74,3 +77,165 @@ def test_free_unused_frees_runs_at_once_and_chains_slot_by_slot(monkeypatch) -> 
         assert ix.chains() == (0, 0) and ix.read(kept) == bytes([10]) * P
     finally:
         ix.close()
+
+
+# -- memory: the tables' sizes follow what they hold -------------------------
+
+def test_slot_index_matches_a_dict_model_and_shrinks() -> None:
+    """SlotIndex (8-byte buckets, the checksums in the caller's slot_hash)
+    against a dict, with keys sharing their high 32 bits (the bits a bucket
+    keeps) and keys sharing their buckets; deleting most entries halves the
+    table, clear() returns it to its initial size."""
+    rng = np.random.default_rng(7)
+    n = 20000
+    slot_hash = rng.integers(0, 2**63, n, dtype=np.uint64)
+    slot_hash[::3] = (slot_hash[::3] & np.uint64(0xFFFFFFFF)) | np.uint64(0xABCD << 32)  # same high bits
+    slot_hash = np.unique(slot_hash)[:15000].copy()
+    n = len(slot_hash)
+    ix = _native.SlotIndex()
+    small = ix.nbytes
+    model: dict[int, int] = {}
+    slots = rng.permutation(n).astype(np.int64)
+    for part in np.array_split(slots, 7):
+        ix.put(slot_hash[part], part, slot_hash)
+        model.update(zip(slot_hash[part].tolist(), part.tolist()))
+    assert len(ix) == len(model) == n
+    assert ix.nbytes == 8 * 32768              # 15000 entries: 37-75% full, 8 bytes a bucket
+    out = np.empty(n, np.int64)
+    ix.get(slot_hash, out, slot_hash)
+    assert (out == np.arange(n)).all()
+    gone = rng.permutation(n)[:n - 500]
+    assert ix.delete(slot_hash[gone], slot_hash) == len(gone)
+    for s in gone.tolist():
+        del model[int(slot_hash[s])]
+    assert ix.delete(slot_hash[gone[:10]], slot_hash) == 0
+    assert len(ix) == 500 and ix.nbytes <= 8 * 4096       # halved while under 1/8 full
+    ix.get(slot_hash, out, slot_hash)
+    want = np.array([model.get(int(h), -1) for h in slot_hash.tolist()])
+    assert (out == want).all()
+    absent = rng.integers(0, 2**63, 1000, dtype=np.uint64)
+    got = np.empty(1000, np.int64)
+    ix.get(absent, got, slot_hash)
+    assert (got == -1).all()
+    ix.clear()
+    assert len(ix) == 0 and ix.nbytes == small
+
+
+def test_slot_index_rejects_a_short_or_wrong_slot_hash() -> None:
+    ix = _native.SlotIndex()
+    keys = np.array([5, 6], np.uint64)
+    ix.put(keys, np.array([0, 1], np.int64), keys)
+    out = np.empty(2, np.int64)
+    with pytest.raises(ValueError, match="at least 2"):
+        ix.get(keys, out, keys[:1])                  # would read past its end
+    with pytest.raises(ValueError, match="at least 2"):
+        ix.delete(keys, keys[:1])
+    with pytest.raises(ValueError, match="not the key"):
+        ix.put(np.array([7], np.uint64), np.array([0], np.int64), keys)
+    with pytest.raises(ValueError, match="out of range"):
+        ix.put(keys[:1], np.array([2], np.int64), keys)
+    with pytest.raises(ValueError):
+        ix.put(keys[:1], np.array([-1], np.int64), keys)
+    ix.get(keys, out, keys)
+    assert out.tolist() == [0, 1]                    # nothing lost
+
+
+def test_hash_index_gives_memory_back_on_clear_and_when_emptied() -> None:
+    """Deleting most entries halves the table; clear() sizes it for what it
+    held: back to its initial size once its entries left (merged), kept when
+    still well used (the next full scan finds the same unique pages)."""
+    ix = _native.HashIndex()
+    small = ix.nbytes
+    keys = np.arange(1, 100001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    ix.put(keys, np.arange(100000, dtype=np.int64))
+    assert ix.nbytes == 16 * 262144
+    ix.delete(keys[:99000])
+    assert len(ix) == 1000 and ix.nbytes <= 16 * 8192
+    out = np.empty(1000, np.int64)
+    ix.get(keys[99000:], out)
+    assert (out == np.arange(99000, 100000)).all()
+    ix.clear()
+    assert len(ix) == 0 and ix.nbytes == small
+    ix.put(keys, np.arange(100000, dtype=np.int64))
+    ix.clear()                                       # still well used: kept
+    assert len(ix) == 0 and ix.nbytes == 16 * 262144
+    ix.get(keys[:1000], out)
+    assert (out == -1).all()
+    ix.clear()                                       # held nothing: back to small
+    assert ix.nbytes == small
+
+
+def test_stable_index_shrinks_as_slots_are_freed() -> None:
+    ix = StableIndex()
+    try:
+        n = 5000
+        content = np.zeros((n, P), np.uint8)
+        content[:, :8] = np.arange(n, dtype=np.uint64).view(np.uint8).reshape(n, 8)
+        first = ix.add(content, np.arange(10, 10 + n, dtype=np.uint64))
+        assert first is not None
+        big = ix.ix.nbytes
+        assert big == 8 * 8192                       # 8 bytes a bucket
+        assert ix.born_inline[first:first + n].max() == 0.0   # not merge_now's
+        ix.free_unused(np.arange(first, first + n - 10))
+        assert len(ix.ix) == 10 and ix.ix.nbytes == 8 * 2048     # its initial size
+        got = ix.lookup(np.arange(10, 10 + n, dtype=np.uint64))
+        assert (got[:n - 10] == -1).all() and (got[n - 10:] == np.arange(first + n - 10, first + n)).all()
+    finally:
+        ix.close()
+
+
+def _resident(a: np.ndarray) -> int:
+    """Resident bytes of the mapping that holds array a (/proc/self/smaps)."""
+    addr = a.ctypes.data
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the array")
+
+
+def test_each_full_scan_empties_the_unstable_index_and_gives_memory_back() -> None:
+    """Linux rebuilds its unstable tree every full scan: ours is emptied at
+    each full scan's end, its entries leave as their pages merge and it
+    shrinks with them, and the read buffer's pages are given back then (a
+    scan that finds everything merged keeps neither)."""
+    from shmdedup.coordinator.scan.scanner import Scanner
+    from shmdedup.coordinator.scan.tracking import RegionState
+
+    class W:
+        uid = pid = 0
+
+    sc = Scanner(lambda w, runs: None, lambda w, runs: None)
+    sc.settings.smart_scan = False
+    n = 6000                                          # pages 3000.. repeat pages 0..
+    b = os.memfd_create("unstable", os.MFD_CLOEXEC)
+    m = os.memfd_create("unstable", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(b, n * P)
+        os.ftruncate(m, 2 * P)
+        half = np.random.default_rng(1).integers(0, 256, n // 2 * P, dtype=np.uint8).tobytes()
+        os.pwrite(b, half + half, 0)
+        reg = RegionState.open(W(), 1, n, os.dup(b), os.dup(m))
+        sc.add_region(reg)
+        sc.advise(reg, 0, n, True)
+        small = sc.unstable.nbytes
+        while sc.full_scans < 1:                    # first visits: checksums only
+            sc.batch(1000)
+        biggest = 0
+        while sc.full_scans < 2:                    # second: the first half in, then out as it merges
+            sc.batch(1000)
+            biggest = max(biggest, sc.unstable.nbytes)
+            if sc.full_scans < 2:
+                assert _resident(sc._scratch) > 0
+        assert biggest >= 16 * 4096                 # 3000 entries
+        assert len(sc.unstable) == 0 and sc.unstable.nbytes == small
+        assert _resident(sc._scratch) == 0
+    finally:
+        sc.close()
+        os.close(b)
+        os.close(m)

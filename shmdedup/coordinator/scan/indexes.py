@@ -1,24 +1,33 @@
 """The scanner's two indexes, KSM's stable and unstable trees.
 
-Both are C hash tables (``_native.HashIndex``, 16 bytes a bucket) keyed by page
-checksum and used in batches: the steady state keeps no Python object per page.
+Both are C hash tables keyed by page checksum, 37-75% full while growing and
+halved once under 1/8 full, used in batches: the steady state keeps no Python
+object per page.
 
-* :class:`StableIndex` — checksum -> the newest stable slot with that content;
+* :class:`StableIndex` — checksum -> the newest stable slot with that content
+  (``_native.SlotIndex``: 8 bytes a bucket, the checksums being ``slot_hash``);
   older slots with the same checksum (a full ``max_page_sharing`` chain, or a
   checksum collision) are linked through ``chain_prev``.  It also owns the
   stable segment and the per-slot accounting: ``sharers`` (worker pages whose
   merge was confirmed), ``pending`` (merges in flight), ``slot_hash`` and
-  ``born_inline`` (when ``merge_now`` created the slot, -inf for the scan's:
+  ``born_inline`` (when ``merge_now`` created the slot, 0.0 for the scan's:
   such a page is not given back to its only sharer before
   ``inline_keep_millisecs`` have passed, see ``inline.py``).  A slot is freed (punched)
-  only when both counts are zero (DESIGN invariant 6).
+  only when both counts are zero (DESIGN invariant 6).  The per-slot arrays
+  (``SLOT_BYTES`` a slot) start zeroed and grow by doubling into zeroed
+  (calloc) memory, so only slots in use take memory.
 * :class:`UnstableIndex` — checksum -> (region uid, page) of a unique page seen
-  in this full scan; reset at every full scan.  Entries are hints: the scanner
-  re-checks that the page is still private, advised and unchanged.
+  in this full scan (``_native.HashIndex``, 16 bytes a bucket).  Emptied at
+  every full scan, as Linux rebuilds its unstable tree, and sized then for
+  what it held: its memory is given back once its entries have left (they
+  leave as their pages merge), kept while the same unique pages fill it scan
+  after scan.  Entries are hints: the scanner re-checks that the page is
+  still private, advised and unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -33,6 +42,12 @@ from shmdedup.pages import PAGE_SIZE, cut_runs
 log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 
+# Per stable slot: sharers 4, pending 4, slot_hash 8, chain_prev 4, born_inline 8.
+SLOT_BYTES = 28
+_SLOT_FIELDS = (("sharers", np.int32), ("pending", np.int32), ("slot_hash", np.uint64),
+                ("_prev1", np.int32), ("born_inline", np.float64))
+
+
 def _one(v: int, dtype: type) -> np.ndarray:
     return np.array([v], dtype)
 
@@ -42,13 +57,17 @@ class StableIndex:
         # max_kernel_pages is read from the scan's settings (settings.py).
         self.settings: ScanSettings = settings if settings is not None else ScanSettings()
         self.segment: StableSegment = StableSegment()
-        self.ix: _native.HashIndex = _native.HashIndex()
+        self.ix: _native.SlotIndex = _native.SlotIndex()     # keys: slot_hash
+        # Every per-slot array is zero when unused (np.zeros: calloc, pages
+        # untouched until a slot is used).
         cap = 1024
         self.sharers: np.ndarray = np.zeros(cap, np.int32)
         self.pending: np.ndarray = np.zeros(cap, np.int32)
         self.slot_hash: np.ndarray = np.zeros(cap, np.uint64)
-        self.chain_prev: np.ndarray = np.full(cap, -1, np.int64)
-        self.born_inline: np.ndarray = np.full(cap, -np.inf)    # time.monotonic() of a merge_now slot
+        self._prev1: np.ndarray = np.zeros(cap, np.int32)        # chain_prev + 1 (0: none)
+        # time.monotonic() of a merge_now slot; 0.0 (boot) for the scan's,
+        # older than any inline_keep window.
+        self.born_inline: np.ndarray = np.zeros(cap, np.float64)
         self.write_error: str = ""    # why the last new stable page could not be written
         self.write_failures: int = 0  # new stable pages that could not be written, ever
 
@@ -61,30 +80,39 @@ class StableIndex:
         return self.segment.pages_in_use
 
     def nbytes(self) -> int:
-        return self.ix.nbytes + sum(a.nbytes for a in (self.sharers, self.pending, self.slot_hash,
-                                                        self.chain_prev, self.born_inline))
+        """Bytes the index and per-slot arrays hold (allocated; of the arrays
+        only the pages of used slots are resident)."""
+        arrays: list[np.ndarray] = [getattr(self, name) for name, _ in _SLOT_FIELDS]
+        return self.ix.nbytes + sum(a.nbytes for a in arrays)
+
+    @property
+    def chain_prev(self) -> np.ndarray:
+        """Per slot, the next older slot of its chain, or -1 (a copy)."""
+        out: np.ndarray = self._prev1.astype(np.int64) - 1
+        return out
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """The newest slot for each checksum, or -1."""
         out = np.empty(len(hashes), np.int64)
-        self.ix.get(np.ascontiguousarray(hashes, np.uint64), out)
+        self.ix.get(np.ascontiguousarray(hashes, np.uint64), out, self.slot_hash)
         return out
 
     def chain(self, head: int) -> list[int]:
         out = []
         while head >= 0:
             out.append(head)
-            head = int(self.chain_prev[head])
+            head = int(self._prev1[head]) - 1
         return out
 
     def _grow_arrays(self, n: int) -> None:
         if n <= len(self.sharers):
             return
+        if n >= 1 << 31:        # 8 TiB of stable pages: past the int32 chain links
+            raise OSError(errno.EFBIG, f"{n} stable slots: more than the index can link")
         cap = max(n, 2 * len(self.sharers))
-        for name, fill in (("sharers", 0), ("pending", 0), ("slot_hash", 0), ("chain_prev", -1),
-                           ("born_inline", -np.inf)):
+        for name, dtype in _SLOT_FIELDS:
             old = getattr(self, name)
-            new = np.full(cap, fill, old.dtype)
+            new = np.zeros(cap, dtype)      # calloc: the tail stays untouched
             new[:len(old)] = old
             setattr(self, name, new)
 
@@ -109,8 +137,8 @@ class StableIndex:
             return None
         if s is None:
             return None
-        self._grow_arrays(s + n)
         try:
+            self._grow_arrays(s + n)
             self.segment.write(s, content.data)   # unshared yet: invariant 5
         except OSError as e:
             self.segment.free(s, n)
@@ -119,8 +147,8 @@ class StableIndex:
         self.write_error = ""
         hashes = np.ascontiguousarray(hashes, np.uint64)
         self.slot_hash[s:s + n] = hashes
-        self.chain_prev[s:s + n] = self.lookup(hashes)
-        self.ix.put(hashes, np.arange(s, s + n, dtype=np.int64))
+        self._prev1[s:s + n] = self.lookup(hashes) + 1
+        self.ix.put(hashes, np.arange(s, s + n, dtype=np.int64), self.slot_hash)
         return s
 
     def _cannot_write(self, e: OSError) -> None:
@@ -164,15 +192,15 @@ class StableIndex:
         for s, n in runs:
             self.segment.free(s, n)
         self.sharers[freed] = 0
-        self.born_inline[freed] = -np.inf
+        self.born_inline[freed] = 0.0
 
     def _unindex_many(self, slots: np.ndarray) -> None:
         """_unindex each of these (distinct) slots: the common case, a slot
         alone under its checksum, in one call; slots in chains one by one."""
         hashes = self.slot_hash[slots]
-        alone = (self.lookup(hashes) == slots) & (self.chain_prev[slots] < 0)
+        alone = (self.lookup(hashes) == slots) & (self._prev1[slots] == 0)
         if alone.any():
-            self.ix.delete(np.ascontiguousarray(hashes[alone]))
+            self.ix.delete(np.ascontiguousarray(hashes[alone]), self.slot_hash)
         for s in slots[~alone].tolist():
             self._unindex(s)
 
@@ -188,19 +216,19 @@ class StableIndex:
     def _unindex(self, s: int) -> None:
         h = self.slot_hash[s]
         head = int(self.lookup(_one(h, np.uint64))[0])
-        prev = int(self.chain_prev[s])
+        prev = int(self._prev1[s]) - 1
         if head == s:
             if prev >= 0:
-                self.ix.put(_one(h, np.uint64), _one(prev, np.int64))
+                self.ix.put(_one(h, np.uint64), _one(prev, np.int64), self.slot_hash)
             else:
-                self.ix.delete(_one(h, np.uint64))
+                self.ix.delete(_one(h, np.uint64), self.slot_hash)
         else:
             node = head
-            while node >= 0 and self.chain_prev[node] != s:
-                node = int(self.chain_prev[node])
+            while node >= 0 and self._prev1[node] != s + 1:
+                node = int(self._prev1[node]) - 1
             if node >= 0:
-                self.chain_prev[node] = prev
-        self.chain_prev[s] = -1
+                self._prev1[node] = prev + 1
+        self._prev1[s] = 0
 
     def chains(self) -> tuple[int, int]:
         """(chains, dups) as Linux counts them (``stable_node_chains``,
@@ -209,10 +237,10 @@ class StableIndex:
         a list of dups, none of them special).  A chain is linked newest to
         oldest through ``chain_prev``: its slots are those that point to an
         older one, plus the oldest, to which the one after it points."""
-        older = np.flatnonzero(self.chain_prev >= 0)
+        older = np.flatnonzero(self._prev1)
         if not len(older):
             return 0, 0
-        in_chain = _unique(np.concatenate((older, self.chain_prev[older])))
+        in_chain = _unique(np.concatenate((older, self._prev1[older].astype(np.int64) - 1)))
         return len(_unique(self.slot_hash[in_chain])), len(in_chain)
 
     def close(self) -> None:

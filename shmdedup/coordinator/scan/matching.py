@@ -33,12 +33,15 @@ once (6).
 What it works with is given to its constructor: the scan's settings
 (``settings.py``), the two indexes (``indexes.py``), the mapping budget
 (``budget.py``), the merge queue (``mergequeue.py``), the scanner's regions
-by uid, and the scanner's way to report a worker whose object could not be
-read (``Scanner._blame``).
+by uid, the scanner's way to report a worker whose object could not be
+read (``Scanner._blame``), and the scanner's :class:`ReadBuffer`, whose pages
+it gives back at every full scan's end (a scan that finds everything merged
+reads little and keeps little).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Callable
 
@@ -54,12 +57,27 @@ from shmdedup.coordinator.scan.tracking import (
 from shmdedup.pages import PAGE_SIZE, cut_runs
 
 
+class ReadBuffer:
+    """The scanner's read buffer (``array``: a chunk of pages at most), in
+    its own anonymous mapping: untouched pages cost nothing, and
+    :meth:`release` gives the touched ones back (their content is lost:
+    nothing keeps a view of the buffer past a call)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._map: mmap.mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.array: np.ndarray = np.frombuffer(self._map, np.uint8)
+
+    def release(self) -> None:
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+
 class Matcher:
     """Candidate matching for :class:`~shmdedup.coordinator.scan.scanner.Scanner` (steps 3-5)."""
 
     def __init__(self, settings: ScanSettings, sidx: StableIndex, unstable: UnstableIndex,
                  budget: MappingBudget, queue: MergeQueue, by_uid: dict[int, RegionState],
-                 blame: Callable[[RegionState, BaseException], None]) -> None:
+                 blame: Callable[[RegionState, BaseException], None],
+                 read_buffer: ReadBuffer | None = None) -> None:
         self.settings: ScanSettings = settings
         self.sidx: StableIndex = sidx                # per slot: sharers, pending (merges in flight)
         self.unstable: UnstableIndex = unstable
@@ -68,15 +86,20 @@ class Matcher:
         self.by_uid: dict[int, RegionState] = by_uid   # the scanner's registered regions, by uid
         # Reports a worker whose object could not be read (an unstable mate's).
         self.blame: Callable[[RegionState, BaseException], None] = blame
+        self.read_buffer: ReadBuffer | None = read_buffer   # released at every restart
         # Where the last new slot went, to continue runs across batches:
         # (mate's region, mate's page, region, page, slot).
         self._last_new: tuple[RegionState, int, RegionState, int, int] | None = None
 
     def restart(self) -> None:
-        """A new full scan (or after run=2): the unstable index starts empty,
-        and no run of new slots is continued."""
+        """A new full scan (or after run=2): the unstable index starts empty
+        (sized for what it held, ``indexes.py``), no run of new slots is
+        continued, and the read buffer's pages are given back (refaulting a
+        chunk's worth costs ~1 ms a full scan)."""
         self.unstable.clear()
         self._last_new = None
+        if self.read_buffer is not None:
+            self.read_buffer.release()
 
     def cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                        k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:

@@ -39,8 +39,9 @@ protection before mapping (DESIGN invariant 1).
 
 Per tracked page the scanner keeps 15 bytes: checksum (8), slot (4), status,
 age and skip count (1 each), in blocks of 256 pages that hold data or a merge;
-advice is kept as runs.  The indexes (``indexes.py``) add 16-21 bytes per
-indexed page.  Statistics are derived from these on demand, so they always
+advice is kept as runs.  The indexes (``indexes.py``) add 28 bytes per
+stable slot plus 8 a bucket, and 16 a bucket of the unstable index (buckets
+37-75% full; emptied every full scan).  Statistics are derived from these on demand, so they always
 equal a recount.
 
 Every worker object is hostile: it may be truncated, grown or punched at any
@@ -74,7 +75,7 @@ from shmdedup.coordinator.scan.accounting import Accounting
 from shmdedup.coordinator.scan.budget import MappingBudget
 from shmdedup.coordinator.scan.indexes import StableIndex, UnstableIndex
 from shmdedup.coordinator.scan.inline import InlineResult, Inliner
-from shmdedup.coordinator.scan.matching import Matcher
+from shmdedup.coordinator.scan.matching import Matcher, ReadBuffer
 from shmdedup.coordinator.scan.mergequeue import MergeQueue
 from shmdedup.coordinator.scan.pagetable import BLOCK_PAGES, BLOCKS_PER_CHUNK, CHUNK_PAGES
 from shmdedup.coordinator.scan.registry import Lane, Registry
@@ -141,12 +142,13 @@ class Scanner(Registry, Accounting):
         # One read buffer for the scanner's life (a chunk is at most
         # CHUNK_PAGES pages; untouched pages cost no memory), shared with
         # merge_now: nothing keeps a view of it past a call.
-        self._scratch: np.ndarray = np.empty(CHUNK_PAGES * PAGE_SIZE, np.uint8)
+        self._read_buffer: ReadBuffer = ReadBuffer(CHUNK_PAGES * PAGE_SIZE)   # given back every full scan
+        self._scratch: np.ndarray = self._read_buffer.array
         # Each worker's mappings, estimated; merges past max_mappings are skipped.
         self.budget: MappingBudget = MappingBudget(self.settings)
         self.queue: MergeQueue = MergeQueue(self.sidx, self.budget)
         self.matcher: Matcher = Matcher(self.settings, self.sidx, self.unstable, self.budget,
-                                        self.queue, self.by_uid, self._blame)
+                                        self.queue, self.by_uid, self._blame, self._read_buffer)
         self.inliner: Inliner = Inliner(self.settings, self.sidx, self.budget, self.queue,
                                         self._scratch, self._candidates, self._next_chunk)
         self._now: float = 0.0          # time.monotonic() at the start of the batch
