@@ -94,6 +94,18 @@ _MESSAGE_ERRNOS = (
 )
 
 
+_M_MMAP_THRESHOLD = -3      # mallopt(3)
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Have glibc's malloc serve blocks of ``nbytes`` or more with their own
+    mmap, so that freeing one gives its memory back at once; glibc's default
+    threshold slides up to 32 MiB after such frees, and big temporaries then
+    stay in the heap.  False where malloc is not glibc's (no mallopt)."""
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1)
+
+
 def close_fds(fds: Iterable[int]) -> None:
     """Close each fd, ignoring failures: for descriptors being let go on a
     path that has nothing better to do with an error (a reply, a drop)."""
