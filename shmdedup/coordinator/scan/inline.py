@@ -64,7 +64,7 @@ from shmdedup.coordinator.scan.mergequeue import MergeQueue
 from shmdedup.coordinator.scan.pagetable import CHUNK_PAGES
 from shmdedup.coordinator.scan.settings import ScanSettings
 from shmdedup.coordinator.scan.tracking import (
-    PENDING, VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
+    VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
 from shmdedup.pages import PAGE_SIZE, cut_runs
 

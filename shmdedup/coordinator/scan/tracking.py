@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shmdedup import _native, _shm
-from shmdedup.coordinator.scan.pagetable import BYTES_PER_PAGE, CHUNK_PAGES, AdviceRuns, Field, PageTable
+from shmdedup.coordinator.scan.pagetable import BYTES_PER_PAGE, AdviceRuns, Field, PageTable
 from shmdedup.coordinator.security import StateBytes, check_worker_object
 from shmdedup.pages import PAGE_SIZE, cut_runs
 
