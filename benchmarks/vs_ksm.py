@@ -810,8 +810,8 @@ def run_ksm(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict
             res["measured_metadata_bytes_per_page"] = (
                 (after["SUnreclaim"] - before["SUnreclaim"]) * 1024 / (workers * npages))
             res["steady"] = steady_state(sample, wait_scan, workers * npages, cfg.timeout)
-            res["measured_metadata_bytes_per_page_steady"] = (
-                (proc_kib(cpid, "status", "RssAnon") - rss0) * 1024 / (workers * npages))
+            res["measured_metadata_bytes_per_page_steady"] = (     # ksmd's slab, as above
+                (_memory(fleet)["SUnreclaim"] - before["SUnreclaim"]) * 1024 / (workers * npages))
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
             KSM.write("run", 0)            # stop scanning, keep the merged pages
             res["cow"] = _cow(fleet, cfg.timeout)
