@@ -7,12 +7,16 @@ nothing of the coordinator's server.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from shmdedup import _shm, protocol
 from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
 from shmdedup.paths import resolve_socket_path
 from shmdedup.stats import Stats
+
+
+RETRY_SECONDS = 3.0     # how long a connection closed before its welcome is tried again
 
 
 class Client:
@@ -22,14 +26,28 @@ class Client:
                  timeout: float = 10.0) -> None:
         self.socket_path: str = resolve_socket_path(socket_path, domain)
         self.timeout = timeout
-        self._conn = protocol.connect(self.socket_path, timeout=timeout)
-        try:
-            self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "client",
-                             "pid": os.getpid()})
-            self._expect("welcome", timeout)
-        except BaseException:
-            self._conn.close()
-            raise
+        # A coordinator at its connection cap closes a newcomer it has no place
+        # for; places free up within a second (connections that never say
+        # hello are evicted), so a connection closed before its welcome is
+        # tried again, for up to RETRY_SECONDS.  No coordinator at all fails at once.
+        deadline = time.monotonic() + min(timeout, RETRY_SECONDS)
+        delay = 0.01
+        while True:
+            self._conn = protocol.connect(self.socket_path, timeout=timeout)
+            try:
+                self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "client",
+                                 "pid": os.getpid()})
+                self._expect("welcome", timeout)
+                return
+            except (CoordinatorUnavailableError, ConnectionResetError, BrokenPipeError) as e:
+                self._conn.close()
+                if time.monotonic() + delay >= deadline or "did not answer" in str(e):
+                    raise
+            except BaseException:
+                self._conn.close()
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     def _expect(self, t: str, timeout: float | None) -> dict[str, Any]:
         try:

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 import pytest
 
 from shmdedup.coordinator import metrics, security
-from shmdedup.coordinator.quotas import recount
+from shmdedup.coordinator.quotas import CLIENT_RESERVE, recount
 from shmdedup.coordinator.security import LogLimiter
 from tests.helpers import REPO_ROOT, Worker, child_env, no_shm_leftovers, reaper, wait_for  # noqa: F401
 from tests.hostile.loop_harness import (
@@ -253,6 +254,31 @@ def test_idle_connections_hold_no_slot(honest_domain, uid: int) -> None:
                                                        what="the coordinator's fds back")
 
 
+def test_cli_gets_in_when_the_owners_own_silent_connections_hold_every_place() -> None:
+    """Silent connections of the owner's uid, all under a second old, fill
+    max_connections and the CLIENT_RESERVE places past it: the coordinator
+    closes a newcomer it has no place for, and the client tries again until a
+    silent one can be evicted (it used to fail at once: "Connection reset by
+    peer", as the soak saw)."""
+    coord = CoordinatorProcess(max_connections=2)
+    silent: list[socket.socket] = []
+    fds = coord.fds()
+    try:
+        for _ in range(2 + CLIENT_RESERVE):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(coord.path)
+            silent.append(s)
+        # Admitted: a socket and a pidfd each.
+        wait_for(lambda: coord.fds() >= fds + 2 * (2 + CLIENT_RESERVE), 10,
+                 what="the silent ones admitted")
+        r = cli_stats(coord.path)
+        assert r.returncode == 0 and "full_scans:" in r.stdout, r.stderr
+    finally:
+        for s in silent:
+            s.close()
+        coord.stop()
+
+
 # ---- 7. slow readers -------------------------------------------------------------------
 
 @attacked({"allow_uids": (ATTACK_UID,)})
@@ -464,9 +490,11 @@ def test_soak_several_attackers_at_once(honest_domain) -> None:
     wait_for(lambda: coord.fds() == fds, 30, what=f"fds back to {fds} (now {coord.fds()})")
     wait_for(lambda: coord.threads() == threads, 30, what="threads back")
     if cli_refusals:
-        # Known defect (issue 15, open): the owner uid's own connections that
-        # never say hello can hold the CLIENT_RESERVE places past the cap, and
-        # the owner's CLI is then closed at accept.  Everything else above held.
+        # The owner uid's own connections that never say hello can hold the
+        # CLIENT_RESERVE places past the cap; the client tries again for 3 s
+        # (test_cli_gets_in_when_the_owners_own_silent_connections_hold_every_place),
+        # and under the full suite's load that was not always enough before the
+        # retries existed.  Reported, not failed: everything else above held.
         pytest.xfail(f"the owner's CLI was refused during its own idle flood: {cli_refusals}")
 
 
