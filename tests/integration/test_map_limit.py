@@ -210,16 +210,21 @@ from shmdedup import _native
 from shmdedup.worker.region import Region, PAGE_SIZE as P
 from shmdedup.coordinator.scan.stable import StableSegment
 
+def merged_run(n, seed):
+    # A region of n random pages, all merged onto consecutive stable slots.
+    data = np.random.default_rng(seed).integers(0, 256, (n, P), dtype=np.uint8)
+    r = Region(n * P)
+    a = r.ndarray(np.uint8, (n, P))
+    a[:] = data
+    seg = StableSegment(chunk_pages=n)
+    slot = seg.alloc(n)
+    seg.write(slot, data)
+    fd = seg.readonly_fd(); sv = _native.StableView(fd); os.close(fd)
+    assert r.merge(sv, np.array([0, n, slot], dtype=np.int64).tobytes()) == b"\\x01" * n
+    return r, a, data, (seg, sv)
+
 N = 64
-data = np.random.default_rng(5).integers(0, 256, (N, P), dtype=np.uint8)
-r = Region(N * P)
-a = r.ndarray(np.uint8, (N, P))
-a[:] = data
-seg = StableSegment(chunk_pages=N)
-slot = seg.alloc(N)
-seg.write(slot, data)
-fd = seg.readonly_fd(); sv = _native.StableView(fd); os.close(fd)
-assert r.merge(sv, np.array([0, N, slot], dtype=np.int64).tobytes()) == b"\\x01" * N
+r, a, data, keep = merged_run(N, 5)
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
@@ -285,15 +290,7 @@ def test_break_at_max_map_count_breaks_the_whole_run(how: str) -> None:
 RANDOM_PAST_THE_LIMIT = AT_THE_LIMIT.split("# One reserved area")[0] + """
 import threading
 N2 = 4096
-data2 = np.random.default_rng(7).integers(0, 256, (N2, P), dtype=np.uint8)
-r2 = Region(N2 * P)
-a2 = r2.ndarray(np.uint8, (N2, P))
-a2[:] = data2
-seg2 = StableSegment(chunk_pages=N2)
-slot2 = seg2.alloc(N2)
-seg2.write(slot2, data2)
-fd = seg2.readonly_fd(); sv2 = _native.StableView(fd); os.close(fd)
-assert r2.merge(sv2, np.array([0, N2, slot2], dtype=np.int64).tobytes()) == b"\\x01" * N2
+r2, a2, data2, keep2 = merged_run(N2, 7)
 order = np.random.default_rng(8).permutation(N2).tolist()
 probe = np.random.default_rng(9).integers(0, N2, 1 << 16).tolist()
 # Leave 1000 mappings below the limit: the writes need ~2 per page.
