@@ -381,8 +381,16 @@ class Agent:
             return any(not r.closed for r in list(self.regions.values()))
 
     def _session(self, conn: protocol.Connection, path: str) -> None:
-        conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
+        try:
+            conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
+        except (ConnectionResetError, BrokenPipeError):
+            pass    # closed at once: its refusal, if it sent one, is read below
         got = conn.recv(timeout=10)
+        if got is not None and got[0]["t"] == "refused":
+            _shm.close_fds(got[1])
+            raise PeerRejectedError(
+                f"coordinator at {path} refused us: {got[0]['msg']}; regions stay unmerged "
+                f"until it accepts us")
         if got is None:
             raise PeerRejectedError(
                 f"coordinator at {path} closed the connection before welcome (our uid "
