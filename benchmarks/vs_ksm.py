@@ -223,6 +223,52 @@ def cpu_ns(pid: int) -> int:
         return 0
 
 
+def cpu_by_pid() -> dict[int, tuple[str, int, int]]:
+    """Every process's (comm, parent pid, utime + stime in ticks), from /proc/<pid>/stat."""
+    out = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path) as f:
+                text = f.read()
+            comm = text[text.find("(") + 1:text.rfind(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            out[int(path.split("/")[2])] = (comm, int(fields[1]), int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def top_cpu(before: dict[int, tuple[str, int, int]], n: int = 4) -> list[tuple[str, int, float]]:
+    """The n processes other than this script, its descendants and ksmd that
+    used the most CPU since *before* (and are still alive): (command, pid, s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    now = cpu_by_pid()
+    me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            if pid == me:
+                return True
+            if pid not in now or pid <= 1:
+                return False
+            pid = now[pid][1]
+        return False
+
+    used = []
+    for pid, (comm, _, t) in now.items():
+        dt = (t - before.get(pid, (comm, 0, 0))[2]) / tick
+        if dt > 0 and comm != "ksmd" and not ours(pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().decode(errors="replace").split("\0")
+                if args and args[0]:
+                    comm = " ".join(" ".join([os.path.basename(args[0])] + args[1:]).split())[:50]
+            except OSError:
+                pass
+            used.append((comm, pid, dt))
+    return sorted(used, key=lambda u: -u[2])[:n]
+
+
 def system_busy_ns() -> int:
     """CPU time all CPUs spent not idle (/proc/stat), in ns."""
     with open("/proc/stat") as f:
@@ -634,7 +680,7 @@ def converge(sample: Callable[[], dict], expected: int, timeout: float, poll: fl
     now (run just became 1) until 100% of expected, a plateau, or timeout."""
     t0 = time.monotonic()
     s0 = sample()
-    busy0, me0 = system_busy_ns(), cpu_ns(os.getpid())
+    busy0, me0, procs0 = system_busy_ns(), cpu_ns(os.getpid()), cpu_by_pid()
     polls = 0
     res: dict[str, Any] = {"expected_sharing": expected, "t95_s": None, "t100_s": None,
                            "plateau": False}
@@ -680,7 +726,7 @@ def converge(sample: Callable[[], dict], expected: int, timeout: float, poll: fl
     # processes competing for the CPUs (noise to report, not to hide).
     foreign = (system_busy_ns() - busy0) - (s["cpu"] - s0["cpu"]) - (s["wcpu"] - s0["wcpu"]) \
         - (cpu_ns(os.getpid()) - me0)
-    res.update(polls=polls, foreign_cpu_s=max(foreign, 0) / 1e9)
+    res.update(polls=polls, foreign_cpu_s=max(foreign, 0) / 1e9, top_cpu=top_cpu(procs0))
     res.update(end_s=time.monotonic() - t0, pages_sharing=s["pages_sharing"],
                cpu_ns=s["cpu"] - s0["cpu"], wcpu_ns=s["wcpu"] - s0["wcpu"],
                full_scans=s["full_scans"] - s0["full_scans"],

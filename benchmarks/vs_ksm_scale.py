@@ -88,7 +88,7 @@ def _row(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, Any]:
 def _system_table(rows: list[dict], system: str) -> str:
     sd = system == "shmdedup"
     head = (f"{'workers':>7} {'MiB':>5} {'pages':>8} | {'t95 s':>7} {'t100 s':>7} {'us/page':>7} | "
-            f"{'scan CPU':>8} {'wrk CPU':>7} {'CPU us/pg':>9} | {'saved':>7} {'ideal':>7} | {'other':>5} {'load':>5}")
+            f"{'scan CPU':>8} {'wrk CPU':>7} {'CPU us/pg':>9} {'us/mrg':>6} | {'saved':>7} {'ideal':>7} | {'other':>5} {'load':>5}")
     if sd:
         head += f" | {'rtt idle':>8} {'med':>6} {'p99':>6} {'max':>7} {'n':>4}"
     lines = [head, "-" * len(head)]
@@ -99,7 +99,8 @@ def _system_table(rows: list[dict], system: str) -> str:
         line = (f"{row['workers']:>7} {row['mib']:>5} {row['pages']:>8} | {vk._fmt(r.get('t95_s')):>7} "
                 f"{vk._fmt(r.get('t100_s')):>7} {vk._fmt(r.get('t95_us_per_page'), 2):>7} | "
                 f"{vk._fmt(r.get('scanner_cpu95_s')):>8} {vk._fmt(r.get('worker_cpu95_s')):>7} "
-                f"{vk._fmt(r.get('us_per_page95')):>9} | {vk._fmt(r.get('saved_pss_mib'), 1):>7} "
+                f"{vk._fmt(r.get('us_per_page95')):>9} {vk._fmt(r.get('us_per_merged_page')):>6} | "
+                f"{vk._fmt(r.get('saved_pss_mib'), 1):>7} "
                 f"{vk._fmt(r.get('ideal_saved_mib'), 1):>7} | {vk._fmt(r.get('foreign_cpu_s'), 1):>5} "
                 f"{row['loadavg_before']:>5.2f}")
         if sd:
@@ -139,7 +140,8 @@ def print_scaling(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
           f"kernel {result['environment']['kernel']}, {result['environment']['cpus']} CPUs.\n"
           f"t95/t100 s from run=1 (workers already started); us/page = t95 per advised page (us); "
           f"scan CPU / wrk CPU = scanner (ksmd / coordinator) and workers' CPU s until 95%; "
-          f"CPU us/pg = their sum per advised page; saved = drop of the workers' Pss (MiB); "
+          f"CPU us/pg = their sum per advised page; us/mrg = scanner + workers' CPU until 100% per "
+          f"page merged (pages_sharing); saved = drop of the workers' Pss (MiB); "
           f"other = CPU s of other processes during the convergence; load = 1-min load average "
           f"before the row.\nshmdedup rtt = stats request round trip (ms) from a control "
           f"connection: idle median (run=0, before), then median / p99 / max of n samples during "
@@ -148,6 +150,15 @@ def print_scaling(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
         if any(system in r for r in rows):
             print(f"\n{'KSM' if system == 'ksm' else 'shmdedup'}:")
             print(_system_table(rows, system))
+    busy = [(row, system) for row in rows for system in ("ksm", "shmdedup")
+            if row.get(system) and row[system].get("foreign_cpu_s", 0) > 0.2 * row[system].get("end_s", 0)]
+    if busy:
+        print("\nrows where other processes used more than 0.2 CPUs during the convergence "
+              "(the top CPU users meanwhile, among processes alive at its end, not ours: command, pid, CPU s):")
+        for row, system in busy:
+            r = row[system]
+            print(f"  {system} {row['workers']} x {row['mib']}: other {r['foreign_cpu_s']:.1f} CPU s in "
+                  f"{r['end_s']:.1f} s; top {[(c, p, round(t, 1)) for c, p, t in r.get('top_cpu', [])]}")
     if all("ksm" in r and "shmdedup" in r for r in rows):
         print("\nratios (CPU95 = CPU per advised page until 95%):")
         print(_ratio_table(rows))
@@ -394,6 +405,10 @@ def print_defaults(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
         if r and r.get("plateau"):
             print(f"  * {r['system']}: stopped at {r['pages_sharing']} of {r['expected_sharing']} "
                   f"pages sharing (plateau)")
+    for r in (k, s):
+        if r and r.get("top_cpu"):
+            print(f"  * {r['system']}: top other CPU users during its convergence (command, pid, CPU s): "
+                  f"{[(c, p, round(t, 1)) for c, p, t in r['top_cpu']]}")
     if k and s and k["mib"] != s["mib"]:
         print(f"  * KSM ran on {k['workers']} x {k['mib']} MiB, shmdedup on {s['workers']} x {s['mib']} MiB")
 
