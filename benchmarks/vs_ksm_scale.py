@@ -30,7 +30,9 @@ cap) are read from ``shmdedup.controls.CONTROLS``.  Reported: time to 95% /
 100% vs the target scan time, the coordinator's CPU (% of one CPU) over the
 convergence and in its worst 1-s window vs ``advisor_max_cpu``, then, once
 converged with nothing changing, its CPU from the next full-scan end to the
-first full-scan end >= --steady-seconds later, per tracked page per second.  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
+first full-scan end >= --steady-seconds later, per tracked page per second;
+then, since the advisor is still lowering pages_to_scan at that point, the
+same again once a full scan changed pages_to_scan by < 5% ("settled").  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
 20) on the same content (--defaults-ksm-mib for a smaller size): time to
 converge, then its steady CPU per tracked page per second over the same kind
 of window (at 5000 pages/s a full scan of 4 x 256 MiB takes ~52 s, so the
@@ -256,6 +258,18 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
         res["worst_1s_cpu_percent"] = (lambda w: None if w is None else 100 * w)(_cpu_windows(timeline))
         res["scans"] = [(round(t - tstart, 2), f, p) for t, f, p in scans]
         res["steady"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
+        res["pages_to_scan_steady"] = client.stats()["pages_to_scan"]
+        # The advisor is still moving pages_to_scan then: measure again once
+        # a full scan changed it by < 5% (or after --settle-seconds).
+        t0, prev = time.monotonic(), client.stats()["pages_to_scan"]
+        while time.monotonic() - t0 < cfg.settle_seconds:
+            wait_scan(cfg.timeout)
+            cur = client.stats()["pages_to_scan"]
+            if abs(cur - prev) < 0.05 * prev:
+                break
+            prev = cur
+        res["settle_s"] = time.monotonic() - t0
+        res["settled"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
         res["pages_to_scan_end"] = client.stats()["pages_to_scan"]
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
@@ -357,9 +371,18 @@ DEFAULT_ROWS = [
     ("steady: scanner CPU % of a CPU", "steady.cpu_percent", 2),
     ("steady: scanner ns CPU/tracked page/s", "steady.ns_per_page_per_s", 3),
     ("steady: workers' ns CPU/page/s", "steady.worker_ns_per_page_per_s", 3),
-    ("pages_to_scan start -> end", lambda r: (f"{r['pages_to_scan_start']}->{r['pages_to_scan_end']}"
-                                              if "pages_to_scan_start" in r else str(r.get("pages_to_scan"))),
+    ("steady: s per full scan", lambda r: vk._fmt(r["steady"]["seconds"] / r["steady"]["full_scans"]), None),
+    ("pages_to_scan start -> steady", lambda r: (f"{r['pages_to_scan_start']}->{r['pages_to_scan_steady']}"
+                                                 if "pages_to_scan_start" in r else str(r.get("pages_to_scan"))),
      None),
+    ("settled: waited s (advisor)", "settle_s", 1),
+    ("settled: window s / full scans", lambda r: (f"{r['settled']['seconds']:.1f} / {r['settled']['full_scans']}"
+                                                  if "settled" in r else "-"), None),
+    ("settled: s per full scan", lambda r: (vk._fmt(r["settled"]["seconds"] / r["settled"]["full_scans"])
+                                            if "settled" in r else "-"), None),
+    ("settled: scanner CPU % of a CPU", "settled.cpu_percent", 2),
+    ("settled: scanner ns CPU/tracked page/s", "settled.ns_per_page_per_s", 3),
+    ("settled: pages_to_scan at the end", "pages_to_scan_end", 0),
     ("every worker read its bytes", "verify_ok", 0),
     ("other processes' CPU s, convergence", "foreign_cpu_s", 1),
 ]
@@ -377,6 +400,8 @@ def print_defaults(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
     if k:
         print(f"KSM: ksmd at pages_to_scan 100, sleep_millisecs 20 (advisor_mode "
               f"{k['settings'].get('advisor_mode')}, smart_scan {k['settings'].get('smart_scan')})")
+    print("settled (shmdedup) = the same again once a full scan changed the advisor's pages_to_scan "
+          "by < 5% (waited at most --settle-seconds); ratios in that section compare with ksmd's steady window")
     print("steady = after convergence, from the next full-scan end to the first "
           f"full-scan end >= {cfg.steady_seconds:.0f} s later; CPU per tracked page per second = "
           "CPU ns / window s / tracked pages")
@@ -394,7 +419,8 @@ def print_defaults(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
                 cells.append(path(r))
                 nums.append(None)
             else:
-                v = vk._get(r, path)
+                # ksmd has no advisor: its one steady window stands for both.
+                v = vk._get(r, path.replace("settled.", "steady.") if r is k else path)
                 cells.append(vk._fmt(v, digits or 0))
                 nums.append(v)
         print(f"{name:<{w}}  {cells[0]:>14}  {cells[1]:>14}  {vk._ratio(nums[1], nums[0]):>12}")
@@ -424,6 +450,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="--defaults: MiB per worker for KSM (default: --mib)")
     ap.add_argument("--steady-seconds", type=float, default=20.0,
                     help="--defaults: least length of the steady-state window")
+    ap.add_argument("--settle-seconds", type=float, default=180.0,
+                    help="--defaults: most time to wait for shmdedup's advisor to settle (pages_to_scan "
+                         "changing < 5%% in a full scan) before the second steady window")
 
 
 def wanted(cfg: argparse.Namespace) -> bool:
