@@ -32,7 +32,8 @@ convergence and in its worst 1-s window vs ``advisor_max_cpu``, then, once
 converged with nothing changing, its CPU from the next full-scan end to the
 first full-scan end >= --steady-seconds later, per tracked page per second;
 then, since the advisor is still lowering pages_to_scan at that point, the
-same again once a full scan changed pages_to_scan by < 5% ("settled").  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
+same again once a full scan changed pages_to_scan by < 5% ("settled";
+``--py-spy FILE`` profiles the coordinator during that window).  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
 20) on the same content (--defaults-ksm-mib for a smaller size): time to
 converge, then its steady CPU per tracked page per second over the same kind
 of window (at 5000 pages/s a full scan of 4 x 256 MiB takes ~52 s, so the
@@ -45,6 +46,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -269,7 +272,18 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
                 break
             prev = cur
         res["settle_s"] = time.monotonic() - t0
-        res["settled"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
+        profiler = None
+        if cfg.py_spy:                  # profile the settled window
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(cpid), "--rate", str(cfg.py_spy_rate), "--format", "raw",
+                 "--output", cfg.py_spy] + (["--native"] if cfg.py_spy_native else ["--nonblocking"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            res["settled"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
+        finally:
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(60)
         res["pages_to_scan_end"] = client.stats()["pages_to_scan"]
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
