@@ -1198,7 +1198,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="nice value of the coordinator process (default: ksmd's, normally 5)")
     ap.add_argument("--poll", type=float, default=0.05, help="seconds between statistics samples")
     ap.add_argument("--py-spy", metavar="FILE",
-                    help="profile the coordinator with py-spy (raw collapsed stacks) until convergence")
+                    help="profile the coordinator with py-spy (raw collapsed stacks) until convergence "
+                         "(--defaults: during its settled steady window)")
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--py-spy-phase", choices=("converge", "steady"), default="converge",
                     help="what to profile: convergence, or the steady-state rescans after it")
