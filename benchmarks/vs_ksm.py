@@ -1000,6 +1000,12 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
             res["cow_random"] = _cow(fleet, cfg.timeout, 1, "cow_random")
         else:
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
+            client.set("run", 0)            # what the polling cost it (at most: early calls are cheaper)
+            c0 = cpu_ns(cpid)
+            for _ in range(10):
+                client.stats()
+            res["stats_cpu_ms"] = (cpu_ns(cpid) - c0) / 10 / 1e6
+            res["stats_polling_cpu_s"] = res["stats_cpu_ms"] * res["polls"] / 1e3
     finally:
         if profiler is not None:
             profiler.kill()

@@ -33,7 +33,10 @@ converged with nothing changing, its CPU from the next full-scan end to the
 first full-scan end >= --steady-seconds later, per tracked page per second;
 then, since the advisor is still lowering pages_to_scan at that point, the
 same again once a full scan changed pages_to_scan by < 5% ("settled";
-``--py-spy FILE`` profiles the coordinator during that window).  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
+``--py-spy FILE`` profiles the coordinator during that window).  A stats
+request costs the coordinator CPU in proportion to its tracked pages, so the
+windows are watched through few ``wait`` requests (each makes one), and the
+measured CPU of the stats requests in a window is taken out.  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
 20) on the same content (--defaults-ksm-mib for a smaller size): time to
 converge, then its steady CPU per tracked page per second over the same kind
 of window (at 5000 pages/s a full scan of 4 x 256 MiB takes ~52 s, so the
@@ -44,6 +47,7 @@ runs at the default nice (0) in this mode, not ksmd's.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import signal
@@ -95,7 +99,7 @@ def _system_table(rows: list[dict], system: str) -> str:
     head = (f"{'workers':>7} {'MiB':>5} {'pages':>8} | {'t95 s':>7} {'t100 s':>7} {'us/page':>7} | "
             f"{'scan CPU':>8} {'wrk CPU':>7} {'CPU us/pg':>9} {'us/mrg':>6} | {'saved':>7} {'ideal':>7} | {'other':>5} {'load':>5}")
     if sd:
-        head += f" | {'rtt idle':>8} {'med':>6} {'p99':>6} {'max':>7} {'n':>4}"
+        head += f" | {'rtt idle':>8} {'med':>6} {'p99':>6} {'max':>7} {'n':>4} | {'stats ms':>8} {'poll s':>6}"
     lines = [head, "-" * len(head)]
     for row in rows:
         r = row.get(system)
@@ -111,7 +115,8 @@ def _system_table(rows: list[dict], system: str) -> str:
         if sd:
             q = r.get("stats_rtt_ms") or {}
             line += (f" | {vk._fmt(q.get('idle_median')):>8} {vk._fmt(q.get('median')):>6} "
-                     f"{vk._fmt(q.get('p99')):>6} {vk._fmt(q.get('max')):>7} {q.get('samples', 0):>4}")
+                     f"{vk._fmt(q.get('p99')):>6} {vk._fmt(q.get('max')):>7} {q.get('samples', 0):>4} | "
+                     f"{vk._fmt(r.get('stats_cpu_ms')):>8} {vk._fmt(r.get('stats_polling_cpu_s')):>6}")
         if r.get("plateau"):
             line += "  (plateau)"
         lines.append(line)
@@ -150,7 +155,10 @@ def print_scaling(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
           f"other = CPU s of other processes during the convergence; load = 1-min load average "
           f"before the row.\nshmdedup rtt = stats request round trip (ms) from a control "
           f"connection: idle median (run=0, before), then median / p99 / max of n samples during "
-          f"convergence.")
+          f"convergence; stats ms = the coordinator's CPU per stats request once converged, "
+          f"poll s = that x the requests made while converging: an upper bound of the polling's "
+          f"share of scan CPU (early requests are cheaper: a stats request counts every tracked "
+          f"page's status).")
     for system in ("ksm", "shmdedup"):
         if any(system in r for r in rows):
             print(f"\n{'KSM' if system == 'ksm' else 'shmdedup'}:")
@@ -187,18 +195,30 @@ def _cpu_windows(timeline: list[tuple[float, int]], window: float = 1.0) -> floa
     return worst
 
 
-def _steady(sample: Callable[[], dict], wait_scan: Callable[[float], None], tracked: int,
-            seconds: float, timeout: float) -> dict[str, Any]:
-    """CPU from the first full-scan end after convergence to the first one >= seconds later."""
-    wait_scan(timeout)            # start on a scan boundary
+def _steady(sample: Callable[[], dict], wait_scans: Callable[[int, float], None], tracked: int,
+            seconds: float, timeout: float, scan_s: float | None = None,
+            probe_ns: float = 0.0) -> dict[str, Any]:
+    """Scanner CPU from a full-scan end to the first full-scan end >= seconds
+    later.  With *scan_s* (s per full scan) it waits for half of them in one
+    request, then scan by scan: each wait, and the last sample, makes one stats
+    request; *probe_ns* (CPU of one stats request) times their number is taken
+    out of ``cpu_s``."""
+    wait_scans(1, timeout)        # start on a scan boundary
     s0, t0 = sample(), time.monotonic()
+    probes = 1                    # stats requests inside the window: the last sample's
+    if scan_s:                    # half the window in one wait (scans lengthen as the advisor slows)
+        wait_scans(max(1, math.ceil(seconds / scan_s / 2)), timeout)
+        probes += 1
     while time.monotonic() - t0 < seconds:
-        wait_scan(timeout)
+        wait_scans(1, timeout)
+        probes += 1
     s1, t1 = sample(), time.monotonic()
     dt = t1 - t0
-    cpu, wcpu = (s1["cpu"] - s0["cpu"]) / 1e9, (s1["wcpu"] - s0["wcpu"]) / 1e9
+    raw = (s1["cpu"] - s0["cpu"]) / 1e9
+    cpu, wcpu = max(raw - probes * probe_ns / 1e9, 0.0), (s1["wcpu"] - s0["wcpu"]) / 1e9
     return {"seconds": dt, "full_scans": s1["full_scans"] - s0["full_scans"],
-            "sharing_change": s1["pages_sharing"] - s0["pages_sharing"],
+            "sharing_change": s1["pages_sharing"] - s0["pages_sharing"], "raw_cpu_s": raw,
+            "stats_requests": probes if scan_s else 0,
             "cpu_s": cpu, "cpu_percent": 100 * cpu / dt, "worker_cpu_s": wcpu,
             "ns_per_page_per_s": cpu * 1e9 / dt / tracked,
             "worker_ns_per_page_per_s": wcpu * 1e9 / dt / tracked}
@@ -246,8 +266,15 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
             return {"pages_sharing": s["pages_sharing"], "full_scans": s["full_scans"],
                     "pages_scanned": s["pages_scanned"], "cpu": cpu, "wcpu": fleet.cpu_ns()}
 
-        def wait_scan(timeout: float) -> None:
-            client.wait_full_scans(1, timeout=timeout)
+        def wait_scans(n: int, timeout: float) -> None:
+            client.wait_full_scans(n, timeout=timeout)
+
+        def probe_ns() -> float:
+            """The coordinator's CPU for one stats request, now."""
+            c0 = vk.cpu_ns(cpid)
+            for _ in range(10):
+                client.stats()
+            return (vk.cpu_ns(cpid) - c0) / 10
 
         res["busy_cpus_before"] = vk.wait_quiet(cfg.wait_quiet, "shmdedup")
         pss0 = fleet.pss_kib()
@@ -260,13 +287,20 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
         res["cpu_percent"] = 100 * conv["cpu_ns"] / 1e9 / conv["end_s"]
         res["worst_1s_cpu_percent"] = (lambda w: None if w is None else 100 * w)(_cpu_windows(timeline))
         res["scans"] = [(round(t - tstart, 2), f, p) for t, f, p in scans]
-        res["steady"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
+        res["stats_cpu_ms"] = probe_ns() / 1e6
+        wait_scans(1, cfg.timeout)
+        t = time.monotonic()
+        wait_scans(1, cfg.timeout)          # one whole scan: its length
+        res["steady"] = _steady(sample, wait_scans, workers * npages, cfg.steady_seconds, cfg.timeout,
+                                time.monotonic() - t, res["stats_cpu_ms"] * 1e6)
         res["pages_to_scan_steady"] = client.stats()["pages_to_scan"]
         # The advisor is still moving pages_to_scan then: measure again once
         # a full scan changed it by < 5% (or after --settle-seconds).
         t0, prev = time.monotonic(), client.stats()["pages_to_scan"]
         while time.monotonic() - t0 < cfg.settle_seconds:
-            wait_scan(cfg.timeout)
+            t = time.monotonic()
+            wait_scans(1, cfg.timeout)
+            scan_s = time.monotonic() - t
             cur = client.stats()["pages_to_scan"]
             if abs(cur - prev) < 0.05 * prev:
                 break
@@ -279,7 +313,8 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
                  "--output", cfg.py_spy] + (["--native"] if cfg.py_spy_native else ["--nonblocking"]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            res["settled"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
+            res["settled"] = _steady(sample, wait_scans, workers * npages, cfg.steady_seconds, cfg.timeout,
+                                     scan_s, res["stats_cpu_ms"] * 1e6)
         finally:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
@@ -324,9 +359,9 @@ def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, 
                     "full_scans": vk.KSM.read("full_scans"), "pages_scanned": vk.KSM.read("pages_scanned"),
                     "cpu": cpu, "wcpu": fleet.cpu_ns()}
 
-        def wait_scan(timeout: float) -> None:
+        def wait_scans(n: int, timeout: float) -> None:
             f0, t0 = vk.KSM.read("full_scans"), time.monotonic()
-            while vk.KSM.read("full_scans") == f0:
+            while vk.KSM.read("full_scans") < f0 + n:
                 if time.monotonic() - t0 > timeout:
                     raise TimeoutError(f"KSM: no full scan within {timeout:.0f} s")
                 time.sleep(0.05)
@@ -342,7 +377,7 @@ def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, 
         res["saved_pss_mib"] = (pss0 - fleet.pss_kib()) / 1024
         res["cpu_percent"] = 100 * conv["cpu_ns"] / 1e9 / conv["end_s"]
         res["worst_1s_cpu_percent"] = (lambda w: None if w is None else 100 * w)(_cpu_windows(timeline))
-        res["steady"] = _steady(sample, wait_scan, workers * npages, cfg.steady_seconds, cfg.timeout)
+        res["steady"] = _steady(sample, wait_scans, workers * npages, cfg.steady_seconds, cfg.timeout)
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
         if fleet is not None:
@@ -382,6 +417,9 @@ DEFAULT_ROWS = [
     ("steady: window s", "steady.seconds", 1),
     ("steady: full scans in it", "steady.full_scans", 0),
     ("steady: pages_sharing change", "steady.sharing_change", 0),
+    ("stats request, coordinator CPU ms", "stats_cpu_ms", 2),
+    ("steady: stats requests in it", "steady.stats_requests", 0),
+    ("steady: scanner CPU s (raw)", "steady.raw_cpu_s", 3),
     ("steady: scanner CPU % of a CPU", "steady.cpu_percent", 2),
     ("steady: scanner ns CPU/tracked page/s", "steady.ns_per_page_per_s", 3),
     ("steady: workers' ns CPU/page/s", "steady.worker_ns_per_page_per_s", 3),
@@ -394,6 +432,8 @@ DEFAULT_ROWS = [
                                                   if "settled" in r else "-"), None),
     ("settled: s per full scan", lambda r: (vk._fmt(r["settled"]["seconds"] / r["settled"]["full_scans"])
                                             if "settled" in r else "-"), None),
+    ("settled: stats requests in it", "settled.stats_requests", 0),
+    ("settled: scanner CPU s (raw)", "settled.raw_cpu_s", 3),
     ("settled: scanner CPU % of a CPU", "settled.cpu_percent", 2),
     ("settled: scanner ns CPU/tracked page/s", "settled.ns_per_page_per_s", 3),
     ("settled: pages_to_scan at the end", "pages_to_scan_end", 0),
@@ -418,7 +458,8 @@ def print_defaults(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
           "by < 5% (waited at most --settle-seconds); ratios in that section compare with ksmd's steady window")
     print("steady = after convergence, from the next full-scan end to the first "
           f"full-scan end >= {cfg.steady_seconds:.0f} s later; CPU per tracked page per second = "
-          "CPU ns / window s / tracked pages")
+          "CPU ns / window s / tracked pages; the stats requests in shmdedup's window "
+          "(its waits and the last sample: 'stats requests in it') x their measured CPU are taken out of the raw figure")
     w = max(len(r[0]) for r in DEFAULT_ROWS)
     print(f"{'':<{w}}  {'KSM':>14}  {'shmdedup':>14}  {'shmdedup/KSM':>12}")
     print("-" * (w + 46))
