@@ -94,7 +94,7 @@ def _row(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, Any]:
     return out
 
 
-def _system_table(rows: list[dict], system: str) -> str:
+def _system_table(rows: list[dict[str, Any]], system: str) -> str:
     sd = system == "shmdedup"
     head = (f"{'workers':>7} {'MiB':>5} {'pages':>8} | {'t95 s':>7} {'t100 s':>7} {'us/page':>7} | "
             f"{'scan CPU':>8} {'wrk CPU':>7} {'CPU us/pg':>9} {'us/mrg':>6} | {'saved':>7} {'ideal':>7} | {'other':>5} {'load':>5}")
@@ -123,7 +123,7 @@ def _system_table(rows: list[dict], system: str) -> str:
     return "\n".join(lines)
 
 
-def _ratio_table(rows: list[dict]) -> str:
+def _ratio_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'workers':>7} {'MiB':>5} | {'t95 shmd/KSM':>12} {'CPU95 shmd/KSM':>14} {'saved shmd/KSM':>14}"
     lines = [head, "-" * len(head)]
     for row in rows:
@@ -195,7 +195,7 @@ def _cpu_windows(timeline: list[tuple[float, int]], window: float = 1.0) -> floa
     return worst
 
 
-def _steady(sample: Callable[[], dict], wait_scans: Callable[[int, float], None], tracked: int,
+def _steady(sample: Callable[[], dict[str, Any]], wait_scans: Callable[[int, float], None], tracked: int,
             seconds: float, timeout: float, scan_s: float | None = None,
             probe_ns: float = 0.0) -> dict[str, Any]:
     """Scanner CPU from a full-scan end to the first full-scan end >= seconds
@@ -257,7 +257,7 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
         timeline: list[tuple[float, int]] = []
         scans: list[tuple[float, int, int]] = []        # (t, full_scans, pages_to_scan)
 
-        def sample() -> dict:
+        def sample() -> dict[str, Any]:
             s = client.stats()
             cpu = vk.cpu_ns(cpid)
             timeline.append((time.monotonic(), cpu))
@@ -352,7 +352,7 @@ def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, 
         fleet = vk.Fleet("ksm", workers, npages, vars(cfg), cfg.timeout)
         timeline: list[tuple[float, int]] = []
 
-        def sample() -> dict:
+        def sample() -> dict[str, Any]:
             cpu = vk.cpu_ns(ksmd)
             timeline.append((time.monotonic(), cpu))
             return {"pages_sharing": vk.KSM.read("pages_sharing") - base,
@@ -399,7 +399,7 @@ def defaults(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
     result["defaults"] = out
 
 
-DEFAULT_ROWS = [
+DEFAULT_ROWS: list[tuple[str, Any, int | None]] = [
     ("workers x MiB", lambda r: f"{r['workers']} x {r['mib']}", None),
     ("tracked pages", "tracked", 0),
     ("time to 95% (s)", "t95_s", 2),
@@ -464,8 +464,8 @@ def print_defaults(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
     print(f"{'':<{w}}  {'KSM':>14}  {'shmdedup':>14}  {'shmdedup/KSM':>12}")
     print("-" * (w + 46))
     for name, path, digits in DEFAULT_ROWS:
-        cells = []
-        nums = []
+        cells: list[str] = []
+        nums: list[Any] = []
         for r in (k, s):
             if r is None:
                 cells.append("-")
