@@ -257,7 +257,7 @@ def top_cpu(before: dict[int, tuple[str, int, int]], n: int = 4) -> list[tuple[s
     used = []
     for pid, (comm, _, t) in now.items():
         dt = (t - before.get(pid, (comm, 0, 0))[2]) / tick
-        if dt > 0 and comm != "ksmd" and not ours(pid):
+        if dt >= 0.05 and pid != 1 and comm != "ksmd" and not ours(pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     args = f.read().decode(errors="replace").split("\0")
