@@ -3,7 +3,9 @@
 
     python benchmarks/vs_ksm.py                      # 4 workers x 256 MiB, both systems
     python benchmarks/vs_ksm.py --json               # one JSON object on stdout
-    python benchmarks/vs_ksm.py --scaling-quick      # convergence and memory vs workers / size
+    python benchmarks/vs_ksm.py --scaling            # 1..64 workers, up to 8 x 1 GiB (vs_ksm_scale.py)
+    python benchmarks/vs_ksm.py --scaling-quick      # its small rows only
+    python benchmarks/vs_ksm.py --defaults           # no control set vs ksmd's defaults (vs_ksm_scale.py)
     python benchmarks/vs_ksm.py --only shmdedup      # no root needed
 
 Each system gets N spawned worker processes holding M MiB each, filled with
@@ -219,6 +221,52 @@ def cpu_ns(pid: int) -> int:
         return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def cpu_by_pid() -> dict[int, tuple[str, int, int]]:
+    """Every process's (comm, parent pid, utime + stime in ticks), from /proc/<pid>/stat."""
+    out = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path) as f:
+                text = f.read()
+            comm = text[text.find("(") + 1:text.rfind(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            out[int(path.split("/")[2])] = (comm, int(fields[1]), int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def top_cpu(before: dict[int, tuple[str, int, int]], n: int = 4) -> list[tuple[str, int, float]]:
+    """The n processes other than this script, its descendants and ksmd that
+    used the most CPU since *before* (and are still alive): (command, pid, s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    now = cpu_by_pid()
+    me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            if pid == me:
+                return True
+            if pid not in now or pid <= 1:
+                return False
+            pid = now[pid][1]
+        return False
+
+    used = []
+    for pid, (comm, _, t) in now.items():
+        dt = (t - before.get(pid, (comm, 0, 0))[2]) / tick
+        if dt >= 0.05 and pid != 1 and comm != "ksmd" and not ours(pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().decode(errors="replace").split("\0")
+                if args and args[0]:
+                    comm = " ".join(" ".join([os.path.basename(args[0])] + args[1:]).split())[:50]
+            except OSError:
+                pass
+            used.append((comm, pid, dt))
+    return sorted(used, key=lambda u: -u[2])[:n]
 
 
 def system_busy_ns() -> int:
@@ -632,7 +680,7 @@ def converge(sample: Callable[[], dict], expected: int, timeout: float, poll: fl
     now (run just became 1) until 100% of expected, a plateau, or timeout."""
     t0 = time.monotonic()
     s0 = sample()
-    busy0, me0 = system_busy_ns(), cpu_ns(os.getpid())
+    busy0, me0, procs0 = system_busy_ns(), cpu_ns(os.getpid()), cpu_by_pid()
     polls = 0
     res: dict[str, Any] = {"expected_sharing": expected, "t95_s": None, "t100_s": None,
                            "plateau": False}
@@ -678,7 +726,7 @@ def converge(sample: Callable[[], dict], expected: int, timeout: float, poll: fl
     # processes competing for the CPUs (noise to report, not to hide).
     foreign = (system_busy_ns() - busy0) - (s["cpu"] - s0["cpu"]) - (s["wcpu"] - s0["wcpu"]) \
         - (cpu_ns(os.getpid()) - me0)
-    res.update(polls=polls, foreign_cpu_s=max(foreign, 0) / 1e9)
+    res.update(polls=polls, foreign_cpu_s=max(foreign, 0) / 1e9, top_cpu=top_cpu(procs0))
     res.update(end_s=time.monotonic() - t0, pages_sharing=s["pages_sharing"],
                cpu_ns=s["cpu"] - s0["cpu"], wcpu_ns=s["wcpu"] - s0["wcpu"],
                full_scans=s["full_scans"] - s0["full_scans"],
@@ -862,8 +910,12 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
                                    f"within {cfg.timeout:.0f} s")
             time.sleep(0.02)
 
+        rtts: list[float] = []          # stats() round trips (event-loop lag, --scaling)
+
         def sample() -> dict:
+            t = time.perf_counter()
             s = client.stats()
+            rtts.append(time.perf_counter() - t)
             return {"pages_sharing": s["pages_sharing"], "full_scans": s["full_scans"],
                     "pages_scanned": s["pages_scanned"], "cpu": cpu_ns(cpid), "wcpu": fleet.cpu_ns(),
                     "stats": s}
@@ -890,8 +942,13 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
 
         if cfg.py_spy and cfg.py_spy_phase == "converge":
             profiler = profile_start()
+        for _ in range(10):                 # stats() round trip with the scanner stopped
+            sample()
+        idle_rtts = sorted(rtts)
+        rtts.clear()
         client.set("run", 1)
         conv = converge(sample, expected, cfg.timeout, cfg.poll, "shmdedup", quiet)
+        res["stats_rtt_s"] = {"idle": idle_rtts, "converge": sorted(rtts)}
         if profiler is not None:
             profile_stop(profiler)
             profiler = None
@@ -943,6 +1000,12 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
             res["cow_random"] = _cow(fleet, cfg.timeout, 1, "cow_random")
         else:
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
+            client.set("run", 0)            # what the polling cost it (at most: early calls are cheaper)
+            c0 = cpu_ns(cpid)
+            for _ in range(10):
+                client.stats()
+            res["stats_cpu_ms"] = (cpu_ns(cpid) - c0) / 10 / 1e6
+            res["stats_polling_cpu_s"] = res["stats_cpu_ms"] * res["polls"] / 1e3
     finally:
         if profiler is not None:
             profiler.kill()
@@ -1078,28 +1141,12 @@ def notes(ksm: dict | None, sd: dict | None) -> list[str]:
     return out
 
 
-def scaling_table(rows: list[dict]) -> str:
-    head = (f"{'workers':>7} {'MiB':>5} | {'KSM t95':>8} {'t100':>7} {'CPU s':>6} {'saved':>7} "
-            f"{'other':>5} | {'shmd t95':>8} {'t100':>7} {'CPU s':>6} {'saved':>7} {'other':>5} | "
-            f"{'t100 ratio':>10} {'CPU ratio':>9} {'ideal':>7}")
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        k, s = row.get("ksm"), row.get("shmdedup")
-        t100k, t100s = _get(k, "t100_s"), _get(s, "t100_s")
-        ideal = (k or s or {}).get("ideal_saved_mib")
-        lines.append(
-            f"{row['workers']:>7} {row['mib']:>5} | {_fmt(_get(k, 't95_s')):>8} {_fmt(t100k):>7} "
-            f"{_fmt(_get(k, 'total_cpu_s')):>6} {_fmt(_get(k, 'saved_pss_mib'), 1):>7} "
-            f"{_fmt(_get(k, 'foreign_cpu_s'), 1):>5} | "
-            f"{_fmt(_get(s, 't95_s')):>8} {_fmt(t100s):>7} {_fmt(_get(s, 'total_cpu_s')):>6} "
-            f"{_fmt(_get(s, 'saved_pss_mib'), 1):>7} {_fmt(_get(s, 'foreign_cpu_s'), 1):>5} | "
-            f"{_ratio(t100s, t100k):>10} "
-            f"{_ratio(_get(s, 'total_cpu_s'), _get(k, 'total_cpu_s')):>9} {_fmt(ideal, 1):>7}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------
 # main
+
+
+def print_json(result: dict[str, Any]) -> None:
+    print(json.dumps(result, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def _check_memory(workers: int, mib: int) -> None:
@@ -1127,6 +1174,13 @@ def one(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The scaling and out-of-the-box modes live in vs_ksm_scale.py, which
+    # imports this module: make that import find this one even as __main__.
+    sys.modules.setdefault("vs_ksm", sys.modules[__name__])
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import vs_ksm_scale
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=4)
@@ -1141,10 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleep-ms", type=int, default=0)
     ap.add_argument("--only", choices=("ksm", "shmdedup"))
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ap.add_argument("--scaling", action="store_true",
-                    help="1, 2, 4, 8 workers x 64 MiB and 4 workers x 64, 256, 1024 MiB")
-    ap.add_argument("--scaling-quick", action="store_true",
-                    help="1, 2, 4 workers x 64 MiB and 4 workers x 64, 256 MiB")
+    vs_ksm_scale.add_arguments(ap)      # --scaling, --scaling-quick, --defaults
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for any one wait")
     ap.add_argument("--wait-quiet", type=float, default=60.0, metavar="SECONDS",
                     help="before each measurement, wait up to this long for other processes to "
@@ -1153,7 +1204,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="nice value of the coordinator process (default: ksmd's, normally 5)")
     ap.add_argument("--poll", type=float, default=0.05, help="seconds between statistics samples")
     ap.add_argument("--py-spy", metavar="FILE",
-                    help="profile the coordinator with py-spy (raw collapsed stacks) until convergence")
+                    help="profile the coordinator with py-spy (raw collapsed stacks) until convergence "
+                         "(--defaults: during its settled steady window)")
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--py-spy-phase", choices=("converge", "steady"), default="converge",
                     help="what to profile: convergence, or the steady-state rescans after it")
@@ -1167,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name} must be a fraction between 0 and 1")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    if vs_ksm_scale.wanted(cfg):
+        return vs_ksm_scale.main(cfg)
 
     shm0 = dev_shm()
     env = {"kernel": platform.release(), "cpus": os.cpu_count(), "page_size": PAGE,
@@ -1179,18 +1233,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     result: dict[str, Any] = {"config": {k: v for k, v in vars(cfg).items()}, "environment": env}
     try:
-        if cfg.scaling or cfg.scaling_quick:
-            if cfg.scaling_quick:
-                configs = [(1, 64), (2, 64), (4, 64), (4, 256)]
-            else:
-                configs = [(1, 64), (2, 64), (4, 64), (8, 64), (4, 256), (4, 1024)]
-            rows = []
-            for workers, mib in configs:
-                say(f"== scaling: {workers} workers x {mib} MiB")
-                rows.append(one(cfg, workers, mib, full=False))
-            result["scaling"] = rows
-        else:
-            result.update(one(cfg, cfg.workers, cfg.mib, full=True))
+        result.update(one(cfg, cfg.workers, cfg.mib, full=True))
     finally:
         KSM.restore()
         left = sorted(dev_shm() - shm0)
@@ -1199,15 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"vs_ksm: WARNING: left in /dev/shm: {left}")
 
     if cfg.json:
-        print(json.dumps(result, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-        return 0
-    if "scaling" in result:
-        print(f"\nscaling: pages_to_scan {cfg.pages_to_scan}, sleep {cfg.sleep_ms} ms, "
-              f"unique {cfg.unique}, zero {cfg.zero}, volatile {cfg.volatile}"
-              f"{', scattered' if cfg.scattered else ''}; times in s, CPU = scanner + workers, "
-              f"saved = drop of the workers' Pss in MiB; other = CPU s used by other processes "
-              f"during the convergence (noise)")
-        print(scaling_table(result["scaling"]))
+        print_json(result)
         return 0
     ksm, sd = result.get("ksm"), result.get("shmdedup")
     c = (ksm or sd)["counts"]
