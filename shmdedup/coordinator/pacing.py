@@ -9,6 +9,16 @@ it runs in the coordinator's single thread.
 * With the scan-time advisor on (``advisor_mode`` 1), the next batch also
   waits until the scan's CPU is within ``advisor_max_cpu`` percent, and each
   full scan's cost sets ``pages_to_scan`` (``scan/advisor.py``).
+* With the advisor on, a batch is at least ``MIN_BATCH_PAGES`` pages: when
+  the advisor wants fewer per ``sleep_millisecs``, k of its batches run as
+  one, k sleeps apart, so the pace (pages per second) is the advisor's and a
+  batch's fixed cost (the loop, the bookkeeping of a batch) is paid once per
+  k.  Out of the box, on a converged domain, the advisor asks for a few
+  hundred pages per 20 ms: one batch per 20 ms cost more in that fixed part
+  than in the pages themselves.
+* A full scan's time, which the advisor steers, counts only while the scan
+  could run: not while ``run`` is not 1 or there is nothing to scan (at start
+  before the first region, after ``run=0``).
 * At the end of a full scan, the heap's free memory is given back.
 """
 
@@ -23,6 +33,7 @@ from shmdedup.coordinator.scan.scanner import Scanner
 
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
+MIN_BATCH_PAGES = 16384         # with the advisor on: pages per batch, at least
 
 
 class Pacing:
@@ -38,6 +49,8 @@ class Pacing:
         self._cpu_gate = 0.0
         self._batch_end = time.monotonic()
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
+        self._idle_since: float | None = None     # the scan could not run since then
+        self._batches = 1                         # advisor batches the last batch stood for
         self._last_trim = 0.0
 
     def due(self) -> float:
@@ -48,13 +61,33 @@ class Pacing:
         """The next batch may run now (what it would do changed)."""
         self._next_batch = min(self._next_batch, time.monotonic())
 
+    def idle(self, now: float) -> None:
+        """The scan cannot run now (``run`` is not 1, or nothing to scan):
+        this time is not the current full scan's."""
+        if self._idle_since is None:
+            self._idle_since = now
+
+    def batch_pages(self, now: float) -> int:
+        """Pages for the batch that runs now: ``pages_to_scan``, or with the
+        advisor on, as many of its batches as make ``MIN_BATCH_PAGES``."""
+        if self._idle_since is not None:
+            t0, cpu0, pages0 = self._scan_mark
+            self._scan_mark = (t0 + (now - self._idle_since), cpu0, pages0)
+            self._idle_since = None
+        pages = self.controls["pages_to_scan"]
+        self._batches = 1
+        if self.controls["advisor_mode"] == 1 and pages < MIN_BATCH_PAGES:
+            self._batches = -(-MIN_BATCH_PAGES // pages)
+        return pages * self._batches
+
     def pause(self, seconds: float) -> None:
         """No batch for this long (the loop failed: do not spin on it)."""
         self._next_batch = time.monotonic() + seconds
 
     def batch_done(self, cpu: float) -> None:
         """A batch ended, having used *cpu* seconds of this thread.  The next
-        one may run ``sleep_millisecs`` after it,
+        one may run ``sleep_millisecs`` after it (k times that for a batch
+        that stood for k, see ``batch_pages``),
         and with the advisor on, not before the ``cpu`` seconds this batch
         took are at most ``advisor_max_cpu`` percent of the time since the
         previous batch ended.  The cap is the scan's, as ksmd's is (messages
@@ -67,7 +100,7 @@ class Pacing:
             self._cpu_gate = now + max(0.0, cpu / cap - (now - t0))
         else:
             self._cpu_gate = 0.0
-        self._next_batch = now + self.controls["sleep_millisecs"] / 1000
+        self._next_batch = now + self._batches * self.controls["sleep_millisecs"] / 1000
 
     def full_scan_done(self) -> None:
         """Feed the scan-time advisor what the last full scan cost; give the

@@ -290,11 +290,13 @@ class CoordinatorServer:
             self.outbox.flush()
         now = time.monotonic()
         self.admission.resume(now)
-        if self._scanning() and now >= self.pacing.due():
+        if not self._scanning():
+            self.pacing.idle(now)
+        elif now >= self.pacing.due():
             before = self.scanner.full_scans
             cpu0 = time.thread_time()
             try:
-                self.scanner.batch(self.controls["pages_to_scan"], MAX_BATCH_CPU)
+                self.scanner.batch(self.pacing.batch_pages(now), MAX_BATCH_CPU)
             finally:
                 # Workers whose regions could not be scanned go, with the reason.
                 for worker, why in self.scanner.failed:

@@ -1,0 +1,98 @@
+"""Pacing (coordinator/pacing.py) with a fake clock: what the advisor is told a
+full scan cost, and how many pages a batch covers and how long the next waits."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from shmdedup.controls import CONTROLS
+from shmdedup.coordinator import pacing as pacing_mod
+from shmdedup.coordinator.pacing import MIN_BATCH_PAGES, Pacing
+from shmdedup.coordinator.scan import advisor
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.cpu = 5.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def thread_time(self) -> float:
+        return self.cpu
+
+
+@pytest.fixture
+def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Pacing, dict[str, int], Any, Clock, list]:
+    clock = Clock()
+    monkeypatch.setattr(pacing_mod, "time", clock)
+    samples: list[advisor.ScanSample] = []
+    real = advisor.advise
+
+    def spy(pages: int, sample: advisor.ScanSample, *args: Any) -> int:
+        samples.append(sample)
+        return real(pages, sample, *args)
+
+    monkeypatch.setattr(pacing_mod.advisor, "advise", spy)
+    controls = {name: spec[0] for name, spec in CONTROLS.items()}
+    scanner = SimpleNamespace(pages_scanned=0, full_scans=0, stats=lambda: {})
+    activity = SimpleNamespace(full_scan=lambda *a, **k: None)
+    p = Pacing(controls, scanner, activity)  # type: ignore[arg-type]
+    return p, controls, scanner, clock, samples
+
+
+def test_time_the_scan_could_not_run_is_not_the_first_scans(setup) -> None:
+    """A coordinator that waits at run=0 (or with nothing to scan) for 60 s,
+    then scans for 2 s: the advisor is told the scan took 2 s (it was told
+    62 s, and raised pages_to_scan after a fast first scan)."""
+    p, controls, scanner, clock, samples = setup
+    p.idle(clock.t)
+    clock.t += 60.0
+    p.idle(clock.t)                      # still idle: the first idle moment counts
+    p.batch_pages(clock.t)
+    clock.t += 2.0
+    clock.cpu += 0.5
+    scanner.pages_scanned = 262144
+    scanner.full_scans = 1
+    p.full_scan_done()
+    assert samples[-1].wall_s == pytest.approx(2.0)
+    assert samples[-1].cpu_s == pytest.approx(0.5)
+    assert controls["pages_to_scan"] < CONTROLS["pages_to_scan"][0]   # faster than the target: fewer
+    # A stop in the middle of the next scan does not count either.
+    p.batch_pages(clock.t)
+    clock.t += 1.0
+    p.idle(clock.t)
+    clock.t += 30.0
+    p.batch_pages(clock.t)
+    clock.t += 1.0
+    scanner.full_scans = 2
+    p.full_scan_done()
+    assert samples[-1].wall_s == pytest.approx(2.0)
+
+
+def test_advisor_batches_are_at_least_min_batch_pages_and_keep_its_pace(setup) -> None:
+    p, controls, _, clock, _ = setup
+    controls["pages_to_scan"] = 500
+    k = -(-MIN_BATCH_PAGES // 500)
+    assert p.batch_pages(clock.t) == 500 * k
+    p.batch_done(0.001)
+    assert p.due() == pytest.approx(clock.t + k * controls["sleep_millisecs"] / 1000)
+    # Big enough already: one batch, one sleep.
+    controls["pages_to_scan"] = MIN_BATCH_PAGES + 1
+    assert p.batch_pages(clock.t) == MIN_BATCH_PAGES + 1
+    p.batch_done(0.001)
+    assert p.due() == pytest.approx(clock.t + controls["sleep_millisecs"] / 1000)
+
+
+def test_manual_pages_to_scan_is_kept_as_ksmd_would(setup) -> None:
+    """advisor_mode 0 (pages_to_scan set by hand): ksmd's pacing, unchanged."""
+    p, controls, _, clock, _ = setup
+    controls["advisor_mode"] = 0
+    controls["pages_to_scan"] = 100
+    assert p.batch_pages(clock.t) == 100
+    p.batch_done(0.001)
+    assert p.due() == pytest.approx(clock.t + controls["sleep_millisecs"] / 1000)
