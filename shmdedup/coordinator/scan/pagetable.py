@@ -62,10 +62,12 @@ class Chunk:
 
     ``pos[b]`` is where block ``b`` starts in the field arrays, or -1;
     ``pages`` the page number of each entry.  ``full`` when every block is
-    there: entry i is then page base + i.
+    there: entry i is then page base + i.  ``calm``: the scanner's note
+    that its last whole visit found nothing for the mapping budget to
+    recount (``Scanner._reconcile``); False whenever the blocks change.
     """
 
-    __slots__ = ("index", "base", "pos", "rank", "full", "nblocks",
+    __slots__ = ("index", "base", "pos", "rank", "full", "nblocks", "calm",
                  "checksum", "slot", "status", "age", "skip")
 
     # The per-page fields (FIELDS), one entry per page of the blocks held.
@@ -82,6 +84,7 @@ class Chunk:
         self.rank: list[int]
         self.full: bool
         self.nblocks: int
+        self.calm: bool = False
         self._layout(blocks)
         self._allocate()
 
@@ -152,6 +155,7 @@ class Chunk:
         """Hold exactly these blocks (values of blocks kept stay, new ones
         get the defaults)."""
         old_pos, old = self.pos.tolist(), {n: getattr(self, n) for n in FIELDS}
+        self.calm = False
         self._layout(blocks)
         pos = self.pos.tolist()
         # The blocks kept, as runs that sit side by side in both layouts: one
