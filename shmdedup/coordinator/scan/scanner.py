@@ -94,6 +94,7 @@ log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 _AGES = np.arange(256)
 _NEXT_AGE = np.minimum(_AGES + 1, 255).astype(np.uint8)
 _SKIP_AGE = np.select([_AGES < 3, _AGES <= 3, _AGES <= 5, _AGES <= 8], [0, 1, 2, 4], 8).astype(np.uint8)
+_RANGE = np.arange(CHUNK_PAGES, dtype=np.int64)
 
 
 class _Present:
@@ -346,17 +347,23 @@ class Scanner(Registry, Accounting):
         ch = reg.table.chunk(c)
         got = _Present(reg, p0, p1, adv)
         filled = None                  # blocks of the chunk with an advised page holding data
-        if ch is None or not ch.full:
+        # Dense: every block of [p0, p1) is held, so entry lo + i is page p0 + i.
+        b0, b1 = (p0 - base) // BLOCK_PAGES, (p1 - 1 - base) // BLOCK_PAGES + 1
+        dense = ch is not None and (ch.full or not (ch.pos[b0:b1] < 0).any())
+        if not dense:
             filled = got.filled(base)
             if filled is not None and (ch is None or (ch.pos[filled] < 0).any()):
                 ch = reg.table.ensure(c, np.flatnonzero(filled).tolist())
-        if ch is None:
-            lane.page = p1
-            return 0
+            if ch is None:
+                lane.page = p1
+                return 0
+            dense = not (ch.pos[b0:b1] < 0).any()
+        assert ch is not None
         lo, hi = ch.span(p0, p1)
-        dense = ch.full                # entry lo + i is page p0 + i
-        pages = ch.pages[lo:hi]
-        if not dense:
+        if dense:
+            pages = _RANGE[:hi - lo] + p0
+        else:
+            pages = ch.pages[lo:hi]
             got.select(pages - p0)
             adv = adv[pages - p0]
         st = ch.status[lo:hi]
@@ -384,8 +391,7 @@ class Scanner(Registry, Accounting):
             lane.page = p1
         if not len(pages):
             return 0
-        states = self._reconcile(reg, ch, lo, hi, pages, unmerges,
-                                 dense and whole and p0 == base)
+        states = self._reconcile(reg, ch, lo, hi, pages, unmerges, dense, whole and p0 == base)
         cand = self._eligible(reg, adv, states, st, ch.slot[lo:hi], got)
         todo = np.flatnonzero(cand) + lo           # entries of the chunk
         skipped = 0
@@ -455,10 +461,14 @@ class Scanner(Registry, Accounting):
         ch = reg.table.chunk(c)
         if ch is None:
             return
-        # MERGED, ZERO, PENDING and UNMERGING are the statuses from MERGED up.
-        held = ch.status >= MERGED
+        # MERGED, ZERO, PENDING and UNMERGING are the statuses from MERGED up;
+        # entries past the region's end (its last block's) hold nothing.
+        n = ch.span(ch.base, reg.npages)[1]
+        held = ch.status[:n] >= MERGED
         if held.all():
             return                      # every page holds a merge: the common steady case
+        if n < len(ch.status):
+            held = np.concatenate((held, np.zeros(len(ch.status) - n, bool)))
         keep = held | (ch.slot >= 0)
         if keep.all():
             return
@@ -500,22 +510,26 @@ class Scanner(Registry, Accounting):
         self.matcher.restart()
 
     def _reconcile(self, reg: RegionState, ch: Any, lo: int, hi: int, pages: np.ndarray,
-                   unmerges: QueuedByWorker, whole: bool = False) -> np.ndarray:
+                   unmerges: QueuedByWorker, dense: bool = False, whole: bool = False) -> np.ndarray:
         """Invariant 6 for the entries [lo, hi) of chunk ``ch`` (``pages``):
         merged pages whose state byte reads PRIVATE were broken; a slot left
         with one sharer is given back.  Returns the state bytes read.
-        ``whole``: [lo, hi) is the whole chunk, entry i its page base + i.
+        ``dense``: the chunk holds every block of the pages (entry lo + i
+        is page pages[0] + i); ``whole``: the pages are all the chunk's.
 
-        The mapping budget recounts the chunk unless it is *calm* now and was
-        at its last whole visit (``Chunk.calm``): every page merged (status
-        MERGED or ZERO) with a state byte that says so, or neither, and no
-        merge or unmerge in flight.  A calm chunk's layout can change only
-        by a break (not calm at the next visit) or by a request, whose reply
-        recounts it; so its count is still right."""
+        The mapping budget recounts the pages' chunk unless the chunk is
+        dense and the pages are *calm* now and were at their last visit
+        (``Chunk.calm``: at the last whole visit and every piece visited
+        since): every page merged (status MERGED or ZERO) with a state byte
+        that says so, or neither, and no merge or unmerge in flight.  A calm
+        page's layout changes only by a break (not calm at the next visit)
+        or by a request, whose reply recounts it; so the count stays right.
+        Pages with a block missing are always recounted: pages without a
+        block are not looked at here."""
         a, b = int(pages[0]), int(pages[-1]) + 1
         st = ch.status[lo:hi]
         slot = ch.slot[lo:hi]
-        states = reg.states[a:b] if whole else reg.states[pages]
+        states = reg.states[a:b] if dense else reg.states[pages]
         private = states == _native.PRIVATE
         merged_st = (st == MERGED) | (st == ZERO)
         broken = np.flatnonzero(merged_st & private)
@@ -545,11 +559,12 @@ class Scanner(Registry, Accounting):
                     self.sidx.retire(slot[lonely])
                     unmerges.setdefault(reg.worker, []).append(
                         (reg, pages[lonely].astype(np.int64), slot[lonely].astype(np.int64)))
-        calm = whole and not len(broken) and (lonely is None or not len(lonely)) and not (
+        calm = dense and not len(broken) and (lonely is None or not len(lonely)) and not (
             (merged_st == (private | (states == _native.MERGING))) | (st >= PENDING)).any()
         if not (calm and ch.calm):
             self.budget.touch(reg, a, b - a)
-        ch.calm = calm
+        if whole or not calm:
+            ch.calm = calm
         out: np.ndarray = states
         return out
 
