@@ -391,7 +391,7 @@ class Scanner(Registry, Accounting):
             lane.page = p1
         if not len(pages):
             return 0
-        states = self._reconcile(reg, ch, lo, hi, pages, unmerges, dense, whole and p0 == base)
+        states = self._reconcile(reg, ch, lo, hi, pages, unmerges, dense)
         cand = self._eligible(reg, adv, states, st, ch.slot[lo:hi], got)
         todo = np.flatnonzero(cand) + lo           # entries of the chunk
         skipped = 0
@@ -510,22 +510,15 @@ class Scanner(Registry, Accounting):
         self.matcher.restart()
 
     def _reconcile(self, reg: RegionState, ch: Any, lo: int, hi: int, pages: np.ndarray,
-                   unmerges: QueuedByWorker, dense: bool = False, whole: bool = False) -> np.ndarray:
+                   unmerges: QueuedByWorker, dense: bool = False) -> np.ndarray:
         """Invariant 6 for the entries [lo, hi) of chunk ``ch`` (``pages``):
         merged pages whose state byte reads PRIVATE were broken; a slot left
         with one sharer is given back.  Returns the state bytes read.
         ``dense``: the chunk holds every block of the pages (entry lo + i
-        is page pages[0] + i); ``whole``: the pages are all the chunk's.
+        is page pages[0] + i).
 
-        The mapping budget recounts the pages' chunk unless the chunk is
-        dense and the pages are *calm* now and were at their last visit
-        (``Chunk.calm``: at the last whole visit and every piece visited
-        since): every page merged (status MERGED or ZERO) with a state byte
-        that says so, or neither, and no merge or unmerge in flight.  A calm
-        page's layout changes only by a break (not calm at the next visit)
-        or by a request, whose reply recounts it; so the count stays right.
-        Pages with a block missing are always recounted: pages without a
-        block are not looked at here."""
+        The mapping budget recounts the pages' chunk unless they are calm
+        now and were at their last visit (``_note_calm``)."""
         a, b = int(pages[0]), int(pages[-1]) + 1
         st = ch.status[lo:hi]
         slot = ch.slot[lo:hi]
@@ -561,12 +554,31 @@ class Scanner(Registry, Accounting):
                         (reg, pages[lonely].astype(np.int64), slot[lonely].astype(np.int64)))
         calm = dense and not len(broken) and (lonely is None or not len(lonely)) and not (
             (merged_st == (private | (states == _native.MERGING))) | (st >= PENDING)).any()
-        if not (calm and ch.calm):
-            self.budget.touch(reg, a, b - a)
-        if whole or not calm:
-            ch.calm = calm
+        self._note_calm(reg, ch, a, b, calm)
         out: np.ndarray = states
         return out
+
+    def _note_calm(self, reg: RegionState, ch: Any, a: int, b: int, calm: bool) -> None:
+        """The mapping budget recounts chunk ``ch`` (``touch``) unless its
+        pages [a, b) just reconciled are *calm* and were at their last visit.
+        Calm: every page merged (status MERGED or ZERO) has a state byte that
+        says so and every other page's reads private, no merge or unmerge is
+        in flight, and every block of the pages is held (a page without a
+        block is not looked at).  A calm page's layout changes only by a
+        break (not calm at the next visit) or by a request, whose reply
+        recounts it; so the count stays right.  ``ch.calm``: every page of
+        the chunk was calm at its last visit; ``ch.calm_upto``: the pages
+        [base, base + calm_upto) were found calm in this pass (a batch may
+        end inside a chunk: the next visits it in pieces)."""
+        if not (calm and ch.calm):
+            self.budget.touch(reg, a, b - a)
+        if not calm:
+            ch.calm, ch.calm_upto = False, 0
+            return
+        base = ch.base
+        ch.calm_upto = b - base if a == base or ch.calm_upto == a - base else 0
+        if ch.calm_upto >= min(CHUNK_PAGES, reg.npages - base):
+            ch.calm = True
 
     def _visit(self, reg: RegionState, ch: Any, e: np.ndarray, pages: np.ndarray,
                merges: QueuedByWorker) -> None:
