@@ -23,6 +23,11 @@ patch 4); a slot with none is freed (punched).  Then, for each present
    match confirm, copy into a fresh stable slot, queue merges for both;
 5. else insert it into the unstable index.
 
+A chunk whose pages are all merged (the steady state) costs one read of its
+state bytes and a few vector operations: which pages hold data is asked only
+when something needs it, and the mapping budget recounts a chunk only when
+its pages were not *calm* (``_note_calm``).
+
 Steps 3-5 live in ``matching.py`` (:class:`Matcher`, which the scanner owns
 as ``self.matcher``), merging at write time in ``inline.py``
 (:class:`Inliner`, ``self.inliner``); both are given what they work with in
