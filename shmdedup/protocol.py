@@ -158,6 +158,10 @@ _SCHEMA: dict[str, dict[str, Check]] = {
     "merge_now": {"req": _int(0), "rid": _int(0, _I31), "start": _int(0, _I31),
                   "npages": _int(1, 2**31), "hashes": _bytes},
     "merged_now": {"req": _int(0), "err": _int(0, _I31), "msg": _str(0, _MAX_TEXT)},
+    # the coordinator's last word to a connection it does not admit, sent
+    # (best effort) before it closes it: why, and whether trying again soon
+    # may succeed (no place free now) or not (this uid is not allowed).
+    "refused": {"msg": _str(0, _MAX_TEXT), "retry": _bool},
     "reply": {"ok": _bool, "data": _data, "error": _str(0, _MAX_TEXT)},
 }
 MESSAGE_TYPES = frozenset(_SCHEMA)

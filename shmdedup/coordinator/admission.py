@@ -33,7 +33,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from shmdedup import protocol
+from shmdedup import _shm, protocol
 from shmdedup.errors import PeerRejectedError, ProtocolError
 from shmdedup.pages import PAGE_SIZE
 from shmdedup.coordinator.activity import Activity
@@ -49,6 +49,24 @@ ACCEPT_BATCH = 64               # connections accepted per wakeup
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 _SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _refuse(conn: protocol.Connection, why: str, retry: bool) -> None:
+    """Tell a connection that is not admitted why (one small message, never
+    waited for: a peer that does not read loses it), and close it."""
+    try:
+        conn.try_send(protocol.encode({"t": "refused", "msg": why[:1000], "retry": retry}))
+        # What it sent already (its hello) is read and dropped: closing a
+        # socket with unread messages resets the peer's, which would then
+        # report "connection reset" before it reads ours.
+        for _ in range(4):
+            got = conn.recv(timeout=0)
+            if got is None:
+                break
+            _shm.close_fds(got[1])
+    except (OSError, TimeoutError, ProtocolError):
+        pass    # nothing more waiting, gone already, or junk: the close says the rest
+    conn.close()
 
 
 class Admission:
@@ -121,7 +139,12 @@ class Admission:
         conn = protocol.Connection(sock)
         try:
             pid, uid, _ = protocol.check_peer(conn, self.allow_uids, self.allow_gids)
-        except (PeerRejectedError, OSError) as e:
+        except PeerRejectedError as e:
+            self.warn.warning("rejected", "rejected a connection: %s", e)
+            _refuse(conn, f"uid {conn.peer[1]} is not allowed by this coordinator "
+                          f"(see --allow-uid / --allow-gid)", retry=False)
+            return
+        except OSError as e:
             self.warn.warning("rejected", "rejected a connection: %s", e)
             conn.close()
             return
@@ -139,7 +162,7 @@ class Admission:
                            f"peers (max_fds {self.quotas.max_fds()})")
         if why is not None:
             self.warn.warning("rejected", "rejected pid %d uid %d: %s", pid, uid, why)
-            conn.close()
+            _refuse(conn, why, retry=True)
             return
         try:
             # From the connection (SO_PEERPIDFD): any pid namespace (pid 0 here).
@@ -148,7 +171,7 @@ class Admission:
             if e.errno in _SHORTAGE:    # no pidfd, no ghost: refuse rather than admit blind
                 self.warn.warning("rejected", "rejected pid %d uid %d: no descriptor left "
                                               "for its pidfd", pid, uid)
-                conn.close()
+                _refuse(conn, "the coordinator is out of descriptors", retry=True)
                 if self.paused_until is None:
                     self._pause_accept(e)
                 return

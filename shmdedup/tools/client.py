@@ -11,12 +11,21 @@ import time
 from typing import Any
 
 from shmdedup import _shm, protocol
-from shmdedup.errors import ControlError, CoordinatorUnavailableError, ProtocolError
+from shmdedup.errors import (ControlError, CoordinatorUnavailableError, PeerRejectedError,
+                             ProtocolError)
 from shmdedup.paths import resolve_socket_path
 from shmdedup.stats import Stats
 
 
 RETRY_SECONDS = 3.0     # how long a connection closed before its welcome is tried again
+
+
+class _Refused(Exception):
+    """The coordinator's ``refused`` message, in place of a welcome."""
+
+    def __init__(self, why: str, retry: bool) -> None:
+        super().__init__(why)
+        self.retry = retry
 
 
 class Client:
@@ -35,10 +44,19 @@ class Client:
         while True:
             self._conn = protocol.connect(self.socket_path, timeout=timeout)
             try:
-                self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "client",
-                                 "pid": os.getpid()})
+                try:
+                    self._conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION,
+                                     "role": "client", "pid": os.getpid()})
+                except (ConnectionResetError, BrokenPipeError):
+                    pass    # closed at once: its refusal, if it sent one, is read below
                 self._expect("welcome", timeout)
                 return
+            except _Refused as e:
+                # It said why: not allowed fails at once, no place now is tried again.
+                self._conn.close()
+                if not e.retry or time.monotonic() + delay >= deadline:
+                    raise PeerRejectedError(
+                        f"coordinator at {self.socket_path} refused the connection: {e}") from None
             except (CoordinatorUnavailableError, ConnectionResetError, BrokenPipeError) as e:
                 self._conn.close()
                 if time.monotonic() + delay >= deadline or "did not answer" in str(e):
@@ -62,6 +80,8 @@ class Client:
             raise CoordinatorUnavailableError(f"coordinator at {self.socket_path} closed the connection")
         msg, fds = got
         _shm.close_fds(fds)
+        if msg["t"] == "refused" and t == "welcome":
+            raise _Refused(msg["msg"], msg["retry"])
         if msg["t"] != t:
             raise ProtocolError(f"expected {t}, got {msg['t']}")
         return msg

@@ -57,9 +57,8 @@ from typing import Any
 import numpy as np
 
 from shmdedup import _native, _shm, protocol
-from shmdedup.worker import region as _region
+from shmdedup.worker import batches, region as _region
 from shmdedup.worker.region import Region
-from shmdedup.pages import cut_runs
 from shmdedup.paths import resolve_socket_path
 from shmdedup.errors import ArgumentError, PeerRejectedError, ProtocolError, ShmError
 
@@ -147,7 +146,7 @@ class Agent:
         # advise(UNMERGEABLE) has dropped the advice and told the
         # coordinator; break the range now, under the op lock, so that a
         # merge in flight finishes first and every later one sees the new
-        # advice (_merge_advised).  Region.advise's own sweep then finds
+        # advice (batches.merge_advised).  Region.advise's own sweep then finds
         # nothing left to break.
         if not _region.acquire_unless_finalizing(region.op_lock):
             return
@@ -381,8 +380,16 @@ class Agent:
             return any(not r.closed for r in list(self.regions.values()))
 
     def _session(self, conn: protocol.Connection, path: str) -> None:
-        conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
+        try:
+            conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
+        except (ConnectionResetError, BrokenPipeError):
+            pass    # closed at once: its refusal, if it sent one, is read below
         got = conn.recv(timeout=10)
+        if got is not None and got[0]["t"] == "refused":
+            _shm.close_fds(got[1])
+            raise PeerRejectedError(
+                f"coordinator at {path} refused us: {got[0]['msg']}; regions stay unmerged "
+                f"until it accepts us")
         if got is None:
             raise PeerRejectedError(
                 f"coordinator at {path} closed the connection before welcome (our uid "
@@ -423,7 +430,7 @@ class Agent:
                 _native._fault_point(_FAULT_AGENT_MERGED)
                 conn.send({"t": "merged", "req": msg["req"], "result": result})
             elif msg["t"] == "unmerge":
-                err, text = self._unmerge(msg["items"])
+                err, text = batches.unmerge_items(self.regions, msg["items"])
                 conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
             elif msg["t"] == "merged_now":
                 with self.lock:
@@ -467,34 +474,9 @@ class Agent:
                      if rid not in self.registered and at > now]
             return min(waits) if waits else None
 
-    def _groups(self, items: bytes) -> list[tuple[Region | None, np.ndarray]]:
-        rows = protocol.items_from_bytes(items)
-        out = []
-        i = 0
-        while i < len(rows):
-            j = i
-            while j < len(rows) and rows[j, 0] == rows[i, 0]:
-                j += 1
-            out.append((self.regions.get(int(rows[i, 0])), rows[i:j, 1:]))
-            i = j
-        return out
-
     def _merge(self, items: bytes) -> bytes:
-        parts = []
-        for region, rows in self._groups(items):
-            npages = int(rows[:, 1].sum())
-            if region is None:
-                parts.append(bytes(npages))
-                continue
-            with region.op_lock:
-                try:
-                    parts.append(self._merge_advised(region, rows))
-                except (ValueError, BufferError) as e:
-                    log.debug("merge refused: %s", e)
-                    parts.append(bytes(npages))
-            if self._inline:
-                self._count_inline(region, rows, parts[-1])
-        return b"".join(parts)
+        return batches.merge_items(self.regions, self.view, items,
+                                   self._count_inline if self._inline else None)
 
     def _count_inline(self, region: Region, rows: np.ndarray, result: bytes) -> None:
         """Credit each waiting merge_now call of this region with the pages
@@ -507,50 +489,6 @@ class Agent:
         pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])[ok]
         for w in waits:
             w.merged += int(np.count_nonzero((pages >= w.first) & (pages < w.first + w.n)))
-
-    def _merge_advised(self, region: Region, rows: np.ndarray) -> bytes:
-        """Merge the (first, n, slot) runs, refusing pages no longer advised.
-
-        The coordinator may ask before it hears of an advise(UNMERGEABLE);
-        merging such a page would leave it merged against the advice for good
-        (the sweep of advise() may already be past it).  The caller holds the
-        region's op lock, which advise(UNMERGEABLE) takes for its sweep after
-        dropping the advice (see on_advise), so the check cannot go stale.
-        """
-        if (rows[:, 0] < 0).any() or (rows[:, 1] < 1).any() or (rows[:, 0] + rows[:, 1] > region.npages).any():
-            raise ValueError("merge request outside the region")
-        view = self.view
-        if view is None:    # merges come within a session, after its welcome set it
-            raise ValueError("no stable segment to merge onto")
-        pages = np.concatenate([np.arange(f, f + n) for f, n, _ in rows.tolist()])
-        advised = region.may_merge(pages)
-        if advised.all():
-            return region.merge(view, np.ascontiguousarray(rows).tobytes())
-        slots = np.concatenate([np.arange(s, s + n) if s >= 0 else np.full(n, -1)
-                                for _, n, s in rows.tolist()])
-        keep = np.flatnonzero(advised)
-        res = np.zeros(len(pages), np.uint8)
-        if len(keep):
-            # Runs again, of the advised pages only: page and slot both advance by one.
-            p, s = pages[keep], slots[keep]
-            starts, ends = cut_runs(p, s)
-            sub = np.stack((p[starts], ends - starts, s[starts]), axis=1).astype("<i8")
-            res[keep] = np.frombuffer(region.merge(view, sub.tobytes()), np.uint8)
-        return res.tobytes()
-
-    def _unmerge(self, items: bytes) -> tuple[int, str]:
-        for region, rows in self._groups(items):
-            if region is None:
-                continue
-            with region.op_lock:
-                for first, n, _ in rows:
-                    try:
-                        region.break_range(int(first), int(n))
-                    except ValueError:
-                        break  # closed meanwhile: nothing left to unmerge
-                    except OSError as e:
-                        return e.errno or 5, str(e)
-        return 0, ""
 
 
 _agent: Agent | None = None

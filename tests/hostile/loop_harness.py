@@ -207,11 +207,15 @@ def readable(s):
     return bool(p.poll(0))
 
 def closed(s):
-    # True once the other end has closed (EOF or reset), without blocking.
-    if not readable(s):
-        return False
+    # True once the other end has closed (EOF or reset), without blocking;
+    # what it said before (the coordinator's "refused") is read and dropped.
     try:
-        return s.recv(1, socket.MSG_PEEK) == b""
+        while readable(s):
+            if s.recv(65536, socket.MSG_DONTWAIT) == b"":
+                return True
+        return False
+    except BlockingIOError:
+        return False
     except OSError:
         return True
 

@@ -30,7 +30,7 @@ from shmdedup.worker import region as _region
 
 def agent_in_merge(ag):
     frame = sys._current_frames().get(ag._thread.ident)
-    return frame is not None and frame.f_code.co_name == "_merge"
+    return frame is not None and frame.f_code.co_name == "merge_items"
 
 def wait(cond, what):
     deadline = time.monotonic() + 30

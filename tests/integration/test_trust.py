@@ -103,9 +103,16 @@ sha = hashlib.sha256(memoryview(region)).hexdigest()
 region.advise(shmdedup.MERGEABLE)
 out = {"uid": os.getuid(), "pid": os.getpid()}
 if MODE == "rejected":
-    out["warned"] = until(lambda: any("before welcome" in w for w in warnings))
+    out["warned"] = until(lambda: any("refused us" in w and "not allowed" in w for w in warnings))
     out["warnings"] = warnings
     out["merged"] = region.merged_pages()
+    # A client is told why at once (not allowed: no retry), not "reset by peer".
+    from shmdedup.errors import PeerRejectedError
+    try:
+        Client(SOCKET).close()
+        out["client"] = "admitted"
+    except PeerRejectedError as e:
+        out["client"] = str(e)
 else:
     out["merged"] = until(lambda: region.merged_pages() == N) and region.merged_pages()
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -157,6 +164,7 @@ def test_other_uid_rejected_by_default(shared_domain: Domain) -> None:
     assert out["uid"] == NOBODY
     assert out["warned"], out["warnings"]  # the agent said why it stays unmerged
     assert out["merged"] == 0
+    assert "refused the connection: uid 65534 is not allowed" in out["client"], out["client"]
     shared_domain.wait_logged(f"uid {NOBODY} gid {NOBODY} is not allowed")
     assert honest.call("result = digest()") == sha
     assert shared_domain.worker_stats(honest.pid)["ksm_merging_pages"] == NPAGES

@@ -53,6 +53,8 @@ VALID: list[dict] = [
     {"t": "merge_now", "req": 2**63 - 1, "rid": I31, "start": 0, "npages": 2**31, "hashes": b""},
     {"t": "merged_now", "req": 6, "err": 0, "msg": ""},
     {"t": "merged_now", "req": 7, "err": errno.ENOSPC, "msg": "no space" * 100},
+    {"t": "refused", "msg": "uid 65534 is not allowed", "retry": False},
+    {"t": "refused", "msg": "", "retry": True},
     {"t": "reply", "ok": True, "data": {"pages": [1, 2.5, None, "x", b"y", True]}, "error": ""},
     {"t": "reply", "ok": False, "data": None, "error": "no such control"},
 ]
@@ -246,6 +248,8 @@ BAD_MSGS: list[tuple[dict, str]] = [
     (mod("merge_now", hashes="x"), "merge_now: hashes must be bytes"),
     (mod("merged_now", err=-1), "merged_now: err"),
     (mod("merged_now", msg="x" * 1001), "merged_now: msg"),
+    (mod("refused", retry=1), "refused: retry must be a bool"),
+    (mod("refused", msg="x" * 1001), "refused: msg"),
     (mod("reply", ok=1), "reply: ok"),
     (mod("reply", ok=True, error="oops"), "reply: error must be ''"),
     (mod("reply", data={1: 2}), "map key"),
