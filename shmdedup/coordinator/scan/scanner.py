@@ -355,7 +355,7 @@ class Scanner(Registry, Accounting):
         # Dense: every block of [p0, p1) is held, so entry lo + i is page p0 + i.
         b0, b1 = (p0 - base) // BLOCK_PAGES, (p1 - 1 - base) // BLOCK_PAGES + 1
         dense = ch is not None and (ch.full or not (ch.pos[b0:b1] < 0).any())
-        if not dense:
+        if ch is None or not dense:
             filled = got.filled(base)
             if filled is not None and (ch is None or (ch.pos[filled] < 0).any()):
                 ch = reg.table.ensure(c, np.flatnonzero(filled).tolist())
@@ -363,7 +363,6 @@ class Scanner(Registry, Accounting):
                 lane.page = p1
                 return 0
             dense = not (ch.pos[b0:b1] < 0).any()
-        assert ch is not None
         lo, hi = ch.span(p0, p1)
         if dense:
             pages = _RANGE[:hi - lo] + p0
