@@ -62,10 +62,12 @@ class Chunk:
 
     ``pos[b]`` is where block ``b`` starts in the field arrays, or -1;
     ``pages`` the page number of each entry.  ``full`` when every block is
-    there: entry i is then page base + i.
+    there: entry i is then page base + i.  ``calm`` and ``calm_upto``:
+    the scanner's notes for the mapping budget (``Scanner._note_calm``);
+    reset whenever the blocks change.
     """
 
-    __slots__ = ("index", "base", "pos", "rank", "full", "nblocks",
+    __slots__ = ("index", "base", "pos", "rank", "full", "nblocks", "calm", "calm_upto",
                  "checksum", "slot", "status", "age", "skip")
 
     # The per-page fields (FIELDS), one entry per page of the blocks held.
@@ -82,6 +84,8 @@ class Chunk:
         self.rank: list[int]
         self.full: bool
         self.nblocks: int
+        self.calm: bool = False
+        self.calm_upto: int = 0
         self._layout(blocks)
         self._allocate()
 
@@ -152,6 +156,7 @@ class Chunk:
         """Hold exactly these blocks (values of blocks kept stay, new ones
         get the defaults)."""
         old_pos, old = self.pos.tolist(), {n: getattr(self, n) for n in FIELDS}
+        self.calm, self.calm_upto = False, 0
         self._layout(blocks)
         pos = self.pos.tolist()
         # The blocks kept, as runs that sit side by side in both layouts: one

@@ -23,6 +23,11 @@ patch 4); a slot with none is freed (punched).  Then, for each present
    match confirm, copy into a fresh stable slot, queue merges for both;
 5. else insert it into the unstable index.
 
+A chunk whose pages are all merged (the steady state) costs one read of its
+state bytes and a few vector operations: which pages hold data is asked only
+when something needs it, and the mapping budget recounts a chunk only when
+its pages were not *calm* (``_note_calm``).
+
 Steps 3-5 live in ``matching.py`` (:class:`Matcher`, which the scanner owns
 as ``self.matcher``), merging at write time in ``inline.py``
 (:class:`Inliner`, ``self.inliner``); both are given what they work with in
@@ -94,6 +99,52 @@ log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 _AGES = np.arange(256)
 _NEXT_AGE = np.minimum(_AGES + 1, 255).astype(np.uint8)
 _SKIP_AGE = np.select([_AGES < 3, _AGES <= 3, _AGES <= 5, _AGES <= 8], [0, 1, 2, 4], 8).astype(np.uint8)
+_RANGE = np.arange(CHUNK_PAGES, dtype=np.int64)
+
+
+class _Present:
+    """Which pages of [p0, p1) hold data (``RegionState.present``), asked
+    at most once per step and only if needed; ``select`` and ``cut`` follow
+    the step's entries (a chunk with blocks missing, a batch that ends
+    inside it)."""
+
+    __slots__ = ("reg", "p0", "p1", "adv", "mask", "rel", "k")
+
+    def __init__(self, reg: RegionState, p0: int, p1: int, adv: np.ndarray) -> None:
+        self.reg, self.p0, self.p1, self.adv = reg, p0, p1, adv
+        self.mask: np.ndarray | None = None       # for [p0, p1)
+        self.rel: np.ndarray | None = None        # the entries' offsets in [p0, p1)
+        self.k: int | None = None                 # only the first k entries
+
+    def _all(self) -> np.ndarray:
+        if self.mask is None:
+            n = self.p1 - self.p0
+            self.mask = self.reg.present(self.p0, self.p1) if self.adv.any() \
+                else np.zeros(n, bool)
+        return self.mask
+
+    def __call__(self) -> np.ndarray:
+        """The mask for the step's entries."""
+        m = self._all()
+        if self.rel is not None:
+            m = m[self.rel]
+        return m if self.k is None else m[:self.k]
+
+    def filled(self, base: int) -> np.ndarray | None:
+        """The blocks of the chunk at ``base`` with an advised page of
+        [p0, p1) holding data (a bool per block), or None if there is none."""
+        data = self.adv & self._all()
+        if not data.any():
+            return None
+        out = np.zeros(BLOCKS_PER_CHUNK, bool)
+        out[(np.flatnonzero(data) + (self.p0 - base)) // BLOCK_PAGES] = True
+        return out
+
+    def select(self, rel: np.ndarray) -> None:
+        self.rel = rel
+
+    def cut(self, k: int) -> None:
+        self.k = k
 
 
 class Scanner(Registry, Accounting):
@@ -285,7 +336,10 @@ class Scanner(Registry, Accounting):
         """Scan the next chunk of ``reg`` with something to do, from the
         cursor; returns the pages visited (advised pages that hold data or a
         merge: what counts against pages_to_scan).  Works on the chunk's
-        entries (``pagetable.Chunk``) directly: one step, no lookups."""
+        entries (``pagetable.Chunk``) directly: one step, no lookups.  Which
+        pages hold data (``present``: seeks) is asked only when something
+        needs it: blocks to create, pages never visited, pages a merge may
+        take, or blocks to give back; a chunk of merged pages costs none."""
         c = self._next_chunk(reg, lane.page)
         if c is None:
             lane.cursor += 1
@@ -295,35 +349,43 @@ class Scanner(Registry, Accounting):
         p0 = max(lane.page, base)
         p1 = min(base + CHUNK_PAGES, reg.npages)
         adv = reg.advice.mask(p0, p1)
-        pres = reg.present(p0, p1) if adv.any() else np.zeros(p1 - p0, bool)
-        data = adv & pres
         ch = reg.table.chunk(c)
+        got = _Present(reg, p0, p1, adv)
         filled = None                  # blocks of the chunk with an advised page holding data
-        if data.any():
-            filled = np.zeros(BLOCKS_PER_CHUNK, bool)
-            filled[(np.flatnonzero(data) + (p0 - base)) // BLOCK_PAGES] = True
-            if ch is None or not ch.full and (ch.pos[filled] < 0).any():
+        # Dense: every block of [p0, p1) is held, so entry lo + i is page p0 + i.
+        b0, b1 = (p0 - base) // BLOCK_PAGES, (p1 - 1 - base) // BLOCK_PAGES + 1
+        dense = ch is not None and (ch.full or not (ch.pos[b0:b1] < 0).any())
+        if ch is None or not dense:
+            filled = got.filled(base)
+            if filled is not None and (ch is None or (ch.pos[filled] < 0).any()):
                 ch = reg.table.ensure(c, np.flatnonzero(filled).tolist())
-        if ch is None:
-            lane.page = p1
-            return 0
+            if ch is None:
+                lane.page = p1
+                return 0
+            dense = not (ch.pos[b0:b1] < 0).any()
         lo, hi = ch.span(p0, p1)
-        pages = ch.pages[lo:hi]
-        if not ch.full or p0 != base:
-            rel = pages - p0
-            adv, pres = adv[rel], pres[rel]
+        if dense:
+            pages = _RANGE[:hi - lo] + p0
+        else:
+            pages = ch.pages[lo:hi]
+            got.select(pages - p0)
+            adv = adv[pages - p0]
         st = ch.status[lo:hi]
         # Every advised page the cursor passes counts against the budget if
         # it holds data or a merge (as rmap_items do in ksmd): a fully merged
         # domain costs pages_to_scan cheap visits per batch, not a full scan
         # per batch; advised holes cost nothing.
-        counted = adv & (pres | (st != NEW))
-        passed = np.cumsum(counted)
+        fresh = adv & (st == NEW)
+        counted = adv & (got() | (st != NEW)) if fresh.any() else adv
+        visited = int(np.count_nonzero(counted))
         whole = True
-        if len(passed) and passed[-1] > room:
+        if visited > room:
+            passed = np.cumsum(counted)
             k = int(np.searchsorted(passed, room)) + 1
             hi = lo + k
-            pages, adv, pres, st, passed = pages[:k], adv[:k], pres[:k], st[:k], passed[:k]
+            pages, adv, st = pages[:k], adv[:k], st[:k]
+            got.cut(k)
+            visited = int(passed[k - 1])
             lane.page = int(pages[-1]) + 1
             whole = False
         elif p1 >= reg.npages:
@@ -331,11 +393,10 @@ class Scanner(Registry, Accounting):
             lane.page = 0
         else:
             lane.page = p1
-        visited = int(passed[-1]) if len(passed) else 0
         if not len(pages):
             return 0
-        states = self._reconcile(reg, ch, lo, hi, pages, unmerges)
-        cand = self._eligible(reg, adv, states, st, ch.slot[lo:hi], lambda: pres)
+        states = self._reconcile(reg, ch, lo, hi, pages, unmerges, dense)
+        cand = self._eligible(reg, adv, states, st, ch.slot[lo:hi], got)
         todo = np.flatnonzero(cand) + lo           # entries of the chunk
         skipped = 0
         if len(todo) and self.settings.smart_scan:
@@ -345,8 +406,8 @@ class Scanner(Registry, Accounting):
         self.pages_scanned += visited - skipped
         if len(todo):
             self._visit(reg, ch, todo, pages[todo - lo], merges)
-        if whole and p0 == base and (filled is None or not (filled | (ch.pos < 0)).all()):
-            self._trim(reg, c, filled)
+        if whole and p0 == base:
+            self._trim(reg, c, filled, got)
         return visited
 
     def _eligible(self, reg: RegionState, adv: np.ndarray, states: np.ndarray, st: np.ndarray | None,
@@ -357,7 +418,9 @@ class Scanner(Registry, Accounting):
         mapping budget is full (then not even read: they are visited again
         once the worker has room).  A mask like the arrays given; ``st`` and
         ``slot`` None: pages the scanner keeps no state for (NEW, no slot)."""
-        cand = adv & (states == _native.PRIVATE)
+        cand: np.ndarray = adv & (states == _native.PRIVATE)
+        if not cand.any():
+            return cand
         if st is not None and slot is not None:
             cand &= (st != PENDING) & (st != UNMERGING) & (slot < 0)
         if cand.any() and self.budget.full(reg.worker):
@@ -365,8 +428,7 @@ class Scanner(Registry, Accounting):
             cand[:] = False
         if cand.any():
             cand &= present()
-        out: np.ndarray = cand
-        return out
+        return cand
 
     def merge_inline(self, reg: RegionState, first: int, n: int,
                      hints: np.ndarray | None = None) -> InlineResult:
@@ -393,17 +455,32 @@ class Scanner(Registry, Accounting):
         cand = self._eligible(reg, reg.advice[p0:p1], states, st, slot, lambda: reg.present(p0, p1))
         return np.flatnonzero(cand) + p0, waiting
 
-    def _trim(self, reg: RegionState, c: int, filled: np.ndarray | None) -> None:
+    def _trim(self, reg: RegionState, c: int, filled: np.ndarray | None,
+              got: _Present | None = None) -> None:
         """Give back the blocks of chunk c that hold nothing worth keeping:
         no merge (done, in flight, or being undone) and no advised page with
         data (a page punched, truncated away or no longer advised needs no
-        checksum history)."""
+        checksum history).  ``filled``: the blocks with an advised page that
+        holds data, or None: none, or (``got`` given) not asked yet."""
         ch = reg.table.chunk(c)
         if ch is None:
             return
-        st = ch.status
-        keep = (ch.slot >= 0) | (st == MERGED) | (st == ZERO) | (st == PENDING) | (st == UNMERGING)
+        # MERGED, ZERO, PENDING and UNMERGING are the statuses from MERGED up;
+        # entries past the region's end (its last block's) hold nothing.
+        n = ch.span(ch.base, reg.npages)[1]
+        held = ch.status[:n] >= MERGED
+        if held.all():
+            return                      # every page holds a merge: the common steady case
+        if n < len(ch.status):
+            held = np.concatenate((held, np.zeros(len(ch.status) - n, bool)))
+        keep = held | (ch.slot >= 0)
+        if keep.all():
+            return
+        if filled is None and got is not None:
+            filled = got.filled(ch.base)
         if filled is not None:
+            if (filled | (ch.pos < 0)).all():
+                return                  # every block held has data
             keep |= np.repeat(filled[ch.pos >= 0], BLOCK_PAGES)
         if not keep.all():
             reg.table.retain(ch, keep)
@@ -437,15 +514,22 @@ class Scanner(Registry, Accounting):
         self.matcher.restart()
 
     def _reconcile(self, reg: RegionState, ch: Any, lo: int, hi: int, pages: np.ndarray,
-                   unmerges: QueuedByWorker) -> np.ndarray:
+                   unmerges: QueuedByWorker, dense: bool = False) -> np.ndarray:
         """Invariant 6 for the entries [lo, hi) of chunk ``ch`` (``pages``):
         merged pages whose state byte reads PRIVATE were broken; a slot left
-        with one sharer is given back.  Returns the state bytes read."""
-        self.budget.touch(reg, int(pages[0]), int(pages[-1]) - int(pages[0]) + 1)
+        with one sharer is given back.  Returns the state bytes read.
+        ``dense``: the chunk holds every block of the pages (entry lo + i
+        is page pages[0] + i).
+
+        The mapping budget recounts the pages' chunk unless they are calm
+        now and were at their last visit (``_note_calm``)."""
+        a, b = int(pages[0]), int(pages[-1]) + 1
         st = ch.status[lo:hi]
         slot = ch.slot[lo:hi]
-        states = reg.states[pages]
-        broken = np.flatnonzero(((st == MERGED) | (st == ZERO)) & (states == _native.PRIVATE))
+        states = reg.states[a:b] if dense else reg.states[pages]
+        private = states == _native.PRIVATE
+        merged_st = (st == MERGED) | (st == ZERO)
+        broken = np.flatnonzero(merged_st & private)
         if len(broken):
             slots = slot[broken]
             slots = slots[slots >= 0]
@@ -453,20 +537,52 @@ class Scanner(Registry, Accounting):
             slot[broken] = -1
             st[broken] = VOLATILE
             self.sidx.free_unused(slots)
-        merged = np.flatnonzero(st == MERGED)
-        if len(merged):
-            slots = slot[merged]
-            # A stable page merge_now created is kept for inline_keep (the
-            # next loader of the same bytes is usually close behind).
-            lonely = merged[(self.sharers[slots] == 1) & (self.pending[slots] == 0)
-                            & (self.sidx.born_inline[slots] + self.settings.inline_keep <= self._now)]
-            if len(lonely):
-                st[lonely] = UNMERGING
-                self.sidx.retire(slot[lonely])
-                unmerges.setdefault(reg.worker, []).append(
-                    (reg, pages[lonely].astype(np.int64), slot[lonely].astype(np.int64)))
+        is_merged = st == MERGED
+        n = int(np.count_nonzero(is_merged))
+        lonely = None
+        if n:
+            merged = None if n == len(st) else np.flatnonzero(is_merged)
+            slots = slot if merged is None else slot[merged]
+            one = self.sharers[slots] == 1
+            if one.any():
+                # A stable page merge_now created is kept for inline_keep
+                # (the next loader of the same bytes is usually close behind).
+                cand = np.flatnonzero(one) if merged is None else merged[one]
+                s1 = slot[cand]
+                lonely = cand[(self.pending[s1] == 0)
+                              & (self.sidx.born_inline[s1] + self.settings.inline_keep <= self._now)]
+                if len(lonely):
+                    st[lonely] = UNMERGING
+                    self.sidx.retire(slot[lonely])
+                    unmerges.setdefault(reg.worker, []).append(
+                        (reg, pages[lonely].astype(np.int64), slot[lonely].astype(np.int64)))
+        calm = dense and not len(broken) and (lonely is None or not len(lonely)) and not (
+            (merged_st == (private | (states == _native.MERGING))) | (st >= PENDING)).any()
+        self._note_calm(reg, ch, a, b, calm)
         out: np.ndarray = states
         return out
+
+    def _note_calm(self, reg: RegionState, ch: Any, a: int, b: int, calm: bool) -> None:
+        """The mapping budget recounts chunk ``ch`` (``touch``) unless its
+        pages [a, b) just reconciled are *calm* and were at their last visit.
+        Calm: every page merged (status MERGED or ZERO) has a state byte that
+        says so and every other page's reads private, no merge or unmerge is
+        in flight, and every block of the pages is held (a page without a
+        block is not looked at).  A calm page's layout changes only by a
+        break (not calm at the next visit) or by a request, whose reply
+        recounts it; so the count stays right.  ``ch.calm``: every page of
+        the chunk was calm at its last visit; ``ch.calm_upto``: the pages
+        [base, base + calm_upto) were found calm in this pass (a batch may
+        end inside a chunk: the next visits it in pieces)."""
+        if not (calm and ch.calm):
+            self.budget.touch(reg, a, b - a)
+        if not calm:
+            ch.calm, ch.calm_upto = False, 0
+            return
+        base = ch.base
+        ch.calm_upto = b - base if a == base or ch.calm_upto == a - base else 0
+        if ch.calm_upto >= min(CHUNK_PAGES, reg.npages - base):
+            ch.calm = True
 
     def _visit(self, reg: RegionState, ch: Any, e: np.ndarray, pages: np.ndarray,
                merges: QueuedByWorker) -> None:
