@@ -9,13 +9,20 @@ it runs in the coordinator's single thread.
 * With the scan-time advisor on (``advisor_mode`` 1), the next batch also
   waits until the scan's CPU is within ``advisor_max_cpu`` percent, and each
   full scan's cost sets ``pages_to_scan`` (``scan/advisor.py``).
-* With the advisor on, a batch is at least ``MIN_BATCH_PAGES`` pages: when
-  the advisor wants fewer per ``sleep_millisecs``, k of its batches run as
-  one, k sleeps apart, so the pace (pages per second) is the advisor's and a
-  batch's fixed cost (the loop, the bookkeeping of a batch) is paid once per
-  k.  Out of the box, on a converged domain, the advisor asks for a few
-  hundred pages per 20 ms: one batch per 20 ms cost more in that fixed part
-  than in the pages themselves.
+* With the advisor on, batches are few and big: when the advisor asks for
+  fewer than ``MIN_BATCH_PAGES`` pages per ``sleep_millisecs``, k of its
+  batches run as one, k sleeps apart, so the pace (pages per second) is the
+  advisor's and a wakeup's cost is paid once per k.  That cost is most of
+  a converged domain's: a process that slept runs its first milliseconds
+  of Python several times slower (measured here: 0.57 ms of work costs
+  2.7 ms after 0.66 s asleep), and the advisor asks for a few hundred pages
+  per 20 ms.  k stops where a batch would cover more than the last full
+  scan visited (a batch ends at the end of a full scan: a small domain keeps
+  its quick scans; after a worker or region went, one batch at a time until
+  the next full scan), and with more than one lane (uid) where k sleeps pass
+  ``MULTI_LANE_PERIOD``: a uid with few pages is seen again at every batch
+  while another uid's many are scanned, and its fresh pages must not wait
+  for long batches of the other's.
 * A full scan's time, which the advisor steers, counts only while the scan
   could run: not while ``run`` is not 1 or there is nothing to scan (at start
   before the first region, after ``run=0``).
@@ -33,7 +40,8 @@ from shmdedup.coordinator.scan.scanner import Scanner
 
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
-MIN_BATCH_PAGES = 16384         # with the advisor on: pages per batch, at least
+MIN_BATCH_PAGES = 65536         # with the advisor on: pages per batch, at least (see above)
+MULTI_LANE_PERIOD = 0.25        # s: the longest batch period then, with several lanes
 
 
 class Pacing:
@@ -51,6 +59,9 @@ class Pacing:
         self._scan_mark = (time.monotonic(), time.thread_time(), 0)
         self._idle_since: float | None = None     # the scan could not run since then
         self._batches = 1                         # advisor batches the last batch stood for
+        self._scan_pages = 0                      # pages the last full scan visited
+        self._scan_shape = (0, 0)                 # (lanes, regions) at its end, the current one's start
+        self._reshaped = False                    # they changed during the current one
         self._last_trim = 0.0
 
     def due(self) -> float:
@@ -69,16 +80,31 @@ class Pacing:
 
     def batch_pages(self, now: float) -> int:
         """Pages for the batch that runs now: ``pages_to_scan``, or with the
-        advisor on, as many of its batches as make ``MIN_BATCH_PAGES``."""
+        advisor on, as many of its batches as make ``MIN_BATCH_PAGES``, no
+        more than the last full scan visited, and with several lanes no more
+        than ``MULTI_LANE_PERIOD`` of sleeps."""
         if self._idle_since is not None:
             t0, cpu0, pages0 = self._scan_mark
             self._scan_mark = (t0 + (now - self._idle_since), cpu0, pages0)
             self._idle_since = None
+        # The last full scan's size holds while its lanes and regions do;
+        # after a change (a worker gone, a region closed) it may be far too
+        # big: one batch at a time until a full scan that saw none says.
+        if self._shape() != self._scan_shape:
+            self._reshaped = True
         pages = self.controls["pages_to_scan"]
         self._batches = 1
         if self.controls["advisor_mode"] == 1 and pages < MIN_BATCH_PAGES:
-            self._batches = -(-MIN_BATCH_PAGES // pages)
+            known = 0 if self._reshaped else self._scan_pages
+            k = min(-(-MIN_BATCH_PAGES // pages), max(1, -(-known // pages)))
+            sleep = self.controls["sleep_millisecs"] / 1000
+            if len(self.scanner.lanes) > 1 and sleep > 0:
+                k = min(k, max(1, int(MULTI_LANE_PERIOD / sleep)))
+            self._batches = k
         return pages * self._batches
+
+    def _shape(self) -> tuple[int, int]:
+        return len(self.scanner.lanes), len(self.scanner.regions)
 
     def pause(self, seconds: float) -> None:
         """No batch for this long (the loop failed: do not spin on it)."""
@@ -108,6 +134,13 @@ class Pacing:
         t0, cpu0, pages0 = self._scan_mark
         now, cpu, pages = time.monotonic(), time.thread_time(), self.scanner.pages_scanned
         self._scan_mark = (now, cpu, pages)
+        # Its size says what the next one will visit only if its lanes and
+        # regions stayed the same from start to end (a worker dropped in the
+        # middle took its pages' share of the count away with it).
+        shape = self._shape()
+        steady = shape == self._scan_shape and not self._reshaped
+        self._scan_pages = pages - pages0 if steady else 0
+        self._scan_shape, self._reshaped = shape, False
         # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
         # in glibc's heap: give it back (~0.2 ms; ~5 us when there is none).
         # malloc_trim walks (and locks) every arena of the process, an

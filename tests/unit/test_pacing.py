@@ -10,7 +10,7 @@ import pytest
 
 from shmdedup.controls import CONTROLS
 from shmdedup.coordinator import pacing as pacing_mod
-from shmdedup.coordinator.pacing import MIN_BATCH_PAGES, Pacing
+from shmdedup.coordinator.pacing import MIN_BATCH_PAGES, MULTI_LANE_PERIOD, Pacing
 from shmdedup.coordinator.scan import advisor
 
 
@@ -39,7 +39,8 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Pacing, dict[str, int], Any,
 
     monkeypatch.setattr(pacing_mod.advisor, "advise", spy)
     controls = {name: spec[0] for name, spec in CONTROLS.items()}
-    scanner = SimpleNamespace(pages_scanned=0, full_scans=0, stats=lambda: {})
+    scanner = SimpleNamespace(pages_scanned=0, full_scans=0, stats=lambda: {}, lanes={0: None},
+                              regions=[None])
     activity = SimpleNamespace(full_scan=lambda *a, **k: None)
     p = Pacing(controls, scanner, activity)  # type: ignore[arg-type]
     return p, controls, scanner, clock, samples
@@ -74,8 +75,24 @@ def test_time_the_scan_could_not_run_is_not_the_first_scans(setup) -> None:
     assert samples[-1].wall_s == pytest.approx(2.0)
 
 
-def test_advisor_batches_are_at_least_min_batch_pages_and_keep_its_pace(setup) -> None:
-    p, controls, _, clock, _ = setup
+def full_scan(p: Pacing, scanner: Any, clock: Clock, pages: int) -> None:
+    p.batch_pages(clock.t)
+    clock.t += 1.0
+    scanner.pages_scanned += pages
+    scanner.full_scans += 1
+    p.full_scan_done()
+
+
+def test_advisor_batches_are_big_and_keep_its_pace(setup) -> None:
+    """A converged domain of 262144 pages, the advisor at a few hundred pages
+    per 20 ms: one batch of MIN_BATCH_PAGES, that many sleeps later."""
+    p, controls, scanner, clock, _ = setup
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500            # no full scan yet: nothing to go by
+    full_scan(p, scanner, clock, 262144)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500            # the first began before the region came
+    full_scan(p, scanner, clock, 262144)
     controls["pages_to_scan"] = 500
     k = -(-MIN_BATCH_PAGES // 500)
     assert p.batch_pages(clock.t) == 500 * k
@@ -86,6 +103,52 @@ def test_advisor_batches_are_at_least_min_batch_pages_and_keep_its_pace(setup) -
     assert p.batch_pages(clock.t) == MIN_BATCH_PAGES + 1
     p.batch_done(0.001)
     assert p.due() == pytest.approx(clock.t + controls["sleep_millisecs"] / 1000)
+
+
+def test_a_small_domain_keeps_its_quick_scans(setup) -> None:
+    """64 pages: a batch ends at the end of the full scan anyway, so more
+    sleeps would only space the scans out (a fresh merge took 1.3 s)."""
+    p, controls, scanner, clock, _ = setup
+    full_scan(p, scanner, clock, 64)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500
+    full_scan(p, scanner, clock, 2000)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 2000
+    # A big domain whose big worker went: its last full scan says nothing
+    # of what is left (a fresh merge waited 2.9 s for one long period),
+    # nor does a full scan it left in the middle of.
+    full_scan(p, scanner, clock, 262144)
+    scanner.regions = []
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500
+    full_scan(p, scanner, clock, 262144)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500
+    # A worker that came and went within one full scan: its pages are in
+    # that scan's count, not in the next one.
+    full_scan(p, scanner, clock, 64)
+    full_scan(p, scanner, clock, 64)
+    scanner.regions = [None, None]
+    p.batch_pages(clock.t)
+    scanner.regions = []
+    full_scan(p, scanner, clock, 262144)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500
+
+
+def test_with_several_uids_a_batch_period_stays_short(setup) -> None:
+    """Another uid's small region is seen again at every batch: batches stay
+    at most MULTI_LANE_PERIOD apart."""
+    p, controls, scanner, clock, _ = setup
+    scanner.lanes = {0: None, 1000: None}
+    full_scan(p, scanner, clock, 0)
+    full_scan(p, scanner, clock, 262144)
+    controls["pages_to_scan"] = 500
+    k = int(MULTI_LANE_PERIOD / (controls["sleep_millisecs"] / 1000))
+    assert p.batch_pages(clock.t) == 500 * k
+    p.batch_done(0.001)
+    assert p.due() - clock.t <= MULTI_LANE_PERIOD + 1e-9
 
 
 def test_manual_pages_to_scan_is_kept_as_ksmd_would(setup) -> None:

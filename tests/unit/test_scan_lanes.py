@@ -10,6 +10,8 @@ requests captured.
   be queued a second time on its own turn (the same page twice in one merge
   request: the worker refuses one, and the page was left VOLATILE with a slot).
 * A single uid scans as ksmd does: each full scan visits each page once.
+* The pages of a batch are each uid's own: a uid whose pages are cheap does
+  not take them all from a uid whose pages are dear.
 """
 
 from __future__ import annotations
@@ -122,6 +124,27 @@ def test_one_uid_visits_each_page_once_per_full_scan() -> None:
             while sc.full_scans == scans:
                 sc.batch(4)
             assert sc.pages_scanned - before == 15
+    finally:
+        sc.close()
+        for fd in fds:
+            os.close(fd)
+
+
+def test_each_uid_gets_its_pages_of_a_batch_however_cheap_another_uids_are() -> None:
+    """A uid whose pages cost next to nothing (a converged domain's rescan)
+    keeps the least CPU of all, so every step goes to it: the batch's pages
+    are each lane's own, or it would take them all and leave a uid whose
+    pages are dear a few a batch (its first scan took minutes)."""
+    sc = Scanner(lambda w, runs: None, lambda w, runs: None)
+    fds: list[int] = []
+    try:
+        cheap, dear = W(0), W(1000)
+        region(sc, cheap, 1, os.urandom(64 * P), fds)
+        region(sc, dear, 2, os.urandom(256 * P), fds)
+        sc.lanes[0].spent = -1e9                         # always the least CPU
+        assert sc.batch(32) == 64
+        assert sc.lanes[1000].page == 32                 # the dear uid had its 32
+        assert sc.lanes[0].page == 32
     finally:
         sc.close()
         for fd in fds:

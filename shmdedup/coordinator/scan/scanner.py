@@ -231,17 +231,22 @@ class Scanner(Registry, Accounting):
     # -- the batch --------------------------------------------------------
 
     def batch(self, budget: int, cpu_limit: float | None = None) -> int:
-        """Visit up to ``budget`` pages from the cursors; returns pages visited.
-        A batch ends at the end of a full scan, like ksmd's, or once it has
-        used ``cpu_limit`` seconds of this thread's CPU.  Regions whose scan
-        failed are in ``self.failed`` afterwards, as (worker, reason).
+        """Visit up to ``budget`` pages of each lane from the cursors; returns
+        pages visited.  A batch ends at the end of a full scan, like ksmd's,
+        or once it has used ``cpu_limit`` seconds of this thread's CPU.
+        Regions whose scan failed are in ``self.failed`` afterwards, as
+        (worker, reason).
 
         Each step goes to the lane (uid) that has had the least of the scan's
-        CPU; a lane that has been through all its regions starts again while
-        others are still on their way, and a full scan ends when every lane
-        has been through all its regions since the last one ended.  So one
-        uid's data, however much, delays another uid's scan by at most its
-        share, and a single uid scans as ksmd does."""
+        CPU, among those with pages of their budget left; a lane that has been
+        through all its regions starts again while others are still on their
+        way, and a full scan ends when every lane has been through all its
+        regions since the last one ended.  So one uid's data, however much,
+        delays another uid's scan by at most its share, and a single uid scans
+        as ksmd does.  The budget is each lane's: a uid whose pages are cheap
+        to visit (a converged domain's rescan) would otherwise take the whole
+        batch's pages before its CPU caught up with a uid whose pages are
+        dear, and leave that one a few pages a batch."""
         self.failed = []
         if not self.regions:        # nothing registered: nothing to settle either
             self._reconcile_detached()
@@ -253,21 +258,32 @@ class Scanner(Registry, Accounting):
         self._now = time.monotonic()
         now = time.thread_time()
         deadline = now + cpu_limit if cpu_limit else None
-        while visited < budget and self.lanes:
+        taken: dict[int, int] = {}          # id(lane): pages it visited in this batch
+        while self.lanes:
             if all(lane.passed for lane in self.lanes.values()):
                 self._end_full_scan()
                 break
             if deadline is not None and now >= deadline:
                 break
-            lane = min(self.lanes.values(), key=Lane.spent_of) if len(self.lanes) > 1 \
-                else next(iter(self.lanes.values()))
+            if len(self.lanes) > 1:
+                open_ = [ln for ln in self.lanes.values() if taken.get(id(ln), 0) < budget]
+                if not open_:
+                    break
+                lane = min(open_, key=Lane.spent_of)
+            else:
+                lane = next(iter(self.lanes.values()))
+                if taken.get(id(lane), 0) >= budget:
+                    break
             if lane.cursor >= len(lane.regions):
                 lane.passed = True
                 lane.cursor = lane.page = 0
                 continue
             reg = lane.regions[lane.cursor]
+            left = budget - taken.get(id(lane), 0)
             try:
-                visited += self._step(lane, reg, budget - visited, merges, unmerges)
+                n = self._step(lane, reg, left, merges, unmerges)
+                visited += n
+                taken[id(lane)] = taken.get(id(lane), 0) + n
             except Exception as e:  # noqa: BLE001 - one region's trouble is its worker's
                 self._fail(lane, reg, e)
             t = time.thread_time()
