@@ -31,7 +31,7 @@ layout coarsens (pages broken back, regions closed, the control raised).
 
 Boundaries are counted per chunk of pages and recounted only for chunks that
 may have changed (``touch``: merge and unmerge replies, and every chunk the
-scan cursor passes, which picks up copy-on-write breaks), so keeping the
+scan cursor passes that was not calm, which picks up copy-on-write breaks), so keeping the
 estimate costs O(changed pages), not O(pages), per batch.  Only chunks with
 a boundary are remembered, and a whole region is recounted (at registration,
 or after a touch of many chunks) only where its state bytes hold data: a
