@@ -380,10 +380,11 @@ class Agent:
             return any(not r.closed for r in list(self.regions.values()))
 
     def _session(self, conn: protocol.Connection, path: str) -> None:
+        lost: OSError | None = None
         try:
             conn.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "role": "worker", "pid": os.getpid()})
-        except (ConnectionResetError, BrokenPipeError):
-            pass    # closed at once: its refusal, if it sent one, is read below
+        except (ConnectionResetError, BrokenPipeError) as e:
+            lost = e    # closed at once: its refusal, if it sent one, is read below
         got = conn.recv(timeout=10)
         if got is not None and got[0]["t"] == "refused":
             _shm.close_fds(got[1])
@@ -391,10 +392,9 @@ class Agent:
                 f"coordinator at {path} refused us: {got[0]['msg']}; regions stay unmerged "
                 f"until it accepts us")
         if got is None:
-            raise PeerRejectedError(
-                f"coordinator at {path} closed the connection before welcome (our uid "
-                f"{os.getuid()} not allowed, or max_connections reached: see its log); "
-                f"regions stay unmerged until it accepts us")
+            # Gone without a word (killed, say): a refusal says why (above).
+            raise lost or ConnectionError(f"coordinator at {path} closed the connection "
+                                          f"before welcome")
         self._rejected = False
         msg, fds = got
         if msg["t"] != "welcome" or len(fds) != 1:
