@@ -40,7 +40,7 @@ from shmdedup.coordinator.scan.scanner import Scanner
 
 TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back at its end
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
-MIN_BATCH_PAGES = 65536         # with the advisor on: pages per batch, at least (see above)
+MIN_BATCH_PAGES = 16384         # with the advisor on: pages per batch, at least (see above)
 MULTI_LANE_PERIOD = 0.25        # s: the longest batch period then, with several lanes
 
 
@@ -60,6 +60,7 @@ class Pacing:
         self._idle_since: float | None = None     # the scan could not run since then
         self._batches = 1                         # advisor batches the last batch stood for
         self._scan_pages = 0                      # pages the last full scan visited
+        self._visited = 0                         # pages the current one has visited so far
         self._scan_shape = (0, 0)                 # (lanes, regions) at its end, the current one's start
         self._reshaped = False                    # they changed during the current one
         self._last_trim = 0.0
@@ -110,7 +111,7 @@ class Pacing:
         """No batch for this long (the loop failed: do not spin on it)."""
         self._next_batch = time.monotonic() + seconds
 
-    def batch_done(self, cpu: float) -> None:
+    def batch_done(self, cpu: float, visited: int = 0) -> None:
         """A batch ended, having used *cpu* seconds of this thread.  The next
         one may run ``sleep_millisecs`` after it (k times that for a batch
         that stood for k, see ``batch_pages``),
@@ -120,6 +121,7 @@ class Pacing:
         are paced by their own limits): a peer's messages cannot starve the
         scan, nor its regions make the scan take more."""
         now = time.monotonic()
+        self._visited += visited
         t0, self._batch_end = self._batch_end, now
         if self.controls["advisor_mode"] == 1:
             cap = self.controls["advisor_max_cpu"] / 100
@@ -139,7 +141,10 @@ class Pacing:
         # middle took its pages' share of the count away with it).
         shape = self._shape()
         steady = shape == self._scan_shape and not self._reshaped
-        self._scan_pages = pages - pages0 if steady else 0
+        # Visited, not scanned: a converged domain's merged pages count
+        # against pages_to_scan but are not read (pages_scanned).
+        self._scan_pages = self._visited if steady else 0
+        self._visited = 0
         self._scan_shape, self._reshaped = shape, False
         # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
         # in glibc's heap: give it back (~0.2 ms; ~5 us when there is none).

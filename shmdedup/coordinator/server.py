@@ -296,7 +296,7 @@ class CoordinatorServer:
             before = self.scanner.full_scans
             cpu0 = time.thread_time()
             try:
-                self.scanner.batch(self.pacing.batch_pages(now), MAX_BATCH_CPU)
+                visited = self.scanner.batch(self.pacing.batch_pages(now), MAX_BATCH_CPU)
             finally:
                 # Workers whose regions could not be scanned go, with the reason.
                 for worker, why in self.scanner.failed:
@@ -304,7 +304,7 @@ class CoordinatorServer:
                 self.scanner.failed = []
             self.batches += 1
             self.outbox.flush()
-            self.pacing.batch_done(time.thread_time() - cpu0)
+            self.pacing.batch_done(time.thread_time() - cpu0, visited)
             if self.scanner.full_scans != before:
                 self.pacing.full_scan_done()
         self.waits.settle()

@@ -76,9 +76,11 @@ def test_time_the_scan_could_not_run_is_not_the_first_scans(setup) -> None:
 
 
 def full_scan(p: Pacing, scanner: Any, clock: Clock, pages: int) -> None:
+    """One batch that visits ``pages`` and ends a full scan (a converged
+    domain: pages visited, none read, so pages_scanned stays)."""
     p.batch_pages(clock.t)
     clock.t += 1.0
-    scanner.pages_scanned += pages
+    p.batch_done(0.001, pages)
     scanner.full_scans += 1
     p.full_scan_done()
 
