@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+import host
 import vs_ksm as vk
 
 SCALING_ROWS = [(1, 64), (4, 64), (8, 64), (4, 256), (4, 1024), (8, 1024), (64, 32)]
@@ -138,7 +139,7 @@ def _ratio_table(rows: list[dict[str, Any]]) -> str:
 def scaling(cfg: argparse.Namespace, result: dict[str, Any]) -> None:
     rows = []
     for workers, mib in (SCALING_QUICK_ROWS if cfg.scaling_quick else SCALING_ROWS):
-        vk.say(f"== scaling: {workers} workers x {mib} MiB (load average {os.getloadavg()[0]:.2f})")
+        host.say(f"== scaling: {workers} workers x {mib} MiB (load average {os.getloadavg()[0]:.2f})")
         rows.append(_row(cfg, workers, mib))
     result["scaling"] = rows
 
@@ -244,7 +245,7 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
         st = client.stats()
         res["controls_not_default"] = {k: st[k] for k in defaults  # type: ignore[literal-required]
                                        if k != "run" and st.get(k) != defaults[k]}
-        vk.say(f"shmdedup defaults: starting {workers} workers x {mib} MiB ...")
+        host.say(f"shmdedup defaults: starting {workers} workers x {mib} MiB ...")
         fleet = vk.Fleet("shmdedup", workers, npages, vars(cfg), cfg.timeout)
         t0 = time.monotonic()
         while True:
@@ -259,7 +260,7 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
 
         def sample() -> dict[str, Any]:
             s = client.stats()
-            cpu = vk.cpu_ns(cpid)
+            cpu = host.cpu_ns(cpid)
             timeline.append((time.monotonic(), cpu))
             if not scans or scans[-1][1] != s["full_scans"]:
                 scans.append((time.monotonic(), s["full_scans"], s["pages_to_scan"]))
@@ -271,12 +272,12 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
 
         def probe_ns() -> float:
             """The coordinator's CPU for one stats request, now."""
-            c0 = vk.cpu_ns(cpid)
+            c0 = host.cpu_ns(cpid)
             for _ in range(10):
                 client.stats()
-            return (vk.cpu_ns(cpid) - c0) / 10
+            return (host.cpu_ns(cpid) - c0) / 10
 
-        res["busy_cpus_before"] = vk.wait_quiet(cfg.wait_quiet, "shmdedup")
+        res["busy_cpus_before"] = host.wait_quiet(cfg.wait_quiet, "shmdedup")
         pss0 = fleet.pss_kib()
         res["pages_to_scan_start"] = client.stats()["pages_to_scan"]
         client.set("run", 1)
@@ -333,45 +334,45 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
 
 
 def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, Any]:
-    why = vk.KSM.usable()
+    why = host.KSM.usable()
     if why:
         raise SystemExit(f"KSM baseline impossible: {why}. Use --only shmdedup.")
-    vk.KSM.save()
-    ksmd = vk.find_ksmd()
+    host.KSM.save()
+    ksmd = host.find_ksmd()
     if ksmd is None:
         raise SystemExit("no ksmd thread found in /proc/*/comm")
     npages = mib * vk.MIB // vk.PAGE
     _, counts = vk.make_layout(npages, cfg.unique, cfg.zero, cfg.volatile, cfg.scattered)
-    expected = vk.expected_sharing(workers, counts, vk.KSM.read("max_page_sharing"))
-    base = vk.KSM.read("pages_sharing")
+    expected = vk.expected_sharing(workers, counts, host.KSM.read("max_page_sharing"))
+    base = host.KSM.read("pages_sharing")
     res: dict[str, Any] = {"system": "ksm", "workers": workers, "mib": mib, "tracked": workers * npages,
                            "expected_sharing": expected, "pages_to_scan": 100, "sleep_millisecs": 20}
     fleet = None
     try:
-        vk.say(f"KSM defaults: starting {workers} workers x {mib} MiB ...")
+        host.say(f"KSM defaults: starting {workers} workers x {mib} MiB ...")
         fleet = vk.Fleet("ksm", workers, npages, vars(cfg), cfg.timeout)
         timeline: list[tuple[float, int]] = []
 
         def sample() -> dict[str, Any]:
-            cpu = vk.cpu_ns(ksmd)
+            cpu = host.cpu_ns(ksmd)
             timeline.append((time.monotonic(), cpu))
-            return {"pages_sharing": vk.KSM.read("pages_sharing") - base,
-                    "full_scans": vk.KSM.read("full_scans"), "pages_scanned": vk.KSM.read("pages_scanned"),
+            return {"pages_sharing": host.KSM.read("pages_sharing") - base,
+                    "full_scans": host.KSM.read("full_scans"), "pages_scanned": host.KSM.read("pages_scanned"),
                     "cpu": cpu, "wcpu": fleet.cpu_ns()}
 
         def wait_scans(n: int, timeout: float) -> None:
-            f0, t0 = vk.KSM.read("full_scans"), time.monotonic()
-            while vk.KSM.read("full_scans") < f0 + n:
+            f0, t0 = host.KSM.read("full_scans"), time.monotonic()
+            while host.KSM.read("full_scans") < f0 + n:
                 if time.monotonic() - t0 > timeout:
                     raise TimeoutError(f"KSM: no full scan within {timeout:.0f} s")
                 time.sleep(0.05)
 
-        res["busy_cpus_before"] = vk.wait_quiet(cfg.wait_quiet, "KSM")
+        res["busy_cpus_before"] = host.wait_quiet(cfg.wait_quiet, "KSM")
         pss0 = fleet.pss_kib()
-        vk.KSM.write("pages_to_scan", 100)
-        vk.KSM.write("sleep_millisecs", 20)
-        res["settings"] = vk.KSM.settings()
-        vk.KSM.write("run", 1)
+        host.KSM.write("pages_to_scan", 100)
+        host.KSM.write("sleep_millisecs", 20)
+        res["settings"] = host.KSM.settings()
+        host.KSM.write("run", 1)
         conv = vk.converge(sample, expected, cfg.timeout, max(cfg.poll, 0.2), "KSM (defaults)", cfg.quiet)
         res.update(conv)
         res["saved_pss_mib"] = (pss0 - fleet.pss_kib()) / 1024
@@ -382,7 +383,7 @@ def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, 
     finally:
         if fleet is not None:
             fleet.close()
-        vk.KSM.restore()
+        host.KSM.restore()
     return res
 
 
@@ -516,7 +517,7 @@ def wanted(cfg: argparse.Namespace) -> bool:
 
 def main(cfg: argparse.Namespace) -> int:
     """Run --scaling / --scaling-quick / --defaults (cfg from vs_ksm's parser)."""
-    shm0 = vk.dev_shm()
+    shm0 = host.dev_shm()
     env = {"kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
     result: dict[str, Any] = {"config": vars(cfg), "environment": env}
     try:
@@ -525,11 +526,11 @@ def main(cfg: argparse.Namespace) -> int:
         else:
             scaling(cfg, result)
     finally:
-        vk.KSM.restore()
-        left = sorted(vk.dev_shm() - shm0)
+        host.KSM.restore()
+        left = sorted(host.dev_shm() - shm0)
         result["dev_shm_leftovers"] = left
         if left:
-            vk.say(f"vs_ksm: WARNING: left in /dev/shm: {left}")
+            host.say(f"vs_ksm: WARNING: left in /dev/shm: {left}")
     if cfg.json:
         vk.print_json(result)
     elif cfg.defaults:
