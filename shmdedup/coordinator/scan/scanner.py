@@ -258,32 +258,26 @@ class Scanner(Registry, Accounting):
         self._now = time.monotonic()
         now = time.thread_time()
         deadline = now + cpu_limit if cpu_limit else None
-        taken: dict[int, int] = {}          # id(lane): pages it visited in this batch
+        taken: dict[Lane, int] = {}         # pages each lane visited in this batch
         while self.lanes:
             if all(lane.passed for lane in self.lanes.values()):
                 self._end_full_scan()
                 break
             if deadline is not None and now >= deadline:
                 break
-            if len(self.lanes) > 1:
-                open_ = [ln for ln in self.lanes.values() if taken.get(id(ln), 0) < budget]
-                if not open_:
-                    break
-                lane = min(open_, key=Lane.spent_of)
-            else:
-                lane = next(iter(self.lanes.values()))
-                if taken.get(id(lane), 0) >= budget:
-                    break
+            left = [ln for ln in self.lanes.values() if taken.get(ln, 0) < budget]
+            if not left:
+                break
+            lane = left[0] if len(left) == 1 else min(left, key=Lane.spent_of)
             if lane.cursor >= len(lane.regions):
                 lane.passed = True
                 lane.cursor = lane.page = 0
                 continue
             reg = lane.regions[lane.cursor]
-            left = budget - taken.get(id(lane), 0)
             try:
-                n = self._step(lane, reg, left, merges, unmerges)
+                n = self._step(lane, reg, budget - taken.get(lane, 0), merges, unmerges)
                 visited += n
-                taken[id(lane)] = taken.get(id(lane), 0) + n
+                taken[lane] = taken.get(lane, 0) + n
             except Exception as e:  # noqa: BLE001 - one region's trouble is its worker's
                 self._fail(lane, reg, e)
             t = time.thread_time()
