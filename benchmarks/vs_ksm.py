@@ -768,17 +768,22 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
         if profiler is not None:
             profiler.kill()
             profiler.wait()
-        if fleet is not None:
-            try:
-                # Stop scanning first: as workers exit one by one, the scanner
-                # would give lonely slots back to the survivors (unmerge
-                # traffic to processes that are about to exit anyway).
-                coord.set("run", 0)
-            except Exception:
-                pass
-            fleet.close()
-        coord.stop()
+        stop_shmdedup(coord, fleet)
     return res
+
+
+def stop_shmdedup(coord: Any, fleet: Fleet | None) -> None:
+    """End a shmdedup run: its workers, then its coordinator."""
+    if fleet is not None:
+        try:
+            # Stop scanning first: as workers exit one by one, the scanner
+            # would give lonely slots back to the survivors (unmerge
+            # traffic to processes that are about to exit anyway).
+            coord.set("run", 0)
+        except Exception:
+            pass
+        fleet.close()
+    coord.stop()
 
 
 # --------------------------------------------------------------------------

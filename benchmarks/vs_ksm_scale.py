@@ -323,13 +323,7 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
         res["pages_to_scan_end"] = client.stats()["pages_to_scan"]
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
-        if fleet is not None:
-            try:
-                coord.set("run", 0)
-            except Exception:
-                pass
-            fleet.close()
-        coord.stop()
+        vk.stop_shmdedup(coord, fleet)
     return res
 
 

@@ -225,7 +225,7 @@ def ensure_file(path: str, size: int) -> None:
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     import shmdedup
-    size, chunk, n = args.size_mib * MIB, args.chunk_mib * MIB, args.procs
+    size, n = args.size_mib * MIB, args.procs
     pages = size // shmdedup.PAGE_SIZE
     coord = None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
