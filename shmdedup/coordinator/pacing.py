@@ -23,6 +23,19 @@ it runs in the coordinator's single thread.
   ``MULTI_LANE_PERIOD``: a uid with few pages is seen again at every batch
   while another uid's many are scanned, and its fresh pages must not wait
   for long batches of the other's.
+* A quiet domain is scanned in one batch per full scan.  Once a whole full
+  scan found nothing to do (no page seen first or changed, no merge or
+  unmerge queued, no merged page broken: ``Scanner.changes``) and nothing
+  woke the scan meanwhile, the advisor's batches are joined up to the last
+  full scan's pages, not only to ``MIN_BATCH_PAGES``: the same pace and the
+  same time between two visits of a page, with one wakeup per full scan
+  instead of one per ``MIN_BATCH_PAGES``.  What a wakeup costs grows far
+  more slowly than the sleep before it (measured here: 4.3 ms of CPU for the
+  same work after 0.66 s asleep, 8.7 ms after 10 s), so a converged,
+  unchanging domain costs several times less.  The first change (a page
+  written, a merge found, a control set, a range advised) ends it at the
+  next batch; the ``MULTI_LANE_PERIOD`` bound and the batch's CPU limit
+  still hold.
 * A full scan's time, which the advisor steers, counts only while the scan
   could run: not while ``run`` is not 1 or there is nothing to scan (at start
   before the first region, after ``run=0``).
@@ -64,6 +77,9 @@ class Pacing:
         self._scan_shape = (0, 0)                 # (lanes, regions) at its end, the current one's start
         self._reshaped = False                    # they changed during the current one
         self._last_trim = 0.0
+        self._changes = 0                         # Scanner.changes at the last full scan's end
+        self._quiet = False                       # that full scan found nothing to do
+        self._stirred = False                     # woken since the current full scan began
 
     def due(self) -> float:
         """When the next batch may run (time.monotonic())."""
@@ -72,6 +88,7 @@ class Pacing:
     def wake(self) -> None:
         """The next batch may run now (what it would do changed)."""
         self._next_batch = min(self._next_batch, time.monotonic())
+        self._quiet, self._stirred = False, True
 
     def idle(self, now: float) -> None:
         """The scan cannot run now (``run`` is not 1, or nothing to scan):
@@ -82,8 +99,8 @@ class Pacing:
     def batch_pages(self, now: float) -> int:
         """Pages for the batch that runs now: ``pages_to_scan``, or with the
         advisor on, as many of its batches as make ``MIN_BATCH_PAGES``, no
-        more than the last full scan visited, and with several lanes no more
-        than ``MULTI_LANE_PERIOD`` of sleeps."""
+        more than the last full scan visited (all of it in a quiet domain),
+        and with several lanes no more than ``MULTI_LANE_PERIOD`` of sleeps."""
         if self._idle_since is not None:
             t0, cpu0, pages0 = self._scan_mark
             self._scan_mark = (t0 + (now - self._idle_since), cpu0, pages0)
@@ -94,15 +111,21 @@ class Pacing:
         if self._shape() != self._scan_shape:
             self._reshaped = True
         pages = self.controls["pages_to_scan"]
-        self._batches = 1
-        if self.controls["advisor_mode"] == 1 and pages < MIN_BATCH_PAGES:
-            known = 0 if self._reshaped else self._scan_pages
-            k = min(-(-MIN_BATCH_PAGES // pages), max(1, -(-known // pages)))
-            sleep = self.controls["sleep_millisecs"] / 1000
-            if len(self.scanner.lanes) > 1 and sleep > 0:
-                k = min(k, max(1, int(MULTI_LANE_PERIOD / sleep)))
-            self._batches = k
+        quiet = self._quiet and self.scanner.changes == self._changes
+        self._batches = self._join(pages, quiet)
         return pages * self._batches
+
+    def _join(self, pages: int, quiet: bool) -> int:
+        """How many advisor batches of ``pages`` the next batch stands for."""
+        if self.controls["advisor_mode"] != 1 or pages >= MIN_BATCH_PAGES:
+            return 1
+        known = 0 if self._reshaped else self._scan_pages
+        whole = max(1, -(-known // pages))
+        k = whole if quiet else min(-(-MIN_BATCH_PAGES // pages), whole)
+        sleep = self.controls["sleep_millisecs"] / 1000
+        if len(self.scanner.lanes) > 1 and sleep > 0:
+            k = min(k, max(1, int(MULTI_LANE_PERIOD / sleep)))
+        return k
 
     def _shape(self) -> tuple[int, int]:
         return len(self.scanner.lanes), len(self.scanner.regions)
@@ -111,15 +134,21 @@ class Pacing:
         """No batch for this long (the loop failed: do not spin on it)."""
         self._next_batch = time.monotonic() + seconds
 
-    def batch_done(self, cpu: float, visited: int = 0) -> None:
+    def batch_done(self, cpu: float, visited: int = 0, ended: bool = False) -> None:
         """A batch ended, having used *cpu* seconds of this thread.  The next
-        one may run ``sleep_millisecs`` after it (k times that for a batch
-        that stood for k, see ``batch_pages``),
-        and with the advisor on, not before the ``cpu`` seconds this batch
+        one may run ``sleep_millisecs`` after it (for a batch that stood for
+        k, see ``batch_pages``, k times that; or, if it ended at its CPU
+        limit, not at the end of a full scan (``ended``), as many times as
+        the pages it *visited* stand for: a quiet domain's one batch, cold
+        after a long sleep, may end there, and the rest of its full scan
+        follows at the advisor's pace, not a whole period later), and with
+        the advisor on, not before the ``cpu`` seconds this batch
         took are at most ``advisor_max_cpu`` percent of the time since the
         previous batch ended.  The cap is the scan's, as ksmd's is (messages
         are paced by their own limits): a peer's messages cannot starve the
-        scan, nor its regions make the scan take more."""
+        scan, nor its regions make the scan take more.  The scan's includes
+        settling the replies to its own merges and unmerges (the server adds
+        ``Replies.take_scan_cpu()`` to *cpu*)."""
         now = time.monotonic()
         self._visited += visited
         t0, self._batch_end = self._batch_end, now
@@ -128,7 +157,10 @@ class Pacing:
             self._cpu_gate = now + max(0.0, cpu / cap - (now - t0))
         else:
             self._cpu_gate = 0.0
-        self._next_batch = now + self._batches * self.controls["sleep_millisecs"] / 1000
+        sleeps = self._batches
+        if visited > 0 and sleeps > 1 and not ended:
+            sleeps = min(sleeps, -(-visited // self.controls["pages_to_scan"]))
+        self._next_batch = now + sleeps * self.controls["sleep_millisecs"] / 1000
 
     def full_scan_done(self) -> None:
         """Feed the scan-time advisor what the last full scan cost; give the
@@ -144,6 +176,9 @@ class Pacing:
         # Visited, not scanned: a converged domain's merged pages count
         # against pages_to_scan but are not read (pages_scanned).
         self._scan_pages = self._visited if steady else 0
+        changes = self.scanner.changes
+        self._quiet = steady and changes == self._changes and not self._stirred
+        self._changes, self._stirred = changes, False
         self._visited = 0
         self._scan_shape, self._reshaped = shape, False
         # A busy scan's numpy temporaries (MiBs per chunk) leave freed memory
@@ -159,6 +194,12 @@ class Pacing:
                 c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
                 c["advisor_target_scan_time"], c["advisor_max_cpu"],
                 c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
+            if self._quiet:
+                # Quiet from now: the next batch is the whole next full scan,
+                # a whole period after this one (not the sleeps of a busy one).
+                k = self._join(c["pages_to_scan"], True)
+                self._next_batch = max(self._next_batch,
+                                       self._batch_end + k * c["sleep_millisecs"] / 1000)
         self.activity.full_scan(self.scanner.full_scans, now - t0, self.scanner.stats,
                                 c["pages_to_scan"], c["advisor_mode"] == 1)
 

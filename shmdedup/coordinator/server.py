@@ -304,8 +304,9 @@ class CoordinatorServer:
                 self.scanner.failed = []
             self.batches += 1
             self.outbox.flush()
-            self.pacing.batch_done(time.thread_time() - cpu0, visited)
-            if self.scanner.full_scans != before:
+            ended = self.scanner.full_scans != before
+            self.pacing.batch_done(time.thread_time() - cpu0 + self.replies.take_scan_cpu(), visited, ended)
+            if ended:
                 self.pacing.full_scan_done()
         self.waits.settle()
         self.waits.expire(now)

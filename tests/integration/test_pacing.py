@@ -61,3 +61,33 @@ def test_smart_scan_skips_unique_pages_but_twins_still_merge(region) -> None:
             wait_for(lambda: c.stats()["pages_sharing"] == 2048, 60, "the late twins to merge")
             assert twin.merged_pages() == region.merged_pages() == 2048
             assert bytes(memoryview(twin)) == bytes(memoryview(region))
+
+
+def test_a_quiet_domain_still_merges_a_page_written_later() -> None:
+    """Converged and unchanging, the advisor scans the domain in one batch a
+    full scan (pacing.py); a page written afterwards, with no message to the
+    coordinator (a plain store), is still found at the next visits and
+    merged, as before.  The domain is bigger than MIN_BATCH_PAGES, so the
+    quiet batches are bigger than the busy ones."""
+    from shmdedup.coordinator.pacing import MIN_BATCH_PAGES
+    n = MIN_BATCH_PAGES // 2 + 2048
+    rng = np.random.default_rng(11)
+    content = rng.integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8)
+    with shmdedup.Coordinator(advisor_target_scan_time=1, sleep_millisecs=5) as c, \
+            shmdedup.Region(n * PAGE_SIZE) as a, shmdedup.Region(n * PAGE_SIZE) as b, \
+            shmdedup.Region(256 * PAGE_SIZE) as u:
+        for r in (a, b):
+            r.ndarray(np.uint8).reshape(n, PAGE_SIZE)[:] = content
+        u.ndarray(np.uint8).reshape(256, PAGE_SIZE)[:] = rng.integers(0, 256, (256, PAGE_SIZE),
+                                                                      dtype=np.uint8)
+        for r in (a, b, u):
+            r.advise(MERGEABLE)
+        wait_for(lambda: c.stats()["pages_sharing"] == n, 60, "the twins to merge")
+        c.wait_full_scans(3, timeout=60)                # nothing changes: quiet
+        assert u.merged_pages() == 0
+        held = u.allocated_bytes()
+        u.ndarray(np.uint8).reshape(256, PAGE_SIZE)[7] = content[7]   # a twin appears by a store
+        wait_for(lambda: u.merged_pages() == 1, 60, "the written page to merge")
+        assert bytes(memoryview(u)[7 * PAGE_SIZE:8 * PAGE_SIZE]) == content[7].tobytes()
+        assert held - u.allocated_bytes() >= PAGE_SIZE   # its copy punched, seen by st_blocks
+        assert c.stats()["pages_sharing"] == n + 1

@@ -40,7 +40,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Pacing, dict[str, int], Any,
     monkeypatch.setattr(pacing_mod.advisor, "advise", spy)
     controls = {name: spec[0] for name, spec in CONTROLS.items()}
     scanner = SimpleNamespace(pages_scanned=0, full_scans=0, stats=lambda: {}, lanes={0: None},
-                              regions=[None])
+                              regions=[None], changes=0)
     activity = SimpleNamespace(full_scan=lambda *a, **k: None)
     p = Pacing(controls, scanner, activity)  # type: ignore[arg-type]
     return p, controls, scanner, clock, samples
@@ -75,12 +75,14 @@ def test_time_the_scan_could_not_run_is_not_the_first_scans(setup) -> None:
     assert samples[-1].wall_s == pytest.approx(2.0)
 
 
-def full_scan(p: Pacing, scanner: Any, clock: Clock, pages: int) -> None:
+def full_scan(p: Pacing, scanner: Any, clock: Clock, pages: int, changed: bool = True) -> None:
     """One batch that visits ``pages`` and ends a full scan (a converged
-    domain: pages visited, none read, so pages_scanned stays)."""
+    domain: pages visited, none read, so pages_scanned stays); ``changed``:
+    the scan found something to do (a domain still converging)."""
     p.batch_pages(clock.t)
+    scanner.changes += int(changed)
     clock.t += 1.0
-    p.batch_done(0.001, pages)
+    p.batch_done(0.001, pages, ended=True)
     scanner.full_scans += 1
     p.full_scan_done()
 
@@ -161,3 +163,79 @@ def test_manual_pages_to_scan_is_kept_as_ksmd_would(setup) -> None:
     assert p.batch_pages(clock.t) == 100
     p.batch_done(0.001)
     assert p.due() == pytest.approx(clock.t + controls["sleep_millisecs"] / 1000)
+
+
+def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
+    """Converged and unchanging: after a full scan that found nothing to do,
+    one batch covers the last full scan's pages, at the same pace (as many
+    sleeps later); the first change, or a wake, ends it."""
+    p, controls, scanner, clock, _ = setup
+    controls["pages_to_scan"] = 500
+    sleep = controls["sleep_millisecs"] / 1000
+    k = -(-MIN_BATCH_PAGES // 500)
+    full_scan(p, scanner, clock, 262144)
+    full_scan(p, scanner, clock, 262144)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * k               # the last scan merged: not quiet
+    full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    whole = -(-262144 // 500)
+    # From the full scan that found nothing, the next batch comes a whole
+    # period later (its own pace), not the few sleeps of a busy batch.
+    assert p.due() >= clock.t + (whole - 2) * sleep
+    assert p.batch_pages(clock.t) == 500 * whole
+    p.batch_done(0.01, 262144)
+    assert p.due() == pytest.approx(clock.t + whole * sleep)   # the same pace
+    scanner.full_scans += 1
+    p.full_scan_done()
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * whole
+    # A page written (or anything the scan finds to do) ends it at once.
+    scanner.changes += 1
+    assert p.batch_pages(clock.t) == 500 * k
+    full_scan(p, scanner, clock, 262144, changed=False)      # that scan saw the change
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * k
+    full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * whole
+    # A wake (a control set, a range advised) ends it too, until a full scan
+    # that began after it found nothing.
+    p.wake()
+    assert p.batch_pages(clock.t) == 500 * k
+    full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * k
+    full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * whole
+
+
+def test_a_quiet_domain_with_several_uids_keeps_the_short_period(setup) -> None:
+    p, controls, scanner, clock, _ = setup
+    scanner.lanes = {0: None, 1000: None}
+    for _ in range(3):
+        full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    k = int(MULTI_LANE_PERIOD / (controls["sleep_millisecs"] / 1000))
+    assert p.batch_pages(clock.t) == 500 * k
+
+
+def test_a_batch_cut_short_is_followed_at_the_pace_of_what_it_visited(setup) -> None:
+    """A quiet domain's one batch, cold after a long sleep, may end at its CPU
+    limit: the rest of the full scan follows after as many sleeps as the pages
+    it visited stand for, not a whole period later (the full scan keeps the
+    advisor's time)."""
+    p, controls, scanner, clock, _ = setup
+    sleep = controls["sleep_millisecs"] / 1000
+    for _ in range(3):
+        full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * -(-262144 // 500)
+    p.batch_done(0.05, 100000)
+    assert p.due() == pytest.approx(clock.t + 200 * sleep)
+    # The batch that ends the full scan is followed a whole k later, as
+    # before: the next full scan does not begin at once.
+    assert p.batch_pages(clock.t) == 500 * -(-262144 // 500)
+    p.batch_done(0.05, 162144, ended=True)
+    assert p.due() == pytest.approx(clock.t + -(-262144 // 500) * sleep)

@@ -189,6 +189,10 @@ class Scanner(Registry, Accounting):
         self.failed: list[tuple[Any, str]] = []
         self.full_scans: int = 0
         self.pages_scanned: int = 0
+        # What the scan found to do, cumulative: pages seen first or changed,
+        # merged pages found broken, merges and unmerges queued.  Pacing
+        # (pacing.py) tells a quiet domain by a full scan that added none.
+        self.changes: int = 0
         self.pages_skipped: int = 0
         # One read buffer for the scanner's life (a chunk is at most
         # CHUNK_PAGES pages; untouched pages cost no memory), shared with
@@ -294,6 +298,7 @@ class Scanner(Registry, Accounting):
                 self.failed.append((worker, f"cannot queue its merges: {type(e).__name__}"))
                 self.queue.release(items)
         self.budget.end_batch({worker: len(r) for worker, r in runs.items()})
+        self.changes += sum(len(r) for r in runs.values()) + sum(len(u) for u in unmerges.values())
         for worker, r in runs.items():
             self.send_merge(worker, r)
         for worker, items in unmerges.items():
@@ -541,6 +546,7 @@ class Scanner(Registry, Accounting):
         merged_st = (st == MERGED) | (st == ZERO)
         broken = np.flatnonzero(merged_st & private)
         if len(broken):
+            self.changes += len(broken)
             slots = slot[broken]
             slots = slots[slots >= 0]
             np.subtract.at(self.sharers, slots, 1)
@@ -609,6 +615,7 @@ class Scanner(Registry, Accounting):
         ch.checksum[e] = hashes
         ch.status[e[~steady]] = VOLATILE
         k = np.flatnonzero(steady)          # candidates, as indexes into buf
+        self.changes += n - len(k)
         if len(k):
             self.matcher.cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
 
