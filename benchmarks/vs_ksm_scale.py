@@ -208,7 +208,10 @@ def _steady(sample: Callable[[], dict[str, Any]], wait_scans: Callable[[int, flo
     s0, t0 = sample(), time.monotonic()
     probes = 1                    # stats requests inside the window: the last sample's
     if scan_s:                    # half the window in one wait (scans lengthen as the advisor slows)
-        wait_scans(max(1, math.ceil(seconds / scan_s / 2)), timeout)
+        # At most 4 scans: the one measured may be far shorter than the next
+        # ones (the scan right after convergence), and 60 of 10 s each outlast
+        # any timeout.
+        wait_scans(max(1, min(4, math.ceil(seconds / scan_s / 2))), timeout)
         probes += 1
     while time.monotonic() - t0 < seconds:
         wait_scans(1, timeout)
