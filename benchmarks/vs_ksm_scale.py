@@ -35,8 +35,9 @@ then, since the advisor is still lowering pages_to_scan at that point, the
 same again once a full scan changed pages_to_scan by < 5% ("settled";
 ``--py-spy FILE`` profiles the coordinator during that window).  A stats
 request costs the coordinator CPU in proportion to its tracked pages, so the
-windows are watched through few ``wait`` requests (each makes one), and the
-measured CPU of the stats requests in a window is taken out.  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
+windows are watched through stats requests every 2 s (not ``wait`` requests:
+a wait wakes a quiet domain's scan to the advisor's pace), and the measured
+CPU of the stats requests in a window is taken out.  KSM: ksmd at its own defaults (pages_to_scan 100, sleep_millisecs
 20) on the same content (--defaults-ksm-mib for a smaller size): time to
 converge, then its steady CPU per tracked page per second over the same kind
 of window (at 5000 pages/s a full scan of 4 x 256 MiB takes ~52 s, so the
@@ -196,14 +197,17 @@ def _cpu_windows(timeline: list[tuple[float, int]], window: float = 1.0) -> floa
     return worst
 
 
-def _steady(sample: Callable[[], dict[str, Any]], wait_scans: Callable[[int, float], None], tracked: int,
+STEADY_POLL = 2.0      # s between two stats requests while shmdedup's steady windows wait for scans
+
+
+def _steady(sample: Callable[[], dict[str, Any]], wait_scans: Callable[[int, float], int | None], tracked: int,
             seconds: float, timeout: float, scan_s: float | None = None,
             probe_ns: float = 0.0) -> dict[str, Any]:
     """Scanner CPU from a full-scan end to the first full-scan end >= seconds
-    later.  With *scan_s* (s per full scan) it waits for half of them in one
-    request, then scan by scan: each wait, and the last sample, makes one stats
-    request; *probe_ns* (CPU of one stats request) times their number is taken
-    out of ``cpu_s``."""
+    later.  With *scan_s* (s per full scan) it waits for half of them at once,
+    then scan by scan; each wait makes the stats requests *wait_scans* returns
+    (None: one), the last sample one more; *probe_ns* (CPU of one stats
+    request) times their number is taken out of ``cpu_s``."""
     wait_scans(1, timeout)        # start on a scan boundary
     s0, t0 = sample(), time.monotonic()
     probes = 1                    # stats requests inside the window: the last sample's
@@ -211,11 +215,9 @@ def _steady(sample: Callable[[], dict[str, Any]], wait_scans: Callable[[int, flo
         # At most 4 scans: the one measured may be far shorter than the next
         # ones (the scan right after convergence), and 60 of 10 s each outlast
         # any timeout.
-        wait_scans(max(1, min(4, math.ceil(seconds / scan_s / 2))), timeout)
-        probes += 1
+        probes += wait_scans(max(1, min(4, math.ceil(seconds / scan_s / 2))), timeout) or 1
     while time.monotonic() - t0 < seconds:
-        wait_scans(1, timeout)
-        probes += 1
+        probes += wait_scans(1, timeout) or 1
     s1, t1 = sample(), time.monotonic()
     dt = t1 - t0
     raw = (s1["cpu"] - s0["cpu"]) / 1e9
@@ -270,8 +272,17 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
             return {"pages_sharing": s["pages_sharing"], "full_scans": s["full_scans"],
                     "pages_scanned": s["pages_scanned"], "cpu": cpu, "wcpu": fleet.cpu_ns()}
 
-        def wait_scans(n: int, timeout: float) -> None:
-            client.wait_full_scans(n, timeout=timeout)
+        def wait_scans(n: int, timeout: float) -> int:
+            # Polled, not a ``wait`` request: a wait wakes the scan out of a
+            # quiet domain's stretched pace (pacing.py), which is what the
+            # steady windows measure.  Returns the stats requests made.
+            f0, t0, asked = client.stats()["full_scans"], time.monotonic(), 1
+            while client.stats()["full_scans"] < f0 + n:
+                asked += 1
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"shmdedup: no {n} full scans within {timeout:.0f} s")
+                time.sleep(STEADY_POLL)
+            return asked + 1
 
         def probe_ns() -> float:
             """The coordinator's CPU for one stats request, now."""

@@ -23,19 +23,25 @@ it runs in the coordinator's single thread.
   ``MULTI_LANE_PERIOD``: a uid with few pages is seen again at every batch
   while another uid's many are scanned, and its fresh pages must not wait
   for long batches of the other's.
-* A quiet domain is scanned in one batch per full scan.  Once a whole full
-  scan found nothing to do (no page seen first or changed, no merge or
-  unmerge queued, no merged page broken: ``Scanner.changes``) and nothing
-  woke the scan meanwhile, the advisor's batches are joined up to the last
-  full scan's pages, not only to ``MIN_BATCH_PAGES``: the same pace and the
-  same time between two visits of a page, with one wakeup per full scan
-  instead of one per ``MIN_BATCH_PAGES``.  What a wakeup costs grows far
-  more slowly than the sleep before it (measured here: 4.3 ms of CPU for the
-  same work after 0.66 s asleep, 8.7 ms after 10 s), so a converged,
-  unchanging domain costs several times less.  The first change (a page
-  written, a merge found, a control set, a range advised) ends it at the
-  next batch; the ``MULTI_LANE_PERIOD`` bound and the batch's CPU limit
-  still hold.
+* A quiet domain is scanned in one batch per full scan, ``QUIET_STRETCH``
+  times slower.  Once a whole full scan found nothing to do (no page seen
+  first or changed, no merge or unmerge queued, no merged page broken:
+  ``Scanner.changes``) and nothing woke the scan meanwhile, the advisor's
+  batches are joined up to the last full scan's pages, not only to
+  ``MIN_BATCH_PAGES``, and the batch that covers them all comes
+  ``QUIET_STRETCH`` times the advisor's period later: one wakeup per full
+  scan instead of one per ``MIN_BATCH_PAGES``, and fewer full scans.  What
+  a wakeup costs grows far more slowly than the sleep before it (measured
+  here: 4.3 ms of CPU for the same work after 0.66 s asleep, 8.7 ms after
+  10 s).  The advisor is told a quiet scan's time divided by
+  ``QUIET_STRETCH``: it keeps steering the busy pace to its target.
+  The first change (a page written, a merge found, a control set, a range
+  advised, a region registered, a client's ``wait`` for full scans) ends
+  it at the next batch, so a page written into a quiet domain is seen at
+  most ``QUIET_STRETCH`` advisor periods later (ksmd at its defaults takes
+  ~52 s a full scan of 1 GiB), and its second visit comes at the
+  advisor's pace.  With several lanes the ``MULTI_LANE_PERIOD`` bound
+  still holds (no stretch), and so does the batch's CPU limit.
 * A full scan's time, which the advisor steers, counts only while the scan
   could run: not while ``run`` is not 1 or there is nothing to scan (at start
   before the first region, after ``run=0``).
@@ -55,6 +61,7 @@ TRIM_AFTER_SCAN = 0.1           # s: a full scan this long gives the heap back a
 TRIM_INTERVAL = 1.0             # s: shorter ones, at most this often
 MIN_BATCH_PAGES = 16384         # with the advisor on: pages per batch, at least (see above)
 MULTI_LANE_PERIOD = 0.25        # s: the longest batch period then, with several lanes
+QUIET_STRETCH = 4               # a quiet domain's full scans take this many advisor periods
 
 
 class Pacing:
@@ -80,6 +87,7 @@ class Pacing:
         self._changes = 0                         # Scanner.changes at the last full scan's end
         self._quiet = False                       # that full scan found nothing to do
         self._stirred = False                     # woken since the current full scan began
+        self._quiet_scan = False                  # the current full scan began quiet
 
     def due(self) -> float:
         """When the next batch may run (time.monotonic())."""
@@ -121,7 +129,7 @@ class Pacing:
             return 1
         known = 0 if self._reshaped else self._scan_pages
         whole = max(1, -(-known // pages))
-        k = whole if quiet else min(-(-MIN_BATCH_PAGES // pages), whole)
+        k = whole * QUIET_STRETCH if quiet else min(-(-MIN_BATCH_PAGES // pages), whole)
         sleep = self.controls["sleep_millisecs"] / 1000
         if len(self.scanner.lanes) > 1 and sleep > 0:
             k = min(k, max(1, int(MULTI_LANE_PERIOD / sleep)))
@@ -177,7 +185,9 @@ class Pacing:
         # against pages_to_scan but are not read (pages_scanned).
         self._scan_pages = self._visited if steady else 0
         changes = self.scanner.changes
+        began_quiet = self._quiet_scan and not self._stirred    # and no wake cut it short
         self._quiet = steady and changes == self._changes and not self._stirred
+        self._quiet_scan = self._quiet
         self._changes, self._stirred = changes, False
         self._visited = 0
         self._scan_shape, self._reshaped = shape, False
@@ -190,16 +200,18 @@ class Pacing:
             self._last_trim = now
         c = self.controls
         if c["advisor_mode"] == 1:
+            # A quiet scan took QUIET_STRETCH periods by design: the advisor
+            # is told the period it stood for, and keeps the busy pace.
+            wall = (now - t0) / (QUIET_STRETCH if began_quiet else 1)
             c["pages_to_scan"] = advisor.advise(
-                c["pages_to_scan"], advisor.ScanSample(now - t0, cpu - cpu0, pages - pages0),
+                c["pages_to_scan"], advisor.ScanSample(wall, cpu - cpu0, pages - pages0),
                 c["advisor_target_scan_time"], c["advisor_max_cpu"],
                 c["advisor_min_pages_to_scan"], c["advisor_max_pages_to_scan"])
-            if self._quiet:
-                # Quiet from now: the next batch is the whole next full scan,
-                # a whole period after this one (not the sleeps of a busy one).
-                k = self._join(c["pages_to_scan"], True)
-                self._next_batch = max(self._next_batch,
-                                       self._batch_end + k * c["sleep_millisecs"] / 1000)
+        if c["advisor_mode"] == 1 and self._quiet:
+            # Quiet from now: the next batch is the whole next full scan, a
+            # quiet period after this one (not the sleeps of a busy one).
+            k = self._join(c["pages_to_scan"], True)
+            self._next_batch = max(self._next_batch, self._batch_end + k * c["sleep_millisecs"] / 1000)
         self.activity.full_scan(self.scanner.full_scans, now - t0, self.scanner.stats,
                                 c["pages_to_scan"], c["advisor_mode"] == 1)
 

@@ -9,6 +9,10 @@ has been answered (or its worker is gone), so the statistics read after a
 wait count the merges those scans asked for.  It is answered with an error
 at its deadline.  While it waits, its client is held (``Outbox.hold``): the
 client's later requests are answered after this one.
+
+A wait wakes the scan (``wake``, the server's ``Pacing.wake``): a client
+that waits for full scans wants them at the advisor's pace, not at a quiet
+domain's stretched one (``pacing.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from shmdedup.coordinator.inflight import RequestTracker
 from shmdedup.coordinator.outbox import Outbox
@@ -35,15 +39,18 @@ class Wait:
 class Waits:
     """Waits for ``full_scans``, answered when their scans' requests are settled."""
 
-    def __init__(self, scanner: Scanner, requests: RequestTracker, outbox: Outbox) -> None:
+    def __init__(self, scanner: Scanner, requests: RequestTracker, outbox: Outbox,
+                 wake: Callable[[], None] = lambda: None) -> None:
         self.scanner = scanner
         self.requests = requests
         self.outbox = outbox
+        self.wake = wake
         self.waiting: list[Wait] = []
 
     def on_wait(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
         self.waiting.append(Wait(peer, msg["full_scans"], time.monotonic() + msg["timeout"]))
         self.outbox.hold(peer)
+        self.wake()
         self.settle()
 
     def settle(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from shmdedup.controls import CONTROLS
 from shmdedup.coordinator import pacing as pacing_mod
-from shmdedup.coordinator.pacing import MIN_BATCH_PAGES, MULTI_LANE_PERIOD, Pacing
+from shmdedup.coordinator.pacing import MIN_BATCH_PAGES, MULTI_LANE_PERIOD, QUIET_STRETCH, Pacing
 from shmdedup.coordinator.scan import advisor
 
 
@@ -167,9 +167,10 @@ def test_manual_pages_to_scan_is_kept_as_ksmd_would(setup) -> None:
 
 def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     """Converged and unchanging: after a full scan that found nothing to do,
-    one batch covers the last full scan's pages, at the same pace (as many
-    sleeps later); the first change, or a wake, ends it."""
-    p, controls, scanner, clock, _ = setup
+    one batch covers the last full scan's pages, QUIET_STRETCH times the
+    advisor's period apart (the advisor is told the period they stand for);
+    the first change, or a wake, ends it."""
+    p, controls, scanner, clock, samples = setup
     controls["pages_to_scan"] = 500
     sleep = controls["sleep_millisecs"] / 1000
     k = -(-MIN_BATCH_PAGES // 500)
@@ -179,17 +180,19 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     assert p.batch_pages(clock.t) == 500 * k               # the last scan merged: not quiet
     full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
-    whole = -(-262144 // 500)
-    # From the full scan that found nothing, the next batch comes a whole
-    # period later (its own pace), not the few sleeps of a busy batch.
-    assert p.due() >= clock.t + (whole - 2) * sleep
-    assert p.batch_pages(clock.t) == 500 * whole
-    p.batch_done(0.01, 262144)
-    assert p.due() == pytest.approx(clock.t + whole * sleep)   # the same pace
+    quiet = -(-262144 // 500) * QUIET_STRETCH
+    # From the full scan that found nothing, the next batch comes a quiet
+    # period later, not the few sleeps of a busy batch.
+    assert p.due() >= clock.t + (quiet - 2 * QUIET_STRETCH) * sleep
+    assert p.batch_pages(clock.t) == 500 * quiet
+    clock.t += quiet * sleep
+    p.batch_done(0.01, 262144, ended=True)
+    assert p.due() == pytest.approx(clock.t + quiet * sleep)
     scanner.full_scans += 1
     p.full_scan_done()
+    assert samples[-1].wall_s == pytest.approx(quiet * sleep / QUIET_STRETCH)
     controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * whole
+    assert p.batch_pages(clock.t) == 500 * quiet
     # A page written (or anything the scan finds to do) ends it at once.
     scanner.changes += 1
     assert p.batch_pages(clock.t) == 500 * k
@@ -198,7 +201,7 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     assert p.batch_pages(clock.t) == 500 * k
     full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * whole
+    assert p.batch_pages(clock.t) == 500 * quiet
     # A wake (a control set, a range advised) ends it too, until a full scan
     # that began after it found nothing.
     p.wake()
@@ -208,7 +211,7 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     assert p.batch_pages(clock.t) == 500 * k
     full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * whole
+    assert p.batch_pages(clock.t) == 500 * quiet
 
 
 def test_a_quiet_domain_with_several_uids_keeps_the_short_period(setup) -> None:
@@ -231,11 +234,12 @@ def test_a_batch_cut_short_is_followed_at_the_pace_of_what_it_visited(setup) -> 
     for _ in range(3):
         full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * -(-262144 // 500)
+    quiet = -(-262144 // 500) * QUIET_STRETCH
+    assert p.batch_pages(clock.t) == 500 * quiet
     p.batch_done(0.05, 100000)
     assert p.due() == pytest.approx(clock.t + 200 * sleep)
-    # The batch that ends the full scan is followed a whole k later, as
-    # before: the next full scan does not begin at once.
-    assert p.batch_pages(clock.t) == 500 * -(-262144 // 500)
+    # The batch that ends the full scan is followed a whole quiet period
+    # later: the next full scan does not begin at once.
+    assert p.batch_pages(clock.t) == 500 * quiet
     p.batch_done(0.05, 162144, ended=True)
-    assert p.due() == pytest.approx(clock.t + -(-262144 // 500) * sleep)
+    assert p.due() == pytest.approx(clock.t + quiet * sleep)
