@@ -129,11 +129,18 @@ class Pacing:
             return 1
         known = 0 if self._reshaped else self._scan_pages
         whole = max(1, -(-known // pages))
-        k = whole * QUIET_STRETCH if quiet else min(-(-MIN_BATCH_PAGES // pages), whole)
+        if quiet and self._stretches():
+            return whole * QUIET_STRETCH
+        k = whole if quiet else min(-(-MIN_BATCH_PAGES // pages), whole)
         sleep = self.controls["sleep_millisecs"] / 1000
         if len(self.scanner.lanes) > 1 and sleep > 0:
             k = min(k, max(1, int(MULTI_LANE_PERIOD / sleep)))
         return k
+
+    def _stretches(self) -> bool:
+        """A quiet full scan may come QUIET_STRETCH periods apart: one lane
+        (with several, MULTI_LANE_PERIOD bounds a batch period), and sleeps."""
+        return len(self.scanner.lanes) <= 1 and self.controls["sleep_millisecs"] > 0
 
     def _shape(self) -> tuple[int, int]:
         return len(self.scanner.lanes), len(self.scanner.regions)
@@ -187,7 +194,7 @@ class Pacing:
         changes = self.scanner.changes
         began_quiet = self._quiet_scan and not self._stirred    # and no wake cut it short
         self._quiet = steady and changes == self._changes and not self._stirred
-        self._quiet_scan = self._quiet
+        self._quiet_scan = self._quiet and self._stretches()
         self._changes, self._stirred = changes, False
         self._visited = 0
         self._scan_shape, self._reshaped = shape, False

@@ -215,13 +215,16 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
 
 
 def test_a_quiet_domain_with_several_uids_keeps_the_short_period(setup) -> None:
-    p, controls, scanner, clock, _ = setup
+    p, controls, scanner, clock, samples = setup
     scanner.lanes = {0: None, 1000: None}
     for _ in range(3):
         full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
     k = int(MULTI_LANE_PERIOD / (controls["sleep_millisecs"] / 1000))
     assert p.batch_pages(clock.t) == 500 * k
+    # Nor is the advisor told a quarter of their time: they were not stretched.
+    full_scan(p, scanner, clock, 262144, changed=False)
+    assert samples[-1].wall_s == pytest.approx(1.0)
 
 
 def test_a_batch_cut_short_is_followed_at_the_pace_of_what_it_visited(setup) -> None:
