@@ -33,7 +33,10 @@ converged with nothing changing, its CPU from the next full-scan end to the
 first full-scan end >= --steady-seconds later, per tracked page per second;
 then, since the advisor is still lowering pages_to_scan at that point, the
 same again once a full scan changed pages_to_scan by < 5% ("settled";
-``--py-spy FILE`` profiles the coordinator during that window).  A stats
+``--py-spy FILE`` profiles the coordinator during that window); then
+"unwatched": a whole number of full scans with no request at all, CPU from
+/proc (each request wakes the coordinator, and a wakeup costs it more than
+the request's own CPU).  A stats
 request costs the coordinator CPU in proportion to its tracked pages, so the
 windows are watched through stats requests every 2 s (not ``wait`` requests:
 a wait wakes a quiet domain's scan to the advisor's pace), and the measured
@@ -334,6 +337,20 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(60)
+        # Unwatched: the windows above ask for stats every STEADY_POLL s, and
+        # each request wakes the coordinator, whose first milliseconds after
+        # a sleep cost several times their work (that tax is not in the
+        # request's measured CPU).  Here nothing is asked for a whole number
+        # of full scans: CPU from /proc, full_scans read after the window.
+        per_scan = res["settled"]["seconds"] / max(1, res["settled"]["full_scans"])
+        wait_scans(1, cfg.timeout)
+        window = per_scan * max(2, math.ceil(cfg.steady_seconds / per_scan))
+        f0, c0, t0 = client.stats()["full_scans"], host.cpu_ns(cpid), time.monotonic()
+        time.sleep(window)
+        c1, t1 = host.cpu_ns(cpid), time.monotonic()
+        f1 = client.stats()["full_scans"]
+        res["unwatched"] = {"seconds": t1 - t0, "full_scans": f1 - f0,
+                            "ns_per_page_per_s": (c1 - c0) / (t1 - t0) / (workers * npages)}
         res["pages_to_scan_end"] = client.stats()["pages_to_scan"]
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
@@ -387,6 +404,7 @@ def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, 
         res["cpu_percent"] = 100 * conv["cpu_ns"] / 1e9 / conv["end_s"]
         res["worst_1s_cpu_percent"] = (lambda w: None if w is None else 100 * w)(_cpu_windows(timeline))
         res["steady"] = _steady(sample, wait_scans, workers * npages, cfg.steady_seconds, cfg.timeout)
+        res["unwatched"] = dict(res["steady"])      # reading sysfs never wakes ksmd
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
         if fleet is not None:
@@ -446,6 +464,10 @@ DEFAULT_ROWS: list[tuple[str, Any, int | None]] = [
     ("settled: scanner CPU % of a CPU", "settled.cpu_percent", 2),
     ("settled: scanner ns CPU/tracked page/s", "settled.ns_per_page_per_s", 3),
     ("settled: pages_to_scan at the end", "pages_to_scan_end", 0),
+    ("unwatched: window s / full scans", lambda r: (f"{r['unwatched']['seconds']:.1f} / "
+                                                    f"{r['unwatched']['full_scans']}" if "unwatched" in r else "-"),
+     None),
+    ("unwatched: scanner ns CPU/tracked page/s", "unwatched.ns_per_page_per_s", 3),
     ("every worker read its bytes", "verify_ok", 0),
     ("other processes' CPU s, convergence", "foreign_cpu_s", 1),
 ]
