@@ -98,6 +98,12 @@ class Pacing:
         self._next_batch = min(self._next_batch, time.monotonic())
         self._quiet, self._stirred = False, True
 
+    def unquiet(self) -> None:
+        """End a quiet domain's stretched pace now (a client waits for full
+        scans); otherwise nothing: a wait does not hurry a busy scan."""
+        if self._quiet:
+            self.wake()
+
     def idle(self, now: float) -> None:
         """The scan cannot run now (``run`` is not 1, or nothing to scan):
         this time is not the current full scan's."""

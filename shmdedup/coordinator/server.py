@@ -152,7 +152,7 @@ class CoordinatorServer:
         self.admission: Admission = Admission(
             self.listener, self.sel, self.peers, self.controls, self.quotas, allow_uids, allow_gids,
             self.outbox, self.warn, self.activity, self.scanner, self._drop_peer)
-        self.waits: Waits = Waits(self.scanner, self.requests, self.outbox, self.pacing.wake)
+        self.waits: Waits = Waits(self.scanner, self.requests, self.outbox, self.pacing.unquiet)
         self.unmerge_all: UnmergeAll = UnmergeAll(self.peers, self.controls, self.scanner,
                                                   self.requests, self.outbox)
         self.merge_now: MergeNow = MergeNow(self.controls, self.scanner, self.requests,

@@ -10,9 +10,9 @@ wait count the merges those scans asked for.  It is answered with an error
 at its deadline.  While it waits, its client is held (``Outbox.hold``): the
 client's later requests are answered after this one.
 
-A wait wakes the scan (``wake``, the server's ``Pacing.wake``): a client
-that waits for full scans wants them at the advisor's pace, not at a quiet
-domain's stretched one (``pacing.py``).
+A wait ends a quiet domain's stretched pace (``wake``, the server's
+``Pacing.unquiet``): a client that waits for full scans wants them at the
+advisor's pace (``pacing.py``).  It does not hurry a scan that is not quiet.
 """
 
 from __future__ import annotations

@@ -202,6 +202,19 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
     assert p.batch_pages(clock.t) == 500 * quiet
+    # A client's wait ends it (and only then does a wait move the next batch).
+    due = p.due()
+    p.unquiet()
+    assert p.due() < due and p.batch_pages(clock.t) == 500 * k
+    p.batch_done(0.001, 500 * k)
+    due = p.due()
+    p.unquiet()
+    assert p.due() == due
+    full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    full_scan(p, scanner, clock, 262144, changed=False)
+    controls["pages_to_scan"] = 500
+    assert p.batch_pages(clock.t) == 500 * quiet
     # A wake (a control set, a range advised) ends it too, until a full scan
     # that began after it found nothing.
     p.wake()
