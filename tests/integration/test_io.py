@@ -121,11 +121,11 @@ def test_pinned_keeps_pages_from_merging_until_the_block_ends(coordinator) -> No
 
 # Receives datagrams into a page whose twin keeps it merging: every call of
 # Region.recv_into races the coordinator, which merges the page back as soon
-# as it holds its old bytes again.  The window between the break and the
+# as it holds its old bytes again (each call waits until it has).  The window between the break and the
 # receive is widened to 5 ms (a slow break), so that the coordinator has time
 # to merge the page in it: unless pinned() keeps it from doing so.
 RACE = """
-import random, time
+import time
 break_range = r.break_range
 def slow_break(first, n):
     broken = break_range(first, n)
@@ -145,7 +145,9 @@ for i in range(n):
         lost += 1                          # EFAULT: merged between break and recv
     calls += 1
     a[1, 100:164] = expected[1, 100:164]   # its old bytes: it merges again
-    time.sleep(random.random() * 0.001)
+    deadline = time.monotonic() + 20       # and every call starts on a merged page
+    while state(1) != _native.MERGED and time.monotonic() < deadline:
+        time.sleep(0.0005)
 tx.close(); rx.close()
 del r.break_range
 result = (calls, lost, merged_first)
@@ -158,5 +160,5 @@ def test_region_recv_into_loses_no_datagram_while_the_page_keeps_merging(coordin
     merged(w)
     calls, lost, merged_first = w.call(RACE, n=500, timeout=120)
     assert calls == 500 and lost == 0
-    assert merged_first > 100, merged_first   # the page really was merged again and again
+    assert merged_first == 500, merged_first  # the page really was merged before every call
     assert w.close() == 0

@@ -75,6 +75,13 @@ def test_time_the_scan_could_not_run_is_not_the_first_scans(setup) -> None:
     assert samples[-1].wall_s == pytest.approx(2.0)
 
 
+def batch_after(p: Pacing, controls: dict[str, int], clock: Clock, pages: int = 500) -> int:
+    """The pages of the batch that runs now, with pages_to_scan set to
+    ``pages`` first (the advisor moves it at every full scan)."""
+    controls["pages_to_scan"] = pages
+    return p.batch_pages(clock.t)
+
+
 def full_scan(p: Pacing, scanner: Any, clock: Clock, pages: int, changed: bool = True) -> None:
     """One batch that visits ``pages`` and ends a full scan (a converged
     domain: pages visited, none read, so pages_scanned stays); ``changed``:
@@ -91,11 +98,9 @@ def test_advisor_batches_are_big_and_keep_its_pace(setup) -> None:
     """A converged domain of 262144 pages, the advisor at a few hundred pages
     per 20 ms: one batch of MIN_BATCH_PAGES, that many sleeps later."""
     p, controls, scanner, clock, _ = setup
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500            # no full scan yet: nothing to go by
+    assert batch_after(p, controls, clock) == 500            # no full scan yet: nothing to go by
     full_scan(p, scanner, clock, 262144)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500            # the first began before the region came
+    assert batch_after(p, controls, clock) == 500            # the first began before the region came
     full_scan(p, scanner, clock, 262144)
     controls["pages_to_scan"] = 500
     k = -(-MIN_BATCH_PAGES // 500)
@@ -114,21 +119,17 @@ def test_a_small_domain_keeps_its_quick_scans(setup) -> None:
     sleeps would only space the scans out (a fresh merge took 1.3 s)."""
     p, controls, scanner, clock, _ = setup
     full_scan(p, scanner, clock, 64)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500
+    assert batch_after(p, controls, clock) == 500
     full_scan(p, scanner, clock, 2000)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 2000
+    assert batch_after(p, controls, clock) == 2000
     # A big domain whose big worker went: its last full scan says nothing
     # of what is left (a fresh merge waited 2.9 s for one long period),
     # nor does a full scan it left in the middle of.
     full_scan(p, scanner, clock, 262144)
     scanner.regions = []
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500
+    assert batch_after(p, controls, clock) == 500
     full_scan(p, scanner, clock, 262144)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500
+    assert batch_after(p, controls, clock) == 500
     # A worker that came and went within one full scan: its pages are in
     # that scan's count, not in the next one.
     full_scan(p, scanner, clock, 64)
@@ -137,8 +138,7 @@ def test_a_small_domain_keeps_its_quick_scans(setup) -> None:
     p.batch_pages(clock.t)
     scanner.regions = []
     full_scan(p, scanner, clock, 262144)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500
+    assert batch_after(p, controls, clock) == 500
 
 
 def test_with_several_uids_a_batch_period_stays_short(setup) -> None:
@@ -176,8 +176,7 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     k = -(-MIN_BATCH_PAGES // 500)
     full_scan(p, scanner, clock, 262144)
     full_scan(p, scanner, clock, 262144)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * k               # the last scan merged: not quiet
+    assert batch_after(p, controls, clock) == 500 * k               # the last scan merged: not quiet
     full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
     quiet = -(-262144 // 500) * QUIET_STRETCH
@@ -191,17 +190,14 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     scanner.full_scans += 1
     p.full_scan_done()
     assert samples[-1].wall_s == pytest.approx(quiet * sleep / QUIET_STRETCH)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * quiet
+    assert batch_after(p, controls, clock) == 500 * quiet
     # A page written (or anything the scan finds to do) ends it at once.
     scanner.changes += 1
     assert p.batch_pages(clock.t) == 500 * k
     full_scan(p, scanner, clock, 262144, changed=False)      # that scan saw the change
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * k
+    assert batch_after(p, controls, clock) == 500 * k
     full_scan(p, scanner, clock, 262144, changed=False)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * quiet
+    assert batch_after(p, controls, clock) == 500 * quiet
     # A client's wait ends it (and only then does a wait move the next batch).
     due = p.due()
     p.unquiet()
@@ -213,18 +209,15 @@ def test_a_quiet_domain_is_scanned_in_one_batch_per_full_scan(setup) -> None:
     full_scan(p, scanner, clock, 262144, changed=False)
     controls["pages_to_scan"] = 500
     full_scan(p, scanner, clock, 262144, changed=False)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * quiet
+    assert batch_after(p, controls, clock) == 500 * quiet
     # A wake (a control set, a range advised) ends it too, until a full scan
     # that began after it found nothing.
     p.wake()
     assert p.batch_pages(clock.t) == 500 * k
     full_scan(p, scanner, clock, 262144, changed=False)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * k
+    assert batch_after(p, controls, clock) == 500 * k
     full_scan(p, scanner, clock, 262144, changed=False)
-    controls["pages_to_scan"] = 500
-    assert p.batch_pages(clock.t) == 500 * quiet
+    assert batch_after(p, controls, clock) == 500 * quiet
 
 
 def test_a_quiet_domain_with_several_uids_keeps_the_short_period(setup) -> None:
