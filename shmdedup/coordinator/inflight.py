@@ -65,7 +65,7 @@ class RequestTracker:
             items = protocol.items_to_bytes([(reg.rid, first, n, slot if kind == "merge" else 0)
                                              for reg, first, n, slot in chunk])
             peer.requests[req] = (kind, chunk, time.monotonic() + REQUEST_TIMEOUT)
-            if not self.outbox.send(peer, {"t": kind, "req": req, "items": items}):
+            if not self.outbox.send(peer, {"t": kind, "req": req, "items": items}, own_items=True):
                 break
             reqs.append(req)
         return reqs

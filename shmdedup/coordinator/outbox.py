@@ -57,15 +57,17 @@ class Outbox:
 
     # -- sending -------------------------------------------------------------
 
-    def send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None) -> bool:
+    def send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None,
+             own_items: bool = False) -> bool:
         """Send now, or queue behind what is already waiting; never block.
-        The caller keeps its *fds* (a queued message carries duplicates)."""
+        The caller keeps its *fds* (a queued message carries duplicates).
+        ``own_items``: see ``protocol.encode``."""
         if peer.conn.closed:
             return False
         fds = fds or []
         box = peer.unsent
         try:
-            data = protocol.encode(msg, len(fds))
+            data = protocol.encode(msg, len(fds), own_items=own_items)
             if not box and peer.conn.try_send(data, fds):
                 return True
         except (BrokenPipeError, ConnectionResetError):

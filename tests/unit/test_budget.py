@@ -179,6 +179,38 @@ def test_admit_stops_at_max_mappings_and_counts_the_rest() -> None:
     assert list(ok) == [10, 30] and list(slots) == [2, 3] and list(over) == [50]
 
 
+def test_admission_far_below_the_limit_recounts_nothing_and_near_it_is_exact() -> None:
+    """Touched chunks wait for their recount while an upper bound (CHUNK
+    boundaries each) leaves room; once the bound could pass the limit the
+    exact count decides, so admission never admits past max_mappings."""
+    worker = object()
+    reg = FakeRegion(worker, 8 * CHUNK)
+    b = MappingBudget(ScanSettings(max_mappings=10**6))
+    b.add(reg)
+    assert not b.full(worker)               # the first count of a new region is exact
+    scattered = np.arange(1, 4 * CHUNK, 2)  # every other page: 2 mappings each
+    for p in scattered.tolist():
+        reg.merge(p, 1000 + 7 * p)
+    b.touch(reg, 0, 4 * CHUNK)
+    assert not b.full(worker)               # far below: judged without a recount
+    assert b._maps[reg].dirty                # still to recount
+    exact = b.estimate(worker)
+    assert exact - PROCESS_MAPPINGS == reg.brute_mappings()
+    # Now a limit the exact count is close to: the bound would refuse, the
+    # recount admits exactly what fits.
+    b2 = MappingBudget(ScanSettings(max_mappings=exact + 6))
+    b2.add(reg2 := FakeRegion(worker, 8 * CHUNK))
+    b2.estimate(worker)
+    for p in scattered.tolist():
+        reg2.merge(p, 1000 + 7 * p)
+    b2.touch(reg2, 0, 4 * CHUNK)
+    assert not b2.full(worker)
+    pages = np.arange(5 * CHUNK, 5 * CHUNK + 20, 2)   # +2 each: 3 fit in 6
+    ok, _, over = b2.admit(reg2, pages, pages + 50_000 + 3 * np.arange(len(pages)))
+    assert len(ok) == 3 and len(over) == len(pages) - 3
+    assert b2.full(worker)                  # the 6 planned fill it
+
+
 def test_admit_pairs_both_sides_or_neither() -> None:
     wa, wb = object(), object()
     a, b_ = FakeRegion(wa, 400), FakeRegion(wb, 400)

@@ -602,3 +602,18 @@ def test_connect_missing(sockdir) -> None:
         p.connect(path, timeout=1)
     with pytest.raises(ConnectionError):
         p.connect(os.path.join(sockdir, "no", "dir.sock"))
+
+
+def test_own_items_are_packed_unchecked_and_still_refused_on_receipt() -> None:
+    """The coordinator packs the items it built from its own runs without
+    checking them again (encode(own_items=True)); the receiver's decode
+    checks every message, so a bad item never reaches a worker's merge."""
+    bad = {"t": "merge", "req": 1, "items": p.items_to_bytes([(0, 0, 1, -2)])}
+    with pytest.raises(ProtocolError, match="merge: item 0: slot"):
+        p.encode(bad)
+    data = p.encode(bad, own_items=True)
+    with pytest.raises(ProtocolError, match="merge: item 0: slot"):
+        p.decode(data)
+    # The rest of the message is checked as always.
+    with pytest.raises(ProtocolError, match="merge: missing key"):
+        p.encode({"t": "merge", "items": b""}, own_items=True)

@@ -28,7 +28,8 @@ class Outbox:
         self.replies: list[tuple[Peer, bool, Any, str]] = []
         self.unheld: list[Peer] = []
 
-    def send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None) -> bool:
+    def send(self, peer: Peer, msg: dict[str, Any], fds: list[int] | None = None,
+             own_items: bool = False) -> bool:
         self.sent.append((peer, msg))
         return True
 

@@ -32,7 +32,11 @@ layout coarsens (pages broken back, regions closed, the control raised).
 Boundaries are counted per chunk of pages and recounted only for chunks that
 may have changed (``touch``: merge and unmerge replies, and every chunk the
 scan cursor passes that was not calm, which picks up copy-on-write breaks), so keeping the
-estimate costs O(changed pages), not O(pages), per batch.  Only chunks with
+estimate costs O(changed pages), not O(pages), per batch; and admission
+recounts only when an upper bound (the count so far plus CHUNK for each chunk
+to recount) could pass the limit, so a worker far below it (a streaming
+merge_now touching a chunk or two per request) is recounted only once its
+touched chunks could add up to the headroom.  Only chunks with
 a boundary are remembered, and a whole region is recounted (at registration,
 or after a touch of many chunks) only where its state bytes hold data: a
 page whose state byte is a hole of the worker's metadata object is PRIVATE,
@@ -258,11 +262,35 @@ class MappingBudget:
         return (PROCESS_MAPPINGS + self._total.get(worker, 0) + 2 * self._inflight.get(worker, 0)
                 + self._planned.get(worker, 0))
 
+    def _bound(self, worker: Any) -> int | None:
+        """An upper bound of ``estimate(worker)`` that recounts nothing, or
+        None when a whole region awaits its recount.  A chunk to recount
+        holds at most CHUNK boundaries, and the count it had is in the total
+        already: so the total plus CHUNK per such chunk.  merge_now touches
+        a chunk or two per request; recounting them at every request cost
+        more than the request's own work (a recount reads and compares the
+        chunk's keys), and a worker far from its limit needs no exact count."""
+        extra = 0
+        for reg in self._dirty.get(worker, ()):
+            m = self._maps[reg]
+            if m.all_dirty:
+                return None
+            extra += CHUNK * len(m.dirty)
+        return (PROCESS_MAPPINGS + self._total.get(worker, 0) + extra + 2 * self._inflight.get(worker, 0)
+                + self._planned.get(worker, 0))
+
+    def _fits(self, worker: Any, need: int) -> bool:
+        """``need`` more mappings surely fit, judged without a recount."""
+        b = self._bound(worker)
+        return b is not None and b + need <= self.max_mappings
+
     # -- admitting merges --------------------------------------------------
 
     def full(self, worker: Any) -> bool:
         """No room left for a merge that adds a run (2 mappings): the scanner
         then does not even read the worker's pages."""
+        if self._fits(worker, 2):
+            return False
         return self.estimate(worker) + 2 > self.max_mappings
 
     def costs(self, reg: Any, pages: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -296,10 +324,13 @@ class MappingBudget:
         and what they cost."""
         if not len(pages):
             return 0, 0
-        est = self.estimate(reg.worker)
-        if est + 2 * len(pages) <= self.max_mappings and (len(pages) == 1 or (pages[1:] > pages[:-1]).all()):
+        ascending = len(pages) == 1 or bool((pages[1:] > pages[:-1]).all())
+        if ascending and self._fits(reg.worker, 2 * len(pages)):
             # Each page adds two mappings at most: all fit, and what they
             # cost is the change of boundaries around them (the sum of costs()).
+            return len(pages), self._delta(reg, pages, new)
+        est = self.estimate(reg.worker)
+        if est + 2 * len(pages) <= self.max_mappings and ascending:
             return len(pages), self._delta(reg, pages, new)
         cum = np.cumsum(self.costs(reg, pages, new))
         over = np.flatnonzero(est + cum > self.max_mappings)
