@@ -6,9 +6,16 @@ The scanner finds what the range holds (``scan/inline.py``: pages equal to
 stable pages, and new stable pages for the rest); the merges it asks for
 become merge requests like the scan's (``inflight.py``), sent at once.
 
-* The worker is answered (``merged_now``) when those requests, and any scan
-  merge already in flight for pages of the range, are settled
-  (``settle``, called for every merge reply by ``replies.py``).
+* The worker is answered (``merged_now``) right behind its own merge
+  requests, on the same connection: its agent reads them in order, so the
+  call returns once they are applied, and the coordinator is spared a send
+  per call (the reply to the merge is counted when it comes, ``settle``).
+  A stats request is answered only after such replies have been read
+  (``unsettled``), so the statistics a worker asks for after merge_now
+  returned count what it merged.  When a scan merge is already in flight for
+  pages of the range, the answer waits until that one and the call's own
+  requests are settled (``settle``, called for every merge reply by
+  ``replies.py``).
 * Nothing is merged while ``run`` is not 1 or a run=2 is in progress, nor in
   a region refused by a cap: the answer then comes at once.
 * At most ``MAX_INLINE_PER_WORKER`` calls are in progress per worker, each
@@ -92,9 +99,13 @@ class MergeNow:
             call.err, call.msg = errno.ENOSPC, (
                 f"merge_now: no new stable page could be created ({res.enospc}); "
                 f"the pages that needed one stay private")
+        if waits == own and not peer.conn.closed:
+            # Nothing to wait for but our own requests: answer behind them.
+            self._answer(peer, token, call)
+            call.answered = True
         if waits:
             peer.inline[token] = call
-        else:
+        elif not call.answered:
             self._answer(peer, token, call)
 
     def settle(self, peer: Peer, req: int, result: bytes) -> None:
@@ -110,7 +121,13 @@ class MergeNow:
                 self.pages_merged += n
             if not call.waits:
                 del peer.inline[token]
-                self._answer(peer, token, call)
+                if not call.answered:
+                    self._answer(peer, token, call)
+
+    def unsettled(self, peers: Any) -> list[Peer]:
+        """The workers with a call answered whose merge replies are still to
+        be counted (read them before answering a stats request)."""
+        return [p for p in peers if any(c.answered for c in p.inline.values())]
 
     def _answer(self, peer: Peer, token: int, call: InlineCall) -> None:
         self.outbox.send(peer, {"t": "merged_now", "req": token, "err": call.err, "msg": call.msg[:1000]})

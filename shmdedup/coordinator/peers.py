@@ -96,11 +96,14 @@ class Peer:
 class InlineCall:
     """One merge_now call of a worker: the merge requests it waits for (its
     own, and scan merges already in flight for pages of its range), which of
-    them it sent, and the error to report (ENOSPC) when it is answered."""
+    them it sent, and the error to report (ENOSPC) when it is answered.
+    ``answered``: the answer went out right behind its own requests (it
+    waits for nothing else), and the call stays only to count their replies."""
     waits: set[int]
     own: set[int]
     err: int = 0
     msg: str = ""
+    answered: bool = False
 
 
 @dataclass(eq=False)

@@ -200,12 +200,20 @@ class CoordinatorServer:
             "merge_now": self.merge_now.on_merge_now,
         }
         client_messages: dict[str, Handler] = {
-            "stats": self.surface.on_stats,
+            "stats": self._on_stats,
             "set": self.surface.on_set,
             "wait": self.waits.on_wait,
         }
         self.inbox: Inbox = Inbox(self.controls, self.outbox, self.admission,
                                   worker_messages, client_messages)
+
+    def _on_stats(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
+        """A stats request counts what workers did before it: the replies to
+        merge_now calls already answered (a worker that asks for its
+        statistics after merge_now returned has sent them) are read first."""
+        for worker in self.merge_now.unsettled(list(self.peers.values())):
+            self.inbox.readable(worker)
+        self.surface.on_stats(peer, msg, fds)
 
     # -- life cycle --------------------------------------------------------
 
