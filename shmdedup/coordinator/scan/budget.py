@@ -110,7 +110,7 @@ class MappingBudget:
         self._warned: set[int] = set()
         # (region, a, keys of its pages [a, a + len)): a snapshot that keys()
         # answers from while one merge_now request is worked (prime/unprime).
-        self._primed: tuple[Any, int, np.ndarray] | None = None
+        self._primed: tuple[Any, int, np.ndarray, np.ndarray | None] | None = None
 
     @property
     def max_mappings(self) -> int:
@@ -159,18 +159,22 @@ class MappingBudget:
         a slot we know of (by a coordinator before a restart) is FOREIGN;
         neighbouring ones are taken for one run, as they were most likely
         merged.  Pages within a primed snapshot (``prime``) are answered
-        from it.  Callers must not change the array returned."""
+        from it."""
         n = len(pages)
         primed = self._primed
         if n and primed is not None and primed[0] is reg:
-            a0, k = primed[1], primed[2]
+            a0, state, slot = primed[1], primed[2], primed[3]
             lo, hi = int(pages[0]), int(pages[-1])
-            if n > 1 and hi - lo == n - 1 and lo >= a0 and hi < a0 + len(k) \
+            if n > 1 and hi - lo == n - 1 and lo >= a0 and hi < a0 + len(state) \
                     and (pages[1:] > pages[:-1]).all():
-                return k[lo - a0:hi - a0 + 1]       # a range: a slice
-            if lo >= a0 and hi < a0 + len(k) and int(pages.min()) >= a0 and int(pages.max()) < a0 + len(k):
-                out: np.ndarray = k[pages - a0]
-                return out
+                sel: Any = slice(lo - a0, hi - a0 + 1)       # a range: slices
+            elif lo >= a0 and hi < a0 + len(state) and int(pages.min()) >= a0 \
+                    and int(pages.max()) < a0 + len(state):
+                sel = pages - a0
+            else:
+                sel = None
+            if sel is not None:
+                return self._keys(pages, state[sel], None if slot is None else slot[sel])
         if n > 1 and (np.diff(pages) == 1).all():
             a = int(pages[0])                # a range (the common case): slices, one pread
             state, slot = reg.states[a:a + n], reg.slot[a:a + n]
@@ -186,19 +190,24 @@ class MappingBudget:
         key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
         return key
 
+    @classmethod
+    def _keys(cls, pages: np.ndarray, state: np.ndarray, slot: np.ndarray | None) -> np.ndarray:
+        """``keys_of``; ``slot`` None: no page has one."""
+        if slot is not None:
+            return cls.keys_of(pages, state, slot)
+        key = np.where(state == ZERO_STATE, ZERO_KEY, FOREIGN_KEY)
+        key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
+        return key
+
     def prime(self, reg: Any, a: int, state: np.ndarray, slot: np.ndarray | None) -> None:
         """Until ``unprime``, answer ``keys`` for the pages [a, a + len(state))
         of ``reg`` from these state bytes and slots (None: no page has one),
         read once: merge_now works one range of one region, whose slots
         do not change meanwhile (only replies change them), and any snapshot
-        of the worker's state bytes is as good as another for an estimate."""
-        pages = np.arange(a, a + len(state), dtype=np.int64)
-        if slot is None:
-            key = np.where(state == ZERO_STATE, ZERO_KEY, FOREIGN_KEY)
-            key[(state == PRIVATE_STATE) | (state == MERGING_STATE)] = PRIVATE_KEY
-        else:
-            key = self.keys_of(pages, state, slot)
-        self._primed = (reg, a, key)
+        of the worker's state bytes is as good as another for an estimate.
+        Keys are made for the pages asked only (admission asks for the pages
+        of the range and their neighbours; a recount, now rare, for chunks)."""
+        self._primed = (reg, a, state, slot)
 
     def unprime(self) -> None:
         self._primed = None

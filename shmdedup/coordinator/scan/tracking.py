@@ -218,6 +218,9 @@ def _first_of_each(a: np.ndarray) -> np.ndarray:
     (np.unique's return_index, without its cost)."""
     if len(a) < 2:
         return np.arange(len(a))
+    s = np.sort(a)                  # unstable, vectorised: no repeat is the common case
+    if not (s[1:] == s[:-1]).any():
+        return np.arange(len(a))
     order = np.argsort(a, kind="stable")
     s = a[order]
     return np.sort(order[np.concatenate(([True], s[1:] != s[:-1]))])
