@@ -160,6 +160,59 @@ done:
     return ret;
 }
 
+/* copy_pages(fd, idx, buf, hashes, dst_fd, dst_first) -> (written, errno):
+ * sd_copy_pages through buf (a whole number of pages, at least one). */
+static PyObject *
+py_copy_pages(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int fd, dst_fd;
+    long long dst_first;
+    Py_buffer idx, buf, hashes;
+    if (!PyArg_ParseTuple(args, "iy*w*w*iL", &fd, &idx, &buf, &hashes, &dst_fd, &dst_first))
+        return NULL;
+    PyObject *ret = NULL;
+    size_t n = (size_t)idx.len / 8, nbuf;
+    if (idx.len % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "idx must be a buffer of int64");
+        goto done;
+    }
+    if (check_pages(&buf, "buf", &nbuf) < 0)
+        goto done;
+    if (nbuf == 0) {
+        PyErr_SetString(PyExc_ValueError, "buf must hold at least one page");
+        goto done;
+    }
+    if ((size_t)hashes.len < n * 8) {
+        PyErr_Format(PyExc_ValueError, "hashes holds %zd bytes, %zu needed", hashes.len, n * 8);
+        goto done;
+    }
+    if (dst_first < 0 || (uint64_t)dst_first + n > (uint64_t)INT64_MAX / sd_page_size) {
+        PyErr_Format(PyExc_ValueError, "dst_first = %lld is out of range", dst_first);
+        goto done;
+    }
+    const int64_t *ix = idx.buf;
+    for (size_t i = 0; i < n; i++)
+        if (ix[i] < 0 || (uint64_t)ix[i] > (uint64_t)INT64_MAX / sd_page_size) {
+            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is out of range", i, (long long)ix[i]);
+            goto done;
+        }
+    long got;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    got = sd_copy_pages(fd, ix, n, sd_page_size, buf.buf, nbuf, hashes.buf, dst_fd,
+                        (int64_t)dst_first, &err);
+    Py_END_ALLOW_THREADS
+    if (got < 0)
+        sd_raise_errno("pread");
+    else
+        ret = Py_BuildValue("(li)", got, err);
+done:
+    PyBuffer_Release(&idx);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&hashes);
+    return ret;
+}
+
 static PyObject *
 py_pages_equal(PyObject *Py_UNUSED(m), PyObject *args)
 {
@@ -349,6 +402,8 @@ static PyMethodDef module_methods[] = {
     {"hash_pages", py_hash_pages, METH_VARARGS, "hash_pages(buf) -> bytes: uint64 checksum (XXH64) of each page."},
     {"read_pages", py_read_pages, METH_VARARGS, "read_pages(fd, idx, out[, hashes]): pread pages (and checksum them)."},
     {"pages_equal", py_pages_equal, METH_VARARGS, "pages_equal(a, b) -> bool (memcmp)."},
+    {"copy_pages", py_copy_pages, METH_VARARGS,
+     "copy_pages(fd, idx, buf, hashes, dst_fd, dst_first) -> (written, errno): copy and checksum pages."},
     {"compare_slots", py_compare_slots, METH_VARARGS,
      "compare_slots(buf, buf_idx, fd, slots) -> bytes: page-by-page equality with slots of fd."},
     {"is_zero", py_is_zero, METH_VARARGS, "is_zero(buf) -> bool: all pages are zero."},

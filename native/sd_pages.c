@@ -49,6 +49,41 @@ int sd_read_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_
     return 0;
 }
 
+static int pwrite_full(int fd, const uint8_t *buf, size_t len, off_t off)
+{
+    while (len > 0) {
+        ssize_t w = pwrite(fd, buf, len, off);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        buf += w;
+        len -= (size_t)w;
+        off += w;
+    }
+    return 0;
+}
+
+long sd_copy_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_t *buf,
+                   size_t buf_pages, uint64_t *hashes, int dst_fd, int64_t dst_first, int *err)
+{
+    *err = 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t m = n - i < buf_pages ? n - i : buf_pages;
+        if (sd_read_pages(fd, idx + i, m, page_size, buf) < 0)
+            return -1;
+        sd_hash_pages(buf, m, page_size, hashes + i);
+        if (pwrite_full(dst_fd, buf, m * page_size, (off_t)(dst_first + (int64_t)i) * (off_t)page_size) < 0) {
+            *err = errno;
+            return (long)i;           /* pages [0, i) are written: the caller keeps them */
+        }
+        i += m;
+    }
+    return (long)n;
+}
+
 void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out)
 {
     sd_xxh64_pages(buf, n, page_size, 0, out);      /* sd_page_checksum of each page */

@@ -14,6 +14,15 @@ int sd_read_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_
 /* out[i] = checksum of page i of buf. */
 void sd_hash_pages(const uint8_t *buf, size_t n, size_t page_size, uint64_t *out);
 
+/* The pages idx[0..n) of fd, copied to consecutive pages of dst_fd from
+ * dst_first on and checksummed (hashes[i]), buf_pages at a time through buf
+ * (read, hashed and written while it is in cache: one pass over memory where
+ * reading all, then writing all, makes two).  Returns the pages written: n,
+ * or fewer with *err set when a write failed (ENOSPC: the pages before are
+ * written, none after); -1 with errno when a read failed (nothing to keep). */
+long sd_copy_pages(int fd, const int64_t *idx, size_t n, size_t page_size, uint8_t *buf,
+                   size_t buf_pages, uint64_t *hashes, int dst_fd, int64_t dst_first, int *err);
+
 /* eq[i] = 1 if page buf_idx[i] of buf equals page slots[i] of fd (any shm
  * object: stable slots, or a worker's pages).  The fd's pages are read with
  * pread into a scratch buffer, one call per run of consecutive slots (at most

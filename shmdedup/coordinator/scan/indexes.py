@@ -145,11 +145,52 @@ class StableIndex:
             self._cannot_write(e)
             return None
         self.write_error = ""
-        hashes = np.ascontiguousarray(hashes, np.uint64)
-        self.slot_hash[s:s + n] = hashes
-        self._prev1[s:s + n] = self.lookup(hashes) + 1
-        self.ix.put(hashes, np.arange(s, s + n, dtype=np.int64), self.slot_hash)
+        self.index_new(np.arange(s, s + n, dtype=np.int64), hashes)
         return s
+
+    def index_new(self, slots: np.ndarray, hashes: np.ndarray) -> None:
+        """Index written slots under these (distinct) checksums, the
+        coordinator's own of the bytes it wrote: each becomes the newest of
+        its chain."""
+        hashes = np.ascontiguousarray(hashes, np.uint64)
+        slots = np.ascontiguousarray(slots, np.int64)
+        self.slot_hash[slots] = hashes
+        self._prev1[slots] = self.lookup(hashes) + 1
+        self.ix.put(hashes, slots, self.slot_hash)
+
+    def copy_new(self, fd: int, pages: np.ndarray, buf: np.ndarray,
+                 hint: int | None = None) -> tuple[int, np.ndarray, int] | None:
+        """Copy pages (int64 page numbers of fd) into a run of new slots,
+        checksummed on the way (``_native.copy_pages`` through ``buf``:
+        read, hashed and written while in cache); not indexed yet (the caller
+        indexes what it keeps, ``index_new``, and frees the rest).  Returns
+        (first slot, checksums, pages written), or None when max_kernel_pages
+        or the segment leaves no room for all of them (nothing done).  A
+        write that fails (a full tmpfs) frees the slots not written and is
+        recorded as ``add`` records it; a read that fails frees them all and
+        raises."""
+        n = len(pages)
+        if not n or self.room(n) < n:
+            return None
+        try:
+            s = self.segment.alloc(n, hint)
+        except OSError:
+            return None
+        if s is None:
+            return None
+        hashes = np.empty(n, np.uint64)
+        try:
+            self._grow_arrays(s + n)
+            written, err = _native.copy_pages(fd, pages, buf, hashes, self.segment.fd, s)
+        except BaseException:
+            self.segment.free(s, n)
+            raise
+        if written < n:
+            self.segment.free(s + written, n - written)
+            self._cannot_write(OSError(err, os.strerror(err)))
+        else:
+            self.write_error = ""
+        return s, hashes, written
 
     def _cannot_write(self, e: OSError) -> None:
         """The shared-memory filesystem is full (ENOSPC) or the object cannot

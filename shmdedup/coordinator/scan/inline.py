@@ -16,6 +16,15 @@ into merges, in one pass over the range:
    only makes that proof fail, and the page stays private);
 3. the others are read with pread and checksummed here (invariant 4), then
    looked up in the stable index again and confirmed by a compare;
+   3a. when the worker sent checksums, the pages they found nothing for are
+   most likely new: each is read, checksummed and written into a new stable
+   slot in one pass (``StableIndex.copy_new``, 64 pages at a time, while the
+   bytes are in cache), then indexed under the checksum computed here; a
+   page that turns out equal to a stable page, or to an earlier page of the
+   range, is compared byte for byte with it (read back from its new slot)
+   and merged onto it, and its new slot is freed before anyone maps it.
+   The copies are most of merge_now's cost, and this makes them one pass
+   over memory instead of two;
 4. each remaining page becomes a stable page at once: its bytes, as read here,
    are written into a new stable slot (runs of pages into runs of slots, one
    pwrite each, continuing the slots of the pages before them so that a
@@ -67,6 +76,9 @@ from shmdedup.coordinator.scan.tracking import (
     VOLATILE, ZERO_CHECKSUM, QueuedByWorker, RegionState, Run,
     _coalesce, _first_of_each)
 from shmdedup.pages import PAGE_SIZE, cut_runs
+
+# Pages copied at a time by 3a (read, checksummed, written): 256 KiB stay in L2.
+_COPY_PIECE = 64
 
 
 @dataclass
@@ -173,7 +185,11 @@ class Inliner:
             pages = pages[~hit]
             if not len(pages):
                 return
-        # 3. Read and checksum the rest here.
+        # 3. Read and checksum the rest here: pages the worker's checksums
+        # say are new are copied into new stable slots on the way (3a).
+        if hints is not None and not (self.settings.use_zero_pages or self.settings.zero_pages_only) \
+                and self._copy_new(reg, pages, merges, out):
+            return
         nn = len(pages)
         buf = self.scratch[:nn * PAGE_SIZE]
         hashes = np.empty(nn, np.uint64)
@@ -213,6 +229,98 @@ class Inliner:
                 keep = np.ones(len(idx), bool)
                 keep[firsts] = False
                 idx = idx[keep]
+
+    def _copy_new(self, reg: RegionState, pages: np.ndarray, merges: QueuedByWorker,
+                  out: InlineResult) -> bool:
+        """3a. The pages left after the hints (the worker found no stable
+        page for them: most likely new content) are read, checksummed and
+        written into a run of new stable slots in one pass (``copy_new``),
+        not read into the buffer first and written from it later (the
+        copies are most of merge_now's cost).  Then, as in 3 and 4:
+        a page whose checksum names a stable page, or repeats an earlier page
+        of the range, is compared byte for byte with it and merged onto it
+        where equal (its new slot is freed); every other page keeps its slot,
+        indexed under the checksum computed here.  Returns False, having done
+        nothing, when the run does not fit (mapping budget, max_kernel_pages,
+        the segment): the caller then takes the way of 3 and 4."""
+        n = len(pages)
+        starts, ends = cut_runs(pages)
+        keys = FRESH_KEY + 8 * np.repeat(np.arange(len(starts)), ends - starts)
+        fit, cost = self.budget.room(reg, pages, keys)
+        if fit < n:
+            return False
+        pages = np.ascontiguousarray(pages, np.int64)
+        got = self.sidx.copy_new(reg.backing_fd, pages, self.scratch[:_COPY_PIECE * PAGE_SIZE],
+                                 self._continue_at(reg, int(pages[0])))
+        if got is None:
+            return False
+        self.budget.commit(reg.worker, cost)
+        s, hashes, written = got
+        if written < n:           # a full tmpfs: the pages not written stay private
+            reg.status[pages[written:]] = VOLATILE
+            pages, hashes = pages[:written], hashes[:written]
+        if not written:
+            return True
+        reg.checksum[pages] = hashes
+        slots = np.arange(s, s + written, dtype=np.int64)
+        # Twins: a stable page with this checksum already, or an earlier page
+        # of the range.  The others enter the index and the merge queue
+        # first (a twin of an earlier page then finds that page's slot, with
+        # its merge counted against max_page_sharing); then the twins are
+        # compared with their stable page, read back from their new slots.
+        twin = self.sidx.lookup(hashes) >= 0
+        if written > 1:
+            later = np.ones(written, bool)
+            later[_first_of_each(hashes)] = False
+            twin |= later
+        if not twin.any():
+            self.sidx.index_new(slots, hashes)
+            self._keep_new(reg, pages, slots, merges, out)
+            return True
+        keep = np.flatnonzero(~twin)
+        self.sidx.index_new(slots[keep], hashes[keep])
+        self._keep_new(reg, pages[keep], slots[keep], merges, out)
+        ti = np.flatnonzero(twin)
+        buf = self.scratch[:len(ti) * PAGE_SIZE]
+        _native.read_pages(self.sidx.fd, slots[ti], buf)
+        done = self._queue_onto_heads(reg, pages[ti], hashes[ti], (buf, np.arange(len(ti))), merges)
+        for sl in slots[ti[done]].tolist():
+            self.sidx.segment.free(sl)          # merged onto its twin: never mapped
+        # The rest (a checksum collision, or a twin with no room left under
+        # max_page_sharing) are pages of their own, indexed one checksum at
+        # a time so that each chain links every one of them.
+        rest = ti[~done]
+        while len(rest):
+            first = _first_of_each(hashes[rest])
+            now = rest[first]
+            self.sidx.index_new(slots[now], hashes[now])
+            self._keep_new(reg, pages[now], slots[now], merges, out)
+            left = np.ones(len(rest), bool)
+            left[first] = False
+            rest = rest[left]
+        return True
+
+    def _keep_new(self, reg: RegionState, pages: np.ndarray, slots: np.ndarray,
+                  merges: QueuedByWorker, out: InlineResult) -> None:
+        """Pages copied into new slots of their own (indexed): queue their
+        merges, and note when the slots were made and where the run ends."""
+        if not len(pages):
+            return
+        self.sidx.born_inline[slots] = time.monotonic()
+        self._last_inline = (reg, int(pages[-1]), int(slots[-1]))
+        self.queue.add(merges, reg, pages, slots, checked=True)
+        out.created += len(pages)
+
+    def _continue_at(self, reg: RegionState, p0: int) -> int | None:
+        """The slot that continues the run of the page before p0 (so that a
+        streaming load, and every process mapping the same pages later,
+        gets one run), if any."""
+        last = self._last_inline
+        if last is not None and last[0] is reg and last[1] == p0 - 1:
+            return last[2] + 1
+        if p0 > 0 and reg.slot[p0 - 1] >= 0:
+            return int(reg.slot[p0 - 1]) + 1
+        return None
 
     def _queue_onto_heads(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                           content: tuple[np.ndarray, np.ndarray] | None, merges: QueuedByWorker) -> np.ndarray:
@@ -267,15 +375,7 @@ class Inliner:
             if b <= a:
                 break
             sel = ii[a:b]
-            p0 = int(pages[sel[0]])
-            # Continue the slots of the page before, so that a streaming load
-            # (and every process that maps the same pages later) gets one run.
-            hint = None
-            last = self._last_inline
-            if last is not None and last[0] is reg and last[1] == p0 - 1:
-                hint = last[2] + 1
-            elif p0 > 0 and reg.slot[p0 - 1] >= 0:
-                hint = int(reg.slot[p0 - 1]) + 1
+            hint = self._continue_at(reg, int(pages[sel[0]]))
             r0 = int(sel[0])
             s = self.sidx.add(rows[r0:r0 + len(sel)], hashes[sel], hint)
             if s is None:
