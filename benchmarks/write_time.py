@@ -37,7 +37,7 @@ Targets (the issue): merge_now's (and helper's) peak rise <= 1.3 x size + N chun
 loads <= 1.5 x the fromfile run's wall time; coordinator CPU <= 1 us per
 inline-merged page.
 
-    python benchmarks/write_time.py [--size-mib 256] [--chunk-mib 4] [--procs 4]
+    python benchmarks/write_time.py [--size-mib 256] [--chunk-mib 8] [--procs 4]
         [--modes fromfile,merge_now,helper,scan] [--file PATH] [--reps 1] [--json]
 
 The machine is shared: the load average is printed with the table; run it a
@@ -363,7 +363,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--chunk-mib", type=int, default=4)
+    ap.add_argument("--chunk-mib", type=int, default=None,
+                    help="chunk size (default: the library's, shmdedup.worker.loading.chunk_bytes)")
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--modes", default="fromfile,merge_now,helper,scan")
     ap.add_argument("--file", default=os.path.join("/tmp", f"shmdedup-write-time-{os.getuid()}.bin"))
@@ -372,6 +373,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--loader", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.chunk_mib is None:
+        from shmdedup.worker import loading
+        args.chunk_mib = loading.chunk_bytes // MIB
     if args.loader:
         loader(args.loader, args.file, args.size_mib * MIB, args.chunk_mib * MIB)
         return
