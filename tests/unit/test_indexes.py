@@ -239,3 +239,68 @@ def test_each_full_scan_empties_the_unstable_index_and_gives_memory_back() -> No
         sc.close()
         os.close(b)
         os.close(m)
+
+
+def _source(pages: np.ndarray) -> int:
+    fd = os.memfd_create("src")
+    os.pwrite(fd, pages.tobytes(), 0)
+    return fd
+
+
+def test_copy_new_writes_and_checksums_pages_into_slots_not_indexed_yet() -> None:
+    ix = StableIndex()
+    data = np.random.default_rng(5).integers(0, 256, (300, P), dtype=np.uint8)
+    fd = _source(data)
+    try:
+        pages = np.array([3, 4, 5, 40, 299] + list(range(100, 200)), np.int64)
+        got = ix.copy_new(fd, pages, np.empty(64 * P, np.uint8))
+        assert got is not None
+        s, hashes, written = got
+        assert written == len(pages) and ix.pages_in_use == len(pages)
+        for i, p in enumerate(pages.tolist()):
+            assert ix.segment.read(s + i) == data[p].tobytes()
+        assert (hashes == np.frombuffer(_native.hash_pages(data[pages]), np.uint64)).all()
+        assert (ix.lookup(hashes) == -1).all()           # the caller indexes what it keeps
+        ix.index_new(np.arange(s, s + len(pages)), hashes)
+        assert (ix.lookup(hashes) == np.arange(s, s + len(pages))).all()
+    finally:
+        os.close(fd)
+        ix.close()
+
+
+def test_copy_new_past_max_kernel_pages_does_nothing() -> None:
+    from shmdedup.coordinator.scan.settings import ScanSettings
+    ix = StableIndex(ScanSettings(max_kernel_pages=10))
+    fd = _source(np.ones((20, P), np.uint8))
+    try:
+        assert ix.copy_new(fd, np.arange(11, dtype=np.int64), np.empty(64 * P, np.uint8)) is None
+        assert ix.pages_in_use == 0
+        assert ix.copy_new(fd, np.arange(10, dtype=np.int64), np.empty(64 * P, np.uint8)) is not None
+    finally:
+        os.close(fd)
+        ix.close()
+
+
+def test_copy_new_keeps_what_was_written_before_a_full_tmpfs(monkeypatch) -> None:
+    """A write that fails (ENOSPC) leaves the pages before it written and
+    theirs; the slots after are freed and the failure recorded, as add()
+    records it."""
+    import errno
+    ix = StableIndex()
+    fd = _source(np.ones((200, P), np.uint8))
+    real = _native.copy_pages
+
+    def full_after_64(src, idx, buf, hashes, dst, first):   # type: ignore[no-untyped-def]
+        real(src, idx[:64], buf, hashes, dst, first)
+        return 64, errno.ENOSPC
+
+    monkeypatch.setattr(_native, "copy_pages", full_after_64)
+    try:
+        got = ix.copy_new(fd, np.arange(200, dtype=np.int64), np.empty(64 * P, np.uint8))
+        assert got is not None
+        s, _, written = got
+        assert written == 64 and ix.pages_in_use == 64 and ix.segment.is_allocated(s, 64)
+        assert ix.write_failures == 1 and "No space" in ix.write_error
+    finally:
+        os.close(fd)
+        ix.close()
