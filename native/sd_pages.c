@@ -58,6 +58,10 @@ static int pwrite_full(int fd, const uint8_t *buf, size_t len, off_t off)
                 continue;
             return -1;
         }
+        if (w == 0) {           /* no progress: as good as full */
+            errno = ENOSPC;
+            return -1;
+        }
         buf += w;
         len -= (size_t)w;
         off += w;

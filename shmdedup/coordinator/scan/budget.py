@@ -108,8 +108,9 @@ class MappingBudget:
         self._inflight: dict[Any, int] = {}          # worker -> merge runs sent, unanswered
         self._planned: dict[Any, int] = {}           # worker -> cost queued in this batch
         self._warned: set[int] = set()
-        # (region, a, keys of its pages [a, a + len)): a snapshot that keys()
-        # answers from while one merge_now request is worked (prime/unprime).
+        # (region, a, state bytes and slots of its pages [a, a + len)): a
+        # snapshot that keys() answers from while one merge_now request is
+        # worked (prime/unprime).
         self._primed: tuple[Any, int, np.ndarray, np.ndarray | None] | None = None
 
     @property

@@ -178,9 +178,13 @@ class StableIndex:
             return None
         if s is None:
             return None
-        hashes = np.empty(n, np.uint64)
         try:
             self._grow_arrays(s + n)
+        except OSError:                  # past the chain links: add() records it
+            self.segment.free(s, n)
+            return None
+        hashes = np.empty(n, np.uint64)
+        try:
             written, err = _native.copy_pages(fd, pages, buf, hashes, self.segment.fd, s)
         except BaseException:
             self.segment.free(s, n)

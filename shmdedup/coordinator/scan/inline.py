@@ -284,8 +284,9 @@ class Inliner:
         buf = self.scratch[:len(ti) * PAGE_SIZE]
         _native.read_pages(self.sidx.fd, slots[ti], buf)
         done = self._queue_onto_heads(reg, pages[ti], hashes[ti], (buf, np.arange(len(ti))), merges)
-        for sl in slots[ti[done]].tolist():
-            self.sidx.segment.free(sl)          # merged onto its twin: never mapped
+        freed = slots[ti[done]]                 # merged onto their twins: never mapped
+        for a, e in zip(*(x.tolist() for x in cut_runs(freed))):
+            self.sidx.segment.free(int(freed[a]), e - a)
         # The rest (a checksum collision, or a twin with no room left under
         # max_page_sharing) are pages of their own, indexed one checksum at
         # a time so that each chain links every one of them.
