@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +198,39 @@ static void check_pages(void)
     close(fd);
 }
 
+/* sd_copy_pages: pages 2, 3 and 6 of a source copied to slots 5-7 of a
+ * destination through a one-page buffer, checksummed as sd_hash_pages would;
+ * a destination that cannot be written reports the pages written before. */
+static void check_copy_pages(void)
+{
+    size_t ps = sd_page_size;
+    int src = new_object(8), dst = new_object(0);
+    uint8_t *want = malloc(8 * ps), *buf = malloc(ps), *got = malloc(ps);
+    CHECK(want && buf && got);
+    for (size_t i = 0; i < 8 * ps; i++)
+        want[i] = (uint8_t)((i * 7) % 253);
+    CHECK(pwrite(src, want, 8 * ps, 0) == (ssize_t)(8 * ps));
+    int64_t idx[3] = {2, 3, 6};
+    uint64_t h[3], ref;
+    int err = -1;
+    CHECK(sd_copy_pages(src, idx, 3, ps, buf, 1, h, dst, 5, &err) == 3 && err == 0);
+    for (int i = 0; i < 3; i++) {
+        CHECK(pread(dst, got, ps, (off_t)((5 + i) * ps)) == (ssize_t)ps);
+        CHECK(memcmp(got, want + idx[i] * ps, ps) == 0);
+        sd_hash_pages(want + idx[i] * ps, 1, ps, &ref);
+        CHECK(h[i] == ref);
+    }
+    int ro = open("/dev/null", O_RDONLY);       /* writes fail: EBADF */
+    CHECK(ro >= 0);
+    CHECK(sd_copy_pages(src, idx, 3, ps, buf, 1, h, ro, 0, &err) == 0 && err == EBADF);
+    close(ro);
+    free(want);
+    free(buf);
+    free(got);
+    close(src);
+    close(dst);
+}
+
 /* A region of 4 pages merged onto slots 1-4 of a stable object, then broken
  * back: the bytes never change, the backing is punched while merged and holds
  * the pages again after the break. */
@@ -295,6 +329,7 @@ int main(int argc, char **argv)
         check_index();
         check_xxh64();
         check_pages();
+        check_copy_pages();
         check_merge_and_break();
         printf("ok\n");
         return 0;
