@@ -52,12 +52,43 @@ b, m = memfd(n * PAGE), memfd(PAGE)
 os.pwrite(b, os.urandom(n * PAGE), 0)
 register(s, 1, n, b, m)
 data = os.urandom(4 * PAGE)
-out.update(cycles=0, reconnects=0)
+out.update(cycles=0, reconnects=0, calls=0, answered=0)
+# ARGS["now"]: also merge_now the whole object every 64 cycles, with
+# checksums that name nothing (so the coordinator copies every page into new
+# stable slots while the object is cut and grown under it), and answer every
+# merge with "nothing merged".
+WRONG = (1).to_bytes(8, "little") * n
+
+def drain_answering(s):
+    while readable(s):
+        try:
+            data = s.recv(protocol.MAX_MESSAGE + 1)
+        except OSError:
+            return False
+        if not data:
+            return False
+        msg = msgpack.unpackb(data, raw=False)
+        if msg.get("t") == "merge":
+            rows = len(msg["items"]) // 32
+            pages = sum(int.from_bytes(msg["items"][32 * i + 16:32 * i + 24], "little") for i in range(rows))
+            send(s, {"t": "merged", "req": msg["req"], "result": bytes(pages)})
+            out["answered"] += 1
+    return True
+
 while not STOP.is_set():
     os.ftruncate(b, 0)
     os.ftruncate(b, n * PAGE)
     os.pwrite(b, data, 0)
     out["cycles"] += 1
+    if ARGS.get("now") and out["cycles"] % 64 == 0:
+        send(s, {"t": "merge_now", "req": out["cycles"], "rid": 1, "start": 0, "npages": n,
+                 "hashes": WRONG})
+        out["calls"] += 1
+        if not drain_answering(s):
+            s.close()
+            s = worker()
+            register(s, 1, n, b, m)
+            out["reconnects"] += 1
     if out["cycles"] % 512 == 0 and not drain(s):
         # A truncation raced the registration (the object was too short when
         # the coordinator looked: a protocol error, and the connection closed).

@@ -98,18 +98,23 @@ def gone(coord: CoordinatorProcess, fds: int) -> None:
 
 # ---- item 1: objects that change under the scan ----------------------------------
 
-def test_truncation_churn_crashes_nothing(coord_factory) -> None:
+@pytest.mark.parametrize("now", [False, True], ids=["scan", "merge_now"])
+def test_truncation_churn_crashes_nothing(coord_factory, now: bool) -> None:
     """ftruncate(0) / ftruncate(full) / write in a loop on a registered,
     advised object used to end the coordinator within a second (ENXIO between
-    SEEK_DATA and SEEK_HOLE)."""
+    SEEK_DATA and SEEK_HOLE).  With merge_now too: checksums that name
+    nothing make the coordinator copy every page into new stable slots while
+    the object is cut under it, and the attacker merges none of them."""
     coord = coord_factory()
     fds = coord.fds()
     honest = honest_of(coord)
-    atk = start_attacker(coord.path, UID, TRUNCATE_ATTACK)
+    atk = start_attacker(coord.path, UID, TRUNCATE_ATTACK, now=now)
     wait_for(lambda: (coord.usage(UID) or {}).get("regions") == 1, 30, what="its registration")
-    under_attack(coord, honest, "a truncation loop")
+    under_attack(coord, honest, "a truncation loop" + (" with merge_now" if now else ""))
     out = atk.finish()
     assert out["cycles"] > 1000, out
+    if now:
+        assert out["calls"] > 10 and out["answered"] > 10, out
     assert "Traceback" not in coord.log()
     honest.close()
     gone(coord, fds)          # the honest worker's connection, pidfd and region
