@@ -88,6 +88,23 @@ py_hash_pages(PyObject *Py_UNUSED(m), PyObject *args)
     return out;
 }
 
+/* Page numbers of a file: none negative, and idx * page_size must fit off_t
+ * (a wrapped offset would read another page).  -1 with ValueError set. */
+static int check_page_idx(const int64_t *ix, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (ix[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is negative", i, (long long)ix[i]);
+            return -1;
+        }
+        if ((uint64_t)ix[i] > (uint64_t)INT64_MAX / sd_page_size) {
+            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is past the largest file offset", i, (long long)ix[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Pages read, then hashed, at a time by read_pages (256 KiB: stays in L2). */
 #define READ_HASH_PIECE 64
 
@@ -117,17 +134,8 @@ py_read_pages(PyObject *Py_UNUSED(m), PyObject *args)
         goto done;
     }
     const int64_t *ix = idx.buf;
-    for (size_t i = 0; i < n; i++) {
-        if (ix[i] < 0) {
-            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is negative", i, (long long)ix[i]);
-            goto done;
-        }
-        /* idx * page_size must fit off_t: a wrapped offset would read another page. */
-        if ((uint64_t)ix[i] > (uint64_t)INT64_MAX / sd_page_size) {
-            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is past the largest file offset", i, (long long)ix[i]);
-            goto done;
-        }
-    }
+    if (check_page_idx(ix, n) < 0)
+        goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     if (!hashes.obj)
@@ -191,11 +199,8 @@ py_copy_pages(PyObject *Py_UNUSED(m), PyObject *args)
         goto done;
     }
     const int64_t *ix = idx.buf;
-    for (size_t i = 0; i < n; i++)
-        if (ix[i] < 0 || (uint64_t)ix[i] > (uint64_t)INT64_MAX / sd_page_size) {
-            PyErr_Format(PyExc_ValueError, "idx[%zu] = %lld is out of range", i, (long long)ix[i]);
-            goto done;
-        }
+    if (check_page_idx(ix, n) < 0)
+        goto done;
     long got;
     int err;
     Py_BEGIN_ALLOW_THREADS

@@ -99,14 +99,12 @@ class MergeNow:
             call.err, call.msg = errno.ENOSPC, (
                 f"merge_now: no new stable page could be created ({res.enospc}); "
                 f"the pages that needed one stay private")
-        if waits == own and not peer.conn.closed:
+        if waits == own:
             # Nothing to wait for but our own requests: answer behind them.
             self._answer(peer, token, call)
             call.answered = True
         if waits:
             peer.inline[token] = call
-        elif not call.answered:
-            self._answer(peer, token, call)
 
     def settle(self, peer: Peer, req: int, result: bytes) -> None:
         """A merge reply: count it if a merge_now sent it, and answer each

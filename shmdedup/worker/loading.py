@@ -42,9 +42,9 @@ from shmdedup.worker.region import Region
 
 # Bytes written between two merge_now calls (rounded down to whole pages).
 # Settable per process; every helper also takes chunk_bytes=.  Each call
-# costs the coordinator about 0.3 ms (its messages, the request's
-# bookkeeping) besides its work per page: 0.15 us a page at 8 MiB, twice that
-# at 4 MiB, for 4 MiB more private memory per process at the peak
+# costs the coordinator 0.3 to 0.5 ms (its messages, the request's
+# bookkeeping) besides its work per page: 0.15 to 0.25 us a page at 8 MiB,
+# twice that at 4 MiB, for 4 MiB more private memory per process at the peak
 # (benchmarks/write_time.py --chunk-mib).
 chunk_bytes: int = 8 * 2**20
 

@@ -293,8 +293,9 @@ def start_attacker(socket_path: str, uid: int, code: str, **args: Any) -> Attack
 # ---- attacks (code for start_attacker) -------------------------------------------
 
 DRAIN = """
-def drain(s):
+def drain(s, answer=False):
     # Read what the coordinator sent without blocking; False once it closed.
+    # answer: reply "nothing merged" to each merge request (out["answered"]).
     while readable(s):
         try:
             data = s.recv(protocol.MAX_MESSAGE + 1)
@@ -306,6 +307,10 @@ def drain(s):
         if m.get("t") == "reply" and not m["ok"]:
             out["refused"] += 1
             out["reason"] = m["error"]
+        elif m.get("t") == "merge" and answer:
+            items = protocol.items_from_bytes(m["items"], "merge")
+            send(s, {"t": "merged", "req": m["req"], "result": bytes(int(items[:, 2].sum()))})
+            out["answered"] = out.get("answered", 0) + 1
     return True
 """
 

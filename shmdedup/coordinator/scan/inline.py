@@ -273,14 +273,12 @@ class Inliner:
             later = np.ones(written, bool)
             later[_first_of_each(hashes)] = False
             twin |= later
-        if not twin.any():
-            self.sidx.index_new(slots, hashes)
-            self._keep_new(reg, pages, slots, merges, out)
-            return True
         keep = np.flatnonzero(~twin)
         self.sidx.index_new(slots[keep], hashes[keep])
         self._keep_new(reg, pages[keep], slots[keep], merges, out)
         ti = np.flatnonzero(twin)
+        if not len(ti):
+            return True
         buf = self.scratch[:len(ti) * PAGE_SIZE]
         _native.read_pages(self.sidx.fd, slots[ti], buf)
         done = self._queue_onto_heads(reg, pages[ti], hashes[ti], (buf, np.arange(len(ti))), merges)
