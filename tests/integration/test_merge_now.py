@@ -164,12 +164,16 @@ def test_merge_now_merges_before_it_returns(coordinator, workers) -> None:
         s = c.stats()
         assert s["pages_shared"] == NPAGES and s["pages_sharing"] == k * NPAGES, s
         assert s["stable_pages_allocated"] == NPAGES
-        assert s["pages_merged_inline"] == (k + 1) * NPAGES
-        # New advice wakes the scan for one batch, but one visit merges
-        # nothing (two-visit rule): what merged, merge_now merged.
+        # A region's advice wakes the scan for one batch.  Its first look
+        # at a page equal to a stable page merges it (Linux's order), so
+        # once stable pages exist that batch may take some of the pages
+        # before the call reaches them; every page is merged either way
+        # when the call returns, and the call counts what it merged.
         assert s["full_scans"] <= k + 1
         per = {x["pid"]: x for x in s["workers"]}
-        assert per[w.pid]["pages_merged_inline"] == NPAGES
+        inline = per[w.pid]["pages_merged_inline"]
+        assert inline == NPAGES if k == 0 else 0 < inline <= NPAGES
+        assert s["pages_merged_inline"] == sum(x["pages_merged_inline"] for x in s["workers"])
         assert per[w.pid]["ksm_merging_pages"] == NPAGES
     # Each worker now maps the one stable copy: once it has read every page,
     # its proportional share of shmem is a third of the region (the pages are
@@ -179,8 +183,9 @@ def test_merge_now_merges_before_it_returns(coordinator, workers) -> None:
         pss = smaps_rollup_kb(w.pid)["Pss_Shmem"]
         assert pss <= NPAGES * P // 1024 // 3 + 2048, (w.pid, pss)
     # Again: nothing left to merge, nothing merged twice.
+    inline = c.stats()["pages_merged_inline"]
     assert ws[0].call("r.merge_now()") == 0
-    assert c.stats()["pages_merged_inline"] == 3 * NPAGES
+    assert c.stats()["pages_merged_inline"] == inline
 
 
 def test_merge_now_in_chunks_continues_one_run_of_slots(coordinator, workers) -> None:

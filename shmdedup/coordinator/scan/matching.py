@@ -117,26 +117,9 @@ class Matcher:
         if self.settings.zero_pages_only:  # nothing else merges: no stable slot, no timing signal
             reg.status[pages[todo]] = VOLATILE
             return
-        # Stable index: the newest slot of each chain (the one with room, if any).
-        head = self.sidx.lookup(hashes)
-        ci = np.flatnonzero((head >= 0) & todo)
-        if len(ci):
-            cs = head[ci]
-            eq = np.frombuffer(_native.compare_slots(buf, k[ci].astype(np.int64), self.sidx.fd, cs),
-                               np.uint8).astype(bool)
-            # Room left under max_page_sharing, counting earlier pages of this batch.
-            order = np.argsort(cs, kind="stable")
-            srt = cs[order]
-            rank = np.empty(len(cs), np.int64)
-            rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
-            room = self.sidx.sharers[cs] + self.sidx.pending[cs] + rank < self.settings.max_page_sharing
-            ok = eq & room
-            self.queue.add(merges, reg, pages[ci[ok]], cs[ok])
-            todo[ci[ok]] = False
-            full = ci[eq & ~room]       # equal but the chain is full: another slot
-            for i in full.tolist():
-                self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
-            todo[full] = False
+        for i in self._stable_step(reg, pages, hashes, k, rows, todo, merges).tolist():
+            # Equal but the chain is full: another slot, or a new chain.
+            self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
         rest = np.flatnonzero(todo)
         if not len(rest):
             return
@@ -156,6 +139,46 @@ class Matcher:
         if len(lone):
             self.unstable.insert(hashes[lone], reg.uid, pages[lone])
             reg.status[pages[lone]] = UNSHARED
+
+    def cmp_stable(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
+                   k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:
+        """KSM's first look, for pages seen for the first time or changed
+        since their last visit: Linux's cmp_and_merge_page searches the
+        stable tree before its checksum test, so such a page merges at once
+        onto an equal stable page.  Only the stable index is asked: the
+        two-visit rule still keeps changing pages out of the unstable one
+        (and a page equal to a full chain waits for its next visit)."""
+        if self.settings.zero_pages_only or not len(pages):
+            return
+        self._stable_step(reg, pages, hashes, k, buf.reshape(-1, PAGE_SIZE),
+                          np.ones(len(pages), bool), merges)
+
+    def _stable_step(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray, k: np.ndarray,
+                     rows: np.ndarray, todo: np.ndarray, merges: QueuedByWorker) -> np.ndarray:
+        """Step 3 for the pages still ``todo``: look each up in the stable
+        index (the newest slot of each chain: the one with room, if any),
+        confirm with a compare in C, queue a merge while the chain has room
+        under ``max_page_sharing`` (counting earlier pages of this batch).
+        Clears ``todo`` for the pages it queued and for those equal to a
+        full chain, which it returns (as indexes)."""
+        head = self.sidx.lookup(hashes)
+        ci = np.flatnonzero((head >= 0) & todo)
+        if not len(ci):
+            return ci
+        cs = head[ci]
+        eq = np.frombuffer(_native.compare_slots(rows, k[ci].astype(np.int64), self.sidx.fd, cs),
+                           np.uint8).astype(bool)
+        order = np.argsort(cs, kind="stable")
+        srt = cs[order]
+        rank = np.empty(len(cs), np.int64)
+        rank[order] = np.arange(len(cs)) - np.searchsorted(srt, srt, side="left")
+        room = self.sidx.sharers[cs] + self.sidx.pending[cs] + rank < self.settings.max_page_sharing
+        ok = eq & room
+        self.queue.add(merges, reg, pages[ci[ok]], cs[ok])
+        todo[ci[ok]] = False
+        full: np.ndarray = ci[eq & ~room]
+        todo[full] = False
+        return full
 
     def _merge_with_mates(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                           k: np.ndarray, rows: np.ndarray, ii: np.ndarray, oreg: RegionState | None,

@@ -16,7 +16,9 @@ patch 4); a slot with none is freed (punched).  Then, for each present
 
 1. checksum it (C, pages read with pread: never through a mapping);
 2. first visit, or checksum changed since the last visit: record it, the page
-   is volatile (the two-visit rule keeps churning pages out of the indexes);
+   is volatile, and only step 3 is tried (Linux searches the stable tree before
+   its checksum test; the two-visit rule keeps churning pages out of the
+   unstable index);
 3. look it up in the stable index (checksum -> slots), confirm with memcmp,
    queue a merge onto that slot;
 4. else look it up in the unstable index (reset at every full scan); on a
@@ -616,6 +618,10 @@ class Scanner(Registry, Accounting):
         ch.status[e[~steady]] = VOLATILE
         k = np.flatnonzero(steady)          # candidates, as indexes into buf
         self.changes += n - len(k)
+        if len(k) < n and self.stable.pages_in_use:
+            # New or changed: only the stable index is asked (KSM's order).
+            fresh = np.flatnonzero(~steady)
+            self.matcher.cmp_stable(reg, pages[fresh], hashes[fresh], fresh, buf, merges)
         if len(k):
             self.matcher.cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
 
