@@ -46,6 +46,11 @@ Definitions (the same for both systems):
   divided by (full scans x pages advised): the cost of keeping watch over a
   page; also divided by each system's own pages_scanned delta (KSM counts
   merged pages it re-walks, shmdedup skips them, so that one differs).
+* late worker: then one more worker with worker 0's bytes is started; from
+  its ready message (filled and advised) until 95% of its shared pages merged
+  onto the stable pages already there, with the full scans and scanner CPU
+  meanwhile (both systems look a new page up in their stable index at its
+  first visit).
 * memory saved, from outside: the drop of AnonPages (KSM) or Shmem (shmdedup,
   stable pages included) in /proc/meminfo from run=1 to convergence; also the
   MemAvailable change (includes the scanners' own memory) and the workers'
@@ -516,6 +521,37 @@ def steady_state(sample: Callable[[], dict], wait_scan: Callable[[float], None],
             "seconds_per_full_scan": (time.monotonic() - t0) / scans}
 
 
+def late_worker(system: str, cfg: argparse.Namespace, npages: int, counts: dict[str, int],
+                sample: Callable[[], dict], timeout: float, poll: float = 0.01) -> dict[str, Any] | None:
+    """One more worker holding worker 0's bytes, started once the others have
+    converged (a fleet member that comes late): from its ready message (filled
+    and advised) until 95% of its shared pages merged onto the stable pages
+    already there.  Both systems search their stable index at a page's first
+    visit, so it takes at most about one full scan."""
+    target = counts["shared"]
+    if not target:
+        return None
+    s_before = sample()
+    late = Fleet(system, 1, npages, vars(cfg), timeout)
+    try:
+        t0 = time.monotonic()
+        s0, w0 = sample(), late.cpu_ns()
+        while True:
+            s = sample()
+            now = time.monotonic() - t0
+            if s["pages_sharing"] - s_before["pages_sharing"] >= 0.95 * target:
+                break
+            if now > timeout:
+                raise TimeoutError(f"{system}: the late worker's pages did not merge within "
+                                   f"{timeout:.0f} s")
+            time.sleep(poll)
+        return {"t95_s": now, "full_scans": s["full_scans"] - s0["full_scans"],
+                "scanner_cpu_s": (s["cpu"] - s0["cpu"]) / 1e9,
+                "worker_cpu_s": (late.cpu_ns() - w0) / 1e9}
+    finally:
+        late.close()
+
+
 def _memory(fleet: Fleet) -> dict[str, int]:
     m = meminfo()
     return {"AnonPages": m["AnonPages"], "Shmem": m["Shmem"], "MemAvailable": m["MemAvailable"],
@@ -618,6 +654,7 @@ def run_ksm(cfg: argparse.Namespace, workers: int, mib: int, full: bool) -> dict
             res["steady"] = steady_state(sample, wait_scan, workers * npages, cfg.timeout)
             res["measured_metadata_bytes_per_page_steady"] = (     # ksmd's slab, as above
                 (_memory(fleet)["SUnreclaim"] - before["SUnreclaim"]) * 1024 / (workers * npages))
+            res["late"] = late_worker("ksm", cfg, npages, counts, sample, cfg.timeout)
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
             KSM.write("run", 0)            # stop scanning, keep the merged pages
             res["cow"] = _cow(fleet, cfg.timeout)
@@ -747,6 +784,7 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
             if profiler is not None:
                 profile_stop(profiler)
                 profiler = None
+            res["late"] = late_worker("shmdedup", cfg, npages, counts, sample, cfg.timeout)
             res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
             client.set("run", 0)
             c0 = cpu_ns(cpid)
@@ -844,6 +882,9 @@ ROWS = [
     ("steady rescan us/tracked page/scan", "steady.us_per_tracked_page", 4),
     ("steady rescan us/scanned page", "steady.us_per_scanned_page", 3),
     ("steady s per full scan", "steady.seconds_per_full_scan", 3),
+    ("late worker: s to 95% of its pages", "late.t95_s", 2),
+    ("  full scans meanwhile", "late.full_scans", 0),
+    ("  scanner CPU s meanwhile", "late.scanner_cpu_s", 3),
     ("memory saved MiB (workers' Pss)", "saved_pss_mib", 1),
     ("  system-wide: AnonPages / Shmem", "saved_mib", 1),
     ("  system-wide: MemAvailable", "saved_memavailable_mib", 1),

@@ -44,8 +44,10 @@ CPU of the stats requests in a window is taken out.  KSM: ksmd at its own defaul
 20) on the same content (--defaults-ksm-mib for a smaller size): time to
 converge, then its steady CPU per tracked page per second over the same kind
 of window (at 5000 pages/s a full scan of 4 x 256 MiB takes ~52 s, so the
-window is at least one whole scan).  The coordinator
-runs at the default nice (0) in this mode, not ksmd's.
+window is at least one whole scan).  Last, both get a late worker (one more
+with worker 0's bytes, vs_ksm.late_worker): the time until 95% of its pages
+merged onto the stable pages already there, at each system's own pace.  The
+coordinator runs at the default nice (0) in this mode, not ksmd's.
 """
 
 from __future__ import annotations
@@ -352,6 +354,8 @@ def _defaults_shmdedup(cfg: argparse.Namespace, workers: int, mib: int) -> dict[
         res["unwatched"] = {"seconds": t1 - t0, "full_scans": f1 - f0,
                             "ns_per_page_per_s": (c1 - c0) / (t1 - t0) / (workers * npages)}
         res["pages_to_scan_end"] = client.stats()["pages_to_scan"]
+        # A worker that comes late, into the quiet converged domain.
+        res["late"] = vk.late_worker("shmdedup", cfg, npages, counts, sample, cfg.timeout, 0.25)
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
         vk.stop_shmdedup(coord, fleet)
@@ -405,6 +409,7 @@ def _defaults_ksm(cfg: argparse.Namespace, workers: int, mib: int) -> dict[str, 
         res["worst_1s_cpu_percent"] = (lambda w: None if w is None else 100 * w)(_cpu_windows(timeline))
         res["steady"] = _steady(sample, wait_scans, workers * npages, cfg.steady_seconds, cfg.timeout)
         res["unwatched"] = dict(res["steady"])      # reading sysfs never wakes ksmd
+        res["late"] = vk.late_worker("ksm", cfg, npages, counts, sample, cfg.timeout, 0.25)
         res["verify_ok"] = all(fleet.call(i, "verify") for i in range(workers))
     finally:
         if fleet is not None:
@@ -468,6 +473,8 @@ DEFAULT_ROWS: list[tuple[str, Any, int | None]] = [
                                                     f"{r['unwatched']['full_scans']}" if "unwatched" in r else "-"),
      None),
     ("unwatched: scanner ns CPU/tracked page/s", "unwatched.ns_per_page_per_s", 3),
+    ("late worker: s to 95% of its pages", "late.t95_s", 1),
+    ("  full scans meanwhile", "late.full_scans", 0),
     ("every worker read its bytes", "verify_ok", 0),
     ("other processes' CPU s, convergence", "foreign_cpu_s", 1),
 ]
