@@ -74,6 +74,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import signal
 import socket
 import time
 import traceback
@@ -225,7 +226,18 @@ class CoordinatorServer:
         except OSError:
             pass
 
-    def serve(self) -> None:
+    def serve(self, wake_on_signals: bool = False) -> None:
+        """Run the loop until stop().  ``wake_on_signals`` (a process of its
+        own, main thread): every signal with a Python handler also writes to
+        the loop's wakeup pipe from CPython's C-level handler
+        (``signal.set_wakeup_fd``).  A Python handler runs only when the main
+        thread next runs bytecode, which a loop asleep in its selector with
+        no timeout does not do if the signal landed just before the selector
+        call or on another thread: without the pipe, a SIGTERM could go
+        unanswered for ever."""
+        old_wakeup: int | None = None
+        if wake_on_signals:
+            old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
             while not self._stopping:
                 try:
@@ -235,6 +247,8 @@ class CoordinatorServer:
                                       traceback.format_exc())
                     self.pacing.pause(0.1)
         finally:
+            if old_wakeup is not None:      # before the pipe closes
+                signal.set_wakeup_fd(old_wakeup)
             self._shutdown()
 
     def _shutdown(self) -> None:

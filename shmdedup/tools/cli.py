@@ -235,7 +235,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         print(f"shmdedup coordinator serving metrics on {server.metrics.url}", file=sys.stderr, flush=True)
     if args.set:
         log.info("controls set at start: %s", ", ".join(f"{k}={v}" for k, v in args.set))
-    server.serve()
+    server.serve(wake_on_signals=True)
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")
     return EXIT_OK
 

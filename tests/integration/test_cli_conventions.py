@@ -6,7 +6,9 @@ logs, signals and closed pipes.  Real processes throughout."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
+import platform
 import os
 import re
 import shutil
@@ -26,6 +28,8 @@ from tests.integration.conftest import counts, merged_counts, wait_for, wait_sta
 from tests.integration.test_cli import cli, start_coordinator  # noqa: F401  (a fixture)
 
 UID = os.getuid()
+# tgkill and the epoll waits by architecture (asm/unistd*.h).
+SYSCALLS = {"x86_64": (234, {"232", "281", "441"}), "aarch64": (131, {"22", "441"})}.get(platform.machine())
 
 
 # -- version -----------------------------------------------------------------
@@ -318,6 +322,33 @@ def test_a_stop_signal_stops_the_coordinator_cleanly(start_coordinator, sig: sig
     assert co.proc.wait(30) == 0, co.stderr
     assert not os.path.exists(co.path)
     assert "Traceback" not in co.stderr and f"stopped by {sig.name}" in co.stderr, co.stderr
+
+
+def _main_thread_waits(pid: int) -> bool:
+    """The process's main thread is asleep in an epoll wait: the
+    coordinator's loop has nothing to do."""
+    assert SYSCALLS is not None
+    with open(f"/proc/{pid}/task/{pid}/syscall") as f:
+        return f.read().split()[0] in SYSCALLS[1]
+
+
+@pytest.mark.skipif(SYSCALLS is None, reason="syscall numbers known for x86-64 and arm64 only")
+def test_a_stop_signal_taken_by_another_thread_still_stops_the_coordinator(start_coordinator) -> None:
+    """A stop signal whose Python handler cannot wake the loop: here it is
+    delivered to the metrics thread while the main thread sleeps in its
+    selector with no timeout (the same as a signal that lands just before
+    the loop enters the selector).  The loop must still wake and stop: the
+    signal itself writes to the loop's wakeup pipe."""
+    co = start_coordinator("-v", "--metrics-port", "0")
+    pid = co.proc.pid
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the metrics server runs a thread"
+    wait_for(lambda: _main_thread_waits(pid), 30, "the coordinator's loop asleep in its selector")
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(SYSCALLS[0], pid, others[0], int(signal.SIGTERM)) == 0, ctypes.get_errno()
+    assert co.proc.wait(30) == 0, co.stderr
+    assert not os.path.exists(co.path)
+    assert "stopped by SIGTERM" in co.stderr and "Traceback" not in co.stderr, co.stderr
 
 
 def test_ctrl_c_in_a_waiting_client_exits_130(socket_dir: str) -> None:
