@@ -7,6 +7,7 @@ nothing of the coordinator's server.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -29,12 +30,24 @@ class _Refused(Exception):
 
 
 class Client:
-    """A control connection: statistics, controls, waiting for scans."""
+    """A control connection: statistics, controls, waiting for scans.
+
+    One request at a time, whatever thread calls.  A request that gets no
+    reply (it timed out, or was interrupted: Ctrl-C, an exception from a
+    signal handler) ends its connection, since its late reply would answer
+    the next request; the next request connects again.
+    """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
                  timeout: float = 10.0) -> None:
         self.socket_path: str = resolve_socket_path(socket_path, domain)
         self.timeout = timeout
+        self._lock = threading.Lock()
+        self._closed = False            # by close(): no more requests
+        self._connect()
+
+    def _connect(self) -> None:
+        timeout = self.timeout
         # A coordinator at its connection cap closes a newcomer it has no place
         # for; places free up within a second (connections that never say
         # hello are evicted), so a connection closed before its welcome is
@@ -71,9 +84,6 @@ class Client:
         try:
             got = self._conn.recv(timeout=timeout)
         except TimeoutError as e:
-            # Its late reply would be taken as the answer to our next request:
-            # this connection is done.
-            self._conn.close()
             raise CoordinatorUnavailableError(
                 f"coordinator at {self.socket_path} did not answer within {timeout} s") from e
         if got is None:
@@ -87,11 +97,21 @@ class Client:
         return msg
 
     def _call(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
-        if self._conn.closed:
-            raise CoordinatorUnavailableError(
-                f"connection to the coordinator at {self.socket_path} is closed (a request timed out?)")
-        self._conn.send(msg)
-        r = self._expect("reply", self.timeout if timeout is None else timeout)
+        with self._lock:
+            if self._closed:
+                raise CoordinatorUnavailableError(
+                    f"this connection to the coordinator at {self.socket_path} was closed")
+            if self._conn.closed:
+                self._connect()     # the last request went unanswered (below)
+            try:
+                self._conn.send(msg)
+                r = self._expect("reply", self.timeout if timeout is None else timeout)
+            except BaseException:
+                # No reply read (timed out, interrupted, the peer gone): one
+                # may still come, and would be taken as the answer to the
+                # next request.  This connection is done.
+                self._conn.close()
+                raise
         if not r["ok"]:
             raise ControlError(r["error"])
         return r["data"]
@@ -125,6 +145,7 @@ class Client:
         return full_scans
 
     def close(self) -> None:
+        self._closed = True
         self._conn.close()
 
     def __enter__(self) -> Client:

@@ -1,0 +1,106 @@
+"""A long-lived ``Client`` stays in step with its coordinator: each request
+reads its own reply, after a request interrupted by Ctrl-C, after one that
+timed out, and with several threads calling at once.  Real processes: a
+coordinator process and a script that uses one client throughout."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import run_python
+
+# A script holding one client: it interrupts its own wait for full scans
+# with a real SIGINT (a timer thread, 0.3 s after the request went out, the
+# scan stopped so no reply is due for 30 s), then uses the same client.
+INTERRUPTED = r"""
+import json, os, signal, sys, threading, time
+import shmdedup
+c = shmdedup.Client(sys.argv[1], timeout=10)
+c.set("run", 0)
+send = c._conn.send
+def send_then_ctrl_c(msg, fds=()):
+    send(msg, fds)
+    if msg["t"] == "wait":
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+c._conn.send = send_then_ctrl_c
+try:
+    c.wait_full_scans(1, timeout=30)
+    print("not interrupted", file=sys.stderr)
+    sys.exit(1)
+except KeyboardInterrupt:
+    pass
+t = time.monotonic()
+s = c.stats()                       # at once: not after the wait's 30 s
+took = time.monotonic() - t
+c.set("pages_to_scan", 321)
+c.set("run", 1)
+print(json.dumps({"took": took, "stats_keys": sorted(s), "run": s["run"],
+                  "after": {k: c.stats()[k] for k in ("pages_to_scan", "run")}}))
+c.close()
+"""
+
+
+def test_a_request_interrupted_by_ctrl_c_leaves_the_client_in_step(coordinator) -> None:
+    c = coordinator(process=True)
+    r = run_python(INTERRUPTED, args=(c.socket_path,), timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "full_scans" in out["stats_keys"] and out["run"] == 0, out
+    assert out["took"] < 9, out            # its own reply, not the wait's at 30 s (or a timeout)
+    assert out["after"] == {"pages_to_scan": 321, "run": 1}, out
+
+
+TIMED_OUT = r"""
+import json, sys
+import shmdedup
+from shmdedup.errors import CoordinatorUnavailableError
+c = shmdedup.Client(sys.argv[1], timeout=10)
+c.set("run", 0)
+try:
+    c._call({"t": "wait", "full_scans": 10**6, "timeout": 3}, timeout=0.5)
+    sys.exit("answered")
+except CoordinatorUnavailableError as e:
+    err = str(e)
+s = c.stats()
+print(json.dumps({"err": err, "run": s["run"], "n": len(s)}))
+"""
+
+
+def test_a_request_that_timed_out_leaves_the_next_one_its_own_reply(coordinator) -> None:
+    """The wait's reply comes 3 s later, on the old connection: the next
+    request, on a new one, gets its own."""
+    c = coordinator(process=True)
+    r = run_python(TIMED_OUT, args=(c.socket_path,), timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "did not answer within 0.5 s" in out["err"], out
+    assert out["run"] == 0 and out["n"] > 10, out
+
+
+THREADS = r"""
+import json, sys, threading
+import shmdedup
+c = shmdedup.Client(sys.argv[1], timeout=30)
+bad = []
+def reader():
+    for _ in range(500):
+        s = c.stats()
+        if not isinstance(s, dict) or "pages_to_scan" not in s:
+            bad.append(repr(s)[:80])
+def writer(v):
+    for _ in range(500):
+        c.set("pages_to_scan", v)
+ts = [threading.Thread(target=reader), threading.Thread(target=reader),
+      threading.Thread(target=writer, args=(100,)), threading.Thread(target=writer, args=(200,))]
+for t in ts: t.start()
+for t in ts: t.join()
+print(json.dumps({"bad": bad[:5], "pages_to_scan": c.stats()["pages_to_scan"]}))
+"""
+
+
+def test_threads_sharing_one_client_each_read_their_own_replies(coordinator) -> None:
+    c = coordinator(process=True)
+    r = run_python(THREADS, args=(c.socket_path,), timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["bad"] == [] and out["pages_to_scan"] in (100, 200), out
