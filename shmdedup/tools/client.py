@@ -35,7 +35,8 @@ class Client:
     One request at a time, whatever thread calls.  A request that gets no
     reply (it timed out, or was interrupted: Ctrl-C, an exception from a
     signal handler) ends its connection, since its late reply would answer
-    the next request; the next request connects again.
+    the next request; the next request connects again.  So does the first
+    request of a forked child, which must not share its parent's socket.
     """
 
     def __init__(self, socket_path: str | None = None, *, domain: str | None = None,
@@ -44,6 +45,7 @@ class Client:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._closed = False            # by close(): no more requests
+        self._pid = os.getpid()
         self._connect()
 
     def _connect(self) -> None:
@@ -97,6 +99,13 @@ class Client:
         return msg
 
     def _call(self, msg: dict[str, Any], timeout: float | None = None) -> Any:
+        if os.getpid() != self._pid:
+            # A forked child shares the parent's socket: replies would go to
+            # whichever process reads first.  It gets its own connection (and
+            # a lock no parent thread held at the fork).
+            self._pid, self._lock = os.getpid(), threading.Lock()
+            if not self._closed:
+                self._conn.close()      # our copy only: the parent's stays open
         with self._lock:
             if self._closed:
                 raise CoordinatorUnavailableError(

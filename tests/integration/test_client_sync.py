@@ -85,7 +85,7 @@ bad = []
 def reader():
     for _ in range(500):
         s = c.stats()
-        if not isinstance(s, dict) or "pages_to_scan" not in s:
+        if not isinstance(s, dict) or "full_scans" not in s:
             bad.append(repr(s)[:80])
 def writer(v):
     for _ in range(500):
@@ -104,3 +104,38 @@ def test_threads_sharing_one_client_each_read_their_own_replies(coordinator) -> 
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["bad"] == [] and out["pages_to_scan"] in (100, 200), out
+
+
+FORKED = r"""
+import json, os, sys
+import shmdedup
+c = shmdedup.Client(sys.argv[1], timeout=30)
+c.stats()
+r, w = os.pipe()
+pid = os.fork()
+bad = []
+for i in range(500):
+    if pid == 0:                    # the child sets, the parent reads
+        c.set("pages_to_scan", 100 + i % 7)
+        continue
+    s = c.stats()
+    if not isinstance(s, dict) or "full_scans" not in s:
+        bad.append(repr(s)[:80])
+if pid == 0:
+    os.write(w, json.dumps(bad).encode())
+    os._exit(0)
+os.close(w)
+child_bad = json.loads(os.read(r, 1 << 16) or b'["no answer from the child"]')
+_, status = os.waitpid(pid, 0)
+print(json.dumps({"parent": bad[:5], "child": child_bad[:5], "status": status}))
+"""
+
+
+def test_a_forked_child_using_its_parents_client_gets_its_own_connection(coordinator) -> None:
+    """A client made before fork (a module-level client in a fork pool):
+    parent and child call at the same time, each reading its own replies
+    (the parent's stats() never returns the reply to the child's set)."""
+    c = coordinator(process=True)
+    r = run_python(FORKED, args=(c.socket_path,), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"parent": [], "child": [], "status": 0}, r.stdout
