@@ -250,9 +250,11 @@ class Agent:
                 self._inline[token] = w
                 self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
                             "npages": m, "hashes": h})
-            answered = w.done.wait(max(0.0, deadline - time.monotonic()))
-            with self.lock:
-                self._inline.pop(token, None)
+            try:
+                answered = w.done.wait(max(0.0, deadline - time.monotonic()))
+            finally:                # also when Ctrl-C interrupts the wait
+                with self.lock:
+                    self._inline.pop(token, None)
             merged += w.merged
             if w.err and err is None:
                 err = w

@@ -1,13 +1,14 @@
 """A long-lived ``Client`` stays in step with its coordinator: each request
 reads its own reply, after a request interrupted by Ctrl-C, after one that
-timed out, and with several threads calling at once.  Real processes: a
+timed out, with several threads calling at once, and in a forked child.  And
+Ctrl-C in a worker's ``merge_now`` leaves nothing behind.  Real processes: a
 coordinator process and a script that uses one client throughout."""
 
 from __future__ import annotations
 
 import json
 
-from tests.helpers import run_python
+from tests.helpers import child_env, run_python
 
 # A script holding one client: it interrupts its own wait for full scans
 # with a real SIGINT (a timer thread, 0.3 s after the request went out, the
@@ -139,3 +140,46 @@ def test_a_forked_child_using_its_parents_client_gets_its_own_connection(coordin
     r = run_python(FORKED, args=(c.socket_path,), timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"parent": [], "child": [], "status": 0}, r.stdout
+
+
+MERGE_NOW_CTRL_C = r"""
+import json, os, signal, sys, threading
+import numpy as np
+import shmdedup
+from shmdedup import PAGE_SIZE as P
+from shmdedup.worker import agent
+cpid, n = int(sys.argv[1]), 4096
+small = shmdedup.Region(P)
+small.ndarray(np.uint8, (P,))[:] = 120
+small.merge_now()                              # connected and welcomed
+r = shmdedup.Region(n * P)
+a = r.ndarray(np.uint8, (n, P))
+a[:] = np.random.default_rng(5).integers(0, 256, (n // 2, P), dtype=np.uint8).repeat(2, axis=0)
+want = a.copy()
+os.kill(cpid, signal.SIGSTOP)                  # the reply cannot come: the wait is interrupted
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    r.merge_now()
+    sys.exit("not interrupted")
+except KeyboardInterrupt:
+    pass
+finally:
+    os.kill(cpid, signal.SIGCONT)
+left = len(agent._agent._inline) if agent._agent is not None else -1
+second = r.merge_now()
+print(json.dumps({"left": left, "intact": bool((a == want).all()), "merged": r.merged_pages(),
+                  "second": second}))
+"""
+
+
+def test_ctrl_c_in_merge_now_loses_nothing_and_the_next_call_merges(coordinator) -> None:
+    """Ctrl-C while merge_now waits for the coordinator's answer: the call
+    raises KeyboardInterrupt, forgets its wait, and the bytes stay; the next
+    merge_now merges the range; the script ends cleanly."""
+    c = coordinator(process=True)
+    r = run_python(MERGE_NOW_CTRL_C, args=(str(c._proc.pid),),
+                   env=child_env({"SHMDEDUP_SOCKET": c.socket_path}), timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["left"] == 0 and out["intact"], out
+    assert out["merged"] == 4096, out
