@@ -241,20 +241,22 @@ class Agent:
             # Our own checksums, so that the coordinator need not read the
             # pages that equal a stable page (it reads and hashes the others).
             h = region.merge_hints(a, m)
-            with self.lock:
-                if self.conn is None:
-                    break
-                if region.id not in self.registered:
-                    self._register(region)
-                token = next(self._tokens)
-                self._inline[token] = w
-                self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
-                            "npages": m, "hashes": h})
+            token: int | None = None
             try:
-                answered = w.done.wait(max(0.0, deadline - time.monotonic()))
-            finally:                # also when Ctrl-C interrupts the wait
                 with self.lock:
-                    self._inline.pop(token, None)
+                    if self.conn is None:
+                        break
+                    if region.id not in self.registered:
+                        self._register(region)
+                    token = next(self._tokens)
+                    self._inline[token] = w
+                    self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
+                                "npages": m, "hashes": h})
+                answered = w.done.wait(max(0.0, deadline - time.monotonic()))
+            finally:                # also when Ctrl-C (or any exception) interrupts the call
+                if token is not None:
+                    with self.lock:
+                        self._inline.pop(token, None)
             merged += w.merged
             if w.err and err is None:
                 err = w
