@@ -45,6 +45,12 @@ BASE = {"sleep_millisecs": 0, "pages_to_scan": 256, "max_pages_per_worker": 4096
 
 _tmp = tempfile.mkdtemp(prefix="shmdedup-fuzz-")
 server = CoordinatorServer(os.path.join(_tmp, "c.sock"), BASE)
+# Inputs reach it through socket pairs, never the path; and the fuzzer ends
+# with exit() (no Python shutdown): remove the socket and its directory now,
+# keeping a descriptor of the directory to send as a wrong kind of fd.
+_DIR_FD = os.open(_tmp, os.O_RDONLY | os.O_CLOEXEC)
+os.unlink(server.socket_path)
+os.rmdir(_tmp)
 
 
 def _fd_count() -> int:
@@ -132,7 +138,7 @@ def _fds(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
             os.close(w)
             out.append(r)
         elif kind == 4:
-            out.append(os.open(_tmp, os.O_RDONLY | os.O_CLOEXEC))
+            out.append(os.dup(_DIR_FD))
         elif kind == 5:
             out.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
         else:
