@@ -155,7 +155,7 @@ class Coordinator:
             self.stop()
 
     def client(self) -> Client:
-        if self._client is None or self._client._conn.closed:  # closed: after a timeout
+        if self._client is None:    # one for good: it reconnects after a timeout itself
             self._client = Client(self.socket_path)
         return self._client
 
