@@ -230,7 +230,14 @@ def test_concurrent_merge_now_of_the_same_content_ends_with_one_stable_copy(coor
     assert sorted(results.values()) == [NPAGES] * 4, (results, s)
     assert s["pages_shared"] == NPAGES and s["pages_sharing"] == 3 * NPAGES, s
     assert s["stable_pages_allocated"] == NPAGES
-    assert s["pages_merged_inline"] == 4 * NPAGES
+    # Every page merged during its worker's call (the results above).  The
+    # scan runs too, and its first look at a page equal to a stable page
+    # merges it (Linux's order): it may take a page a loader wrote before
+    # that loader's call reached the coordinator.  The stable copies
+    # themselves were all made at write time.
+    inline = s["pages_merged_inline"]
+    assert NPAGES <= inline <= 4 * NPAGES, s
+    assert inline == sum(x["pages_merged_inline"] for x in s["workers"]), s
     for w in ws:
         assert w.blocks() == 0
         assert w.call("layout()") == {"merged": NPAGES, "private": 0, "intact": True, "allocated": 0}
