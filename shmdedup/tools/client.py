@@ -142,9 +142,10 @@ class Client:
 
         Regions this process advised count: the wait starts once its agent
         has sent them to this coordinator (at most ``timeout`` for that too).
-        A page merges at its second visit (the two-visit rule), or at its
-        first if an equal page is merged already, so 2 full scans after
-        advising merge what is there to merge.
+        A page merges at its first visit (at its second unchanged one if it
+        changed since the visit before: the two-visit rule), and only a full
+        scan that starts after advising is sure to visit every page, so 2
+        full scans after advising merge what is there to merge.
         """
         from shmdedup.worker import agent
         agent.wait_advice_sent(self.socket_path, min(timeout, 10.0))

@@ -263,7 +263,8 @@ def summary_lines(workers: int, peak: dict[str, int], full_scans: int, loaded: i
         lines.append(f"shmdedup: how: by scanning only ({scans}); share() and shmdedup_array merge at write time")
     if not sharing and full_scans < 2:
         lines.append(f"shmdedup: the workers finished before the coordinator's second full scan ({scans}): a "
-                     f"page the scan finds merges at the earliest during the second full scan that sees it")
+                     f"page the scan finds merges at its first visit, which only a full scan that starts "
+                     f"after the page was written is sure to make")
     return lines
 
 

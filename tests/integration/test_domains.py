@@ -106,13 +106,16 @@ def test_merge_zero_pages_only(no_shm_leftovers: None) -> None:
     try:
         w = Worker()
         w.run(UNIQUE_WORKER, SOCKET=d.path, NPAGES=NPAGES, SEED=1)
-        # first half: written zeros (allocated); second half: one page repeated
+        # first half: written zeros (allocated); second half: one page repeated.
+        # Written unadvised: a page seen for the first time may merge at once.
         w.call("""
+            region.advise(shmdedup.UNMERGEABLE)
             pages = arr.reshape(NPAGES, P)
             pages[:NPAGES // 2] = 0
             pages[NPAGES // 2:] = 7
         """)
         assert allocated(w) == NPAGES * PAGE
+        w.call("region.advise(shmdedup.MERGEABLE)")
         d.wait_merging(w.pid, NPAGES // 2)
         d.wait_full_scans(3)
         st = d.stats()

@@ -1,8 +1,9 @@
 """The scanner's first look at a new or changed page (scanner._visit,
 Matcher.cmp_stable), against real shm objects with the stand-in agents of
 test_steady_rescan: such a page merges at that visit onto an equal stable
-page (Linux searches the stable tree before its checksum test), while the
-unstable index still takes a page only at its second unchanged visit."""
+page (Linux searches the stable tree before its checksum test); a new page
+goes on to the unstable index at once, a changed one only at its next
+unchanged visit (amendment 15)."""
 
 from __future__ import annotations
 
@@ -43,11 +44,30 @@ def test_new_and_changed_pages_merge_onto_stable_pages_at_one_visit(fleet: Fleet
     assert changed.status[5] == MERGED and changed.slot[5] == late.slot[9]
 
 
-def test_two_new_twins_still_wait_for_their_second_visit(fleet: Fleet) -> None:
+def test_new_twins_merge_at_their_first_visit(fleet: Fleet) -> None:
+    """A page seen for the first time goes on to the unstable index at once
+    (amendment 15): two new twins merge in one full scan, not two."""
     data = os.urandom(N * P)
     fleet.region(W(0, 1), data)
     fleet.region(W(0, 2), data)
-    fleet.full_scans(1)                            # first visits: recorded only
-    assert fleet.sc.stats()["pages_sharing"] == 0
     fleet.full_scans(1)
-    assert fleet.sc.stats()["pages_sharing"] == N
+    s = fleet.sc.stats()
+    assert s["pages_sharing"] == N and s["pages_shared"] == N
+
+
+def test_changed_twins_still_wait_for_a_second_unchanged_visit(fleet: Fleet) -> None:
+    """The two-visit rule still keeps a page that changed since its last
+    visit out of the unstable index until its checksum holds."""
+    a = fleet.region(W(0, 1), os.urandom(N * P))
+    b = fleet.region(W(0, 2), os.urandom(N * P))
+    fleet.full_scans(1)                            # unique: in the unstable index
+    assert fleet.sc.stats()["pages_sharing"] == 0
+    twin = os.urandom(P)
+    fleet.write(a, 5, twin)
+    fleet.write(b, 7, twin)
+    fleet.full_scans(1)                            # changed: recorded only
+    assert fleet.sc.stats()["pages_sharing"] == 0
+    fleet.full_scans(1)                            # unchanged since: they merge
+    s = fleet.sc.stats()
+    assert s["pages_sharing"] == 1 and s["pages_shared"] == 1
+    assert a.status[5] == MERGED and b.status[7] == MERGED and a.slot[5] == b.slot[7]

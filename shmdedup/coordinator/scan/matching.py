@@ -1,9 +1,10 @@
-"""Steps 3-5 of the scan: matching a batch of steady pages and queueing merges.
+"""Steps 3-5 of the scan: matching a batch of candidate pages and queueing merges.
 
 :class:`Matcher` is a collaborator of the
 :class:`~shmdedup.coordinator.scan.scanner.Scanner`, which owns it: it takes
-the steady pages of one chunk (read and checksummed by ``Scanner._visit``,
-unchanged since the last visit) and, vectorised over the chunk:
+the candidate pages of one chunk (read and checksummed by ``Scanner._visit``:
+seen for the first time, or unchanged since the last visit) and, vectorised
+over the chunk:
 
 3. looks each up in the stable index (checksum -> newest slot of a chain),
    confirms with a compare in C, and queues a merge onto that slot while the
@@ -103,7 +104,7 @@ class Matcher:
 
     def cmp_and_merge(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                        k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:
-        """Steps 3-5 for a batch of steady pages of one region, vectorised:
+        """Steps 3-5 for a batch of candidate pages of one region, vectorised:
         index lookups, compares and copies run in C or numpy over whole
         arrays.  Pages whose checksum repeats inside the batch take the
         sequential path (they may match each other)."""
@@ -142,12 +143,12 @@ class Matcher:
 
     def cmp_stable(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
                    k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:
-        """KSM's first look, for pages seen for the first time or changed
-        since their last visit: Linux's cmp_and_merge_page searches the
-        stable tree before its checksum test, so such a page merges at once
-        onto an equal stable page.  Only the stable index is asked: the
-        two-visit rule still keeps changing pages out of the unstable one
-        (and a page equal to a full chain waits for its next visit)."""
+        """KSM's first look, for pages changed since their last visit:
+        Linux's cmp_and_merge_page searches the stable tree before its
+        checksum test, so such a page merges at once onto an equal stable
+        page.  Only the stable index is asked: the two-visit rule still keeps
+        changing pages out of the unstable one (and a page equal to a full
+        chain waits for its next visit)."""
         if self.settings.zero_pages_only or not len(pages):
             return
         self._stable_step(reg, pages, hashes, k, buf.reshape(-1, PAGE_SIZE),

@@ -15,10 +15,12 @@ patch 4); a slot with none is freed (punched).  Then, for each present
 (SEEK_DATA), private, mergeable page:
 
 1. checksum it (C, pages read with pread: never through a mapping);
-2. first visit, or checksum changed since the last visit: record it, the page
-   is volatile, and only step 3 is tried (Linux searches the stable tree before
-   its checksum test; the two-visit rule keeps churning pages out of the
-   unstable index);
+2. checksum changed since the last visit: record it, the page is volatile,
+   and only step 3 is tried (Linux searches the stable tree before its
+   checksum test; the two-visit rule keeps churning pages out of the unstable
+   index).  A page seen for the first time goes on to every step: nothing
+   says it churns yet, and waiting a full scan doubled the time a new copy
+   lives (amendment 15);
 3. look it up in the stable index (checksum -> slots), confirm with memcmp,
    queue a merge onto that slot;
 4. else look it up in the unstable index (reset at every full scan); on a
@@ -605,22 +607,25 @@ class Scanner(Registry, Accounting):
     def _visit(self, reg: RegionState, ch: Any, e: np.ndarray, pages: np.ndarray,
                merges: QueuedByWorker) -> None:
         """Steps 1-2 for the entries ``e`` of chunk ``ch`` (``pages``): read
-        and checksum the pages; those unchanged since the last visit go on
-        to matching."""
+        and checksum the pages; those seen for the first time or unchanged
+        since the last visit go on to matching (amendment 15), those changed
+        only to the stable index."""
         n = len(e)
         buf = self._scratch[:n * PAGE_SIZE]
         hashes = np.empty(n, np.uint64)
         _native.read_pages(reg.backing_fd, pages, buf, hashes)
         old = ch.checksum[e]
         st = ch.status[e]
-        steady = (st != NEW) & (old == hashes)
+        first = st == NEW
+        steady = ~first & (old == hashes)
         ch.checksum[e] = hashes
         ch.status[e[~steady]] = VOLATILE
-        k = np.flatnonzero(steady)          # candidates, as indexes into buf
-        self.changes += n - len(k)
+        k = np.flatnonzero(steady | first)  # candidates, as indexes into buf
+        self.changes += n - int(np.count_nonzero(steady))
         if len(k) < n and self.stable.pages_in_use:
-            # New or changed: only the stable index is asked (KSM's order).
-            fresh = np.flatnonzero(~steady)
+            # Changed since the last visit: only the stable index is asked
+            # (KSM's order); the unstable one waits for a steady checksum.
+            fresh = np.flatnonzero(~(steady | first))
             self.matcher.cmp_stable(reg, pages[fresh], hashes[fresh], fresh, buf, merges)
         if len(k):
             self.matcher.cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
