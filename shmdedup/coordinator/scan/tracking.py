@@ -69,6 +69,7 @@ class RegionState:
     skip: Field = field(init=False)          # smart_scan: visits still to skip
     closed: bool = False
     uid: int = -1                            # the scanner's id, for the unstable index
+    inherits: bool = True                    # False once count_inherited found none
 
     def __post_init__(self) -> None:
         self.table = PageTable(self.npages)
@@ -153,13 +154,24 @@ def inherited_pages(reg: RegionState) -> np.ndarray:
     Only state bytes that hold data are read (a hole in the worker's metadata
     object is PRIVATE), a piece at a time: the cost follows what the worker
     wrote, not the size it claims."""
-    found = list(_inherited_pieces(reg))
+    found = list(_inherited_pieces(reg)) if reg.inherits else []
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def count_inherited(reg: RegionState) -> int:
-    """How many pages ``inherited_pages`` would return."""
-    return sum(len(p) for p in _inherited_pieces(reg))
+    """How many pages ``inherited_pages`` would return.
+
+    A region has inherited pages only from its registration on (merged
+    before it, by a previous coordinator), and only fewer as they are
+    broken or unmerged: once none is left, the region is never read for
+    them again, so a statistics request does not read every state byte
+    of every merged page (1-20 ms a request at 1-8 GiB)."""
+    if not reg.inherits:
+        return 0
+    n = sum(len(p) for p in _inherited_pieces(reg))
+    if n == 0:
+        reg.inherits = False
+    return n
 
 
 def _inherited_pieces(reg: RegionState) -> Iterator[np.ndarray]:
