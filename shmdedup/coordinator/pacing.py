@@ -39,9 +39,9 @@ it runs in the coordinator's single thread.
   advised, a region registered, a client's ``wait`` for full scans) ends
   it at the next batch, so a page written into a quiet domain is seen at
   most ``QUIET_STRETCH`` advisor periods later (ksmd at its defaults takes
-  ~52 s a full scan of 1 GiB), and a changed page's second visit
-  comes at the advisor's pace.  With several lanes the ``MULTI_LANE_PERIOD`` bound
-  still holds (no stretch), and so does the batch's CPU limit.
+  ~52 s a full scan of 1 GiB), and a changed page's second visit comes
+  at the advisor's pace.  With several lanes the ``MULTI_LANE_PERIOD``
+  bound still holds (no stretch), and so does the batch's CPU limit.
 * A full scan's time, which the advisor steers, counts only while the scan
   could run: not while ``run`` is not 1 or there is nothing to scan (at start
   before the first region, after ``run=0``).

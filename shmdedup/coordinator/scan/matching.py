@@ -9,7 +9,7 @@ over the chunk:
 3. looks each up in the stable index (checksum -> newest slot of a chain) and
    queues a merge onto that slot while the chain has room under
    ``max_page_sharing`` (a full chain: the next slot), with no compare: a
-   stable page never changes, and the worker's proof decides (amendment 15);
+   stable page never changes, and the worker's proof decides (amendment 16);
 4. else looks it up in the unstable index; on a confirmed match copies the
    pair's content into a fresh stable slot and queues merges for both;
 5. else inserts it into the unstable index (status UNSHARED).
@@ -163,7 +163,7 @@ class Matcher:
         Clears ``todo`` for the pages it queued and for those whose chain
         is full, which it returns (as indexes).
 
-        No compare here (amendment 15): a stable page never changes, so
+        No compare here (amendment 16): a stable page never changes, so
         comparing it with what this visit read could only catch a 64-bit
         checksum collision, and the worker's proof under protection
         (invariant 1) refuses that merge anyway; the compare read every

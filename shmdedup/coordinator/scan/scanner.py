@@ -22,7 +22,7 @@ patch 4); a slot with none is freed (punched).  Then, for each present
    says it churns yet, and waiting a full scan doubled the time a new copy
    lives (amendment 15);
 3. look it up in the stable index (checksum -> slots), queue a merge onto
-   that slot (no compare: the worker's proof decides, amendment 15);
+   that slot (no compare: the worker's proof decides, amendment 16);
 4. else look it up in the unstable index (reset at every full scan); on a
    match confirm, copy into a fresh stable slot, queue merges for both;
 5. else insert it into the unstable index.
