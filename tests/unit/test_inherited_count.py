@@ -9,20 +9,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
-
 from shmdedup import _native
 from shmdedup.coordinator.scan import tracking
 from tests.unit.test_steady_rescan import P, Fleet, W
 
 N = 600
-
-
-@pytest.fixture
-def fleet() -> Any:
-    f = Fleet()
-    yield f
-    f.close()
 
 
 def test_a_region_without_inherited_pages_is_not_read_for_them_again(fleet: Fleet, monkeypatch) -> None:

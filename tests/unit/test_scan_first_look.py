@@ -8,21 +8,11 @@ unchanged visit (amendment 15)."""
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import pytest
 
 from shmdedup.coordinator.scan.tracking import MERGED
 from tests.unit.test_steady_rescan import P, Fleet, W
 
 N = 600
-
-
-@pytest.fixture
-def fleet() -> Any:
-    f = Fleet()
-    yield f
-    f.close()
 
 
 def test_new_and_changed_pages_merge_onto_stable_pages_at_one_visit(fleet: Fleet) -> None:

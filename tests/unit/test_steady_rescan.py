@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import numpy as np
-import pytest
 
 from shmdedup import _native, _shm
 from shmdedup.coordinator.scan.budget import MappingBudget
@@ -116,13 +115,6 @@ class Fleet:
         self.sc.close()
         for fd in self.fds:
             os.close(fd)
-
-
-@pytest.fixture
-def fleet() -> Any:
-    f = Fleet()
-    yield f
-    f.close()
 
 
 def test_merged_chunks_are_rescanned_without_asking_for_data(fleet: Fleet, monkeypatch: Any) -> None:

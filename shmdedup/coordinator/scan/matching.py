@@ -120,7 +120,7 @@ class Matcher:
             reg.status[pages[todo]] = VOLATILE
             return
         for i in self._stable_step(reg, pages, hashes, todo, merges).tolist():
-            # Equal but the chain is full: another slot, or a new chain.
+            # The chain is full: another slot, or a new chain (compared).
             self._cmp_and_merge_one(reg, int(pages[i]), hashes[i:i + 1], rows[k[i]], merges)
         rest = np.flatnonzero(todo)
         if not len(rest):
@@ -143,7 +143,7 @@ class Matcher:
             reg.status[pages[lone]] = UNSHARED
 
     def cmp_stable(self, reg: RegionState, pages: np.ndarray, hashes: np.ndarray,
-                   k: np.ndarray, buf: np.ndarray, merges: QueuedByWorker) -> None:
+                   merges: QueuedByWorker) -> None:
         """KSM's first look, for pages changed since their last visit:
         Linux's cmp_and_merge_page searches the stable tree before its
         checksum test, so such a page merges at once onto an equal stable

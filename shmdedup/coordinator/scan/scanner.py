@@ -626,7 +626,7 @@ class Scanner(Registry, Accounting):
             # Changed since the last visit: only the stable index is asked
             # (KSM's order); the unstable one waits for a steady checksum.
             fresh = np.flatnonzero(~(steady | first))
-            self.matcher.cmp_stable(reg, pages[fresh], hashes[fresh], fresh, buf, merges)
+            self.matcher.cmp_stable(reg, pages[fresh], hashes[fresh], merges)
         if len(k):
             self.matcher.cmp_and_merge(reg, pages[k], hashes[k], k, buf, merges)
 
