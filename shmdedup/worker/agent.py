@@ -38,7 +38,11 @@ sure a connection is up (one prompt attempt, bounded), sends the request and
 waits for the answer; the merges themselves arrive as ordinary merge batches
 and run here, in the agent thread, which counts the pages of each waiting
 call's range that merge.  A lost connection, or no answer within
-``MERGE_NOW_TIMEOUT``, ends the wait with what merged so far.
+``MERGE_NOW_TIMEOUT``, ends the wait with what merged so far.  The call's
+advice travels with its requests: registering the region meanwhile (its
+first request, a reconnect) leaves out the part not requested yet, whose
+advice would wake the scan before the call, and whatever the call never
+requested is advised when it ends.
 """
 
 from __future__ import annotations
@@ -123,6 +127,10 @@ class Agent:
         # merge_now: calls waiting for their answer, by token; and connection
         # attempts that failed, so a caller can wait for the next one.
         self._inline: dict[int, _InlineWait] = {}
+        # merge_now: the part of each call's range whose request is not sent
+        # yet, [start, end) by region: a registration leaves it out of the
+        # advice it sends, which would wake the scan before the request.
+        self._unsent: dict[int, list[list[int]]] = {}
         self._tokens = itertools.count(1)
         self._attempts = 0
         self._attempt_cv = threading.Condition()
@@ -221,10 +229,33 @@ class Agent:
         Region.merge_now); returns the pages of the range merged during the
         call.  Raises ShmError (ENOSPC) when stable pages could not be created,
         after merging what could be."""
+        unsent = [first, first + n]
         with self.lock:
+            self._unsent.setdefault(region.id, []).append(unsent)
+            region.set_mergeable(first, n)
             new = region.id not in self.regions
             self.regions[region.id] = region    # registered with its advice when we connect
             self._ensure_thread()
+        try:
+            return self._merge_now(region, first, n, unsent, new)
+        finally:
+            # However the call ends, the advice of what it did not send
+            # reaches the coordinator (it outlives the call).
+            with self.lock:
+                calls = [c for c in self._unsent[region.id] if c is not unsent]
+                if calls:
+                    self._unsent[region.id] = calls
+                else:
+                    del self._unsent[region.id]
+                if (unsent[0] < unsent[1] and self.conn is not None
+                        and region.id in self.registered):
+                    for a, m in region.advice_runs(unsent[0], unsent[1] - unsent[0],
+                                                   self._unsent.get(region.id, ())):
+                        self._send({"t": "advise", "rid": region.id, "start": a,
+                                    "npages": m, "mergeable": True})
+
+    def _merge_now(self, region: Region, first: int, n: int, unsent: list[int],
+                   new: bool) -> int:
         if new and self.conn is None:
             self._wake.set()
         if not self._wait_connected(MERGE_NOW_CONNECT_TIMEOUT):
@@ -250,6 +281,7 @@ class Agent:
                         self._register(region)
                     token = next(self._tokens)
                     self._inline[token] = w
+                    unsent[0] = a + m
                     self._send({"t": "merge_now", "req": token, "rid": region.id, "start": a,
                                 "npages": m, "hashes": h})
                 answered = w.done.wait(max(0.0, deadline - time.monotonic()))
@@ -284,7 +316,7 @@ class Agent:
         self.registered.add(region.id)
         self._send({"t": "register", "rid": region.id, "npages": region.npages},
                    [region.backing_fd, region.meta_fd])
-        for first, n in region.advice_runs():
+        for first, n in region.advice_runs(without=self._unsent.get(region.id, ())):
             self._send({"t": "advise", "rid": region.id, "start": first, "npages": n,
                         "mergeable": True})
 

@@ -31,7 +31,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, overload
 
 import numpy as np
@@ -59,7 +59,8 @@ class _Listener(Protocol):
 
     def on_close(self, region: Region) -> None: ...
 
-    def merge_now(self, region: Region, first: int, n: int) -> int: ...
+    def merge_now(self, region: Region, first: int, n: int) -> int:
+        """Advise the range (region.set_mergeable) and merge it now."""
 
 
 class _Lock(Protocol):
@@ -324,12 +325,18 @@ class Region(_native.Mapping):
         first, n = self._page_range(offset, length)
         if n == 0:
             return 0
-        # The advice travels with the request (an advise message would also
-        # wake the scan for a batch, each chunk of a streaming load).
-        self._advice[first:first + n] = True
         if _listener is None:
+            self._advice[first:first + n] = True
             return 0
+        # The agent sets the advice: it travels with the request (an advise
+        # message would also wake the scan for a batch, each chunk of a
+        # streaming load), and a registration meanwhile leaves it out.
         return _listener.merge_now(self, first, n)
+
+    def set_mergeable(self, first: int, n: int) -> None:
+        """Advise pages [first, first + n) MERGEABLE here only (the agent's
+        merge_now tells the coordinator itself)."""
+        self._advice[first:first + n] = True
 
     def merge_hints(self, first: int, n: int) -> bytes:
         """Little-endian XXH64 of each private page with data (0 for the
@@ -353,10 +360,21 @@ class Region(_native.Mapping):
         mask: np.ndarray = self._advice[pages] & (self._pins[pages] == 0)
         return mask
 
-    def advice_runs(self) -> list[tuple[int, int]]:
-        """The mergeable ranges as (first page, page count) runs."""
-        starts, ends = mask_runs(self._advice)
-        return [(s, e - s) for s, e in zip(starts.tolist(), ends.tolist())]
+    def advice_runs(self, first: int = 0, n: int | None = None,
+                    without: Iterable[Sequence[int]] = ()) -> list[tuple[int, int]]:
+        """The mergeable ranges of pages [first, first + n) (all pages by
+        default) as (first page, page count) runs, leaving out the
+        ``without`` ranges (start, end)."""
+        end = self.npages if n is None else first + n
+        mask = self._advice[first:end]
+        cut = [(max(a, first) - first, min(b, end) - first) for a, b in without
+               if a < end and b > first]
+        if cut:
+            mask = mask.copy()
+            for a, b in cut:
+                mask[a:b] = False
+        starts, ends = mask_runs(mask)
+        return [(first + s, e - s) for s, e in zip(starts.tolist(), ends.tolist())]
 
     # -- copy-on-write and I/O ------------------------------------------
 
