@@ -96,7 +96,19 @@ class RegionState:
 
     def next_data(self, p: int) -> int | None:
         """The first page at or after p that holds data in the backing (the
-        object may shrink or grow meanwhile: a hint, never an error)."""
+        object may shrink or grow meanwhile: a hint, never an error).
+
+        Page p itself, the common answer (a filled region), is asked of
+        cachestat first: a seek takes the object's inode lock, which a worker
+        punching merged pages holds (the scan spun on it while workers
+        merged: 190 us a seek, 4% of the coordinator's CPU converging)."""
+        global _cachestat
+        if _cachestat:
+            try:
+                if _native.resident_pages(self.backing_fd, p * PAGE_SIZE, PAGE_SIZE):
+                    return p
+            except OSError:
+                _cachestat = False   # an older kernel: seeks only
         off = _shm.next_data(self.backing_fd, p * PAGE_SIZE)
         return None if off is None else off // PAGE_SIZE
 
