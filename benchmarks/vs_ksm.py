@@ -77,7 +77,8 @@ Also reported: the most mappings (VMAs) any worker holds (vm.max_map_count is
 the binding limit for shmdedup), other processes' CPU during each convergence
 (this is a shared 2-CPU machine: before each measurement the script waits up
 to --wait-quiet seconds for a quiet machine), and with --py-spy FILE a
-py-spy profile of the coordinator (--py-spy-phase converge|steady).
+py-spy profile of the coordinator (--py-spy-phase converge|steady; with --perf,
+a ``perf record -g`` of it instead: CPU samples with kernel and C frames).
 
 Nothing is left behind: children are always reaped, shmdedup unlinks its
 objects at once, and /dev/shm is compared before and after.
@@ -723,10 +724,13 @@ def run_shmdedup(cfg: argparse.Namespace, workers: int, mib: int, full: bool) ->
         before["backing"] = fleet.backing_bytes()
         before["coordinator_rss_anon"] = proc_kib(cpid, "status", "RssAnon")
         def profile_start() -> Any:
-            p = subprocess.Popen(["py-spy", "record", "--pid", str(cpid), "--rate", str(cfg.py_spy_rate),
-                                  "--format", "raw", "--output", cfg.py_spy]
-                                 + (["--native"] if cfg.py_spy_native else ["--nonblocking"]),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if cfg.perf:
+                cmd = ["perf", "record", "-g", "-p", str(cpid), "-o", cfg.py_spy]
+            else:
+                cmd = (["py-spy", "record", "--pid", str(cpid), "--rate", str(cfg.py_spy_rate),
+                        "--format", "raw", "--output", cfg.py_spy]
+                       + (["--native"] if cfg.py_spy_native else ["--nonblocking"]))
+            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
             return p
 
@@ -1014,6 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--py-spy-phase", choices=("converge", "steady"), default="converge",
                     help="what to profile: convergence, or the steady-state rescans after it")
     ap.add_argument("--py-spy-native", action="store_true", help="py-spy --native (C frames too)")
+    ap.add_argument("--perf", action="store_true",
+                    help="with --py-spy FILE: record with perf record -g instead (kernel and C "
+                         "frames, no Python ones; FILE is perf's data file)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     cfg = ap.parse_args(argv)
     if cfg.workers < 1 or cfg.mib < 1 or cfg.pages_to_scan < 1 or cfg.sleep_ms < 0:
