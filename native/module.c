@@ -343,6 +343,69 @@ py_resident_pages(PyObject *Py_UNUSED(m), PyObject *args)
 }
 
 static PyObject *
+py_data_pages(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int fd;
+    long long off, len;
+    if (parse_fd_range(args, &fd, &off, &len) < 0)
+        return NULL;
+    long n = sd_data_pages(fd, (off_t)off, (size_t)len);
+    if (n < 0)
+        return sd_raise_errno("cachestat");
+    return PyLong_FromLong(n);
+}
+
+/* (fd, first page, page count): checked, and small enough that byte offsets fit. */
+static int
+parse_fd_pages(PyObject *args, int *fd, long long *first, long long *n)
+{
+    if (!PyArg_ParseTuple(args, "iLL", fd, first, n))
+        return -1;
+    long long limit = (long long)(INT64_MAX / (int64_t)sd_page_size);
+    if (*first < 0 || *n < 0 || *first > limit || *n > limit - *first) {
+        PyErr_SetString(PyExc_ValueError, "first and n must be >= 0, and the range within a file's size");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+py_data_mask(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int fd;
+    long long first, n;
+    if (parse_fd_pages(args, &fd, &first, &n) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (out == NULL)
+        return NULL;
+    long calls = 0;
+    if (n > 0)
+        calls = sd_data_mask(fd, (size_t)first, (size_t)n, sd_page_size,
+                             (uint8_t *)PyBytes_AS_STRING(out));
+    if (calls < 0) {
+        Py_DECREF(out);
+        return sd_raise_errno("cachestat");
+    }
+    return out;
+}
+
+static PyObject *
+py_first_data(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    int fd;
+    long long first, n;
+    if (parse_fd_pages(args, &fd, &first, &n) < 0)
+        return NULL;
+    long long p = n > 0 ? sd_first_data(fd, (size_t)first, (size_t)n, sd_page_size) : -1;
+    if (p == -2)
+        return sd_raise_errno("cachestat");
+    if (p < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(p);
+}
+
+static PyObject *
 py_trap_install(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     int rc = sd_trap_install();
@@ -415,6 +478,14 @@ static PyMethodDef module_methods[] = {
     {"punch_hole", py_punch_hole, METH_VARARGS, "punch_hole(fd, offset, length): fallocate PUNCH_HOLE|KEEP_SIZE."},
     {"resident_pages", py_resident_pages, METH_VARARGS,
      "resident_pages(fd, offset, length) -> pages of the range in memory (cachestat)."},
+    {"data_pages", py_data_pages, METH_VARARGS,
+     "data_pages(fd, offset, length) -> pages of the range that hold data, in memory or swapped "
+     "out (cachestat: no lock a writer of the object holds, unlike SEEK_DATA)."},
+    {"data_mask", py_data_mask, METH_VARARGS,
+     "data_mask(fd, first, n) -> bytes: 1 for each page of [first, first + n) that holds data "
+     "(a snapshot, by bisection with data_pages)."},
+    {"first_data", py_first_data, METH_VARARGS,
+     "first_data(fd, first, n) -> the first page of [first, first + n) that holds data, or None."},
     {"trim_heap", py_trim_heap, METH_NOARGS,
      "trim_heap() -> bool: return free heap pages to the system (malloc_trim; False elsewhere)."},
     {"fault_around", py_fault_around, METH_VARARGS,

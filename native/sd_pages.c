@@ -155,3 +155,77 @@ long sd_resident_pages(int fd, off_t offset, size_t length)
         return -1;
     return (long)cs.cache;
 }
+
+long sd_data_pages(int fd, off_t offset, size_t length)
+{
+    if (length == 0)
+        return 0;                   /* cachestat reads a length of 0 as "to the end" */
+    struct sd_cachestat_range r = {(uint64_t)offset, (uint64_t)length};
+    struct sd_cachestat cs;
+    if (syscall(__NR_cachestat, fd, &r, &cs, 0) != 0)
+        return -1;
+    return (long)(cs.cache + cs.evicted);
+}
+
+/* Fill mask[0, n) for pages [a, a + n), of which cnt hold data. */
+static int data_fill(int fd, size_t a, size_t n, long cnt, size_t page_size, uint8_t *mask,
+                     long *calls)
+{
+    if (cnt <= 0 || (size_t)cnt >= n) {
+        memset(mask, cnt > 0, n);
+        return 0;
+    }
+    size_t h = n / 2;
+    long left = sd_data_pages(fd, (off_t)(a * page_size), h * page_size);
+    if (left < 0)
+        return -1;
+    ++*calls;
+    long right = cnt - left;        /* snapshots may disagree: a hint either way */
+    if (data_fill(fd, a, h, left, page_size, mask, calls) < 0)
+        return -1;
+    return data_fill(fd, a + h, n - h, right, page_size, mask + h, calls);
+}
+
+long sd_data_mask(int fd, size_t first, size_t n, size_t page_size, uint8_t *mask)
+{
+    long cnt = sd_data_pages(fd, (off_t)(first * page_size), n * page_size);
+    if (cnt < 0)
+        return -1;
+    long calls = 1;
+    if (data_fill(fd, first, n, cnt, page_size, mask, &calls) < 0)
+        return -1;
+    return calls;
+}
+
+long long sd_first_data(int fd, size_t first, size_t n, size_t page_size)
+{
+    /* cachestat walks every entry of its range: gallop from `first` (windows
+     * of 1, 2, 4, ... pages), then halve the window that holds data, so a
+     * page d pages on costs about 4d entries, not the rest of the object. */
+    size_t end = first + n, w = 1;
+    while (first < end) {
+        size_t len = w < end - first ? w : end - first;
+        long cnt = sd_data_pages(fd, (off_t)(first * page_size), len * page_size);
+        if (cnt < 0)
+            return -2;
+        if (cnt > 0) {
+            while (len > 1) {
+                size_t h = len / 2;
+                long left = sd_data_pages(fd, (off_t)(first * page_size), h * page_size);
+                if (left < 0)
+                    return -2;
+                if (left == 0) {
+                    first += h;
+                    len -= h;
+                } else {
+                    len = h;
+                }
+            }
+            return (long long)first;
+        }
+        first += len;
+        if (w < ((size_t)1 << 40))
+            w *= 2;
+    }
+    return -1;
+}

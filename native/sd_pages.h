@@ -39,6 +39,27 @@ int sd_page_is_zero(const uint8_t *page, size_t page_size);
  * next hole.  -1 with errno (ENOSYS on older kernels). */
 long sd_resident_pages(int fd, off_t offset, size_t length);
 
+/* Pages of [offset, offset + length) that hold data, in memory or swapped out
+ * (cachestat's cache + evicted: a shm object's page on swap is an evicted
+ * entry); 0 for an empty range.  Unlike SEEK_DATA it takes no lock that a
+ * writer of the object holds: a write(2) holds the inode lock while it faults
+ * its source in, which its writer can make last.  -1 with errno (ENOSYS on
+ * kernels before 6.5). */
+long sd_data_pages(int fd, off_t offset, size_t length);
+
+/* mask[i] = 1 if page first + i holds data, for i < n, by bisection with
+ * sd_data_pages: one call for a range all data or all holes, about two per
+ * run of each otherwise.  Each call is a snapshot: a page written or
+ * punched meanwhile may be reported either way.  Returns the calls made, or
+ * -1 with errno. */
+long sd_data_mask(int fd, size_t first, size_t n, size_t page_size, uint8_t *mask);
+
+/* The first page of [first, first + n) that holds data: windows doubling
+ * from first, then halving the one that holds data (cachestat walks its whole
+ * range, so a page d pages on costs O(d) entries and O(log d) calls); -1 if
+ * none, -2 with errno on error.  A snapshot, as above. */
+long long sd_first_data(int fd, size_t first, size_t n, size_t page_size);
+
 /* fallocate(PUNCH_HOLE | KEEP_SIZE): give the pages' memory back, keep the size. */
 int sd_punch(int fd, off_t offset, off_t length);
 #endif

@@ -16,11 +16,17 @@ Invariants kept here:
 * **Read-only means a new open file description** (``reopen_readonly``): a
   worker holding it cannot map it for writing or mprotect it writable (EACCES),
   which is what keeps stable slots immutable outside the coordinator.
-* **Holes are never read.** ``data_extents`` finds written pages with
-  SEEK_DATA/SEEK_HOLE so callers can skip the rest without allocating it.
-  The object may belong to another process that truncates, grows or punches
-  it at any moment: the answer is a snapshot, and a change between two seeks
-  ends it early rather than failing.
+* **Holes are never read.** ``data_extents`` and ``next_data`` find written
+  pages without reading them, so callers can skip the rest without
+  allocating it.  The object may belong to another process that truncates,
+  grows or punches it at any moment: the answer is a snapshot, and a change
+  between two system calls ends it early rather than failing.
+* **No lock another process can hold.** They ask cachestat(2) (the C core's
+  ``data_mask``/``first_data``), not SEEK_DATA/SEEK_HOLE: a seek on a shm
+  object waits for its inode lock, which a write(2) into it holds while it
+  faults its source in, for as long as its writer makes that last; the
+  coordinator's event loop must not wait on a peer.  Seeks only where
+  cachestat is missing (Linux before 6.5, or no C core).
 """
 
 from __future__ import annotations
@@ -38,10 +44,17 @@ from shmdedup.errors import ArgumentError, ShmError
 from shmdedup.pages import PAGE_SIZE, check_int
 
 _native_punch_hole: Callable[[int, int, int], None] | None
+_data_mask: Callable[[int, int, int], bytes] | None
+_first_data: Callable[[int, int, int], int | None] | None
 try:
+    from shmdedup._native import data_mask as _data_mask
+    from shmdedup._native import first_data as _first_data
     from shmdedup._native import punch_hole as _native_punch_hole
-except ImportError:  # an older or missing C core: ctypes does the same system call
-    _native_punch_hole = None
+except ImportError:  # an older or missing C core: ctypes does the same system call, seeks find data
+    _native_punch_hole = _data_mask = _first_data = None
+_cachestat = True               # cleared the first time the kernel lacks cachestat(2)
+# data_extents asks for at most this many pages' mask at once.
+_MASK_PAGES = 1 << 20
 
 __all__ = [
     "PAGE_SIZE",
@@ -242,20 +255,60 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise _os_error(OSError, ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
 
 
-def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """The (offset, length) extents of [start, end) that hold data, in order.
+def _no_cachestat(exc: OSError) -> bool:
+    """True (and seeks from now on) if ``exc`` says the kernel has no cachestat."""
+    global _cachestat
+    if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+        _cachestat = False
+        return True
+    return False
 
-    Uses lseek SEEK_DATA/SEEK_HOLE, so nothing is read and no hole gets
-    allocated. tmpfs reports data per page (per huge page for THP shmem).
-    Moves the file offset of ``fd``'s open file description, which every
-    user of these objects ignores (they use pread/pwrite/mmap).
+
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The (offset, length) extents of [start, end) that hold data, in order,
+    in whole pages clipped to [start, end).
+
+    Nothing is read and no hole gets allocated.  Pages in memory or swapped
+    out hold data (cachestat); without cachestat, lseek SEEK_DATA/SEEK_HOLE
+    (tmpfs reports data per page, per huge page for THP shmem), which moves
+    the file offset of ``fd``'s open file description, which every user of
+    these objects ignores (they use pread/pwrite/mmap).
     """
     check_int("start", start, 0, _MAX_OFFSET)
     check_int("end", end, start, _MAX_OFFSET)
+    if _data_mask is not None and _cachestat:
+        try:
+            return _mask_extents(_data_mask, fd, start, end)
+        except OSError as exc:
+            if not _no_cachestat(exc):
+                raise
+    return _seek_extents(fd, start, end)
+
+
+def _mask_extents(data_mask: Callable[[int, int, int], bytes], fd: int, start: int,
+                  end: int) -> list[tuple[int, int]]:
+    extents: list[tuple[int, int]] = []
+    last = -(-end // PAGE_SIZE)
+    for w0 in range(start // PAGE_SIZE, last, _MASK_PAGES):
+        mask = data_mask(fd, w0, min(_MASK_PAGES, last - w0))
+        i = mask.find(1)
+        while i >= 0:
+            j = mask.find(0, i)
+            if j < 0:
+                j = len(mask)
+            a, b = max((w0 + i) * PAGE_SIZE, start), min((w0 + j) * PAGE_SIZE, end)
+            if extents and extents[-1][0] + extents[-1][1] == a:
+                a = extents.pop()[0]            # a run across two windows
+            extents.append((a, b - a))
+            i = mask.find(1, j)
+    return extents
+
+
+def _seek_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     extents: list[tuple[int, int]] = []
     pos = start
     while pos < end:
-        data = next_data(fd, pos)
+        data = _seek_data(fd, pos)
         if data is None or data >= end:
             break
         try:
@@ -274,8 +327,24 @@ def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
 
 
 def next_data(fd: int, offset: int) -> int | None:
-    """The first offset at or after ``offset`` that holds data (SEEK_DATA),
-    or None when there is none (ENXIO: only holes, or past the end)."""
+    """The first offset at or after ``offset`` that holds data, or None when
+    there is none (only holes, or past the end): by cachestat within the
+    object's size, as data_extents, else SEEK_DATA."""
+    check_int("offset", offset, 0, _MAX_OFFSET)
+    if _first_data is not None and _cachestat:
+        try:
+            first, last = offset // PAGE_SIZE, -(-os.fstat(fd).st_size // PAGE_SIZE)
+            if first >= last:
+                return None
+            page = _first_data(fd, first, last - first)
+            return None if page is None else max(page * PAGE_SIZE, offset)
+        except OSError as exc:
+            if not _no_cachestat(exc):
+                raise
+    return _seek_data(fd, offset)
+
+
+def _seek_data(fd: int, offset: int) -> int | None:
     try:
         return os.lseek(fd, offset, os.SEEK_DATA)
     except OSError as exc:

@@ -373,3 +373,28 @@ def test_resident_pages_counts_written_pages_only(shm) -> None:
     assert _native.resident_pages(shm, 0, 8 * P) == 2
     with pytest.raises(ValueError):
         _native.resident_pages(shm, -1, P)
+
+
+def test_data_mask_and_first_data(shm) -> None:
+    """Pages with data by bisection over cachestat: the mask, the first page
+    of a range, an empty range, a range past the end (holes), and bad
+    arguments (a range whose byte offsets would not fit, a closed fd)."""
+    for page in (1, 2, 5, 7):
+        os.pwrite(shm, b"x", page * P + 9)
+    assert _native.data_pages(shm, 0, 8 * P) == 4
+    assert _native.data_pages(shm, 0, 0) == 0          # not cachestat's "to the end"
+    assert list(_native.data_mask(shm, 0, 8)) == [0, 1, 1, 0, 0, 1, 0, 1]
+    assert list(_native.data_mask(shm, 6, 5)) == [0, 1, 0, 0, 0]
+    assert _native.data_mask(shm, 3, 0) == b""
+    assert [_native.first_data(shm, a, 8 - a) for a in range(8)] == [1, 1, 2, 5, 5, 5, 7, 7]
+    assert _native.first_data(shm, 3, 2) is None
+    assert _native.first_data(shm, 8, 100) is None
+    assert _native.first_data(shm, 0, 0) is None
+    for bad in [(-1, 4), (0, -1), (2**62, 2**62), (0, 2**63 - 1)]:
+        with pytest.raises(ValueError):
+            _native.data_mask(shm, *bad)
+        with pytest.raises(ValueError):
+            _native.first_data(shm, *bad)
+    with pytest.raises(OSError) as e:
+        _native.data_mask(2**31 - 1, 0, 4)
+    assert e.value.errno == errno.EBADF

@@ -219,7 +219,16 @@ def test_punch_hole_errors(punch_path: str) -> None:
             _shm.punch_hole(0, offset, length)
 
 
-def test_data_extents_skips_holes(fds: list[int]) -> None:
+@pytest.fixture(params=["cachestat", "seeks"])
+def finder(request, monkeypatch) -> str:
+    """data_extents / next_data both ways: by cachestat (what a kernel since
+    6.5 does), and by SEEK_DATA/SEEK_HOLE (older kernels)."""
+    if request.param == "seeks":
+        monkeypatch.setattr(_shm, "_cachestat", False)
+    return str(request.param)
+
+
+def test_data_extents_skips_holes(fds: list[int], finder: str) -> None:
     fd = _shm.create(8 * P)
     fds.append(fd)
     assert _shm.data_extents(fd, 0, 8 * P) == []
@@ -241,6 +250,7 @@ def test_data_extents_skips_holes(fds: list[int]) -> None:
 def test_data_extents_truncated_between_the_seeks(fds: list[int], monkeypatch) -> None:
     """Another process truncates the object right after SEEK_DATA found data:
     SEEK_HOLE then fails with ENXIO.  The walk ends there, no error."""
+    monkeypatch.setattr(_shm, "_cachestat", False)
     fd = _shm.create(4 * P)
     fds.append(fd)
     os.pwrite(fd, b"x" * (4 * P), 0)
@@ -258,7 +268,7 @@ def test_data_extents_truncated_between_the_seeks(fds: list[int], monkeypatch) -
     assert _shm.data_extents(fd, 0, 4 * P) == [(0, P)]
 
 
-def test_data_extents_under_truncation_churn(fds: list[int]) -> None:
+def test_data_extents_under_truncation_churn(fds: list[int], finder: str) -> None:
     """ftruncate(0) / ftruncate(full) / write in a loop (the attack that took
     the coordinator down): every answer is a list of extents inside the
     range, never an error."""
@@ -288,3 +298,23 @@ def test_data_extents_bad_range(fds: list[int]) -> None:
         _shm.data_extents(fds[0], P, 0)
     with pytest.raises(ArgumentError):
         _shm.data_extents(fds[0], -1, P)
+
+
+def test_data_extents_and_next_data_agree_with_the_seeks(fds: list[int], monkeypatch) -> None:
+    """Random layouts of data and holes, random ranges (windows of the mask
+    made small, so runs cross them): cachestat's answers are the seeks'."""
+    import random
+    rng = random.Random(7)
+    monkeypatch.setattr(_shm, "_MASK_PAGES", 5)
+    for _ in range(60):
+        n = rng.randrange(1, 48)
+        fd = _shm.create(n * P)
+        fds.append(fd)
+        for page in rng.sample(range(n), rng.randrange(0, n + 1)):
+            os.pwrite(fd, b"d", page * P + rng.randrange(P))
+        for _ in range(10):
+            a = rng.randrange(0, (n + 2) * P)
+            b = rng.randrange(a, (n + 3) * P)
+            assert _shm.data_extents(fd, a, b) == _shm._seek_extents(fd, a, b), (n, a, b)
+            assert _shm.next_data(fd, a) == _shm._seek_data(fd, a), (n, a)
+

@@ -131,7 +131,7 @@ class Inliner:
         failures = self.sidx.write_failures
         end = first + n
         # Only chunks with data or state to look at: a range of holes, however
-        # long, costs a seek (the scanner's own walk, next_chunk).
+        # long, costs a look for data (the scanner's own walk, next_chunk).
         try:
             for p0, p1 in self._spans(reg, first, end):
                 # The state bytes and slots of the chunk, the one before (the

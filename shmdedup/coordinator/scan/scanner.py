@@ -5,14 +5,14 @@ A cursor walks every registered region, chunk by chunk, in batches of
 going to the lane that has had least of it, and a full scan ending when every
 lane has been through all its regions (one uid: ksmd's single cursor).  It
 goes only where there is something to do: chunks with advised pages that hold
-data (SEEK_DATA on the backing), and chunks where the scanner keeps state
+data (cachestat on the backing), and chunks where the scanner keeps state
 (``pagetable``); what a worker merely claims (a huge sparse region, advice
 over holes) costs neither time nor memory per page.  For each chunk it first
 *reconciles* (DESIGN invariant 6): pages we merged whose state byte is PRIVATE
 again were broken by a copy-on-write fault, so their slot loses a sharer; a
 slot with one sharer left is given back to it ("break cow once unshared", seed
 patch 4); a slot with none is freed (punched).  Then, for each present
-(SEEK_DATA), private, mergeable page:
+(cachestat), private, mergeable page:
 
 1. checksum it (C, pages read with pread: never through a mapping);
 2. checksum changed since the last visit: record it, the page is volatile,
@@ -54,11 +54,14 @@ stable slot plus 8 a bucket, and 16 a bucket of the unstable index (buckets
 equal a recount.
 
 Every worker object is hostile: it may be truncated, grown or punched at any
-moment (reads past its end are zeros, a seek that races a truncation ends the
-walk early).  An error while scanning one region (OSError, MemoryError, or a
-bug of ours) ends the work on it for the batch, releases what the batch had
-queued for its worker, and is reported in ``failed``: the coordinator drops
-that worker with the reason logged, and everyone else keeps being served.
+moment (reads past its end are zeros, a look for data that races a truncation
+ends the walk early), and it never makes the scan wait: no system call on it
+takes a lock its worker can hold (``_shm.data_extents``), and a step walks at
+most ``LOOK_RUNS`` runs of advice.  An error while scanning one region
+(OSError, MemoryError, or a bug of ours) ends the work on it for the batch,
+releases what the batch had queued for its worker, and is reported in
+``failed``: the coordinator drops that worker with the reason logged, and
+everyone else keeps being served.
 
 smart_scan (Linux 6.7): a page that keeps failing to merge ages one step per
 visit and is skipped for 1, 2, 4, then 8 full scans (``pages_skipped``).
@@ -104,6 +107,9 @@ _AGES = np.arange(256)
 _NEXT_AGE = np.minimum(_AGES + 1, 255).astype(np.uint8)
 _SKIP_AGE = np.select([_AGES < 3, _AGES <= 3, _AGES <= 5, _AGES <= 8], [0, 1, 2, 4], 8).astype(np.uint8)
 _RANGE = np.arange(CHUNK_PAGES, dtype=np.int64)
+# Runs of advice one step walks looking for data (a few ms at most); the
+# next step goes on from there.
+LOOK_RUNS = 256
 
 
 class _Present:
@@ -331,14 +337,25 @@ class Scanner(Registry, Accounting):
     def _next_chunk(self, reg: RegionState, p: int) -> int | None:
         """The first chunk at or after page p with something to do: one where
         the scanner keeps state, or one with an advised page that holds data.
-        Costs a seek per run of advice that holds no data at most, not a
-        step per page or chunk."""
+        Costs a look for data (``next_data``: cachestat) per run of advice
+        that holds no data at most, not a step per page or chunk."""
+        return self._look(reg, p, None)[0]
+
+    def _look(self, reg: RegionState, p: int, max_runs: int | None) -> tuple[int | None, int | None]:
+        """``_next_chunk``, walking at most ``max_runs`` runs of advice (None:
+        all): ``(chunk, None)``, or ``(None, None)`` when nothing is left, or
+        ``(None, q)`` when it gave up at page q with runs left to walk: a
+        region advised in many runs over holes costs a step per
+        ``max_runs``, and the batch's CPU limit holds between them."""
         if p >= reg.npages:
-            return None
+            return None, None
         held = reg.table.next_chunk(p // CHUNK_PAGES)
         limit = reg.npages if held is None else min(held * CHUNK_PAGES, reg.npages)
         q = p
+        runs = 0
         while q < limit:
+            if max_runs is not None and runs >= max_runs:
+                return None, q
             run = reg.advice.next_run(q)
             if run is None or run[0] >= limit:
                 break
@@ -346,9 +363,10 @@ class Scanner(Registry, Accounting):
             if d is None or d >= limit:
                 break
             if d < run[1]:
-                return d // CHUNK_PAGES
+                return d // CHUNK_PAGES, None
             q = d          # data past this run: continue from there
-        return held
+            runs += 1
+        return held, None
 
     def _step(self, lane: Lane, reg: RegionState, room: int, merges: QueuedByWorker,
               unmerges: QueuedByWorker) -> int:
@@ -356,10 +374,13 @@ class Scanner(Registry, Accounting):
         cursor; returns the pages visited (advised pages that hold data or a
         merge: what counts against pages_to_scan).  Works on the chunk's
         entries (``pagetable.Chunk``) directly: one step, no lookups.  Which
-        pages hold data (``present``: seeks) is asked only when something
+        pages hold data (``present``: cachestat) is asked only when something
         needs it: blocks to create, pages never visited, pages a merge may
         take, or blocks to give back; a chunk of merged pages costs none."""
-        c = self._next_chunk(reg, lane.page)
+        c, resume = self._look(reg, lane.page, LOOK_RUNS)
+        if resume is not None:
+            lane.page = resume
+            return 0
         if c is None:
             lane.cursor += 1
             lane.page = 0

@@ -98,10 +98,12 @@ class RegionState:
         """The first page at or after p that holds data in the backing (the
         object may shrink or grow meanwhile: a hint, never an error).
 
-        Page p itself, the common answer (a filled region), is asked of
-        cachestat first: a seek takes the object's inode lock, which a worker
-        punching merged pages holds (the scan spun on it while workers
-        merged: 190 us a seek, 4% of the coordinator's CPU converging)."""
+        Page p itself, the common answer (a filled region), costs one
+        cachestat call; else ``_shm.next_data`` bisects.  Neither waits for
+        the object's inode lock (a seek did: a worker punching merged pages
+        holds it, and the scan spun on it, 190 us a seek, 4% of the
+        coordinator's CPU converging; a peer can hold it for ever,
+        tests/hostile/test_lock_attacks.py)."""
         global _cachestat
         if _cachestat:
             try:
@@ -187,7 +189,7 @@ def count_inherited(reg: RegionState) -> int:
 
 
 def _inherited_pieces(reg: RegionState) -> Iterator[np.ndarray]:
-    if _shm.next_data(reg.meta_fd, 0) is None:     # no state byte written at all: one seek
+    if _shm.next_data(reg.meta_fd, 0) is None:     # no state byte written at all: one look
         return
     for a0, b0 in reg.states.data_ranges():
         for a in range(a0, b0, STATE_PIECE):
