@@ -10,8 +10,12 @@ the coordinator's single thread.
   writable; SEQPACKET sends a message whole or not at all, so framing and
   SCM_RIGHTS stay intact.  A peer whose queue would pass
   ``OUTBOX_MAX_MESSAGES`` or ``OUTBOX_MAX_BYTES`` has stopped reading: it is
-  dropped, never waited for.  Descriptors queued for a peer are charged to
-  its uid (``quotas.py``).
+  dropped, never waited for.  So is one whose message would take what waits
+  for all its uid's peers past ``OUTBOX_MAX_BYTES_PER_UID``, or, for a uid
+  other than the coordinator's, what waits for all other uids' peers past
+  ``OUTBOX_MAX_BYTES_OTHERS``: connections that each stay under their own
+  cap must not add up to gigabytes of the coordinator's memory.
+  Descriptors queued for a peer are charged to its uid (``quotas.py``).
 * **One reply per request, in order.**  Every client request gets exactly
   one ``reply``, while its connection lives.  A request answered later (a
   wait for full_scans, a run=2) *holds* its client: what the client sends
@@ -39,6 +43,8 @@ log: logging.Logger = logging.getLogger("shmdedup.coordinator")
 
 OUTBOX_MAX_MESSAGES = 1024      # per peer: past either, the peer has stopped reading
 OUTBOX_MAX_BYTES = 8 << 20
+OUTBOX_MAX_BYTES_PER_UID = 64 << 20     # all of one uid's peers together
+OUTBOX_MAX_BYTES_OTHERS = 256 << 20     # all peers of uids other than the coordinator's
 
 
 class Outbox:
@@ -54,6 +60,36 @@ class Outbox:
         self._drop_peer = drop_peer
         self.drops: list[tuple[Peer, str]] = []   # (peer, why) to drop at the next flush
         self.resumable: list[Peer] = []           # held clients whose reply was sent
+        self.waiting: dict[int, int] = {}         # uid -> bytes queued for its peers
+        self.others_waiting = 0                   # bytes queued for other uids' peers
+
+    def _count(self, uid: int, n: int) -> None:
+        w = self.waiting.get(uid, 0) + n
+        if w:
+            self.waiting[uid] = w
+        else:
+            self.waiting.pop(uid, None)
+        if uid != self.quotas.owner:
+            self.others_waiting += n
+
+    def _too_much(self, peer: Peer, n: int) -> str | None:
+        """Why a message of n more bytes may not wait for ``peer``, or None."""
+        box = peer.unsent
+        if len(box) >= OUTBOX_MAX_MESSAGES or box.bytes + n > OUTBOX_MAX_BYTES:
+            return f"stopped reading: {len(box)} messages ({box.bytes} bytes) wait for it"
+        uid = self.waiting.get(peer.uid, 0)
+        if uid + n > OUTBOX_MAX_BYTES_PER_UID:
+            return (f"stopped reading: {box.bytes} bytes wait for it, {uid} for all of uid "
+                    f"{peer.uid}'s connections (at most {OUTBOX_MAX_BYTES_PER_UID})")
+        if peer.uid != self.quotas.owner and self.others_waiting + n > OUTBOX_MAX_BYTES_OTHERS:
+            return (f"stopped reading: {box.bytes} bytes wait for it, {self.others_waiting} for "
+                    f"all other uids' connections (at most {OUTBOX_MAX_BYTES_OTHERS})")
+        return None
+
+    def discard(self, peer: Peer) -> int:
+        """Forget what waits for a peer that is gone; the fds it carried (closed)."""
+        self._count(peer.uid, -peer.unsent.bytes)
+        return peer.unsent.clear()
 
     # -- sending -------------------------------------------------------------
 
@@ -76,9 +112,9 @@ class Outbox:
         except (OSError, ProtocolError) as e:
             self.drop(peer, f"send failed: {e}")
             return False
-        if len(box) >= OUTBOX_MAX_MESSAGES or box.bytes + len(data) > OUTBOX_MAX_BYTES:
-            self.drop(peer, f"stopped reading: {len(box)} messages ({box.bytes} bytes) "
-                            f"wait for it")
+        why = self._too_much(peer, len(data))
+        if why is not None:
+            self.drop(peer, why)
             return False
         own: list[int] = []
         try:
@@ -91,6 +127,7 @@ class Outbox:
         if not box:
             self.sel.modify(peer.conn.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
         box.push(data, own)
+        self._count(peer.uid, len(data))
         self.quotas.charge(peer.uid, fds=len(own))
         return True
 
@@ -105,6 +142,7 @@ class Outbox:
                 if not peer.conn.try_send(data, fds):
                     return
                 box.pop()
+                self._count(peer.uid, -len(data))
                 self.quotas.charge(peer.uid, fds=-len(fds))
         except (BrokenPipeError, ConnectionResetError):
             self.drop(peer, "")

@@ -362,7 +362,7 @@ class CoordinatorServer:
         for _, fds in peer.queued:
             close_fds(fds)
         peer.queued.clear()
-        self.quotas.charge(peer.uid, connections=-1, fds=-1 - peer.unsent.clear())
+        self.quotas.charge(peer.uid, connections=-1, fds=-1 - self.outbox.discard(peer))
         merges = [items for kind, items, _ in peer.requests.values() if kind == "merge"]
         self.unmerge_all.forget_requests(peer.requests)
         peer.requests.clear()

@@ -341,6 +341,33 @@ def test_replies_stay_in_order_through_a_full_socket(domain: Domain) -> None:
     assert domain.stats()["full_scans"] >= 0
 
 
+def test_connections_that_never_read_are_capped_together(domain: Domain, monkeypatch) -> None:
+    """Connections of one uid that each stay under their own queue's cap (8
+    MiB, 1024 messages) must not add up to gigabytes of the coordinator's
+    memory (256 such connections per uid used to be allowed 2 GiB): past
+    OUTBOX_MAX_BYTES_PER_UID for all of a uid's peers, the one whose message
+    would pass it is dropped.  What waits is counted back to nothing once
+    they are gone, and the loop keeps answering."""
+    from shmdedup.coordinator import outbox
+    monkeypatch.setattr(outbox, "OUTBOX_MAX_BYTES_PER_UID", 1 << 20)
+    peers = [RawPeer(domain.path) for _ in range(4)]
+    for p in peers:
+        p.hello("client")
+    box = domain.server.outbox
+    rounds = 0
+    while not any("for all of uid" in m for m in domain.messages()):
+        live = [p for p in peers if p.send({"t": "stats"})]
+        assert live, "every connection was dropped, none for the uid's total"
+        rounds += 1
+        assert rounds < 20_000, f"never capped: {box.waiting}"
+    assert max(box.waiting.values(), default=0) <= 1 << 20
+    assert domain.stats()["full_scans"] >= 0
+    for p in peers:
+        p.close()
+    wait_for(lambda: not box.waiting and box.others_waiting == 0, 10,
+             what=f"nothing to wait for the closed connections (now {box.waiting})")
+
+
 # ---- quota accounting, in process ------------------------------------------------------
 
 RAW = """
