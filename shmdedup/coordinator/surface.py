@@ -63,11 +63,9 @@ class ControlSurface:
     # -- client messages --------------------------------------------------
 
     def on_stats(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
-        out = self.stats()
-        if peer.uid != os.getuid():  # like /proc/<pid>/ksm_stat: only one's own processes
-            mine = {p.pid for p in self.peers.values() if p.uid == peer.uid}
-            out["workers"] = [w for w in out["workers"] if w["pid"] in mine]
-            out["uids"] = self.quotas.stats(peer.uid)
+        # Like /proc/<pid>/ksm_stat: another uid sees its own processes only,
+        # told apart by uid (in a pid namespace every peer's pid reads 0).
+        out = self.stats(None if peer.uid == os.getuid() else peer.uid)
         self.outbox.reply(peer, True, out)
 
     def on_set(self, peer: Peer, msg: dict[str, Any], fds: list[int]) -> None:
@@ -121,10 +119,12 @@ class ControlSurface:
 
     # -- statistics --------------------------------------------------------
 
-    def stats(self) -> Stats:
-        """Every control and statistic (``shmdedup.stats.Stats`` names each key)."""
+    def stats(self, uid: int | None = None) -> Stats:
+        """Every control and statistic (``shmdedup.stats.Stats`` names each key);
+        with ``uid``, the worker lines and quota usage of that uid only."""
         out: dict[str, Any] = dict(self.controls)
-        peers = [p for p in self.peers.values() if p.role == "worker"]
+        peers = [p for p in self.peers.values()
+                 if p.role == "worker" and (uid is None or p.uid == uid)]
         counters, per_worker = self.scanner.counters(peers)   # one pass over the regions
         out.update(counters)
         out["pages_merged_inline"] = self.merge_now.pages_merged
@@ -143,7 +143,7 @@ class ControlSurface:
             workers.append(w)
         out["workers"] = workers
         # Quotas per uid (quotas.py): what each uid's peers and ghosts hold.
-        out["uids"] = self.quotas.stats()
+        out["uids"] = self.quotas.stats(uid)
         out["fds_held"] = self.quotas.total.fds
         out["fds_budget"] = self.quotas.max_fds()
         # Assembled from the controls and the scanner's counters, as dicts:

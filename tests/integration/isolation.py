@@ -264,6 +264,10 @@ for line in sys.stdin:
             reply(set="allowed")
         except ControlError as e:
             reply(set=str(e))
+    elif op == "stats":                          # the worker lines this uid is shown
+        with Client(path) as c:
+            got = c.stats()
+        reply(workers=[w["pid"] for w in got["workers"]], uids=[u["uid"] for u in got["uids"]])
     elif op == "exit":
         break
 del a

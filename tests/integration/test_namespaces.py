@@ -198,6 +198,28 @@ def test_root_in_a_user_namespace_is_its_owner_to_the_coordinator(socket_path: s
     assert theirs.ask("set", name="run", value=0)["set"] == "uid 65534 may not set controls (only uid 0)"
 
 
+@pytest.mark.parametrize("coordinator_ns", ["none", "pid"])
+def test_another_uid_sees_its_own_workers_only(coordinator_ns: str, socket_path: str,
+                                               procs: list) -> None:
+    """stats() to another uid holds its own workers' lines and quota usage
+    only, like /proc/<pid>/ksm_stat.  A coordinator in a pid namespace of its
+    own sees every worker outside as pid 0: they are told apart by uid (by
+    pid, uid 65534 was shown root's worker too)."""
+    if coordinator_ns == "pid":
+        needs(*PID_NS)
+    coord = Coordinator(socket_path, ns_prefix("pid") if coordinator_ns == "pid" else (),
+                        args=["--socket-mode", "666", "--allow-uid", "65534"])
+    procs.append(coord)
+    mine = NsWorker(socket_path, seed=5, npages=N)                     # root
+    theirs = NsWorker(socket_path, seed=6, npages=N, uid=65534)
+    procs += [mine, theirs]
+    s = coord.wait_stats(lambda s: len(s["workers"]) == 2, "both workers to connect")
+    pid = 0 if coordinator_ns == "pid" else theirs.pid
+    assert sorted(w["pid"] for w in s["workers"]) == sorted([pid, 0 if pid == 0 else mine.pid])
+    assert theirs.ask("stats") == {"workers": [pid], "uids": [65534]}
+    assert sorted(mine.ask("stats")["uids"]) == [0, 65534]         # the owner sees everyone
+
+
 def test_coordinator_in_a_user_namespace_sees_uids_through_its_map(socket_path: str, procs: list) -> None:
     """A coordinator whose user namespace maps its uid 1000 to root outside
     sees root's workers as uid 1000, its own: they merge, and may set
