@@ -113,7 +113,14 @@ class Client:
             if self._conn.closed:
                 self._connect()     # the last request went unanswered (below)
             try:
-                self._conn.send(msg)
+                try:
+                    self._conn.send(msg)
+                except (BrokenPipeError, ConnectionResetError):
+                    # Not delivered: the coordinator this connection went to
+                    # is gone (it restarted, say).  Once more, on a new one.
+                    self._conn.close()
+                    self._connect()
+                    self._conn.send(msg)
                 r = self._expect("reply", self.timeout if timeout is None else timeout)
             except BaseException:
                 # No reply read (timed out, interrupted, the peer gone): one

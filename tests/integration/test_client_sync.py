@@ -156,3 +156,30 @@ def test_ctrl_c_in_merge_now_loses_nothing_and_the_next_call_merges(coordinator)
     out = json.loads(r.stdout)
     assert out["left"] == 0 and out["intact"], out
     assert out["merged"] == 4096, out
+
+
+def test_a_long_lived_client_outlives_a_coordinator_restart(coordinator, socket_dir) -> None:
+    """A client kept across a restart of its coordinator (killed, another
+    started at the same path, no request meanwhile): the first request after
+    it is answered by the new one (its send found the old connection dead,
+    nothing was delivered, so it is sent again on a new one); with no
+    coordinator left, it raises CoordinatorUnavailableError, never a bare
+    BrokenPipeError."""
+    import os
+    import shmdedup
+    path = os.path.join(socket_dir, "c.sock")
+    first = coordinator(socket_path=path, process=True)
+    c = shmdedup.Client(path, timeout=30)
+    try:
+        assert c.stats()["coordinator_pid"] == first._proc.pid
+        first.stop()
+        second = coordinator(socket_path=path, process=True)
+        assert c.stats()["coordinator_pid"] == second._proc.pid
+        second.stop()
+        try:
+            c.stats()
+            raise AssertionError("no coordinator, and stats() answered")
+        except shmdedup.CoordinatorUnavailableError:
+            pass
+    finally:
+        c.close()
