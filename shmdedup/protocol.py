@@ -372,15 +372,28 @@ class Connection:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    def send(self, msg: dict[str, Any], fds: Sequence[int] = (), timeout: float | None = None) -> None:
         """Validate, encode and send *msg* with *fds* attached.
 
         A dead peer raises a ConnectionError (BrokenPipeError or
         ConnectionResetError); MSG_NOSIGNAL keeps SIGPIPE away even when the
-        embedding program has not ignored it.
+        embedding program has not ignored it.  With *timeout*, a peer that
+        takes nothing for that long (it stopped reading: its queue and our
+        buffer are full) raises TimeoutError, nothing sent.
         """
         fds = list(fds)
-        self._sendmsg(encode(msg, len(fds)), fds, 0)
+        data = encode(msg, len(fds))
+        if timeout is None:
+            self._sendmsg(data, fds, 0)
+            return
+        deadline = time.monotonic() + timeout
+        while not self.try_send(data, fds):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the peer took nothing for {timeout} s")
+            p = select.poll()
+            p.register(self._sock.fileno(), select.POLLOUT)
+            p.poll(max(1, math.ceil(left * 1000)))
 
     def try_send(self, data: bytes, fds: Sequence[int] = ()) -> bool:
         """Send one message already encoded (``encode(msg, len(fds))``) without

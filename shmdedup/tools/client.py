@@ -112,16 +112,20 @@ class Client:
                     f"this connection to the coordinator at {self.socket_path} was closed")
             if self._conn.closed:
                 self._connect()     # the last request went unanswered (below)
+            wait = self.timeout if timeout is None else timeout
             try:
                 try:
-                    self._conn.send(msg)
+                    self._conn.send(msg, timeout=wait)
                 except (BrokenPipeError, ConnectionResetError):
                     # Not delivered: the coordinator this connection went to
                     # is gone (it restarted, say).  Once more, on a new one.
                     self._conn.close()
                     self._connect()
-                    self._conn.send(msg)
-                r = self._expect("reply", self.timeout if timeout is None else timeout)
+                    self._conn.send(msg, timeout=wait)
+                except TimeoutError as e:
+                    raise CoordinatorUnavailableError(
+                        f"coordinator at {self.socket_path} took no request for {wait} s") from e
+                r = self._expect("reply", wait)
             except BaseException:
                 # No reply read (timed out, interrupted, the peer gone): one
                 # may still come, and would be taken as the answer to the

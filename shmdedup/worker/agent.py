@@ -38,7 +38,10 @@ sure a connection is up (one prompt attempt, bounded), sends the request and
 waits for the answer; the merges themselves arrive as ordinary merge batches
 and run here, in the agent thread, which counts the pages of each waiting
 call's range that merge.  A lost connection, or no answer within
-``MERGE_NOW_TIMEOUT``, ends the wait with what merged so far.  The call's
+``MERGE_NOW_TIMEOUT``, ends the wait with what merged so far; after no
+answer, calls return 0 at once for ``STALL_WINDOW``.  No send to the
+coordinator waits for room longer than ``SEND_TIMEOUT``: a coordinator that
+stopped reading loses the connection, never holds up the program's thread.  The call's
 advice travels with its requests: registering the region meanwhile (its
 first request, a reconnect) leaves out the part not requested yet, whose
 advice would wake the scan before the call, and whatever the call never
@@ -87,6 +90,14 @@ _FAULT_AGENT_REGISTERED = _native._FAULT_POINTS.index("agent_registered")
 # the answer (a coordinator that is alive answers within milliseconds per MiB).
 MERGE_NOW_CONNECT_TIMEOUT = 30.0
 MERGE_NOW_TIMEOUT = 60.0
+# The longest a send to the coordinator waits for room (a coordinator that
+# stopped reading: stopped, hung); then the connection is dropped, and the
+# program's call (an advise, a close, merge_now) goes on.
+SEND_TIMEOUT = 5.0
+# After a coordinator stalled (no answer to merge_now, a send or a welcome in
+# time), merge_now does not wait for it for this long: it returns 0 at once,
+# as with no coordinator, until a connection is welcomed again.
+STALL_WINDOW = 30.0
 # Pages per merge_now message (its checksums must fit one message).
 MERGE_NOW_PAGES = 16384
 
@@ -134,6 +145,7 @@ class Agent:
         self._tokens = itertools.count(1)
         self._attempts = 0
         self._attempt_cv = threading.Condition()
+        self._stalled_at: float | None = None    # when the coordinator last stalled
 
     # -- called by regions (any thread) -------------------------------------
 
@@ -207,11 +219,18 @@ class Agent:
             self._attempts += 1
             self._attempt_cv.notify_all()
 
+    def _stalled(self) -> None:
+        self._stalled_at = time.monotonic()
+
     def _wait_connected(self, timeout: float) -> bool:
         """Connected, or connected after one prompt attempt (the thread is
-        woken from its backoff); False when that attempt fails."""
+        woken from its backoff); False when that attempt fails, and at once
+        within STALL_WINDOW of the coordinator stalling."""
         if self.connected.is_set():
             return True
+        stalled = self._stalled_at
+        if stalled is not None and time.monotonic() - stalled < STALL_WINDOW:
+            return False
         self._ensure_thread()
         deadline = time.monotonic() + timeout
         with self._attempt_cv:
@@ -294,7 +313,12 @@ class Agent:
                 err = w
             if not answered:
                 log.warning("merge_now: no answer from the coordinator within %.0f s; "
-                            "returning what merged", MERGE_NOW_TIMEOUT)
+                            "returning what merged, and not waiting for it for %.0f s",
+                            MERGE_NOW_TIMEOUT, STALL_WINDOW)
+                with self.lock:
+                    self._stalled()
+                    if self.conn is not None:
+                        self.conn.close()   # the agent thread reconnects
                 break
         if err is not None:
             e = ShmError(err.err, f"{err.msg} ({merged} of {n} pages merged)")
@@ -307,10 +331,20 @@ class Agent:
         if conn is None:
             return
         try:
-            conn.send(msg, fds or [])
+            conn.send(msg, fds or [], timeout=SEND_TIMEOUT)
+        except TimeoutError:
+            log.warning("the coordinator took nothing for %.0f s; dropping the connection "
+                        "(regions work unmerged until it answers again)", SEND_TIMEOUT)
+            self._stalled()
+            conn.close()  # the agent thread notices and reconnects
         except (OSError, ProtocolError) as e:
             log.debug("send to coordinator failed: %s", e)
             conn.close()  # the agent thread notices and reconnects
+        except BaseException:
+            # Interrupted (Ctrl-C) in the middle: whether it went is unknown,
+            # so the coordinator's view of our regions is rebuilt anew.
+            conn.close()
+            raise
 
     def _register(self, region: Region) -> None:
         self.registered.add(region.id)
@@ -385,6 +419,8 @@ class Agent:
                     (log.debug if self._rejected else log.warning)("%s", e)
                     self._rejected = True
                 elif isinstance(e, (OSError, ProtocolError, TimeoutError, ValueError)):
+                    if isinstance(e, TimeoutError):
+                        self._stalled()      # no welcome, or it took nothing, in time
                     log.info("coordinator connection ended: %s", e)
                 else:
                     # Never let the thread die: a worker without its agent would
@@ -442,6 +478,7 @@ class Agent:
             os.close(fds[0])
         with self.lock:
             self.conn = conn
+            self._stalled_at = None
             self.registered.clear()
             self._refused.clear()
             for region in list(self.regions.values()):
@@ -464,10 +501,11 @@ class Agent:
             if msg["t"] == "merge":
                 result = self._merge(msg["items"])
                 _native._fault_point(_FAULT_AGENT_MERGED)
-                conn.send({"t": "merged", "req": msg["req"], "result": result})
+                conn.send({"t": "merged", "req": msg["req"], "result": result}, timeout=SEND_TIMEOUT)
             elif msg["t"] == "unmerge":
                 err, text = batches.unmerge_items(self.regions, msg["items"])
-                conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text})
+                conn.send({"t": "unmerged", "req": msg["req"], "err": err, "msg": text},
+                          timeout=SEND_TIMEOUT)
             elif msg["t"] == "merged_now":
                 with self.lock:
                     w = self._inline.pop(msg["req"], None)
@@ -668,4 +706,5 @@ atexit.register(_stop_at_exit)
 get_agent()
 
 
-__all__ = ["MERGE_NOW_TIMEOUT", "enable_process_merging", "process_merging", "set_socket"]
+__all__ = ["MERGE_NOW_TIMEOUT", "SEND_TIMEOUT", "STALL_WINDOW", "enable_process_merging",
+           "process_merging", "set_socket"]

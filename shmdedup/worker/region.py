@@ -317,7 +317,9 @@ class Region(_native.Mapping):
         page another thread writes meanwhile ends private with its new bytes.
         If the coordinator dies, or stops answering for
         ``shmdedup.worker.agent.MERGE_NOW_TIMEOUT`` seconds, it returns what
-        merged until then.  Raises ``ShmError`` (an OSError,
+        merged until then (and the calls in the next
+        ``shmdedup.worker.agent.STALL_WINDOW`` seconds return 0 at once,
+        unless it answers again).  Raises ``ShmError`` (an OSError,
         errno ENOSPC, with the count in ``.merged``) when the shared-memory
         filesystem is full and some pages could not become stable; those stay
         private with their bytes, the others are merged.

@@ -20,8 +20,8 @@ import shmdedup
 c = shmdedup.Client(sys.argv[1], timeout=10)
 c.set("run", 0)
 send = c._conn.send
-def send_then_ctrl_c(msg, fds=()):
-    send(msg, fds)
+def send_then_ctrl_c(msg, fds=(), **kw):
+    send(msg, fds, **kw)
     if msg["t"] == "wait":
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
 c._conn.send = send_then_ctrl_c

@@ -27,7 +27,7 @@ class FakeConn:
         self.agent, self.answer, self.reregister = agent, answer, reregister
         self.sent: list[dict[str, Any]] = []
 
-    def send(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def send(self, msg: dict[str, Any], fds: list[int], timeout: float | None = None) -> None:
         self.sent.append({k: v for k, v in msg.items() if k != "hashes"})
         if msg["t"] != "merge_now":
             return
