@@ -39,13 +39,15 @@ waits for the answer; the merges themselves arrive as ordinary merge batches
 and run here, in the agent thread, which counts the pages of each waiting
 call's range that merge.  A lost connection, or no answer within
 ``MERGE_NOW_TIMEOUT``, ends the wait with what merged so far; after no
-answer, calls return 0 at once for ``STALL_WINDOW``.  No send to the
-coordinator waits for room longer than ``SEND_TIMEOUT``: a coordinator that
-stopped reading loses the connection, never holds up the program's thread.  The call's
-advice travels with its requests: registering the region meanwhile (its
-first request, a reconnect) leaves out the part not requested yet, whose
-advice would wake the scan before the call, and whatever the call never
-requested is advised when it ends.
+answer, calls return 0 at once for ``STALL_WINDOW``.  The call's advice
+travels with its requests: registering the region meanwhile (its first
+request, a reconnect) leaves out the part not requested yet, whose advice
+would wake the scan before the call, and whatever the call never requested
+is advised when it ends.
+
+No send to the coordinator waits for room longer than ``SEND_TIMEOUT``: a
+coordinator that stopped reading loses the connection, and never holds up
+the program's thread.
 """
 
 from __future__ import annotations
