@@ -329,30 +329,30 @@ py_punch_hole(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* (fd, offset, length) -> count(fd, offset, length), a cachestat count. */
 static PyObject *
-py_resident_pages(PyObject *Py_UNUSED(m), PyObject *args)
+cachestat_count(PyObject *args, long (*count)(int, off_t, size_t))
 {
     int fd;
     long long off, len;
     if (parse_fd_range(args, &fd, &off, &len) < 0)
         return NULL;
-    long n = sd_resident_pages(fd, (off_t)off, (size_t)len);
+    long n = count(fd, (off_t)off, (size_t)len);
     if (n < 0)
         return sd_raise_errno("cachestat");
     return PyLong_FromLong(n);
 }
 
 static PyObject *
+py_resident_pages(PyObject *Py_UNUSED(m), PyObject *args)
+{
+    return cachestat_count(args, sd_resident_pages);
+}
+
+static PyObject *
 py_data_pages(PyObject *Py_UNUSED(m), PyObject *args)
 {
-    int fd;
-    long long off, len;
-    if (parse_fd_range(args, &fd, &off, &len) < 0)
-        return NULL;
-    long n = sd_data_pages(fd, (off_t)off, (size_t)len);
-    if (n < 0)
-        return sd_raise_errno("cachestat");
-    return PyLong_FromLong(n);
+    return cachestat_count(args, sd_data_pages);
 }
 
 /* (fd, first page, page count): checked, and small enough that byte offsets fit. */
@@ -379,11 +379,8 @@ py_data_mask(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
     if (out == NULL)
         return NULL;
-    long calls = 0;
-    if (n > 0)
-        calls = sd_data_mask(fd, (size_t)first, (size_t)n, sd_page_size,
-                             (uint8_t *)PyBytes_AS_STRING(out));
-    if (calls < 0) {
+    if (n > 0 && sd_data_mask(fd, (size_t)first, (size_t)n, sd_page_size,
+                              (uint8_t *)PyBytes_AS_STRING(out)) < 0) {
         Py_DECREF(out);
         return sd_raise_errno("cachestat");
     }

@@ -168,8 +168,7 @@ long sd_data_pages(int fd, off_t offset, size_t length)
 }
 
 /* Fill mask[0, n) for pages [a, a + n), of which cnt hold data. */
-static int data_fill(int fd, size_t a, size_t n, long cnt, size_t page_size, uint8_t *mask,
-                     long *calls)
+static int data_fill(int fd, size_t a, size_t n, long cnt, size_t page_size, uint8_t *mask)
 {
     if (cnt <= 0 || (size_t)cnt >= n) {
         memset(mask, cnt > 0, n);
@@ -177,24 +176,18 @@ static int data_fill(int fd, size_t a, size_t n, long cnt, size_t page_size, uin
     }
     size_t h = n / 2;
     long left = sd_data_pages(fd, (off_t)(a * page_size), h * page_size);
-    if (left < 0)
+    if (left < 0 || data_fill(fd, a, h, left, page_size, mask) < 0)
         return -1;
-    ++*calls;
-    long right = cnt - left;        /* snapshots may disagree: a hint either way */
-    if (data_fill(fd, a, h, left, page_size, mask, calls) < 0)
-        return -1;
-    return data_fill(fd, a + h, n - h, right, page_size, mask + h, calls);
+    /* cnt - left: snapshots may disagree, a hint either way */
+    return data_fill(fd, a + h, n - h, cnt - left, page_size, mask + h);
 }
 
-long sd_data_mask(int fd, size_t first, size_t n, size_t page_size, uint8_t *mask)
+int sd_data_mask(int fd, size_t first, size_t n, size_t page_size, uint8_t *mask)
 {
     long cnt = sd_data_pages(fd, (off_t)(first * page_size), n * page_size);
     if (cnt < 0)
         return -1;
-    long calls = 1;
-    if (data_fill(fd, first, n, cnt, page_size, mask, &calls) < 0)
-        return -1;
-    return calls;
+    return data_fill(fd, first, n, cnt, page_size, mask);
 }
 
 long long sd_first_data(int fd, size_t first, size_t n, size_t page_size)

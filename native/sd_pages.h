@@ -50,9 +50,8 @@ long sd_data_pages(int fd, off_t offset, size_t length);
 /* mask[i] = 1 if page first + i holds data, for i < n, by bisection with
  * sd_data_pages: one call for a range all data or all holes, about two per
  * run of each otherwise.  Each call is a snapshot: a page written or
- * punched meanwhile may be reported either way.  Returns the calls made, or
- * -1 with errno. */
-long sd_data_mask(int fd, size_t first, size_t n, size_t page_size, uint8_t *mask);
+ * punched meanwhile may be reported either way.  Returns 0, or -1 with errno. */
+int sd_data_mask(int fd, size_t first, size_t n, size_t page_size, uint8_t *mask);
 
 /* The first page of [first, first + n) that holds data: windows doubling
  * from first, then halving the one that holds data (cachestat walks its whole

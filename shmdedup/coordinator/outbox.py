@@ -77,9 +77,9 @@ class Outbox:
         box = peer.unsent
         if len(box) >= OUTBOX_MAX_MESSAGES or box.bytes + n > OUTBOX_MAX_BYTES:
             return f"stopped reading: {len(box)} messages ({box.bytes} bytes) wait for it"
-        uid = self.waiting.get(peer.uid, 0)
-        if uid + n > OUTBOX_MAX_BYTES_PER_UID:
-            return (f"stopped reading: {box.bytes} bytes wait for it, {uid} for all of uid "
+        mine = self.waiting.get(peer.uid, 0)
+        if mine + n > OUTBOX_MAX_BYTES_PER_UID:
+            return (f"stopped reading: {box.bytes} bytes wait for it, {mine} for all of uid "
                     f"{peer.uid}'s connections (at most {OUTBOX_MAX_BYTES_PER_UID})")
         if peer.uid != self.quotas.owner and self.others_waiting + n > OUTBOX_MAX_BYTES_OTHERS:
             return (f"stopped reading: {box.bytes} bytes wait for it, {self.others_waiting} for "

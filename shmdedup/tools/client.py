@@ -115,13 +115,14 @@ class Client:
             wait = self.timeout if timeout is None else timeout
             try:
                 try:
-                    self._conn.send(msg, timeout=wait)
-                except (BrokenPipeError, ConnectionResetError):
-                    # Not delivered: the coordinator this connection went to
-                    # is gone (it restarted, say).  Once more, on a new one.
-                    self._conn.close()
-                    self._connect()
-                    self._conn.send(msg, timeout=wait)
+                    try:
+                        self._conn.send(msg, timeout=wait)
+                    except (BrokenPipeError, ConnectionResetError):
+                        # Not delivered: the coordinator this connection went
+                        # to is gone (it restarted, say).  Once more, on a new one.
+                        self._conn.close()
+                        self._connect()
+                        self._conn.send(msg, timeout=wait)
                 except TimeoutError as e:
                     raise CoordinatorUnavailableError(
                         f"coordinator at {self.socket_path} took no request for {wait} s") from e

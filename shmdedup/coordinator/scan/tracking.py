@@ -98,19 +98,11 @@ class RegionState:
         """The first page at or after p that holds data in the backing (the
         object may shrink or grow meanwhile: a hint, never an error).
 
-        Page p itself, the common answer (a filled region), costs one
-        cachestat call; else ``_shm.next_data`` bisects.  Neither waits for
-        the object's inode lock (a seek did: a worker punching merged pages
-        holds it, and the scan spun on it, 190 us a seek, 4% of the
-        coordinator's CPU converging; a peer can hold it for ever,
-        tests/hostile/test_lock_attacks.py)."""
-        global _cachestat
-        if _cachestat:
-            try:
-                if _native.resident_pages(self.backing_fd, p * PAGE_SIZE, PAGE_SIZE):
-                    return p
-            except OSError:
-                _cachestat = False   # an older kernel: seeks only
+        ``_shm.next_data`` asks cachestat (page p itself first, the common
+        answer), which never waits for the object's inode lock (a seek did:
+        a worker punching merged pages holds it, and the scan spun on it,
+        190 us a seek, 4% of the coordinator's CPU converging; a peer can
+        hold it for ever, tests/hostile/test_lock_attacks.py)."""
         off = _shm.next_data(self.backing_fd, p * PAGE_SIZE)
         return None if off is None else off // PAGE_SIZE
 
